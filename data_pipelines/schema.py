@@ -1,0 +1,103 @@
+"""The two contracts of the data side: its typed config and the `PackedBatch` it hands to the model.
+
+The data side never imports `qvl_train`; the model side consumes `PackedBatch` and nothing else.
+
+PackedBatch is the packed "THD" layout: every sample of one micro-batch concatenated into one row of
+`L = data.max_tokens` slots. Real tokens come first (samples back to back, boundaries in `cu_seqlens`),
+padding fills the tail (`input_ids = pad`, `labels = -100`, positions 0). No attention crosses a sample
+boundary; the padding tail is its own segment and never influences a real token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+IGNORE_INDEX = -100
+GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+
+
+@dataclass
+class DataSource:
+    """One weighted stream of WebDataset shards."""
+
+    path: str = "data/synth"
+    """A shard directory holding `index.json` (written by the synth factory / make_shards)."""
+    weight: float = 1.0
+    """Relative sampling weight when several sources are blended."""
+
+
+@dataclass
+class DataConfig:
+    """Streaming, preprocessing and packing of the training data (config group `data/`)."""
+
+    sources: list[DataSource] = field(default_factory=lambda: [DataSource()])
+    """Shard sources; each a directory with an `index.json` (see README: shard format)."""
+    max_tokens: int = 2048
+    """Token budget of one packed micro-batch sequence (text + visual tokens, padding fills the rest)."""
+    seed: int = 1234
+    """Seed of the global stream's shuffle (independent of the model seed)."""
+    shuffle: bool = True
+    """Shuffle shard order and samples within each shard, anew every epoch."""
+    generation: str = "qwen2_vl"
+    """Model generation whose chat template, special tokens and positions are produced."""
+    patch_size: int = 14
+    """ViT patch size in pixels (interpolated from the model config)."""
+    temporal_patch_size: int = 2
+    """Frames per temporal patch; an image is repeated this many times."""
+    merge_size: int = 2
+    """Spatial merge factor of the projector (2 → 2×2 patches become one LLM token)."""
+    min_pixels: int = 56 * 56
+    """Lower pixel bound of `smart_resize`."""
+    max_pixels: int = 28 * 28 * 1280
+    """Upper pixel bound of `smart_resize` (caps the visual tokens of one image)."""
+    trace: bool = False
+    """Write `output_dir/data_trace/dp{R}.jsonl` with the sample ids of every micro-batch."""
+    max_bad_fraction: float = 0.01
+    """Stop the run when more than this fraction of samples read in a window was unusable."""
+
+    def __post_init__(self) -> None:
+        if self.generation not in GENERATIONS:
+            raise ValueError(
+                f"data.generation={self.generation!r} is unknown; valid: {', '.join(GENERATIONS)}"
+            )
+        if self.max_tokens < 64:
+            raise ValueError(f"data.max_tokens={self.max_tokens} is too small; use at least 64")
+        if not self.sources:
+            raise ValueError("data.sources is empty; give at least one shard directory")
+        if self.max_pixels < self.min_pixels:
+            raise ValueError("data.max_pixels must be >= data.min_pixels")
+
+
+@dataclass
+class PackedBatch:
+    """One packed micro-batch (see module docstring). Shapes: L = max_tokens, P = patches, k = media."""
+
+    input_ids: torch.Tensor  # [L] int64
+    labels: torch.Tensor  # [L] int64, IGNORE_INDEX where no loss
+    position_ids: torch.Tensor  # [3, L] int64 (t, h, w); text tokens have t = h = w; restart per sample
+    cu_seqlens: torch.Tensor  # [n+1] int32 over the real samples; cu_seqlens[-1] == num_tokens
+    pixel_values: torch.Tensor  # [P, C*T*p*p] float32; rows (t, h-block, w-block, mh, mw)
+    grid_thw: torch.Tensor  # [k, 3] int64, one row per image / video, in token order
+    sample_ids: list[str]  # [n] stable ids, for exact resume and auditing
+    num_tokens: int = 0  # real tokens (text + visual), no padding
+    num_label_tokens: int = 0  # tokens with labels != IGNORE_INDEX
+    num_visual_tokens: int = 0  # LLM tokens that carry visual embeddings
+    media_kind: Optional[torch.Tensor] = None  # [k] int64: 0 image, 1 video (None = all images)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.input_ids.numel())
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        moved = {
+            k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in self.__dict__.items()
+        }
+        return PackedBatch(**moved)

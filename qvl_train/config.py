@@ -1,0 +1,392 @@
+"""Typed configuration: one dataclass per component, registered in Hydra's ConfigStore.
+
+`launch/train.py` composes the YAML groups under `configs/`, turns the result into a `TrainConfig`
+once (`OmegaConf.to_object`), and hands every component only its own sub-config. Each dataclass
+validates itself in `__post_init__`; checks that need several components (world size vs layout,
+heads vs tp) live in `TrainConfig.validate(world_size)` and run before any process group exists.
+Every message names the key to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from data_pipelines.schema import GENERATIONS, DataConfig, DataSource
+
+STAGES = ("stage1_align", "stage2_multitask", "stage3_sft")
+IMPLEMENTED_GENERATIONS = ("qwen2_vl",)
+
+
+class ConfigError(ValueError):
+    """A configuration a run cannot start with; the message says which key to change."""
+
+
+@dataclass
+class VisionConfig:
+    """The vision transformer (Qwen2-VL: 2-D RoPE, LayerNorm, QuickGELU MLP, Conv3d patch embed)."""
+
+    depth: int = 32
+    """Number of ViT blocks."""
+    hidden_size: int = 1280
+    """ViT width."""
+    num_heads: int = 16
+    """ViT attention heads (must be divisible by parallel.tp)."""
+    mlp_ratio: float = 4.0
+    """ViT MLP width = mlp_ratio · hidden_size."""
+    patch_size: int = 14
+    """Patch side in pixels."""
+    temporal_patch_size: int = 2
+    """Frames per patch (images are repeated this many times)."""
+    spatial_merge_size: int = 2
+    """The merger joins spatial_merge_size² neighbouring patches into one LLM token."""
+    in_channels: int = 3
+    """Image channels."""
+    norm_eps: float = 1e-6
+    """LayerNorm epsilon."""
+
+
+@dataclass
+class LLMConfig:
+    """The Qwen2 language model (RMSNorm, SwiGLU, GQA with qkv bias, M-RoPE)."""
+
+    num_layers: int = 28
+    """Decoder layers."""
+    hidden_size: int = 3584
+    """Model width."""
+    ffn_hidden_size: int = 18944
+    """SwiGLU inner width."""
+    num_attention_heads: int = 28
+    """Query heads (must be divisible by parallel.tp)."""
+    num_query_groups: int = 4
+    """Key/value heads (GQA); must be divisible by parallel.tp."""
+    vocab_size: int = 152064
+    """Embedding rows (the Qwen vocabulary 151,643 + specials, padded)."""
+    rope_theta: float = 1_000_000.0
+    """RoPE base."""
+    mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
+    """Frequency pairs for t | h | w (sums to head_dim / 2)."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    qkv_bias: bool = True
+    """Bias on the q/k/v projections (Qwen2)."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the output layer (2B) or not (7B/72B)."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build and how to initialise it (config group `model/`)."""
+
+    generation: str = "qwen2_vl"
+    """One of qwen_vl, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """Vision encoder."""
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    """Language model."""
+    init_std: float = 0.02
+    """Std of the normal init of weight matrices (norms start at 1, biases at 0)."""
+    init_from: Optional[str] = None
+    """Checkpoint step directory or checkpoint root to take weights from when the run has none yet."""
+    attention_backend: str = "auto"
+    """Core attention for packed sequences: auto | sdpa_loop (CPU) | flex."""
+
+    def __post_init__(self) -> None:
+        if self.generation not in GENERATIONS:
+            raise ConfigError(
+                f"model.generation={self.generation!r} is unknown; valid: {', '.join(GENERATIONS)}"
+            )
+        if self.attention_backend not in ("auto", "sdpa_loop", "flex"):
+            raise ConfigError(
+                f"model.attention_backend={self.attention_backend!r}; valid: auto, sdpa_loop, flex"
+            )
+        llm = self.llm
+        head_dim, rem = divmod(llm.hidden_size, llm.num_attention_heads)
+        if rem:
+            raise ConfigError("model.llm.hidden_size must be divisible by model.llm.num_attention_heads")
+        if 2 * sum(llm.mrope_section) != head_dim:
+            raise ConfigError(
+                f"model.llm.mrope_section={list(llm.mrope_section)} must sum to head_dim/2 = {head_dim // 2}"
+            )
+        if llm.num_attention_heads % llm.num_query_groups:
+            raise ConfigError("model.llm.num_attention_heads must be a multiple of model.llm.num_query_groups")
+        if self.vision.hidden_size % self.vision.num_heads:
+            raise ConfigError("model.vision.hidden_size must be divisible by model.vision.num_heads")
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout (config group `parallel/`). world = tp · pp · cp · dp."""
+
+    tp: int = 1
+    """Tensor-parallel size (heads, MLP and vocabulary split across ranks)."""
+    pp: int = 1
+    """Pipeline-parallel stages (ViT + projector on the first stage)."""
+    dp: Optional[int] = None
+    """Data-parallel size; derived as world / (tp·pp·cp) when omitted."""
+    cp: int = 1
+    """Context-parallel size (not yet available: must be 1)."""
+    first_stage_layers: Optional[int] = None
+    """LLM layers on the first pipeline stage (it also carries the ViT); None = even split."""
+
+    def __post_init__(self) -> None:
+        for key in ("tp", "pp", "cp"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"parallel.{key} must be >= 1")
+        if self.cp != 1:
+            raise ConfigError("parallel.cp > 1 (context parallel) is not available yet; set parallel.cp=1")
+
+
+@dataclass
+class StageConfig:
+    """Which modules train (config group `stage/`)."""
+
+    name: str = "stage2_multitask"
+    """stage1_align (projector only) | stage2_multitask (all) | stage3_sft (ViT frozen)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in STAGES:
+            raise ConfigError(f"stage={self.name!r} is unknown; valid: {', '.join(STAGES)}")
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        return {
+            "stage1_align": ("projector",),
+            "stage2_multitask": ("vision", "projector", "llm"),
+            "stage3_sft": ("projector", "llm"),
+        }[self.name]
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (config group `optim/`)."""
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Floor of the decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to norms and biases)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    schedule: str = "cosine"
+    """cosine | linear | constant decay after warmup."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"optim.schedule={self.schedule!r}; valid: cosine, linear, constant")
+        if self.lr <= 0:
+            raise ConfigError("optim.lr must be > 0")
+
+
+@dataclass
+class TrainLoopConfig:
+    """Length and batch of the run (config group key `train`)."""
+
+    max_steps: int = 1000
+    """Total optimizer steps of the run (not the remaining ones)."""
+    global_batch_tokens: int = 65536
+    """Token slots of one optimizer step over all micro-batches and data-parallel ranks."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    dtype: str = "fp32"
+    """Parameter dtype: fp32 (CPU default) | bf16."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ConfigError("train.max_steps must be >= 1")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"train.dtype={self.dtype!r}; valid: fp32, bf16")
+
+
+@dataclass
+class CheckpointConfig:
+    """When and where to save (config group key `checkpoint`)."""
+
+    every: int = 100
+    """Save every N steps (and at the last step); 0 = only at the end."""
+    resume: str = "auto"
+    """auto: continue from output_dir/checkpoints/latest if present | never."""
+
+    def __post_init__(self) -> None:
+        if self.resume not in ("auto", "never"):
+            raise ConfigError(f"checkpoint.resume={self.resume!r}; valid: auto, never")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging (config group key `wandb`)."""
+
+    mode: str = "offline"
+    """offline (default, synced later with `wandb sync`) | online | disabled."""
+    project: str = "qvl-train"
+    """wandb project."""
+    entity: Optional[str] = None
+    """wandb entity (team); None = your default."""
+    name: Optional[str] = None
+    """Run name; None = the output directory's name."""
+    tags: list[str] = field(default_factory=list)
+    """Run tags."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ConfigError(f"wandb.mode={self.mode!r}; valid: offline, online, disabled")
+
+
+@dataclass
+class EngineConfig:
+    """Training engine (config group `engine/`)."""
+
+    name: str = "megatron"
+    """megatron (megatron-core schedules and layers)."""
+
+    def __post_init__(self) -> None:
+        if self.name != "megatron":
+            raise ConfigError(f"engine={self.name!r} is not available yet; valid: megatron")
+
+
+@dataclass
+class ClusterConfig:
+    """Where things live on a cluster (config group `cluster/`)."""
+
+    name: str = "local"
+    """Cluster profile name."""
+    data_root: str = "data"
+    """Root that relative shard paths are resolved against."""
+
+
+@dataclass
+class TrainConfig:
+    """The whole run. Keys: see README ("Configuration")."""
+
+    output_dir: str = "outputs/run"
+    """Everything the run writes: metrics.jsonl, checkpoints/, wandb/, config.yaml."""
+    seed: int = 1234
+    """Model init and dropout seed (the data stream has data.seed)."""
+    dry_run: bool = False
+    """Compose, validate and print the config and layout; build nothing."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def validate(self, world_size: int) -> None:
+        """Cross-component checks; run before any process group is created."""
+        p, llm, vit = self.parallel, self.model.llm, self.model.vision
+        if self.model.generation not in IMPLEMENTED_GENERATIONS:
+            raise ConfigError(
+                f"model.generation={self.model.generation!r} is not implemented yet; "
+                f"implemented: {', '.join(IMPLEMENTED_GENERATIONS)}"
+            )
+        if self.data.generation != self.model.generation:
+            raise ConfigError(
+                f"data.generation={self.data.generation!r} differs from model.generation="
+                f"{self.model.generation!r}; remove the data.generation override"
+            )
+        model_parallel = p.tp * p.pp * p.cp
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tp·pp·cp = {p.tp}·{p.pp}·{p.cp}; "
+                "change parallel.tp/parallel.pp or the number of processes"
+            )
+        dp = p.dp if p.dp is not None else world_size // model_parallel
+        if model_parallel * dp != world_size:
+            raise ConfigError(
+                f"world size {world_size} != parallel.tp·pp·cp·dp = {p.tp}·{p.pp}·{p.cp}·{dp}; "
+                "fix parallel.dp (or omit it to derive it)"
+            )
+        for name, heads in (
+            ("model.llm.num_attention_heads", llm.num_attention_heads),
+            ("model.llm.num_query_groups", llm.num_query_groups),
+            ("model.vision.num_heads", vit.num_heads),
+        ):
+            if heads % p.tp:
+                raise ConfigError(f"{name}={heads} is not divisible by parallel.tp={p.tp}; change parallel.tp")
+        if llm.vocab_size % p.tp:
+            raise ConfigError(f"model.llm.vocab_size={llm.vocab_size} is not divisible by parallel.tp={p.tp}")
+        if p.pp > llm.num_layers:
+            raise ConfigError(
+                f"parallel.pp={p.pp} pipeline stages but only model.llm.num_layers={llm.num_layers}; "
+                "lower parallel.pp"
+            )
+        if p.first_stage_layers is not None:
+            rest = llm.num_layers - p.first_stage_layers
+            if p.pp < 2 or p.first_stage_layers < 1 or rest < p.pp - 1 or rest % (p.pp - 1):
+                raise ConfigError(
+                    f"parallel.first_stage_layers={p.first_stage_layers} leaves {rest} layers that do not "
+                    f"split evenly over the other {p.pp - 1} stages; change it or drop it"
+                )
+        elif llm.num_layers % p.pp:
+            raise ConfigError(
+                f"model.llm.num_layers={llm.num_layers} does not split evenly over parallel.pp={p.pp}; "
+                "change parallel.pp or set parallel.first_stage_layers"
+            )
+        if p.pp > 1 and llm.tie_word_embeddings:
+            raise ConfigError(
+                "model.llm.tie_word_embeddings=true with parallel.pp>1 is not supported yet; use parallel.pp=1"
+            )
+        micro, rem = divmod(self.train.global_batch_tokens, self.data.max_tokens)
+        if rem or micro < 1:
+            raise ConfigError(
+                f"train.global_batch_tokens={self.train.global_batch_tokens} must be a positive multiple of "
+                f"data.max_tokens={self.data.max_tokens}"
+            )
+        if micro % dp:
+            raise ConfigError(
+                f"{micro} micro-batches per step (train.global_batch_tokens / data.max_tokens) are not "
+                f"divisible by the data-parallel size {dp}; change train.global_batch_tokens"
+            )
+
+    def micro_batches_per_step(self) -> int:
+        return self.train.global_batch_tokens // self.data.max_tokens
+
+
+def register_configs() -> None:
+    """Register the schema so Hydra type-checks every group against these dataclasses."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+
+
+def to_train_config(cfg: Any) -> TrainConfig:
+    """Composed DictConfig → TrainConfig (runs every __post_init__)."""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, TrainConfig):  # composed without the structured schema
+        raise ConfigError("configs/train.yaml must list train_schema first in its defaults")
+    return obj
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DataSource",
+    "TrainConfig",
+    "ModelConfig",
+    "VisionConfig",
+    "LLMConfig",
+    "ParallelConfig",
+    "StageConfig",
+    "OptimConfig",
+    "TrainLoopConfig",
+    "CheckpointConfig",
+    "WandbConfig",
+    "EngineConfig",
+    "ClusterConfig",
+]
