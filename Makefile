@@ -1,0 +1,34 @@
+# qvl-train: `make demo` trains a tiny Qwen2-VL on CPU; `make test` runs the test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCHRUN := $(VENV)/bin/torchrun
+SYNTH := data/synth
+DEMO_OUT ?= outputs/demo
+NPROC ?= 2
+
+.PHONY: setup data demo test test-fast clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned to the CPU build through constraints.txt (an unpinned torch pulls a CUDA build).
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	@touch $@
+
+data: $(SYNTH)/index.json
+
+$(SYNTH)/index.json: | setup
+	$(PY) -m data_pipelines.synth --out $(SYNTH) --num-samples 2000 --seed 0
+
+demo: setup data
+	rm -rf $(DEMO_OUT)
+	$(TORCHRUN) --nproc_per_node=$(NPROC) launch/train.py +experiment=tiny output_dir=$(DEMO_OUT)
+	$(PY) -m qvl_train.monitor.summary $(DEMO_OUT)
+
+test: setup data
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf outputs $(SYNTH)

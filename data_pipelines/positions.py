@@ -1,0 +1,82 @@
+"""3-D M-RoPE position ids of one sample, as Qwen2-VL computes them (`get_rope_index`).
+
+Text tokens get t = h = w = a running index. The LLM tokens of an image (after the merge, a grid of
+t x (h/merge) x (w/merge)) get `st + (t_idx, h_idx, w_idx)`, where `st` is the position the first
+image token would have had as text; the text after the image continues at `max(all ids so far) + 1`.
+The `<|vision_start|>` and `<|vision_end|>` markers are ordinary text positions.
+
+This matches `transformers.Qwen2VLModel.get_rope_index` (4.57.x) for one unpadded sample; in a packed
+micro-batch each sample's ids restart at 0 (see PackedBatch). Videos (`<|video_pad|>`) are handled
+identically with their own grids; Qwen2.5-VL's time scaling of video t-ids is not applied here.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from data_pipelines.text import IMAGE_PAD_ID, VIDEO_PAD_ID
+
+
+def mrope_position_ids(
+    input_ids: Sequence[int] | torch.Tensor,
+    image_grid_thw: Sequence[Sequence[int]] | torch.Tensor = (),
+    video_grid_thw: Sequence[Sequence[int]] | torch.Tensor = (),
+    merge_size: int = 2,
+    image_token_id: int = IMAGE_PAD_ID,
+    video_token_id: int = VIDEO_PAD_ID,
+) -> torch.Tensor:
+    """Position ids [3, n] (int64) for one sample.
+
+    Grids are in patches (as `grid_thw` in PackedBatch); each run of pad tokens must hold exactly
+    t*h*w/merge^2 tokens of the next image (or video) in order — a mismatch raises ValueError.
+    """
+    ids = np.asarray(input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64)
+    n = ids.shape[0]
+    grids = {
+        image_token_id: [tuple(int(v) for v in g) for g in _rows(image_grid_thw)],
+        video_token_id: [tuple(int(v) for v in g) for g in _rows(video_grid_thw)],
+    }
+    used = {image_token_id: 0, video_token_id: 0}
+    out = np.empty((3, n), dtype=np.int64)
+    is_media = (ids == image_token_id) | (ids == video_token_id)
+    media_pos = np.flatnonzero(is_media)
+
+    pos = 0  # next index into ids
+    next_id = 0  # position id the next text token gets
+    k = 0  # index into media_pos
+    while pos < n:
+        if k >= len(media_pos):  # trailing text
+            out[:, pos:] = np.arange(next_id, next_id + n - pos)
+            break
+        ed = int(media_pos[k])
+        text_len = ed - pos
+        out[:, pos:ed] = np.arange(next_id, next_id + text_len)
+        st = next_id + text_len
+        tok = int(ids[ed])
+        if used[tok] >= len(grids[tok]):
+            raise ValueError("more media token runs than grids")
+        t, h, w = grids[tok][used[tok]]
+        used[tok] += 1
+        lh, lw = h // merge_size, w // merge_size
+        cnt = t * lh * lw
+        if ed + cnt > n or not np.all(ids[ed : ed + cnt] == tok):
+            raise ValueError(f"media run at {ed} shorter than its grid needs ({cnt} tokens)")
+        tt, hh, ww = np.meshgrid(np.arange(t), np.arange(lh), np.arange(lw), indexing="ij")
+        out[0, ed : ed + cnt] = tt.reshape(-1) + st
+        out[1, ed : ed + cnt] = hh.reshape(-1) + st
+        out[2, ed : ed + cnt] = ww.reshape(-1) + st
+        next_id = int(out[:, ed : ed + cnt].max()) + 1
+        pos = ed + cnt
+        k += int(np.searchsorted(media_pos[k:], pos))  # skip the pads just consumed
+    if used[image_token_id] != len(grids[image_token_id]) or used[video_token_id] != len(grids[video_token_id]):
+        raise ValueError("fewer media token runs than grids")
+    return torch.from_numpy(out)
+
+
+def _rows(grid: Sequence[Sequence[int]] | torch.Tensor) -> list:
+    if isinstance(grid, torch.Tensor):
+        return grid.tolist()
+    return list(grid)

@@ -1,0 +1,213 @@
+"""Shard format, writer and index of the training data.
+
+Format
+------
+A source is a directory of WebDataset tar shards plus one `index.json`::
+
+    DIR/shard-000000.tar, shard-000001.tar, ...
+    DIR/index.json
+
+A sample with key `K` (digits only: WebDataset splits keys at the first dot) is a group of members:
+
+* `K.json` — UTF-8 JSON::
+
+      {"id": "synth-000042",
+       "messages": [{"role": "system"|"user"|"assistant",
+                     "content": [{"type": "text", "text": "..."},
+                                 {"type": "image", "name": "img0.png"}]}]}
+
+* `K.img0.png`, `K.img1.jpg`, ... — the encoded images named by the `image` parts (lower-case
+  names; PNG/JPEG/anything Pillow decodes). Never pickles: the reader only parses JSON and images.
+
+`index.json` lets the stream plan and pack without opening any tar::
+
+    {"version": 1,
+     "shards": [{"name": "shard-000000.tar",
+                 "samples": [{"id": str, "key": str,
+                              "n_text_tokens": int,   # template tokens, no image pads,
+                                                      # with <|vision_start|>/<|vision_end|>
+                              "images": [[h, w], ...]}]}]}
+
+A sample's planned token cost is `n_text_tokens + sum(image_token_count(h, w))` under the run's
+`min_pixels`/`max_pixels`, so the same shards serve any resolution setting.
+
+Writing is atomic: each tar and the index are written to a temporary name and renamed, so a crash
+never leaves a truncated shard under a final name; the index is written last (a directory with
+`index.json` is complete).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from PIL import Image
+
+from data_pipelines.text import QwenTokenizer, get_tokenizer
+
+INDEX_NAME = "index.json"
+INDEX_VERSION = 1
+_IMAGE_NAME = re.compile(r"^[a-z0-9_\-]+(\.[a-z0-9_\-]+)+$")
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+@dataclass
+class _OpenShard:
+    name: str
+    tmp_path: str
+    tar: tarfile.TarFile
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ShardWriter:
+    """Write samples into `out_dir/shard-NNNNNN.tar` (atomically) and `out_dir/index.json`.
+
+    Use as a context manager; `add()` one sample at a time. Keys are the running sample number
+    (zero-padded), so they are unique within the directory and dot-free.
+    """
+
+    def __init__(self, out_dir: str, samples_per_shard: int = 1000, tokenizer: Optional[QwenTokenizer] = None):
+        if samples_per_shard < 1:
+            raise ValueError("samples_per_shard must be >= 1")
+        self.out_dir = out_dir
+        self.samples_per_shard = samples_per_shard
+        self.tok = tokenizer or get_tokenizer()
+        os.makedirs(out_dir, exist_ok=True)
+        self._shards: list[dict[str, Any]] = []
+        self._open: Optional[_OpenShard] = None
+        self._count = 0
+        self._closed = False
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # leave no temp files behind and no index: the directory is incomplete
+            self._abort()
+
+    @property
+    def num_samples(self) -> int:
+        return self._count
+
+    @property
+    def shard_names(self) -> list[str]:
+        return [s["name"] for s in self._shards]
+
+    def add(self, sample_id: str, messages: list[dict[str, Any]], images: dict[str, bytes | Image.Image]) -> str:
+        """Add one sample; `images` maps each image part's `name` to encoded bytes or a PIL image
+        (PIL images are stored as PNG). Returns the sample's key."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        names = [p["name"] for m in messages for p in _content(m) if p.get("type") == "image"]
+        if sorted(names) != sorted(images) or len(set(names)) != len(names):
+            raise ValueError(f"sample {sample_id}: image parts {names} do not match images {sorted(images)}")
+        sizes: list[list[int]] = []
+        blobs: dict[str, bytes] = {}
+        for name in names:
+            if not _IMAGE_NAME.match(name):
+                raise ValueError(f"image name {name!r} must be lower-case like 'img0.png'")
+            img = images[name]
+            if isinstance(img, Image.Image):
+                buf = io.BytesIO()
+                img.save(buf, format="PNG", compress_level=1)
+                blob, (w, h) = buf.getvalue(), img.size
+            else:
+                blob = bytes(img)
+                with Image.open(io.BytesIO(blob)) as probe:  # header only
+                    w, h = probe.size
+            blobs[name] = blob
+            sizes.append([h, w])
+
+        if self._open is None:
+            self._start_shard()
+        key = f"{self._count:09d}"
+        doc = {"id": sample_id, "messages": messages}
+        self._put(f"{key}.json", json.dumps(doc, ensure_ascii=False).encode("utf-8"))
+        for name in names:
+            self._put(f"{key}.{name}", blobs[name])
+        self._open.samples.append(
+            {"id": sample_id, "key": key, "n_text_tokens": self.tok.count_text_tokens(messages), "images": sizes}
+        )
+        self._count += 1
+        if len(self._open.samples) >= self.samples_per_shard:
+            self._finish_shard()
+        return key
+
+    def close(self) -> str:
+        """Finish the last shard and write index.json; returns the index path."""
+        if self._closed:
+            return os.path.join(self.out_dir, INDEX_NAME)
+        if self._open is not None:
+            self._finish_shard()
+        path = write_index(self.out_dir, self._shards)
+        self._closed = True
+        return path
+
+    # ------------------------------------------------------------------------------- internals
+    def _start_shard(self) -> None:
+        name = shard_name(len(self._shards))
+        tmp = os.path.join(self.out_dir, f".{name}.tmp")
+        self._open = _OpenShard(name=name, tmp_path=tmp, tar=tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT))
+
+    def _put(self, member: str, data: bytes) -> None:
+        info = tarfile.TarInfo(member)
+        info.size = len(data)
+        info.mtime = 0  # deterministic bytes for identical inputs
+        info.mode = 0o644
+        self._open.tar.addfile(info, io.BytesIO(data))
+
+    def _finish_shard(self) -> None:
+        sh = self._open
+        sh.tar.close()
+        os.replace(sh.tmp_path, os.path.join(self.out_dir, sh.name))
+        self._shards.append({"name": sh.name, "samples": sh.samples})
+        self._open = None
+
+    def _abort(self) -> None:
+        if self._open is not None:
+            self._open.tar.close()
+            if os.path.exists(self._open.tmp_path):
+                os.remove(self._open.tmp_path)
+            self._open = None
+        self._closed = True
+
+
+def write_index(out_dir: str, shards: list[dict[str, Any]]) -> str:
+    """Atomically write `out_dir/index.json` for the given shard entries."""
+    path = os.path.join(out_dir, INDEX_NAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"version": INDEX_VERSION, "shards": shards}, f, ensure_ascii=False, separators=(",", ":"))
+    os.replace(tmp, path)
+    return path
+
+
+def read_index(source_dir: str) -> dict[str, Any]:
+    """Load and validate `source_dir/index.json`."""
+    path = os.path.join(source_dir, INDEX_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: a data source must be a shard directory with index.json")
+    with open(path, encoding="utf-8") as f:
+        index = json.load(f)
+    if index.get("version") != INDEX_VERSION:
+        raise ValueError(f"{path}: unsupported index version {index.get('version')!r}")
+    for sh in index["shards"]:
+        for s in sh["samples"]:
+            if not {"id", "key", "n_text_tokens", "images"} <= s.keys():
+                raise ValueError(f"{path}: sample entry {s} lacks required fields")
+    return index
+
+
+def _content(message: dict[str, Any]) -> list[dict[str, Any]]:
+    c = message.get("content", "")
+    return [{"type": "text", "text": c}] if isinstance(c, str) else c

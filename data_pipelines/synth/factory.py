@@ -1,0 +1,199 @@
+"""Synthetic vision-language samples whose answers are known by construction.
+
+Every sample is a function of `(seed, index)` only (its own `random.Random`), so a data set is
+reproducible byte for byte and any sample can be regenerated alone. Kinds:
+
+* `shapes`  — 1–3 coloured circles/squares/triangles in distinct quadrants of a plain background;
+              "What colour is the circle?" / "What shape is at the top left?" (one or two turns).
+* `text`    — a word drawn with Pillow's default font; "What word is written in the image?".
+* `chart`   — a bar chart with labelled bars; "Which bar is tallest?".
+* `two_images` — two shape images; "Which picture shows a <shape>, the first or the second?".
+* `text_only`  — arithmetic or spelling with no image (keeps text-only packing exercised).
+
+Image sides are drawn independently from [min_side, max_side], so aspect ratios vary and the
+dynamic-resolution path (different grids per image) is exercised. Images are stored as PNG
+(compress_level=1: fast to write, lossless so answers stay readable).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from data_pipelines.shards import ShardWriter
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 70, 220),
+    "yellow": (235, 205, 20),
+    "purple": (140, 40, 170),
+    "orange": (245, 130, 20),
+    "black": (15, 15, 15),
+}
+BACKGROUNDS = [(255, 255, 255), (235, 235, 235), (250, 245, 225), (220, 235, 250)]
+SHAPES = ("circle", "square", "triangle")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+WORDS = (
+    "cat dog sun tree house river apple train light stone cloud music paper green seven water "
+    "bird moon road book fish door star rain snow hill lamp ship"
+).split()
+KIND_WEIGHTS = {"shapes": 0.35, "text": 0.2, "chart": 0.2, "two_images": 0.1, "text_only": 0.15}
+
+_FONTS: dict[int, Any] = {}
+
+
+def _font(size: int):
+    """Pillow's built-in font at `size` (Pillow >= 10.1 ships a scalable FreeType default)."""
+    size = max(8, int(size))
+    if size not in _FONTS:
+        _FONTS[size] = ImageFont.load_default(size=size)
+    return _FONTS[size]
+
+
+def _canvas(rng: random.Random, min_side: int, max_side: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    w, h = rng.randint(min_side, max_side), rng.randint(min_side, max_side)
+    img = Image.new("RGB", (w, h), rng.choice(BACKGROUNDS))
+    return img, ImageDraw.Draw(img)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=colour)
+
+
+def _shapes_image(rng: random.Random, min_side: int, max_side: int, n: int):
+    """Image with n shapes in distinct quadrants → (image, [(shape, colour, quadrant)])."""
+    img, draw = _canvas(rng, min_side, max_side)
+    w, h = img.size
+    objs = []
+    for quad, shape, colour in zip(
+        rng.sample(QUADRANTS, n), rng.sample(SHAPES, n), rng.sample(list(COLOURS), n)
+    ):
+        qx = 0 if "left" in quad else w // 2
+        qy = 0 if "top" in quad else h // 2
+        side = max(6, int(min(w, h) / 2 * rng.uniform(0.5, 0.8)))
+        x0 = qx + rng.randint(1, max(1, w // 2 - side - 1))
+        y0 = qy + rng.randint(1, max(1, h // 2 - side - 1))
+        _draw_shape(draw, shape, (x0, y0, x0 + side, y0 + side), COLOURS[colour])
+        objs.append((shape, colour, quad))
+    return img, objs
+
+
+def _user(*parts: dict) -> dict:
+    return {"role": "user", "content": list(parts)}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def _text(s: str) -> dict:
+    return {"type": "text", "text": s}
+
+
+def _image(name: str) -> dict:
+    return {"type": "image", "name": name}
+
+
+def make_sample(seed: int, index: int, min_side: int = 56, max_side: int = 224) -> tuple[str, list, dict]:
+    """Sample `index` of the data set with `seed` → (kind, messages, {name: PIL image})."""
+    rng = random.Random(f"qvl-synth:{seed}:{index}")
+    kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
+    images: dict[str, Image.Image] = {}
+    messages: list[dict] = []
+    if rng.random() < 0.1:
+        messages.append({"role": "system", "content": [_text("You answer questions about images briefly.")]})
+
+    if kind == "shapes":
+        img, objs = _shapes_image(rng, min_side, max_side, rng.randint(1, 3))
+        images["img0.png"] = img
+        qa = []
+        for shape, colour, quad in objs:
+            qa.append((f"What colour is the {shape}?", colour))
+            qa.append((f"What shape is at the {quad}?", shape))
+        rng.shuffle(qa)
+        turns = qa[: rng.randint(1, 2)]
+        img_first = rng.random() < 0.8
+        q0 = _text(turns[0][0])
+        messages.append(_user(_image("img0.png"), q0) if img_first else _user(q0, _image("img0.png")))
+        messages.append(_assistant(turns[0][1]))
+        for q, a in turns[1:]:
+            messages += [_user(_text(q)), _assistant(a)]
+    elif kind == "text":
+        img, draw = _canvas(rng, min_side, max_side)
+        word = rng.choice(WORDS)
+        w, h = img.size
+        font = _font(min(h * 0.5, w / (0.65 * len(word))))
+        l, t, r, b = draw.textbbox((0, 0), word, font=font)
+        draw.text(((w - (r - l)) // 2 - l, (h - (b - t)) // 2 - t), word, fill=COLOURS[rng.choice(["black", "blue", "red"])], font=font)
+        images["img0.png"] = img
+        messages += [_user(_image("img0.png"), _text("What word is written in the image?")), _assistant(word)]
+    elif kind == "chart":
+        img, draw = _canvas(rng, min_side, max_side)
+        w, h = img.size
+        n = rng.randint(3, 5)
+        labels = [chr(ord("A") + i) for i in range(n)]
+        values = rng.sample(range(2, 11), n)  # distinct → a unique tallest bar
+        font = _font(max(8, h // 10))
+        base, top = h - max(10, h // 8), max(2, h // 20)
+        slot = w / n
+        for i, (lab, v) in enumerate(zip(labels, values)):
+            x0 = int(i * slot + slot * 0.2)
+            x1 = int((i + 1) * slot - slot * 0.2)
+            y0 = int(base - (base - top) * v / 10)
+            draw.rectangle((x0, y0, max(x0 + 1, x1), base), fill=COLOURS["blue"])
+            draw.text((x0, base + 1), lab, fill=(0, 0, 0), font=font)
+        images["img0.png"] = img
+        tallest = labels[values.index(max(values))]
+        messages += [_user(_image("img0.png"), _text("Which bar is tallest?")), _assistant(tallest)]
+    elif kind == "two_images":
+        shape = rng.choice(SHAPES)
+        first_has = rng.random() < 0.5
+        for name, has in (("img0.png", first_has), ("img1.png", not first_has)):
+            while True:  # redraw until the shape is present exactly where it should be
+                img, objs = _shapes_image(rng, min_side, max_side, rng.randint(1, 2))
+                if (shape in [o[0] for o in objs]) == has:
+                    break
+            images[name] = img
+        messages += [
+            _user(
+                _text("Picture 1: "), _image("img0.png"), _text("Picture 2: "), _image("img1.png"),
+                _text(f"Which picture shows a {shape}, the first or the second?"),
+            ),
+            _assistant("the first" if first_has else "the second"),
+        ]
+    else:  # text_only
+        if rng.random() < 0.5:
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            messages += [_user(_text(f"What is {a} + {b}?")), _assistant(str(a + b))]
+        else:
+            word = rng.choice(WORDS)
+            messages += [_user(_text(f"Spell '{word}' backwards.")), _assistant(word[::-1])]
+    return kind, messages, images
+
+
+def generate(
+    out_dir: str, num_samples: int, *, seed: int = 0, samples_per_shard: int = 500, min_side: int = 56,
+    max_side: int = 224,
+) -> dict[str, Any]:
+    """Write `num_samples` synthetic samples as shards + index.json into `out_dir`; returns a summary."""
+    if not 1 <= min_side <= max_side:
+        raise ValueError("need 1 <= min_side <= max_side")
+    kinds: Counter = Counter()
+    n_images = 0
+    with ShardWriter(out_dir, samples_per_shard=samples_per_shard) as writer:
+        for i in range(num_samples):
+            kind, messages, images = make_sample(seed, i, min_side, max_side)
+            writer.add(f"synth-{seed}-{i:07d}", messages, images)
+            kinds[kind] += 1
+            n_images += len(images)
+    return {"samples": num_samples, "images": n_images, "shards": writer.shard_names, "kinds": dict(kinds)}

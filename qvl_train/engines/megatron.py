@@ -1,0 +1,279 @@
+"""The megatron-core engine: one training step over a list of packed micro-batches.
+
+How a step works (every layout computes the same step as one process):
+  1. The global label count G of the step is all-reduced over data-parallel ranks *before* the
+     forward, so each micro-batch's loss can be `Σ token CE / G` — the global per-token mean.
+     Packing, padding, micro-batch count and layout then never change the loss or its gradient
+     (per-sample or per-micro-batch averaging is what makes packed losses drift elsewhere).
+  2. megatron-core's schedule runs forward/backward (no pipelining, or 1F1B across `pp` stages with
+     `[L, 1, H]` activations sent between stages). `calculate_per_token_loss=True` keeps it from
+     dividing by the micro-batch count: our loss is already normalised.
+  3. Gradients are summed over data-parallel ranks (one flat all-reduce per dtype); the global norm
+     is computed per module (vit / projector / llm) counting tensor-parallel duplicates once, summed
+     over the model-parallel group, then clipped; AdamW steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from data_pipelines.schema import PackedBatch
+from qvl_train.config import ModelConfig, OptimConfig, ParallelConfig, StageConfig
+from qvl_train.parallel.dims import ParallelDims
+
+MODULES = ("vision", "projector", "llm")
+
+
+@dataclass
+class StepResult:
+    loss: float  # global per-label-token mean cross-entropy of the step
+    grad_norm: float
+    module_grad_norms: dict[str, float]
+    tokens: int  # real tokens over all data-parallel ranks
+    label_tokens: int
+    samples: int
+    visual_tokens: int
+    slots: int  # token slots (tokens + padding) over all data-parallel ranks
+    skipped: bool = False  # non-finite loss or gradient: no update was applied
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the decay schedule."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "linear":
+        scale = 1.0 - progress
+    else:
+        scale = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * scale
+
+
+def apply_stage(model: torch.nn.Module, stage: StageConfig) -> None:
+    """Only the stage's modules receive gradients (names start with vision. / projector. / llm.)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.split(".", 1)[0] in stage.trainable)
+
+
+def _module_of(name: str) -> str:
+    head = name.split(".", 1)[0]
+    return head if head in MODULES else "llm"
+
+
+class MegatronEngine:
+    """Builds this rank's model chunk and optimizer; runs `train_step`."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        parallel_cfg: ParallelConfig,
+        optim_cfg: OptimConfig,
+        stage_cfg: StageConfig,
+        dims: ParallelDims,
+        *,
+        seed: int,
+        max_steps: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        from qvl_train.models import build_model, init_weights
+
+        self.dims, self.optim_cfg, self.max_steps = dims, optim_cfg, max_steps
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+        self.model = build_model(
+            model_cfg, parallel_cfg,
+            pre_process=dims.is_first_stage, post_process=dims.is_last_stage, dtype=dtype,
+        ).to(dims.device)
+        init_weights(self.model, seed, model_cfg.init_std)
+        apply_stage(self.model, stage_cfg)
+
+        config = self.model.config
+        config.calculate_per_token_loss = True  # the loss is normalised by the global label count
+        config.pipeline_dtype = dtype
+        config.finalize_model_grads_func = None
+        config.grad_scale_func = None
+
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": optim_cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
+            foreach=False,
+        )
+        self._params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ step
+    def train_step(self, batches: list[PackedBatch], step: int) -> StepResult:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        dims, device = self.dims, self.dims.device
+        local = torch.tensor(
+            [
+                sum(b.num_label_tokens for b in batches),
+                sum(b.num_tokens for b in batches),
+                sum(b.num_samples for b in batches),
+                sum(b.num_visual_tokens for b in batches),
+                sum(b.num_slots for b in batches),
+            ],
+            dtype=torch.float64,
+        )
+        dist.all_reduce(local, group=dims.groups["dp"])
+        label_tokens, tokens, samples, visual, slots = (int(x) for x in local.tolist())
+        denom = float(max(label_tokens, 1))
+
+        self.model.train()
+        for p in self.model.parameters():
+            p.grad = None
+        seq_length = batches[0].num_slots
+        losses = get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, denom=denom, device=device),
+            data_iterator=iter(batches),
+            model=[self.model],
+            num_microbatches=len(batches),
+            seq_length=seq_length,
+            micro_batch_size=1,
+            forward_only=False,
+        )
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        if dims.is_last_stage and dims.tp_rank == 0:
+            loss_sum += sum(float(x["loss_sum"]) for x in losses)
+        dist.all_reduce(loss_sum, group=dims.groups["world"])  # one contributor per dp rank
+        loss = float(loss_sum) / denom
+
+        self._allreduce_grads()
+        grad_norm, module_norms = self._grad_norms()
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            clip = self.optim_cfg.clip_grad
+            if clip > 0 and grad_norm > clip:
+                scale = clip / (grad_norm + 1e-6)
+                for _, p in self._params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+            lr = lr_at(step, self.optim_cfg, self.max_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        return StepResult(
+            loss=loss, grad_norm=grad_norm, module_grad_norms=module_norms, tokens=tokens,
+            label_tokens=label_tokens, samples=samples, visual_tokens=visual, slots=slots,
+            skipped=not finite,
+        )
+
+    def _allreduce_grads(self) -> None:
+        """Sum gradients over data-parallel ranks in one flat buffer (grads already carry 1/G)."""
+        if self.dims.dp == 1:
+            return
+        grads = [p.grad for _, p in self._params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.dims.groups["dp"])
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+    def _grad_norms(self) -> tuple[float, dict[str, float]]:
+        """Global L2 norm per module; tensor-parallel duplicates (norms, biases) counted once."""
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        sq = torch.zeros(len(MODULES), dtype=torch.float64)
+        for name, p in self._params:
+            if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
+                sq[MODULES.index(_module_of(name))] += p.grad.detach().double().pow(2).sum().cpu()
+        dist.all_reduce(sq, group=self.dims.groups["mp"])
+        norms = {m: math.sqrt(v) for m, v in zip(MODULES, sq.tolist())}
+        return math.sqrt(float(sq.sum())), norms
+
+    # ------------------------------------------------------------ checkpoint
+    def sharded_state_dict(self, with_optimizer: bool = True) -> dict:
+        """Model (and AdamW moments) as layout-independent ShardedTensors for dist_checkpointing."""
+        model_sd = self.model.sharded_state_dict()  # keys = local state-dict names
+        out: dict = {"model": model_sd}
+        if with_optimizer:
+            out["optimizer"] = self._optimizer_sharded_state(model_sd)
+        return out
+
+    def _optimizer_sharded_state(self, model_sd: dict) -> dict:
+        from dataclasses import replace
+
+        from megatron.core.dist_checkpointing import ShardedTensor
+
+        by_param = {}
+        for sh in _iter_sharded(model_sd):
+            if isinstance(sh, ShardedTensor):
+                by_param[id(sh.data)] = sh
+        state: dict = {"steps": {}}
+        for name, p in self._params:
+            sh = by_param.get(id(p))
+            if sh is None:
+                raise RuntimeError(f"parameter {name} has no sharded tensor; cannot checkpoint its optimizer state")
+            st = self.optimizer.state.setdefault(p, {})
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment not in st:  # before the first step: materialise zeros so layouts agree
+                    st[moment] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[f"{name}.{moment}"] = replace(sh, key=f"optimizer.{sh.key}.{moment}", data=st[moment])
+            if "step" not in st:
+                st["step"] = torch.tensor(0.0)
+        return state
+
+    def optimizer_step_count(self) -> int:
+        for st in self.optimizer.state.values():
+            if "step" in st:
+                return int(st["step"])
+        return 0
+
+    def set_optimizer_step_count(self, n: int) -> None:
+        for _, p in self._params:
+            self.optimizer.state.setdefault(p, {})["step"] = torch.tensor(float(n))
+
+    def load_sharded(self, loaded: dict, with_optimizer: bool) -> None:
+        model_sd = loaded["model"]
+        missing, unexpected = self.model.load_state_dict(model_sd, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing:
+            raise RuntimeError(f"checkpoint lacks model tensors: {missing[:8]}")
+        if with_optimizer:
+            opt = loaded["optimizer"]
+            for name, p in self._params:
+                st = self.optimizer.state.setdefault(p, {})
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    st[moment] = opt[f"{name}.{moment}"].to(p.device, p.dtype).clone()
+
+
+def _iter_sharded(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _iter_sharded(tree=v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _iter_sharded(v)
+    else:
+        yield tree
+
+
+def _forward_step(data_iterator: Iterator[PackedBatch], model, *, denom: float, device):
+    batch = next(data_iterator).to(device)
+    output = model(batch)
+
+    def loss_func(per_token_loss: torch.Tensor):
+        loss_sum = per_token_loss.float().sum()
+        n = torch.tensor(batch.num_label_tokens, dtype=torch.int)
+        return loss_sum / denom, n, {"loss_sum": loss_sum.detach()}
+
+    return output, loss_func

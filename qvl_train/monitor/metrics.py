@@ -1,0 +1,74 @@
+"""`metrics.jsonl` and the live progress line, both written by global rank 0 only.
+
+One JSON object per line, flushed at every logged step, so `tail -f` and a crashed run both show
+everything up to the last step. Schema: README ("metrics.jsonl").
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+
+class MetricsWriter:
+    """Appends `{"kind": ..., ...}` lines; on resume, lines past the resumed step are dropped."""
+
+    def __init__(self, path: str | Path, *, resume_step: int = 0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # keep history up to the checkpoint we resumed from
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue
+            self.path.write_text("".join(k + "\n" for k in kept))
+        self._f: Optional[TextIO] = open(self.path, "a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        assert self._f is not None
+        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """A live line: step, loss, tokens/s, ETA. Rewritten in place on a terminal, one line per step in logs."""
+
+    def __init__(self, total_steps: int, start_step: int, stream: TextIO = sys.stdout) -> None:
+        self.total, self.start = total_steps, start_step
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, loss: float, tokens_per_s: float, step_time_s: float) -> None:
+        done = step - self.start
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(done, 1) * (self.total - step)
+        line = (
+            f"step {step:>6}/{self.total} | loss {loss:7.4f} | {tokens_per_s:9,.0f} tok/s | "
+            f"{step_time_s:6.3f} s/step | ETA {_fmt_duration(eta)}"
+        )
+        if self.tty:
+            self.stream.write("\r" + line)
+            if step == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()

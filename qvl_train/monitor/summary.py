@@ -1,0 +1,35 @@
+"""What a finished run did, from its metrics.jsonl:  python -m qvl_train.monitor.summary OUTPUT_DIR"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def summarize(output_dir: str | Path, window: int = 10) -> str:
+    out = Path(output_dir)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    train = [r for r in rows if r.get("kind") == "train"]
+    if not train:
+        return f"{out}: no training steps logged"
+    head, tail = train[:window], train[-window:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    latest = (out / "checkpoints" / "latest")
+    lines = [
+        f"steps            {train[0]['step']}..{train[-1]['step']}",
+        f"loss             {mean(head, 'loss'):.3f} (first {len(head)} steps) -> {mean(tail, 'loss'):.3f} (last {len(tail)})",
+        f"tokens/s         {mean(tail, 'tokens_per_s'):,.0f}   step time {mean(tail, 'step_time_s'):.3f} s",
+        f"packing          {mean(train, 'packing_efficiency'):.1%} of token slots hold real tokens",
+        f"metrics          {out / 'metrics.jsonl'}",
+    ]
+    if latest.exists():
+        lines.append(f"checkpoint       {out / 'checkpoints' / latest.read_text().strip()}")
+    wandb_runs = sorted((out / "wandb").glob("offline-run-*")) if (out / "wandb").exists() else []
+    if wandb_runs:
+        lines.append(f"wandb (offline)  {wandb_runs[-1]}   upload: wandb sync {wandb_runs[-1]}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(summarize(sys.argv[1] if len(sys.argv) > 1 else "outputs/demo"))

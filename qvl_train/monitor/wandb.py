@@ -1,0 +1,43 @@
+"""Weights & Biases logging from global rank 0 (offline by default: `wandb sync output_dir/wandb/...`).
+
+The run id is kept in the checkpoint's TrainState, so a resumed or requeued run continues the same
+wandb run instead of starting a new one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from qvl_train.config import WandbConfig
+
+
+class WandbLogger:
+    def __init__(self, cfg: WandbConfig, output_dir: str | Path, config: dict[str, Any], run_id: Optional[str]) -> None:
+        self.run = None
+        self.run_dir: Optional[str] = None
+        if cfg.mode == "disabled":
+            return
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        output_dir = Path(output_dir)
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity, name=cfg.name or output_dir.name, tags=list(cfg.tags),
+            mode=cfg.mode, dir=str(output_dir), config=config, id=run_id or wandb.util.generate_id(),
+            resume="allow", settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
+        self.run_dir = str(Path(self.run.dir).parent)
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self.run.id if self.run is not None else None
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in record.items() if k not in ("kind", "step")}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()

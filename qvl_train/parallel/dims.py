@@ -1,0 +1,116 @@
+"""`ParallelDims`: the process layout, validated once and passed explicitly.
+
+The sizes are checked by `TrainConfig.validate` before anything starts; `ParallelDims.initialize`
+then creates the process group (gloo without CUDA, NCCL with it) and megatron-core's model-parallel
+groups exactly once. This module is the only place that asks `parallel_state` for groups and ranks;
+everything below `train.py` receives the `ParallelDims` object and reads what it needs from it.
+
+Rank order is megatron's default "tp-cp-ep-dp-pp": tensor-parallel ranks are adjacent (fastest
+links), pipeline stages are furthest apart.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from qvl_train.config import ParallelConfig
+
+
+@dataclass
+class ParallelDims:
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    world_size: int
+    first_stage_layers: Optional[int] = None
+    # Filled by initialize():
+    rank: int = 0
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+    groups: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
+        model_parallel = cfg.tp * cfg.pp * cfg.cp
+        dp = cfg.dp if cfg.dp is not None else world_size // model_parallel
+        return cls(
+            tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, dp=dp, world_size=world_size,
+            first_stage_layers=cfg.first_stage_layers,
+        )
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def describe(self) -> str:
+        return (
+            f"world={self.world_size} = tp {self.tp} × pp {self.pp} × cp {self.cp} × dp {self.dp}"
+            + (f" (first stage: {self.first_stage_layers} LLM layers)" if self.first_stage_layers else "")
+        )
+
+    def initialize(self, timeout_s: int = 600) -> None:
+        """Create the default process group and megatron-core's groups (once per process)."""
+        from megatron.core import parallel_state as ps
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "nccl"
+        else:
+            from qvl_train.parallel.cpu import install_cpu_compat
+
+            install_cpu_compat()
+            backend = "gloo"
+        if not dist.is_initialized():
+            if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one
+                os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        if dist.get_world_size() != self.world_size:
+            raise RuntimeError(f"launched {dist.get_world_size()} processes, layout expects {self.world_size}")
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=self.tp,
+            pipeline_model_parallel_size=self.pp,
+            context_parallel_size=self.cp,
+        )
+        self.rank = dist.get_rank()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.groups = {
+            "tp": ps.get_tensor_model_parallel_group(),
+            "pp": ps.get_pipeline_model_parallel_group(),
+            "dp": ps.get_data_parallel_group(),
+            "mp": ps.get_model_parallel_group(),
+            "world": dist.group.WORLD,
+        }
+
+    def destroy(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        if dist.is_initialized():
+            dist.barrier()
+            ps.destroy_model_parallel()
+            dist.destroy_process_group()

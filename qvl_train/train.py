@@ -1,0 +1,146 @@
+"""The training run, top to bottom: validate → layout → engine → data → restore → loop → save.
+
+Every rank runs this same function under `torchrun`. The samples of step S do not depend on the
+layout: all ranks walk one global stream, the step's micro-batches are dealt to data-parallel ranks,
+and the loss of a step is Σ token cross-entropy over the global batch ÷ its label-token count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from qvl_train.config import TrainConfig
+
+log = logging.getLogger("qvl_train")
+
+
+def describe(cfg: TrainConfig, world_size: int) -> str:
+    """The layout and batch arithmetic a user should see before a long run starts."""
+    from qvl_train.parallel.dims import ParallelDims
+
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    micro = cfg.micro_batches_per_step()
+    return "\n".join(
+        [
+            f"layout      {dims.describe()}",
+            f"model       {cfg.model.generation}: ViT {cfg.model.vision.depth}×{cfg.model.vision.hidden_size}, "
+            f"LLM {cfg.model.llm.num_layers}×{cfg.model.llm.hidden_size}",
+            f"stage       {cfg.stage.name} (trains: {', '.join(cfg.stage.trainable)})",
+            f"batch       {cfg.train.global_batch_tokens} tokens/step = {micro} micro-batches × "
+            f"{cfg.data.max_tokens} tokens ({micro // dims.dp} per data-parallel rank)",
+            f"steps       {cfg.train.max_steps}, checkpoint every {cfg.checkpoint.every}",
+            f"output_dir  {cfg.output_dir}",
+        ]
+    )
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _save_run_info(cfg: TrainConfig, resolved_yaml: str) -> None:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(resolved_yaml)
+    (out / "git_commit.txt").write_text(_git_commit() + "\n")
+
+
+def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
+    from qvl_train.parallel.dims import ParallelDims
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.validate(world_size)  # before any process group exists
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    if cfg.dry_run:
+        print(resolved_yaml + "\n" + describe(cfg, world_size))
+        return
+
+    from data_pipelines.stream import StepLoader
+    from qvl_train.checkpoint.manager import CheckpointManager
+    from qvl_train.engines.megatron import MegatronEngine
+    from qvl_train.monitor.metrics import MetricsWriter, Progress
+    from qvl_train.monitor.trace import DataTrace
+    from qvl_train.monitor.wandb import WandbLogger
+
+    dims.initialize()
+    rank0 = dims.is_logging_rank
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format="%(message)s", stream=sys.stdout)
+    out = Path(cfg.output_dir)
+    if rank0:
+        _save_run_info(cfg, resolved_yaml)
+        log.info(describe(cfg, world_size))
+
+    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+    engine = MegatronEngine(
+        cfg.model, cfg.parallel, cfg.optim, cfg.stage, dims,
+        seed=cfg.seed, max_steps=cfg.train.max_steps, dtype=dtype,
+    )
+    micro = cfg.micro_batches_per_step()
+    loader = StepLoader(cfg.data, micro_batches_per_step=micro, dp_rank=dims.dp_rank, dp_size=dims.dp)
+    ckpt = CheckpointManager(out / "checkpoints", dims)
+    state, how = ckpt.restore(engine, resume=cfg.checkpoint.resume, init_from=cfg.model.init_from)
+    if state.data:
+        loader.load_state_dict(state.data)
+    log.info("start: %s at step %d", how, state.step)
+
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_step=state.step) if rank0 else None
+    wandb = WandbLogger(cfg.wandb, out, asdict(cfg), state.wandb_run_id) if rank0 else None
+    if wandb is not None:
+        state.wandb_run_id = wandb.run_id
+    trace = DataTrace(out, dims.dp_rank, state.step) if cfg.data.trace and dims.tp_rank == 0 and dims.pp_rank == 0 else None
+    progress = Progress(cfg.train.max_steps, state.step)
+
+    while state.step < cfg.train.max_steps:
+        t0 = time.perf_counter()
+        batches = loader.next_step()
+        t_data = time.perf_counter() - t0
+        result = engine.train_step(batches, state.step)
+        state.step += 1
+        state.consumed_samples += result.samples
+        state.consumed_tokens += result.tokens
+        state.data = loader.state_dict()
+        step_time = time.perf_counter() - t0
+        if trace is not None:
+            trace.write(state.step, [b.sample_ids for b in batches])
+        if rank0 and (state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps):
+            record = {
+                "kind": "train", "step": state.step, "loss": result.loss, "grad_norm": result.grad_norm,
+                "lr": engine.optimizer.param_groups[0]["lr"], "tokens": result.tokens,
+                "samples": result.samples, "packing_efficiency": result.tokens / max(result.slots, 1),
+                "tokens_per_s": result.tokens / step_time, "step_time_s": step_time,
+                **{f"grad_norm/{m}": v for m, v in result.module_grad_norms.items()},
+                "label_tokens": result.label_tokens, "visual_tokens": result.visual_tokens,
+                "data_wait_s": t_data, "skipped_step": int(result.skipped), **loader.stats(),
+            }
+            metrics.write(record)
+            wandb.log(record, step=state.step)
+            progress.update(state.step, result.loss, record["tokens_per_s"], step_time)
+        every = cfg.checkpoint.every
+        if (every and state.step % every == 0) or state.step == cfg.train.max_steps:
+            step_dir = ckpt.save(engine, state)
+            log.info("checkpoint %s", step_dir)
+
+    if rank0:
+        metrics.close()
+        wandb.finish()
+        log.info("metrics     %s", out / "metrics.jsonl")
+        log.info("checkpoint  %s", out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip())
+        if wandb.run_dir:
+            log.info("wandb       %s  (upload: wandb sync %s)", wandb.run_dir, wandb.run_dir)
+    if trace is not None:
+        trace.close()
+    dims.destroy()
