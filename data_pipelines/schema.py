@@ -57,6 +57,10 @@ class DataConfig:
     """Write `output_dir/data_trace/dp{R}.jsonl` with the sample ids of every micro-batch."""
     max_bad_fraction: float = 0.01
     """Stop the run when more than this fraction of samples read in a window was unusable."""
+    bad_window: int = 1000
+    """Samples per rank in the window that `max_bad_fraction` is checked over (checked once full)."""
+    pack_lookahead: int = 16
+    """Candidates the packer looks ahead to fill a micro-batch (best fit); part of the data order."""
 
     def __post_init__(self) -> None:
         if self.generation not in GENERATIONS:
@@ -69,6 +73,10 @@ class DataConfig:
             raise ValueError("data.sources is empty; give at least one shard directory")
         if self.max_pixels < self.min_pixels:
             raise ValueError("data.max_pixels must be >= data.min_pixels")
+        if self.pack_lookahead < 1:
+            raise ValueError("data.pack_lookahead must be >= 1")
+        if self.bad_window < 1:
+            raise ValueError("data.bad_window must be >= 1")
 
 
 @dataclass

@@ -1,0 +1,281 @@
+"""The loader the train loop calls: `StepLoader.next_step()` → this rank's packed micro-batches.
+
+How a step is made
+------------------
+1. Every rank advances the same `GlobalPlanner` (packing.py) by `micro_batches_per_step` micro-batch
+   plans, from `index.json` only. Micro-batch j of the step belongs to dp rank `j % dp_size`, so the
+   samples of step S are the same for any dp size (rank r just gets a different share).
+2. The rank groups the samples it was dealt by shard and streams each needed shard once with
+   WebDataset (raw bytes, no auto-decoding, never pickle), keeping only its samples' members.
+3. Each sample: JSON → messages; images decoded and patchified (vision.py) in the order they appear
+   in the messages; the template rendered with the real per-image token counts (text.py); M-RoPE
+   positions (positions.py). Samples are concatenated into one `PackedBatch` of exactly
+   `data.max_tokens` slots.
+
+Bad data
+--------
+Broken JSON, missing members, undecodable images, a sample absent from its tar, or a sample whose
+real token count exceeds the planned one (a lying index) are skipped and counted by reason; the
+micro-batch is still produced (less full, possibly empty: `num_samples == 0`, `num_tokens == 0`).
+Skips never change the number of micro-batches, so ranks stay in lock-step. If more than
+`data.max_bad_fraction` of a rank's last `data.bad_window` read samples were bad, the loader raises:
+that is a broken data set, not noise.
+
+State
+-----
+`state_dict()` is the planner's state (global cursor per source, epochs, the packer's lookahead
+buffer, plan-time skip counts): identical on all ranks and independent of dp size, so a resumed
+loader with any dp size continues exactly where the old one stopped (at a step boundary).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from data_pipelines.packing import GlobalPlanner, Ref
+from data_pipelines.positions import mrope_position_ids
+from data_pipelines.schema import IGNORE_INDEX, DataConfig, PackedBatch
+from data_pipelines.shards import read_index
+from data_pipelines.text import PAD_ID, QwenTokenizer, _parts, get_tokenizer
+from data_pipelines.vision import BadImage, decode_image, preprocess_image
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; `reason` names the skip counter."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def read_shard_members(path: str, keys: set[str]) -> tuple[dict[str, dict[str, bytes]], Optional[str]]:
+    """Stream one tar shard with WebDataset; return {key: {ext: bytes}} for `keys` only.
+
+    A truncated/corrupt tar yields what could be read before the damage plus an error string.
+    """
+    found: dict[str, dict[str, bytes]] = {}
+    err = None
+    try:
+        ds = wds.WebDataset(path, shardshuffle=False, empty_check=False)
+        for sample in ds:
+            key = sample.get("__key__")
+            if key in keys:
+                found[key] = {k: v for k, v in sample.items() if not k.startswith("__")}
+                if len(found) == len(keys):
+                    break
+    except Exception as e:  # tarfile.ReadError, OSError, ... — keep what we have
+        err = f"{type(e).__name__}: {e}"
+    return found, err
+
+
+class SampleBuilder:
+    """Raw members of one sample → (input_ids, labels, positions, pixel_values, grids)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: QwenTokenizer):
+        self.cfg = cfg
+        self.tok = tokenizer
+
+    def build(self, members: dict[str, bytes]) -> dict[str, Any]:
+        cfg = self.cfg
+        raw = members.get("json")
+        if raw is None:
+            raise SkipSample("missing_member", "no .json member")
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+            messages = doc["messages"]
+            sample_id = str(doc["id"])
+            if not isinstance(messages, list) or not messages:
+                raise ValueError("messages must be a non-empty list")
+        except Exception as e:
+            raise SkipSample("bad_json", f"{type(e).__name__}: {e}") from e
+
+        pixel_values, grids, counts = [], [], []
+        try:
+            image_parts = [p for m in messages for p in _parts(m) if p.get("type") == "image"]
+        except Exception as e:
+            raise SkipSample("bad_json", str(e)) from e
+        merge2 = cfg.merge_size * cfg.merge_size
+        for part in image_parts:
+            name = str(part.get("name", "")).lower()
+            blob = members.get(name)
+            if blob is None:
+                raise SkipSample("missing_member", f"image member {name!r} absent")
+            try:
+                img = decode_image(blob)
+                pv, grid = preprocess_image(
+                    img, patch_size=cfg.patch_size, temporal_patch_size=cfg.temporal_patch_size,
+                    merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                )
+            except (BadImage, ValueError) as e:
+                raise SkipSample("bad_image", str(e)) from e
+            pixel_values.append(pv)
+            grids.append(grid)
+            counts.append(grid[0] * grid[1] * grid[2] // merge2)
+        try:
+            ids, labels = self.tok.encode_conversation(messages, counts)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SkipSample("bad_json", f"template: {e}") from e
+        positions = mrope_position_ids(ids, grids, merge_size=cfg.merge_size)
+        return {
+            "id": sample_id, "input_ids": ids, "labels": labels, "positions": positions,
+            "pixel_values": pixel_values, "grids": grids, "visual_tokens": sum(counts),
+        }
+
+
+def pack(cfg: DataConfig, samples: list[dict[str, Any]]) -> PackedBatch:
+    """Concatenate built samples into one PackedBatch of exactly cfg.max_tokens slots."""
+    L = cfg.max_tokens
+    patch_dim = 3 * cfg.temporal_patch_size * cfg.patch_size * cfg.patch_size
+    input_ids = torch.full((L,), PAD_ID, dtype=torch.int64)
+    labels = torch.full((L,), IGNORE_INDEX, dtype=torch.int64)
+    position_ids = torch.zeros((3, L), dtype=torch.int64)
+    cu = [0]
+    pvs, grids, ids_out = [], [], []
+    n_vis = 0
+    for s in samples:
+        a, n = cu[-1], len(s["input_ids"])
+        input_ids[a : a + n] = torch.tensor(s["input_ids"], dtype=torch.int64)
+        labels[a : a + n] = torch.tensor(s["labels"], dtype=torch.int64)
+        position_ids[:, a : a + n] = s["positions"]
+        cu.append(a + n)
+        pvs.extend(s["pixel_values"])
+        grids.extend(s["grids"])
+        ids_out.append(s["id"])
+        n_vis += s["visual_tokens"]
+    pixel_values = (
+        torch.from_numpy(np.concatenate(pvs, axis=0)) if pvs else torch.zeros((0, patch_dim), dtype=torch.float32)
+    )
+    grid_thw = torch.tensor(grids, dtype=torch.int64).reshape(-1, 3)
+    return PackedBatch(
+        input_ids=input_ids,
+        labels=labels,
+        position_ids=position_ids,
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+        pixel_values=pixel_values,
+        grid_thw=grid_thw,
+        sample_ids=ids_out,
+        num_tokens=cu[-1],
+        num_label_tokens=int((labels != IGNORE_INDEX).sum()),
+        num_visual_tokens=n_vis,
+        media_kind=None,
+    )
+
+
+class StepLoader:
+    """One dp rank's view of the global packed stream; see the module docstring."""
+
+    def __init__(self, cfg: DataConfig, *, micro_batches_per_step: int, dp_rank: int, dp_size: int, root: str = "."):
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        if micro_batches_per_step < 1 or micro_batches_per_step % dp_size:
+            raise ValueError(
+                f"micro_batches_per_step={micro_batches_per_step} must be a positive multiple of dp_size={dp_size}"
+            )
+        if cfg.generation != "qwen2_vl":
+            # The template, special tokens and positions here are Qwen2-VL's; others need their own.
+            raise NotImplementedError(f"data.generation={cfg.generation!r}: only 'qwen2_vl' is implemented")
+        self.cfg = cfg
+        self.micro_batches_per_step = micro_batches_per_step
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.dirs = [s.path if os.path.isabs(s.path) else os.path.join(root, s.path) for s in cfg.sources]
+        self.planner = GlobalPlanner(cfg, [read_index(d) for d in self.dirs])
+        self.builder = SampleBuilder(cfg, get_tokenizer())
+        self.read_skipped: dict[str, int] = {}
+        self._recent: deque[bool] = deque(maxlen=cfg.bad_window)  # True = bad, over read samples
+
+    # ---------------------------------------------------------------------------------- API
+    def next_step(self) -> list[PackedBatch]:
+        """This rank's micro-batches of the next optimizer step (micro_batches_per_step // dp_size)."""
+        plans = [self.planner.next_micro_batch() for _ in range(self.micro_batches_per_step)]
+        mine = plans[self.dp_rank :: self.dp_size]
+        raw = self._read([ref for plan in mine for ref in plan])
+        batches = []
+        for plan in mine:
+            built, used = [], 0
+            for ref in plan:
+                sample = self._build_one(ref, raw)
+                if sample is None:
+                    continue
+                n = len(sample["input_ids"])
+                if used + n > self.cfg.max_tokens:  # index promised fewer tokens than the data has
+                    self._recent.pop()  # recounted as bad below
+                    self._bad("cost_mismatch")
+                    continue
+                used += n
+                built.append(sample)
+            batches.append(pack(self.cfg, built))
+        return batches
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable, identical on all ranks, dp-size independent (taken between steps)."""
+        return self.planner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state_dict()` was taken (any dp_size)."""
+        self.planner.load_state_dict(state)
+
+    def stats(self) -> dict[str, int]:
+        """Cumulative skip counts of this rank: `data_skipped` and `data_skipped/<reason>`.
+
+        Plan-time skips (too_long, ...) are global and restored by load_state_dict; they are reported
+        by dp rank 0 only, so summing `stats()` over dp ranks gives global totals. Read-time skips
+        (bad_json, bad_image, missing_member, missing_sample, cost_mismatch) are this rank's own
+        since this loader was created.
+        """
+        counts: dict[str, int] = {}
+        if self.dp_rank == 0:
+            counts.update(self.planner.skipped)
+        for k, v in self.read_skipped.items():
+            counts[k] = counts.get(k, 0) + v
+        out = {"data_skipped": sum(counts.values())}
+        out.update({f"data_skipped/{k}": v for k, v in sorted(counts.items())})
+        return out
+
+    @property
+    def epoch(self) -> int:
+        return self.planner.epoch
+
+    # ----------------------------------------------------------------------------- internals
+    def _read(self, refs: list[Ref]) -> dict[Ref, dict[str, bytes]]:
+        """Read the members of `refs`, one pass per shard, shards in plan order."""
+        by_shard: dict[tuple[int, int], dict[str, Ref]] = {}
+        for ref in refs:
+            by_shard.setdefault((ref[0], ref[1]), {})[self.planner.entry(ref)["key"]] = ref
+        out: dict[Ref, dict[str, bytes]] = {}
+        for (s, sh), key_to_ref in by_shard.items():
+            path = os.path.join(self.dirs[s], self.planner.indices[s]["shards"][sh]["name"])
+            found, _err = read_shard_members(path, set(key_to_ref))
+            for key, members in found.items():
+                out[key_to_ref[key]] = members
+        return out
+
+    def _build_one(self, ref: Ref, raw: dict[Ref, dict[str, bytes]]) -> Optional[dict[str, Any]]:
+        members = raw.get(ref)
+        try:
+            if members is None:
+                raise SkipSample("missing_sample", f"{self.planner.shard_name(ref)}:{self.planner.entry(ref)['key']}")
+            sample = self.builder.build(members)
+        except SkipSample as e:
+            self._bad(e.reason)
+            return None
+        self._recent.append(False)
+        return sample
+
+    def _bad(self, reason: str) -> None:
+        self.read_skipped[reason] = self.read_skipped.get(reason, 0) + 1
+        self._recent.append(True)
+        if len(self._recent) == self._recent.maxlen:
+            frac = sum(self._recent) / len(self._recent)
+            if frac > self.cfg.max_bad_fraction:
+                raise RuntimeError(
+                    f"{frac:.1%} of the last {len(self._recent)} samples read on dp rank {self.dp_rank} were "
+                    f"unusable (> data.max_bad_fraction={self.cfg.max_bad_fraction}); skip counts: "
+                    f"{self.read_skipped}. Check the shards (python -m data_pipelines.synth writes valid ones)."
+                )

@@ -1,0 +1,155 @@
+"""Core attention for packed (varlen) sequences: the `core_attention` submodule of our specs.
+
+megatron-core's local `DotProductAttention` asserts `packed_seq_params is None`, and TE's
+attention is GPU-only, so packing needs our own core attention. `VarlenAttention` has megatron's
+core-attention signature, so `SelfAttention` (qkv projection, RoPE, output projection, TP) stays
+megatron's and only the score/softmax/value step is ours.
+
+Inputs are `[s, b, heads, head_dim]` (heads = this TP rank's heads; k/v carry this rank's query
+groups). With `packed_seq_params`, `b == 1` and `cu_seqlens_q` (int32, `[n+1]`) gives the sample
+boundaries: tokens attend only within their own segment (causal or bidirectional), and slots past
+`cu_seqlens_q[-1]` (the padding tail of a `PackedBatch`) get zeros. No `L × L` mask is ever built
+for the whole pack.
+
+Backends (`model.attention_backend`):
+* ``sdpa_loop`` — one `scaled_dot_product_attention` per segment. Exact, no extra memory, and the
+  fastest CPU path (PyTorch's `varlen_attn` is CUDA-only, eager FlexAttention materialises scores).
+* ``flex`` — FlexAttention with a document(+causal) `BlockMask`; one kernel for the whole pack,
+  the fast path on GPU (compile it there: `torch.compile(flex_attention)`).
+* ``auto`` — ``flex`` on CUDA, ``sdpa_loop`` otherwise.
+
+megatron calls core attention with `qkv_format="sbhd"` packed params from our model (see
+`rope.py` for why not "thd"); a "thd" call (`[t, heads, d]`, batch squeezed) is accepted too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+__all__ = ["VarlenAttention", "varlen_sdpa", "varlen_flex", "resolve_backend"]
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` → `flex` with CUDA, `sdpa_loop` on CPU."""
+    if backend == "auto":
+        return "flex" if torch.cuda.is_available() else "sdpa_loop"
+    if backend not in ("sdpa_loop", "flex"):
+        raise ValueError(f"attention backend {backend!r}; valid: auto, sdpa_loop, flex")
+    return backend
+
+
+def _expand_kv(t_hsd: torch.Tensor, rep: int) -> torch.Tensor:
+    """GQA: repeat each kv head for the `rep` query heads of its group (q heads are group-major)."""
+    return t_hsd if rep == 1 else t_hsd.repeat_interleave(rep, dim=0)
+
+
+def varlen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """q `[t, hq, d]`, k/v `[t, hkv, d]` → `[t, hq, d]`, attention within each cu_seqlens segment."""
+    out = q.new_zeros(q.shape)
+    rep = q.shape[1] // k.shape[1]
+    bounds = cu_seqlens.tolist()
+    for s0, s1 in zip(bounds[:-1], bounds[1:]):
+        if s1 <= s0:
+            continue
+        qs = q[s0:s1].transpose(0, 1)  # [hq, n, d]
+        ks = _expand_kv(k[s0:s1].transpose(0, 1), rep)
+        vs = _expand_kv(v[s0:s1].transpose(0, 1), rep)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
+        out[s0:s1] = o.transpose(0, 1)
+    return out
+
+
+def varlen_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """Same contract as `varlen_sdpa`, one FlexAttention call with a document mask.
+
+    Tokens past `cu_seqlens[-1]` get document id -1, which matches nothing real; their rows are
+    zeroed afterwards (a fully masked row is undefined in any softmax).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    t = q.shape[0]
+    total = int(cu_seqlens[-1])
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    doc = torch.full((t,), -1, dtype=torch.long, device=q.device)
+    doc[:total] = torch.repeat_interleave(torch.arange(lengths.numel(), device=q.device), lengths)
+
+    def mask_mod(b, h, qi, ki):
+        same = (doc[qi] == doc[ki]) & (doc[qi] >= 0)
+        return same & (qi >= ki) if causal else same
+
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=t, KV_LEN=t, device=q.device)
+    qb, kb, vb = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, h, t, d]
+    o = flex_attention(qb, kb, vb, block_mask=block_mask, scale=scale, enable_gqa=kb.shape[1] != qb.shape[1])
+    out = o.squeeze(0).transpose(0, 1)
+    if total < t:
+        out = torch.cat([out[:total], out.new_zeros((t - total,) + tuple(out.shape[1:]))])
+    return out
+
+
+class VarlenAttention(MegatronModule):
+    """Packed-sequence core attention (see module docstring); a drop-in for `DotProductAttention`."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        backend: str = "auto",
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise NotImplementedError("VarlenAttention does not implement context parallelism (parallel.cp=1)")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise NotImplementedError("VarlenAttention has no attention dropout; set attention_dropout=0")
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.causal = attn_mask_type == AttnMaskType.causal
+        self.backend = resolve_backend(backend)
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        tp = config.tensor_model_parallel_size
+        self.heads_per_partition = divide(config.num_attention_heads, tp)
+        self.groups_per_partition = divide(config.num_query_groups or config.num_attention_heads, tp)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        """q/k/v `[s, b, heads, d]` (or `[t, heads, d]` for "thd") → `[s, b, heads·d]`."""
+        if attention_bias is not None:
+            raise NotImplementedError("VarlenAttention does not take an attention_bias")
+        if attention_mask is not None:
+            raise NotImplementedError("VarlenAttention derives its mask from packed_seq_params; pass attention_mask=None")
+        causal = self.causal if attn_mask_type is None else attn_mask_type == AttnMaskType.causal
+        fn = varlen_flex if self.backend == "flex" else varlen_sdpa
+        if query.dim() == 3:  # "thd": batch already squeezed by megatron
+            query, key, value = (x.unsqueeze(1) for x in (query, key, value))
+        s, b = query.shape[:2]
+        if packed_seq_params is not None:
+            if b != 1:
+                raise ValueError(f"packed sequences need micro-batch 1 (one packed row), got b={b}")
+            cu = packed_seq_params.cu_seqlens_q
+        else:
+            cu = torch.tensor([0, s], dtype=torch.int32)
+        outs = [fn(query[:, i], key[:, i], value[:, i], cu, causal, self.softmax_scale) for i in range(b)]
+        return torch.stack(outs, dim=1).reshape(s, b, -1)

@@ -1,0 +1,53 @@
+"""Shared fixtures: the repo root, a small synthetic shard set, and a torchrun helper."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *overrides: str, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
+    """Run launch/train.py under torchrun on CPU; returns the completed process."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}", str(ROOT / "launch" / "train.py"), *overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(l) for l in lines if l.strip()]
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """`cluster.data_root` with 400 synthetic samples in `synth/` (shared by e2e and distributed tests)."""
+    root = tmp_path_factory.mktemp("data")
+    out = root / "synth"
+    subprocess.run(
+        [sys.executable, "-m", "data_pipelines.synth", "--out", str(out), "--num-samples", "400",
+         "--seed", "0", "--samples-per-shard", "100"],
+        cwd=ROOT, check=True, capture_output=True,
+    )
+    return root

@@ -1,0 +1,127 @@
+"""Config: every group and experiment composes into a valid TrainConfig; every validation error is clear."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from qvl_train.config import ConfigError, register_configs, to_train_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs"
+register_configs()
+
+
+def _compose(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return to_train_config(compose(config_name="train", overrides=list(overrides)))
+
+
+def _options(group: str) -> list[str]:
+    base = CONFIGS / group
+    return sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml"))
+
+
+def _world(cfg) -> int:
+    return cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp * (cfg.parallel.dp or 1)
+
+
+@pytest.mark.parametrize(
+    "group", ["model", "data", "parallel", "stage", "optim", "engine", "cluster"]
+)
+def test_every_group_option_composes(group):
+    options = _options(group)
+    assert options, f"configs/{group} is empty"
+    for option in options:
+        cfg = _compose(f"{group}={option}")
+        if group == "model":
+            cfg.parallel.tp = 1
+        cfg.validate(_world(cfg))
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes_and_validates(experiment):
+    cfg = _compose(f"+experiment={experiment}")
+    cfg.validate(_world(cfg))
+    for stage in _options("stage"):
+        assert _compose(f"+experiment={experiment}", f"stage={stage}").stage.name == stage
+
+
+def test_user_keys_reach_the_typed_config():
+    cfg = _compose(
+        "+experiment=tiny", "output_dir=/tmp/x", "seed=7", "train.max_steps=9", "train.global_batch_tokens=4096",
+        "data.max_tokens=512", "parallel.tp=2", "parallel.pp=1", "parallel.dp=4", "model.init_from=/ckpt",
+        "stage=stage1_align", "checkpoint.every=3", "checkpoint.resume=never", "wandb.mode=disabled", "dry_run=true",
+    )
+    assert (cfg.output_dir, cfg.seed, cfg.train.max_steps, cfg.train.global_batch_tokens) == ("/tmp/x", 7, 9, 4096)
+    assert (cfg.data.max_tokens, cfg.parallel.tp, cfg.parallel.dp, cfg.model.init_from) == (512, 2, 4, "/ckpt")
+    assert (cfg.stage.trainable, cfg.checkpoint.every, cfg.wandb.mode, cfg.dry_run) == (("projector",), 3, "disabled", True)
+    assert cfg.data.generation == cfg.model.generation
+    cfg.validate(8)
+
+
+@pytest.mark.parametrize(
+    "overrides, world, key",
+    [
+        (["parallel.tp=2"], 3, "parallel.tp"),  # world not divisible by tp·pp·cp
+        (["parallel.dp=3"], 2, "parallel.dp"),  # world != tp·pp·cp·dp
+        (["parallel.tp=8", "model.llm.vocab_size=151936"], 8, "num_attention_heads"),  # heads % tp
+        (["parallel.pp=4"], 4, "parallel.pp"),  # more stages than layers (tiny has 2)
+        (["parallel.pp=2", "parallel.first_stage_layers=2"], 2, "parallel.first_stage_layers"),
+        (["train.global_batch_tokens=3072"], 2, "train.global_batch_tokens"),  # 3 micro-batches over dp=2
+        (["train.global_batch_tokens=1000"], 1, "data.max_tokens"),  # not a multiple
+        (["model.generation=qwen3_vl"], 1, "model.generation"),
+    ],
+)
+def test_validation_errors_name_the_key(overrides, world, key):
+    cfg = _compose("+experiment=tiny", *overrides)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        cfg.validate(world)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.generation=qwen9_vl", "model.generation"),
+        ("stage.name=stage9", "stage"),
+        ("wandb.mode=loud", "wandb.mode"),
+        ("checkpoint.resume=maybe", "checkpoint.resume"),
+        ("model.llm.mrope_section=[4,4,4]", "mrope_section"),
+    ],
+)
+def test_field_validation_errors(override, key):
+    with pytest.raises(Exception, match=key.replace(".", r"\.")):
+        _compose("+experiment=tiny", override)
+
+
+def test_unknown_generation_lists_the_valid_ones():
+    with pytest.raises(Exception, match="qwen2_5_vl"):
+        _compose("model.generation=nope")
+
+
+def _launch(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "train.py"), *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_dry_run_prints_config_and_layout_and_builds_nothing(tmp_path):
+    proc = _launch("+experiment=tiny", "dry_run=true", f"output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr
+    assert "layout      world=1 = tp 1 × pp 1 × cp 1 × dp 1" in proc.stdout
+    assert "max_tokens: 1024" in proc.stdout
+    assert not list((tmp_path / "run").glob("*")) if (tmp_path / "run").exists() else True  # Hydra's run dir only
+
+
+def test_bad_layout_fails_before_any_process_group(tmp_path):
+    proc = _launch("+experiment=tiny", "parallel.tp=2", f"output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    assert "config error" in proc.stderr and "parallel.tp" in proc.stderr
+    assert not list((tmp_path / "run").glob("*")) if (tmp_path / "run").exists() else True  # Hydra's run dir only
