@@ -48,7 +48,7 @@ from typing import Any, Optional
 
 from PIL import Image
 
-from data_pipelines.text import QwenTokenizer, get_tokenizer
+from data_pipelines.text import QwenTokenizer, get_tokenizer, message_parts
 
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
@@ -108,7 +108,7 @@ class ShardWriter:
         (PIL images are stored as PNG). Returns the sample's key."""
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
-        names = [p["name"] for m in messages for p in _content(m) if p.get("type") == "image"]
+        names = [p["name"] for m in messages for p in message_parts(m) if p.get("type") == "image"]
         if sorted(names) != sorted(images) or len(set(names)) != len(names):
             raise ValueError(f"sample {sample_id}: image parts {names} do not match images {sorted(images)}")
         sizes: list[list[int]] = []
@@ -207,7 +207,3 @@ def read_index(source_dir: str) -> dict[str, Any]:
                 raise ValueError(f"{path}: sample entry {s} lacks required fields")
     return index
 
-
-def _content(message: dict[str, Any]) -> list[dict[str, Any]]:
-    c = message.get("content", "")
-    return [{"type": "text", "text": c}] if isinstance(c, str) else c

@@ -43,8 +43,13 @@ from data_pipelines.packing import GlobalPlanner, Ref
 from data_pipelines.positions import mrope_position_ids
 from data_pipelines.schema import IGNORE_INDEX, DataConfig, PackedBatch
 from data_pipelines.shards import read_index
-from data_pipelines.text import PAD_ID, QwenTokenizer, _parts, get_tokenizer
+from data_pipelines.text import PAD_ID, QwenTokenizer, get_tokenizer, message_parts
 from data_pipelines.vision import BadImage, decode_image, preprocess_image
+
+
+SUPPORTED_GENERATIONS = ("qwen2_vl", "qwen2_5_vl")
+"""Qwen2.5-VL shares Qwen2-VL's tokenizer, chat template, image preprocessing and image position
+ids (only video positions differ, and videos are not produced yet); Qwen3-VL needs its own."""
 
 
 class SkipSample(Exception):
@@ -98,7 +103,7 @@ class SampleBuilder:
 
         pixel_values, grids, counts = [], [], []
         try:
-            image_parts = [p for m in messages for p in _parts(m) if p.get("type") == "image"]
+            image_parts = [p for m in messages for p in message_parts(m) if p.get("type") == "image"]
         except Exception as e:
             raise SkipSample("bad_json", str(e)) from e
         merge2 = cfg.merge_size * cfg.merge_size
@@ -178,9 +183,11 @@ class StepLoader:
             raise ValueError(
                 f"micro_batches_per_step={micro_batches_per_step} must be a positive multiple of dp_size={dp_size}"
             )
-        if cfg.generation != "qwen2_vl":
-            # The template, special tokens and positions here are Qwen2-VL's; others need their own.
-            raise NotImplementedError(f"data.generation={cfg.generation!r}: only 'qwen2_vl' is implemented")
+        if cfg.generation not in SUPPORTED_GENERATIONS:
+            raise NotImplementedError(
+                f"data.generation={cfg.generation!r}: the data side implements {SUPPORTED_GENERATIONS} "
+                "(Qwen2-VL's template, tokens, CLIP normalisation and image M-RoPE)"
+            )
         self.cfg = cfg
         self.micro_batches_per_step = micro_batches_per_step
         self.dp_rank, self.dp_size = dp_rank, dp_size

@@ -134,7 +134,7 @@ class QwenTokenizer:
         `<|vision_start|><|vision_end|>`, which the shard index uses to count text tokens).
         """
         n_images = sum(
-            1 for m in messages for p in _parts(m) if p.get("type") == "image"
+            1 for m in messages for p in message_parts(m) if p.get("type") == "image"
         )
         if n_images != len(image_token_counts):
             raise ValueError(f"conversation has {n_images} images, got {len(image_token_counts)} counts")
@@ -163,7 +163,7 @@ class QwenTokenizer:
             header = f"{role}\n"
             pending = header
             pending_header = True
-            for part in _parts(turn):
+            for part in message_parts(turn):
                 kind = part.get("type")
                 if kind == "text":
                     pending += str(part.get("text", ""))
@@ -206,11 +206,11 @@ class QwenTokenizer:
 
     def count_text_tokens(self, messages: Sequence[dict[str, Any]]) -> int:
         """Template tokens without image pads (but with vision start/end), as stored in index.json."""
-        n_images = sum(1 for m in messages for p in _parts(m) if p.get("type") == "image")
+        n_images = sum(1 for m in messages for p in message_parts(m) if p.get("type") == "image")
         return len(self.encode_conversation(messages, [0] * n_images)[0])
 
 
-def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
+def message_parts(message: dict[str, Any]) -> list[dict[str, Any]]:
     """A message's content as a list of parts (a plain string becomes one text part)."""
     content = message.get("content", "")
     if isinstance(content, str):
