@@ -1,0 +1,114 @@
+"""Model side of qvl-train: `build_model`, `init_weights` and the `VLM` they produce.
+
+The engine calls exactly this::
+
+    model = build_model(cfg.model, cfg.parallel, pre_process=..., post_process=..., dtype=...)
+    init_weights(model, seed=cfg.seed, std=cfg.model.init_std)   # or load a checkpoint
+    out = model(batch)          # last stage: per-token loss [L] fp32; else hidden [L, 1, H]
+
+megatron's `parallel_state` must be initialised by the caller before `build_model` (the TP layers
+read their group from it; `init_weights` reads the layout through `sharded_state_dict`). On a
+machine without CUDA call `qvl_train.parallel.cpu.install_cpu_compat()` first.
+
+A new generation = one builder function + one line in `_BUILDERS`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable
+
+import torch
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+from qvl_train.config import ModelConfig, ParallelConfig
+from qvl_train.models.specs import resolve_spec_backend
+from qvl_train.models.vlm import VLM
+
+__all__ = ["build_model", "init_weights", "VLM", "IMPLEMENTED", "MODULE_PREFIXES"]
+
+MODULE_PREFIXES = ("vision.", "projector.", "llm.")
+"""Every parameter name starts with one of these (stage freezing and per-module metrics use them)."""
+
+
+def _build_qwen2_vl(cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype) -> VLM:
+    return VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=resolve_spec_backend())
+
+
+_BUILDERS: dict[str, Callable[..., VLM]] = {
+    "qwen2_vl": _build_qwen2_vl,
+}
+IMPLEMENTED = tuple(_BUILDERS)
+
+
+def build_model(cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype = torch.float32) -> VLM:
+    """This pipeline stage's part of the model (single-device modules; TP/PP from `parallel_state`).
+
+    Weights are allocated but not initialised: call `init_weights` or load a checkpoint.
+    """
+    try:
+        builder = _BUILDERS[cfg.generation]
+    except KeyError:
+        raise NotImplementedError(
+            f"model.generation={cfg.generation!r} is not implemented; implemented: {', '.join(IMPLEMENTED)}"
+        ) from None
+    return builder(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype)
+
+
+_ROW_BLOCK = 1024
+"""Rows of a global tensor drawn from one generator: a rank draws only the blocks it holds rows of."""
+
+
+def _seed_of(seed: int, key: str, layer_offsets: tuple[int, ...], block: int) -> int:
+    tag = f"{key}|{','.join(map(str, layer_offsets))}|{block}".encode()
+    return (seed * 1_000_003 + zlib.crc32(tag)) % (2**63 - 1)
+
+
+@torch.no_grad()
+def _init_sharded(st: ShardedTensor, seed: int, std: float) -> None:
+    """Fill `st.data` (a view of a parameter) with its slice of the deterministic global tensor."""
+    if st.flattened_range is not None:
+        raise NotImplementedError("init_weights works on model parameters, not optimizer-flattened shards")
+    p = st.prepend_axis_num
+    shape, offset = st.global_shape[p:], st.global_offset[p:]
+    data = st.data
+    if st.key.endswith("bias"):
+        data.zero_()
+        return
+    if data.dim() == 1:  # the only 1-D weights are norm scales
+        data.fill_(1.0)
+        return
+    r0, nr = offset[0], data.shape[0]
+    cols = tuple(slice(o, o + n) for o, n in zip(offset[1:], data.shape[1:]))
+    for block in range(r0 // _ROW_BLOCK, (r0 + nr - 1) // _ROW_BLOCK + 1):
+        b0 = block * _ROW_BLOCK
+        b1 = min(b0 + _ROW_BLOCK, shape[0])
+        g = torch.Generator().manual_seed(_seed_of(seed, st.key, st.global_offset[:p], block))
+        full = torch.empty((b1 - b0,) + tuple(shape[1:]), dtype=torch.float32).normal_(0.0, std, generator=g)
+        lo, hi = max(r0, b0), min(r0 + nr, b1)
+        data[lo - r0 : hi - r0].copy_(full[(slice(lo - b0, hi - b0),) + cols])
+
+
+@torch.no_grad()
+def init_weights(model: VLM, seed: int, std: float) -> None:
+    """Layout-independent init: the same seed gives the same *full* weights for any tp / pp.
+
+    For every tensor of `model.sharded_state_dict()` (global key, global shape, this rank's
+    offsets) the global tensor is defined by generators seeded from (seed, crc32(global key,
+    layer index, row block)) — normal(0, std) for matrices and embeddings, ones for norm weights,
+    zeros for biases — and this rank copies its slice. Only the row blocks a rank holds are drawn.
+    """
+    covered = set()
+    for item in nested_values(model.sharded_state_dict()):
+        if isinstance(item, ShardedTensorFactory):
+            items = list(nested_values(item.build()))
+        else:
+            items = [item]
+        for st in items:
+            if isinstance(st, ShardedTensor) and st.data.is_floating_point():
+                _init_sharded(st, seed, std)
+                covered.add(st.data.untyped_storage().data_ptr())
+    missing = [n for n, prm in model.named_parameters() if prm.untyped_storage().data_ptr() not in covered]
+    if missing:
+        raise RuntimeError(f"init_weights: parameters missing from sharded_state_dict: {missing}")

@@ -1,0 +1,129 @@
+"""The Qwen2 language model from megatron blocks (HF `Qwen2VLTextModel` + `lm_head`).
+
+vocab-parallel embedding → decoder layers (pre-RMSNorm, GQA self-attention with qkv bias and
+M-RoPE, SwiGLU MLP without biases) → final RMSNorm → vocab-parallel output layer.
+
+Pipeline parallelism: megatron's `TransformerBlock` builds only this stage's layers (global layer
+numbers, so checkpoints are layout-independent) from `pipeline_model_parallel_size` and
+`num_layers_in_first_pipeline_stage`; the embedding lives on the first stage (`pre_process`),
+the final norm and output layer on the last (`post_process`). On other stages the block takes its
+input from `set_input_tensor` (the activation received by the pipeline schedule).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from qvl_train.config import LLMConfig, ParallelConfig
+from qvl_train.models.common import make_transformer_config
+from qvl_train.models.specs import layer_spec
+
+__all__ = ["Qwen2LanguageModel", "llm_transformer_config"]
+
+
+def _no_init(w: torch.Tensor) -> None:
+    """megatron needs an init_method; `init_weights` initialises for real (layout-independent)."""
+
+
+def llm_transformer_config(cfg: LLMConfig, parallel: ParallelConfig, *, dtype: torch.dtype):
+    """The LLM's megatron config: the full parallel layout (tp, pp, uneven first stage)."""
+    first = parallel.first_stage_layers if parallel.pp > 1 else None
+    last = cfg.num_layers - first if (first is not None and parallel.pp == 2) else None
+    return make_transformer_config(
+        dtype=dtype,
+        tp=parallel.tp,
+        pp=parallel.pp,
+        num_layers=cfg.num_layers,
+        num_layers_in_first_pipeline_stage=first,
+        num_layers_in_last_pipeline_stage=last,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.qkv_bias,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+    )
+
+
+class Qwen2LanguageModel(MegatronModule):
+    """Embedding (first stage), this stage's decoder layers, final norm + output (last stage)."""
+
+    def __init__(
+        self,
+        cfg: LLMConfig,
+        parallel: ParallelConfig,
+        *,
+        pre_process: bool,
+        post_process: bool,
+        dtype: torch.dtype,
+        attention_backend: str = "auto",
+        spec_backend: str = "local",
+    ):
+        config = llm_transformer_config(cfg, parallel, dtype=dtype)
+        super().__init__(config=config)
+        self.cfg = cfg
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.tie = cfg.tie_word_embeddings
+        if self.tie and not (pre_process and post_process):
+            raise NotImplementedError("tie_word_embeddings needs the embedding and output on one stage (pp=1)")
+        if pre_process:
+            self.embedding = tensor_parallel.VocabParallelEmbedding(
+                cfg.vocab_size, cfg.hidden_size, init_method=_no_init, config=config
+            )
+        self.decoder = TransformerBlock(
+            config=config,
+            spec=layer_spec(causal=True, attention_backend=attention_backend, spec_backend=spec_backend),
+            post_layer_norm=True,
+            pre_process=pre_process,
+            post_process=post_process,
+        )
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                config=config,
+                init_method=_no_init,
+                bias=False,
+                gather_output=False,
+                skip_weight_param_allocation=self.tie,
+            )
+
+    def set_input_tensor(self, input_tensor: Optional[torch.Tensor]) -> None:
+        self.decoder.set_input_tensor(input_tensor)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`[L]` token ids → `[L, 1, H]` embeddings (identical on every TP rank)."""
+        return self.embedding(input_ids.unsqueeze(0)).transpose(0, 1).contiguous()
+
+    def forward(self, hidden_L1H: Optional[torch.Tensor], rotary_pos_emb: torch.Tensor, packed_seq_params) -> torch.Tensor:
+        """Run this stage's layers; on the last stage also the final norm and output layer.
+
+        Returns `[L, 1, H]` hidden states, or on the last stage vocab-sharded logits `[L, 1, V/tp]`.
+        """
+        h = self.decoder(
+            hidden_states=hidden_L1H, attention_mask=None, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params
+        )
+        if not self.post_process:
+            return h
+        weight = self.embedding.weight if self.tie else None
+        logits, _ = self.output_layer(h, weight=weight)
+        return logits
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Default megatron sharding; a tied output layer has no weight of its own to save."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.post_process and self.tie:
+            sd.pop(f"{prefix}output_layer.weight", None)
+        return sd

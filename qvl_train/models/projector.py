@@ -1,0 +1,44 @@
+"""The Qwen2-VL patch merger: ViT patch features → LLM tokens (HF `PatchMerger`).
+
+LayerNorm over each patch feature (`ln_q`), then every `merge²` consecutive rows — one 2×2 block,
+contiguous thanks to the (t, h-block, w-block, mh, mw) row order of `pixel_values` — are joined
+into one `merge²·Hv` vector and mapped by an MLP `merge²·Hv → merge²·Hv → GELU → H_llm`.
+The MLP is tensor-parallel (column → row), like an MLP block of the towers.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.module import MegatronModule
+
+from qvl_train.config import VisionConfig
+
+__all__ = ["PatchMerger"]
+
+
+def _no_init(w: torch.Tensor) -> None:
+    """megatron needs an init_method; `init_weights` initialises for real (layout-independent)."""
+
+
+class PatchMerger(MegatronModule):
+    """`[P, Hv]` → `[P / merge², H_llm]`."""
+
+    def __init__(self, config, cfg: VisionConfig, llm_hidden_size: int):
+        super().__init__(config=config)
+        self.merge = cfg.spatial_merge_size**2
+        width = cfg.hidden_size * self.merge
+        self.ln_q = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=config.params_dtype)
+        self.linear_fc1 = ColumnParallelLinear(
+            width, width, config=config, init_method=_no_init, bias=True, gather_output=False
+        )
+        self.linear_fc2 = RowParallelLinear(
+            width, llm_hidden_size, config=config, init_method=_no_init, bias=True, input_is_parallel=True, skip_bias_add=False
+        )
+
+    def forward(self, x_PD: torch.Tensor) -> torch.Tensor:
+        x = self.ln_q(x_PD).reshape(-1, 1, x_PD.shape[-1] * self.merge)  # [P/m², 1, m²·Hv]
+        x, _ = self.linear_fc1(x)
+        x = torch.nn.functional.gelu(x)  # exact (erf) GELU, as HF nn.GELU()
+        x, _ = self.linear_fc2(x)
+        return x.squeeze(1)

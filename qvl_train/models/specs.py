@@ -1,0 +1,122 @@
+"""ModuleSpecs: which megatron building blocks make up a ViT block and an LLM decoder layer.
+
+The model classes never ask which backend they run on; they receive a spec from here
+(DESIGN.md convention 1). Two backends:
+
+* ``local`` (always available, the CPU path): megatron's `TransformerLayer` + `SelfAttention` +
+  `ColumnParallelLinear` / `RowParallelLinear` + `MLP`, norms from `WrappedTorchNorm` (plain
+  `torch.nn.LayerNorm` / `torch.nn.RMSNorm`, chosen by `config.normalization`; apex's
+  `FusedLayerNorm` is CUDA-only), and our `VarlenAttention` as core attention.
+* ``te`` (only when `transformer_engine` imports): norm fused into the qkv / fc1 GEMMs
+  (`TELayerNormColumnParallelLinear`), `TERowParallelLinear`. Core attention stays
+  `VarlenAttention` because our M-RoPE goes through the "sbhd" rotary path (see `rope.py`).
+  Transformer Engine is never imported when it is not installed.
+
+Checkpoint keys are backend-independent: the local spec maps `input_layernorm.` /
+`pre_mlp_layernorm.` onto TE's fused names (`sharded_state_dict_keys_map`), as megatron's own
+GPT specs do, so a checkpoint saved with one backend loads into the other.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from qvl_train.models.attention import VarlenAttention
+
+__all__ = ["te_available", "resolve_spec_backend", "layer_spec", "norm_module"]
+
+
+def te_available() -> bool:
+    """Whether Transformer Engine is installed (checked without importing it)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_spec_backend(backend: str = "auto") -> str:
+    """`auto` → `te` when Transformer Engine is installed and CUDA is up, else `local`."""
+    if backend == "auto":
+        import torch
+
+        return "te" if te_available() and torch.cuda.is_available() else "local"
+    if backend not in ("local", "te"):
+        raise ValueError(f"spec backend {backend!r}; valid: auto, local, te")
+    return backend
+
+
+def norm_module():
+    """The norm class for standalone norms (final norm, merger ln_q): LayerNorm or RMSNorm by config."""
+    return WrappedTorchNorm
+
+
+def layer_spec(*, causal: bool, attention_backend: str = "auto", spec_backend: str = "local") -> ModuleSpec:
+    """A pre-norm transformer layer: norm → self-attention → residual → norm → MLP → residual.
+
+    `causal` picks the mask type of the core attention (LLM: causal, ViT: bidirectional per
+    frame). Whether the MLP is gated (SwiGLU), its activation and its biases come from the
+    `TransformerConfig` (`gated_linear_unit`, `activation_func`, `add_bias_linear`,
+    `add_qkv_bias`), so the ViT and the LLM share this one spec.
+    """
+    mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
+    core = ModuleSpec(module=VarlenAttention, params={"backend": attention_backend})
+    if spec_backend == "te":
+        from megatron.core.extensions.transformer_engine import (  # noqa: PLC0415 (TE only when asked)
+            TELayerNormColumnParallelLinear,
+            TERowParallelLinear,
+        )
+
+        return ModuleSpec(
+            module=TransformerLayer,
+            submodules=TransformerLayerSubmodules(
+                self_attention=ModuleSpec(
+                    module=SelfAttention,
+                    params={"attn_mask_type": mask},
+                    submodules=SelfAttentionSubmodules(
+                        linear_qkv=TELayerNormColumnParallelLinear,
+                        core_attention=core,
+                        linear_proj=TERowParallelLinear,
+                        q_layernorm=IdentityOp,
+                        k_layernorm=IdentityOp,
+                    ),
+                ),
+                self_attn_bda=get_bias_dropout_add,
+                mlp=ModuleSpec(
+                    module=MLP,
+                    submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear),
+                ),
+                mlp_bda=get_bias_dropout_add,
+            ),
+        )
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=core,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
+        ),
+    )

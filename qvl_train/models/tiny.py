@@ -1,0 +1,96 @@
+"""A tiny Qwen2-VL config and a hand-built `PackedBatch`, for tests and smoke runs of the model.
+
+Independent of `data_pipelines` beyond the `PackedBatch` dataclass: the token layout and the 3-D
+positions are constructed here the way Qwen2-VL's `get_rope_index` defines them (text: t=h=w
+running on; image tokens: t/h/w = start + grid index of the merged token; text after an image
+continues at max + 1), restarting per sample.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from data_pipelines.schema import IGNORE_INDEX, PackedBatch
+from qvl_train.config import LLMConfig, ModelConfig, VisionConfig
+from qvl_train.models.vlm import IMAGE_PAD_ID
+
+__all__ = ["tiny_model_config", "packed_batch"]
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    """ViT depth 2 / width 64 / 4 heads; LLM 2 layers / width 64 / 4 heads / 2 kv groups / ffn 128."""
+    cfg = ModelConfig(
+        generation="qwen2_vl",
+        vision=VisionConfig(depth=2, hidden_size=64, num_heads=4, mlp_ratio=2.0),
+        llm=LLMConfig(
+            num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
+            vocab_size=151936, rope_theta=10000.0, mrope_section=[4, 2, 2],
+        ),
+        attention_backend="sdpa_loop",
+    )
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _sample(n_before: int, grid: tuple[int, int, int] | None, n_after: int, merge: int, gen: torch.Generator):
+    """(input_ids, position_ids [3, n]) of one sample: text, optional image, text."""
+    ids = [torch.randint(0, 151000, (n_before,), generator=gen)]
+    pos = [torch.arange(n_before).expand(3, -1)]
+    start = n_before
+    if grid is not None:
+        t, h, w = grid[0], grid[1] // merge, grid[2] // merge
+        ids.append(torch.full((t * h * w,), IMAGE_PAD_ID))
+        tt = torch.arange(t).view(-1, 1, 1).expand(t, h, w).flatten()
+        hh = torch.arange(h).view(1, -1, 1).expand(t, h, w).flatten()
+        ww = torch.arange(w).view(1, 1, -1).expand(t, h, w).flatten()
+        p = torch.stack([tt, hh, ww]) + start
+        pos.append(p)
+        start = int(p.max()) + 1
+    ids.append(torch.randint(0, 151000, (n_after,), generator=gen))
+    pos.append(torch.arange(n_after).expand(3, -1) + start)
+    return torch.cat(ids), torch.cat(pos, dim=1)
+
+
+def packed_batch(
+    cfg: ModelConfig,
+    grids: list[tuple[int, int, int] | None] = ((1, 4, 4), (1, 4, 6)),
+    texts: list[tuple[int, int]] = ((5, 7), (3, 9)),
+    pad: int = 5,
+    seed: int = 0,
+) -> PackedBatch:
+    """Samples of (text, image, text) packed back to back, then `pad` padding slots.
+
+    Labels are random token ids on every real token (so every position is checked) and -100 on
+    padding; `pixel_values` are random with `T·h·w` rows per image.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    v = cfg.vision
+    ids, pos, lens, pix, thw = [], [], [], [], []
+    for grid, (nb, na) in zip(grids, texts):
+        i, p = _sample(nb, grid, na, v.spatial_merge_size, gen)
+        ids.append(i)
+        pos.append(p)
+        lens.append(i.numel())
+        if grid is not None:
+            thw.append(grid)
+            pix.append(torch.randn(grid[0] * grid[1] * grid[2], v.in_channels * v.temporal_patch_size * v.patch_size**2, generator=gen))
+    n = sum(lens)
+    input_ids = torch.cat(ids + [torch.zeros(pad, dtype=torch.long)])
+    position_ids = torch.cat(pos + [torch.zeros(3, pad, dtype=torch.long)], dim=1)
+    labels = torch.randint(0, 151000, (n + pad,), generator=gen)
+    labels[n:] = IGNORE_INDEX
+    labels[0] = IGNORE_INDEX  # one ignored real token, as a chat template's prompt would have
+    cols = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    return PackedBatch(
+        input_ids=input_ids,
+        labels=labels,
+        position_ids=position_ids,
+        cu_seqlens=torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32),
+        pixel_values=torch.cat(pix) if pix else torch.zeros(0, cols),
+        grid_thw=torch.tensor(thw, dtype=torch.long).reshape(-1, 3),
+        sample_ids=[f"s{i}" for i in range(len(lens))],
+        num_tokens=n,
+        num_label_tokens=int((labels != IGNORE_INDEX).sum()),
+        num_visual_tokens=int((input_ids == IMAGE_PAD_ID).sum()),
+    )

@@ -1,0 +1,125 @@
+"""The vision-language model: ViT → merger → visual tokens scattered into the LLM's embeddings.
+
+`VLM.forward(batch: PackedBatch)` is the whole model contract of the engine:
+
+* first pipeline stage (`pre_process`): embed `input_ids`; if the micro-batch has media, run the
+  ViT + merger and put the visual embeddings (in order) at the positions of the image-pad /
+  video-pad tokens; then this stage's decoder layers;
+* middle stages: their layers on the activation set by `set_input_tensor`;
+* last stage (`post_process`): final norm, vocab-parallel logits and the per-token cross entropy
+  `[L]` float32 (`tensor_parallel.vocab_parallel_cross_entropy`, 0 where `labels == -100`).
+  Reduction (sum / num_label_tokens, …) is the loss module's job, not the model's.
+
+A micro-batch without media skips the ViT: its parameters get no gradient this step. TP ranks of
+one group see the same batch, so they skip together and the collectives stay matched; DP ranks
+that differ do not share any collective inside the forward.
+
+Packing: one row `[L, 1, H]`; the LLM attends causally inside each `cu_seqlens` segment, the
+padding tail after `cu_seqlens[-1]` attends to nothing (zeros out of attention) and carries no loss.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+
+from data_pipelines.schema import IGNORE_INDEX, PackedBatch
+from qvl_train.config import ModelConfig, ParallelConfig
+from qvl_train.models.language import Qwen2LanguageModel
+from qvl_train.models.projector import PatchMerger
+from qvl_train.models.rope import mrope_freqs
+from qvl_train.models.vision.qwen2_vl import Qwen2VisionTransformer
+
+__all__ = ["VLM", "IMAGE_PAD_ID", "VIDEO_PAD_ID"]
+
+IMAGE_PAD_ID = 151655
+"""`<|image_pad|>`: one per merged image token (Qwen2-VL / 2.5-VL tokenizer)."""
+VIDEO_PAD_ID = 151656
+"""`<|video_pad|>`: one per merged video token."""
+
+
+class VLM(MegatronModule):
+    """Qwen2-VL as megatron modules; parameters under `vision.`, `projector.`, `llm.`."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        parallel: ParallelConfig,
+        *,
+        pre_process: bool,
+        post_process: bool,
+        dtype: torch.dtype = torch.float32,
+        spec_backend: str = "local",
+    ):
+        llm = Qwen2LanguageModel(
+            cfg.llm,
+            parallel,
+            pre_process=pre_process,
+            post_process=post_process,
+            dtype=dtype,
+            attention_backend=cfg.attention_backend,
+            spec_backend=spec_backend,
+        )
+        super().__init__(config=llm.config)  # the schedules read `config` (hidden size, pipeline dtype)
+        self.model_type = ModelType.encoder_or_decoder  # the schedules read it too
+        self.cfg = cfg
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.head_dim = cfg.llm.hidden_size // cfg.llm.num_attention_heads
+        if pre_process:
+            self.vision = Qwen2VisionTransformer(
+                cfg.vision, tp=parallel.tp, dtype=dtype, attention_backend=cfg.attention_backend, spec_backend=spec_backend
+            )
+            self.projector = PatchMerger(self.vision.config, cfg.vision, cfg.llm.hidden_size)
+        self.llm = llm
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline schedules hand the received activation here (a list with one tensor)."""
+        if isinstance(input_tensor, (list, tuple)):
+            assert len(input_tensor) == 1, "VLM takes one input tensor per stage"
+            input_tensor = input_tensor[0]
+        self.llm.set_input_tensor(input_tensor)
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        """Token embeddings with the visual embeddings in place: `[L, 1, H]`."""
+        h_L1H = self.llm.embed(batch.input_ids)
+        if batch.pixel_values.numel() == 0:
+            return h_L1H
+        vis = self.vision(batch.pixel_values, batch.grid_thw)
+        vis_VH = self.projector(vis)
+        pos = torch.nonzero((batch.input_ids == IMAGE_PAD_ID) | (batch.input_ids == VIDEO_PAD_ID)).squeeze(1)
+        if pos.numel() != vis_VH.shape[0]:
+            raise ValueError(
+                f"{pos.numel()} image/video pad tokens but {vis_VH.shape[0]} visual embeddings "
+                f"(grid_thw={batch.grid_thw.tolist()}): the text and the pixels do not match"
+            )
+        h_LH = h_L1H.squeeze(1).index_put((pos,), vis_VH.to(h_L1H.dtype))
+        return h_LH.unsqueeze(1)
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Per-token loss `[L]` float32 on the last stage, else hidden states `[L, 1, H]`."""
+        cu = batch.cu_seqlens.to(torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+        packed = PackedSeqParams(
+            # "sbhd": megatron applies the per-token M-RoPE angles as they are (no per-sample
+            # restart as on the "thd" path); VarlenAttention still reads cu_seqlens from here.
+            qkv_format="sbhd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=longest,
+            max_seqlen_kv=longest,
+        )
+        rope = mrope_freqs(batch.position_ids, self.head_dim, self.cfg.llm.rope_theta, list(self.cfg.llm.mrope_section))
+        hidden: Optional[torch.Tensor] = self.embed(batch) if self.pre_process else None
+        out = self.llm(hidden, rope, packed)
+        if not self.post_process:
+            return out
+        labels = batch.labels
+        ignore = labels == IGNORE_INDEX
+        loss_L1 = tensor_parallel.vocab_parallel_cross_entropy(out.float(), labels.masked_fill(ignore, 0).unsqueeze(1))
+        return loss_L1.squeeze(1).masked_fill(ignore, 0.0)
