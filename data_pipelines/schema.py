@@ -84,7 +84,7 @@ class PackedBatch:
     """One packed micro-batch (see module docstring). Shapes: L = max_tokens, P = patches, k = media."""
 
     input_ids: torch.Tensor  # [L] int64
-    labels: torch.Tensor  # [L] int64, IGNORE_INDEX where no loss
+    labels: torch.Tensor  # [L] int64: target of the prediction at i (next token, pre-shifted per sample); IGNORE_INDEX = no loss
     position_ids: torch.Tensor  # [3, L] int64 (t, h, w); text tokens have t = h = w; restart per sample
     cu_seqlens: torch.Tensor  # [n+1] int32 over the real samples; cu_seqlens[-1] == num_tokens
     pixel_values: torch.Tensor  # [P, C*T*p*p] float32; rows (t, h-block, w-block, mh, mw)

@@ -60,6 +60,10 @@ class SkipSample(Exception):
         self.reason = reason
 
 
+def _all_shards(urls):
+    return urls
+
+
 def read_shard_members(path: str, keys: set[str]) -> tuple[dict[str, dict[str, bytes]], Optional[str]]:
     """Stream one tar shard with WebDataset; return {key: {ext: bytes}} for `keys` only.
 
@@ -68,7 +72,11 @@ def read_shard_members(path: str, keys: set[str]) -> tuple[dict[str, dict[str, b
     found: dict[str, dict[str, bytes]] = {}
     err = None
     try:
-        ds = wds.WebDataset(path, shardshuffle=False, empty_check=False)
+        # The plan already decided which rank reads what: WebDataset must not split shards by
+        # node or worker itself (its default refuses to run under a multi-process torch.distributed).
+        ds = wds.WebDataset(
+            path, shardshuffle=False, empty_check=False, nodesplitter=_all_shards, workersplitter=_all_shards
+        )
         for sample in ds:
             key = sample.get("__key__")
             if key in keys:
@@ -135,7 +143,11 @@ class SampleBuilder:
 
 
 def pack(cfg: DataConfig, samples: list[dict[str, Any]]) -> PackedBatch:
-    """Concatenate built samples into one PackedBatch of exactly cfg.max_tokens slots."""
+    """Concatenate built samples into one PackedBatch of exactly cfg.max_tokens slots.
+
+    `labels[i]` is the target of the prediction made at position i (the next token, already shifted),
+    so the model's loss is plainly `CE(logits[i], labels[i])` and `num_label_tokens` counts targets.
+    """
     L = cfg.max_tokens
     patch_dim = 3 * cfg.temporal_patch_size * cfg.patch_size * cfg.patch_size
     input_ids = torch.full((L,), PAD_ID, dtype=torch.int64)
@@ -147,7 +159,10 @@ def pack(cfg: DataConfig, samples: list[dict[str, Any]]) -> PackedBatch:
     for s in samples:
         a, n = cu[-1], len(s["input_ids"])
         input_ids[a : a + n] = torch.tensor(s["input_ids"], dtype=torch.int64)
-        labels[a : a + n] = torch.tensor(s["labels"], dtype=torch.int64)
+        # Next-token targets: position i is trained to predict token i+1 of the same sample, so the
+        # labels are shifted left inside each sample and the last token of a sample predicts nothing.
+        if n > 1:
+            labels[a : a + n - 1] = torch.tensor(s["labels"][1:], dtype=torch.int64)
         position_ids[:, a : a + n] = s["positions"]
         cu.append(a + n)
         pvs.extend(s["pixel_values"])

@@ -8,6 +8,11 @@ Hydra composes `configs/train.yaml` with the chosen groups and overrides; the re
 
 import os
 import sys
+import warnings
+
+# megatron-core warns at import about missing GPU extras (TE, Apex) and deprecated options we don't use.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

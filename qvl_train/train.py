@@ -59,6 +59,19 @@ def _save_run_info(cfg: TrainConfig, resolved_yaml: str) -> None:
     (out / "git_commit.txt").write_text(_git_commit() + "\n")
 
 
+def _global_data_stats(local: dict[str, int], dims) -> dict[str, int]:
+    """Skip counts summed over data-parallel ranks (each sample is read by one dp rank's group)."""
+    import torch.distributed as dist
+
+    gathered: list = [None] * dims.world_size
+    dist.all_gather_object(gathered, local if dims.tp_rank == 0 and dims.pp_rank == 0 else {})
+    total: dict[str, int] = {"data_skipped": 0}
+    for stats in gathered:
+        for key, n in stats.items():
+            total[key] = total.get(key, 0) + int(n)
+    return total
+
+
 def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     from qvl_train.parallel.dims import ParallelDims
 
@@ -99,8 +112,9 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
 
     metrics = MetricsWriter(out / "metrics.jsonl", resume_step=state.step) if rank0 else None
     wandb = WandbLogger(cfg.wandb, out, asdict(cfg), state.wandb_run_id) if rank0 else None
-    if wandb is not None:
-        state.wandb_run_id = wandb.run_id
+    run_id = [wandb.run_id if wandb is not None else None]
+    torch.distributed.broadcast_object_list(run_id, src=0)  # every rank saves the same TrainState
+    state.wandb_run_id = run_id[0]
     trace = DataTrace(out, dims.dp_rank, state.step) if cfg.data.trace and dims.tp_rank == 0 and dims.pp_rank == 0 else None
     progress = Progress(cfg.train.max_steps, state.step)
 
@@ -116,7 +130,9 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
         step_time = time.perf_counter() - t0
         if trace is not None:
             trace.write(state.step, [b.sample_ids for b in batches])
-        if rank0 and (state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps):
+        log_now = state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps
+        skipped = _global_data_stats(loader.stats(), dims) if log_now else {}
+        if rank0 and log_now:
             record = {
                 "kind": "train", "step": state.step, "loss": result.loss, "grad_norm": result.grad_norm,
                 "lr": engine.optimizer.param_groups[0]["lr"], "tokens": result.tokens,
@@ -124,7 +140,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
                 "tokens_per_s": result.tokens / step_time, "step_time_s": step_time,
                 **{f"grad_norm/{m}": v for m, v in result.module_grad_norms.items()},
                 "label_tokens": result.label_tokens, "visual_tokens": result.visual_tokens,
-                "data_wait_s": t_data, "skipped_step": int(result.skipped), **loader.stats(),
+                "data_wait_s": t_data, "skipped_step": int(result.skipped), **skipped,
             }
             metrics.write(record)
             wandb.log(record, step=state.step)

@@ -213,10 +213,11 @@ class MegatronEngine:
         from dataclasses import replace
 
         from megatron.core.dist_checkpointing import ShardedTensor
+        from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
-        by_param = {}
+        by_param = {}  # param → its ShardedTensor (or factory, e.g. the split [gate; up] of SwiGLU)
         for sh in _iter_sharded(model_sd):
-            if isinstance(sh, ShardedTensor):
+            if isinstance(sh, (ShardedTensor, ShardedTensorFactory)):
                 by_param[id(sh.data)] = sh
         state: dict = {"steps": {}}
         for name, p in self._params:
@@ -274,6 +275,6 @@ def _forward_step(data_iterator: Iterator[PackedBatch], model, *, denom: float, 
     def loss_func(per_token_loss: torch.Tensor):
         loss_sum = per_token_loss.float().sum()
         n = torch.tensor(batch.num_label_tokens, dtype=torch.int)
-        return loss_sum / denom, n, {"loss_sum": loss_sum.detach()}
+        return loss_sum / denom, n, {"loss_sum": loss_sum.detach().clone()}
 
     return output, loss_func

@@ -107,16 +107,26 @@ class Qwen2LanguageModel(MegatronModule):
         """`[L]` token ids → `[L, 1, H]` embeddings (identical on every TP rank)."""
         return self.embedding(input_ids.unsqueeze(0)).transpose(0, 1).contiguous()
 
-    def forward(self, hidden_L1H: Optional[torch.Tensor], rotary_pos_emb: torch.Tensor, packed_seq_params) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_L1H: Optional[torch.Tensor],
+        rotary_pos_emb: torch.Tensor,
+        packed_seq_params,
+        output_positions: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Run this stage's layers; on the last stage also the final norm and output layer.
 
-        Returns `[L, 1, H]` hidden states, or on the last stage vocab-sharded logits `[L, 1, V/tp]`.
+        Returns `[L, 1, H]` hidden states, or on the last stage vocab-sharded logits `[L, 1, V/tp]`
+        — only at `output_positions` (`[n, 1, V/tp]`) when given: the output layer is the largest
+        matmul of a small model with a 152k vocabulary, and only label positions need logits.
         """
         h = self.decoder(
             hidden_states=hidden_L1H, attention_mask=None, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params
         )
         if not self.post_process:
             return h
+        if output_positions is not None:
+            h = h.index_select(0, output_positions)
         weight = self.embedding.weight if self.tie else None
         logits, _ = self.output_layer(h, weight=weight)
         return logits

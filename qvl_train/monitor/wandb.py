@@ -7,6 +7,7 @@ wandb run instead of starting a new one.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,7 +26,7 @@ class WandbLogger:
         output_dir = Path(output_dir)
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, name=cfg.name or output_dir.name, tags=list(cfg.tags),
-            mode=cfg.mode, dir=str(output_dir), config=config, id=run_id or wandb.util.generate_id(),
+            mode=cfg.mode, dir=str(output_dir), config=config, id=run_id or secrets.token_hex(4),
             resume="allow", settings=wandb.Settings(console="off", x_disable_stats=True),
         )
         self.run_dir = str(Path(self.run.dir).parent)
