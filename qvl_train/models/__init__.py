@@ -53,7 +53,32 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool
         raise NotImplementedError(
             f"model.generation={cfg.generation!r} is not implemented; implemented: {', '.join(IMPLEMENTED)}"
         ) from None
-    return builder(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype)
+    model = builder(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype)
+    mark_tensor_parallel_params(model)
+    return model
+
+
+def mark_tensor_parallel_params(model: torch.nn.Module) -> None:
+    """Tag the weights of megatron's parallel layers as tensor-parallel shards.
+
+    megatron-core sets `tensor_model_parallel` / `partition_dim` on a weight only inside its own
+    initialisation (`perform_initialization=True` on the CPU path). We initialise by global name
+    instead (`init_weights`), so the tags are set here; gradient-norm and checkpoint code rely on
+    them to count each shard once and replicated tensors once per tensor-parallel group.
+    """
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not getattr(weight, "tensor_model_parallel", False):
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
 
 
 _ROW_BLOCK = 1024

@@ -91,6 +91,12 @@ def test_packed_batch_contract(synth_dir):
         for a, e in zip(b.cu_seqlens[:-1].tolist(), b.cu_seqlens[1:].tolist()):
             assert b.position_ids[:, a].tolist() == [0, 0, 0]  # restart per sample
             assert b.input_ids[a] == 151644
+            # Next-token targets: labels[i] is token i+1 of the same sample; nothing crosses a boundary.
+            lab, ids = b.labels[a:e], b.input_ids[a:e]
+            has = lab[:-1] != IGNORE_INDEX
+            assert torch.equal(lab[:-1][has], ids[1:][has]) and lab[-1] == IGNORE_INDEX
+            assert not (ids[1:][has] == 151655).any()  # never a visual token as a target
+            assert ids[1:][has][-1] == 151645  # the assistant turn ends by predicting <|im_end|>
         saw_image |= b.grid_thw.shape[0] > 0
     assert saw_image
     empty = pack(cfg, [])
