@@ -1,5 +1,6 @@
 """Every layout computes the single-process training step: tp=2, pp=2, dp=2 (2 processes each) and
-tp=2×pp=2 (4 processes) give the same losses over 5 optimizer steps within 1e-5 relative (fp32)."""
+tp=2×pp=2 (4 processes) give the same losses over 6 optimizer steps within 1e-5 relative (fp32),
+and a checkpoint written by one process resumes at tp=2×pp=2 with the same losses."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 
 from tests.conftest import read_metrics, torchrun
 
-STEPS = 5
+STEPS = 6
 
 
 def _run(tmp_path, data_root, name, nproc, *layout):
@@ -15,10 +16,9 @@ def _run(tmp_path, data_root, name, nproc, *layout):
     torchrun(
         nproc, "+experiment=tiny", f"output_dir={out}", f"cluster.data_root={data_root}",
         f"train.max_steps={STEPS}", "data.max_tokens=512", "train.global_batch_tokens=2048",
-        "checkpoint.every=0", "wandb.mode=disabled", "data.trace=true", *layout,
+        "checkpoint.every=4", "wandb.mode=disabled", "data.trace=true", *layout,
     )
     rows = [r for r in read_metrics(out) if r["kind"] == "train"]
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     return out, rows
 
 
@@ -39,6 +39,7 @@ def reference(tmp_path_factory, data_root):
 def test_layout_matches_single_process(tmp_path, data_root, reference, name, nproc, layout):
     ref_out, ref = reference
     out, rows = _run(tmp_path, data_root, name, nproc, *layout)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for a, b in zip(ref, rows):
         assert a["tokens"] == b["tokens"] and a["samples"] == b["samples"], (a, b)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), f"step {a['step']}: {a['loss']} vs {b['loss']}"
@@ -58,3 +59,18 @@ def _step_ids(paths):
             rec = json.loads(line)
             per_step.setdefault(rec["step"], set()).update(rec["sample_ids"])
     return per_step
+
+
+def test_checkpoint_resumes_in_another_layout(tmp_path, data_root, reference):
+    """Step-4 checkpoint of the single-process run, resumed at tp=2 × pp=2: steps 5-6 unchanged."""
+    import shutil
+
+    ref_out, ref = reference
+    out = tmp_path / "resumed"
+    shutil.copytree(ref_out / "checkpoints" / "step_0000004", out / "checkpoints" / "step_0000004")
+    (out / "checkpoints" / "latest").write_text("step_0000004\n")
+    _, rows = _run(tmp_path, data_root, "resumed", 4, "parallel.tp=2", "parallel.pp=2")
+    assert [r["step"] for r in rows] == [5, 6]
+    for a, b in zip(ref[4:], rows):
+        assert a["samples"] == b["samples"] and a["tokens"] == b["tokens"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)

@@ -48,3 +48,22 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_root):
     a = [(r["step"], r["loss"], r["grad_norm"], r["samples"]) for r in read_metrics(straight)]
     b = [(r["step"], r["loss"], r["grad_norm"], r["samples"]) for r in read_metrics(cut)]
     assert a == b  # bit for bit on CPU
+
+
+def test_stage_chaining_takes_weights_not_optimizer(tmp_path, data_root):
+    common = ["+experiment=tiny", f"cluster.data_root={data_root}", "data.max_tokens=512",
+              "train.global_batch_tokens=1024", "wandb.mode=disabled", "train.max_steps=3"]
+    s1 = tmp_path / "s1"
+    torchrun(2, *common, "stage=stage1_align", f"output_dir={s1}")
+    s2 = tmp_path / "s2"
+    proc = torchrun(2, *common, "stage=stage2_multitask", f"output_dir={s2}", f"model.init_from={s1}/checkpoints")
+    assert "weights initialised from" in proc.stdout and "step_0000003" in proc.stdout
+    fresh, chained = read_metrics(s1), read_metrics(s2)
+    assert [r["step"] for r in chained] == [1, 2, 3]  # a new run: new step count and schedule
+    assert chained[0]["lr"] == fresh[0]["lr"]
+    assert chained[0]["samples"] == fresh[0]["samples"]  # same data, different weights
+    assert chained[0]["loss"] != fresh[0]["loss"]
+    # A run with its own checkpoint resumes it; init_from is ignored then.
+    proc = torchrun(2, *common, "stage=stage2_multitask", f"output_dir={s2}", "train.max_steps=4",
+                    f"model.init_from={s1}/checkpoints")
+    assert "resumed from" in proc.stdout and [r["step"] for r in read_metrics(s2)] == [1, 2, 3, 4]
