@@ -15,7 +15,7 @@ from typing import Any, Optional
 from data_pipelines.schema import GENERATIONS, DataConfig, DataSource
 
 STAGES = ("stage1_align", "stage2_multitask", "stage3_sft")
-IMPLEMENTED_GENERATIONS = ("qwen2_vl",)
+IMPLEMENTED_GENERATIONS = ("qwen2_vl", "qwen2_5_vl")
 
 
 class ConfigError(ValueError):
@@ -43,7 +43,21 @@ class VisionConfig:
     in_channels: int = 3
     """Image channels."""
     norm_eps: float = 1e-6
-    """LayerNorm epsilon."""
+    """LayerNorm / RMSNorm epsilon (ViT blocks and the merger's ln_q)."""
+    norm: str = "layernorm"
+    """Norm of the ViT blocks and the merger: layernorm (Qwen2-VL) | rmsnorm (Qwen2.5-VL)."""
+    mlp: str = "quick_gelu"
+    """ViT MLP: quick_gelu (fc1 → QuickGELU → fc2, Qwen2-VL) | swiglu (gate/up/down with biases, Qwen2.5-VL)."""
+    intermediate_size: Optional[int] = None
+    """ViT MLP inner width; None = mlp_ratio · hidden_size (Qwen2-VL). Qwen2.5-VL sets it (3420)."""
+    window_size: Optional[int] = None
+    """Window-attention side in pixels (Qwen2.5-VL: 112 = 4×4 merged tokens); None = every block
+    attends over the whole frame (Qwen2-VL)."""
+    fullatt_block_indexes: list[int] = field(default_factory=list)
+    """With window_size: the blocks that attend over the whole frame (Qwen2.5-VL: [7, 15, 23, 31])."""
+    tokens_per_second: int = 2
+    """Qwen2.5-VL video: temporal M-RoPE ids advance tokens_per_second per second of video
+    (recorded for HF export; the data side computes the ids)."""
 
 
 @dataclass
@@ -112,6 +126,20 @@ class ModelConfig:
             raise ConfigError("model.llm.num_attention_heads must be a multiple of model.llm.num_query_groups")
         if self.vision.hidden_size % self.vision.num_heads:
             raise ConfigError("model.vision.hidden_size must be divisible by model.vision.num_heads")
+        if self.vision.norm not in ("layernorm", "rmsnorm"):
+            raise ConfigError(f"model.vision.norm={self.vision.norm!r}; valid: layernorm, rmsnorm")
+        if self.vision.mlp not in ("quick_gelu", "swiglu"):
+            raise ConfigError(f"model.vision.mlp={self.vision.mlp!r}; valid: quick_gelu, swiglu")
+        if self.vision.window_size is not None:
+            unit = self.vision.patch_size * self.vision.spatial_merge_size
+            if self.vision.window_size % unit:
+                raise ConfigError(
+                    f"model.vision.window_size={self.vision.window_size} must be a multiple of "
+                    f"patch_size·spatial_merge_size = {unit}"
+                )
+        bad = [i for i in self.vision.fullatt_block_indexes if not 0 <= i < self.vision.depth]
+        if bad:
+            raise ConfigError(f"model.vision.fullatt_block_indexes {bad} are outside 0..depth-1={self.vision.depth - 1}")
 
 
 @dataclass

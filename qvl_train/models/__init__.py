@@ -36,8 +36,18 @@ def _build_qwen2_vl(cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: 
     return VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=resolve_spec_backend())
 
 
+def _build_qwen2_5_vl(cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype) -> VLM:
+    from qvl_train.models.vision.qwen2_5_vl import Qwen2_5VisionTransformer
+
+    return VLM(
+        cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype,
+        spec_backend=resolve_spec_backend(), vision_cls=Qwen2_5VisionTransformer,
+    )
+
+
 _BUILDERS: dict[str, Callable[..., VLM]] = {
     "qwen2_vl": _build_qwen2_vl,
+    "qwen2_5_vl": _build_qwen2_5_vl,
 }
 IMPLEMENTED = tuple(_BUILDERS)
 

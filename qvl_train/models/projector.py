@@ -1,6 +1,6 @@
 """The Qwen2-VL patch merger: ViT patch features → LLM tokens (HF `PatchMerger`).
 
-LayerNorm over each patch feature (`ln_q`), then every `merge²` consecutive rows — one 2×2 block,
+LayerNorm (Qwen2-VL) or RMSNorm (Qwen2.5-VL) over each patch feature (`ln_q`), then every `merge²` consecutive rows — one 2×2 block,
 contiguous thanks to the (t, h-block, w-block, mh, mw) row order of `pixel_values` — are joined
 into one `merge²·Hv` vector and mapped by an MLP `merge²·Hv → merge²·Hv → GELU → H_llm`.
 The MLP is tensor-parallel (column → row), like an MLP block of the towers.
@@ -28,7 +28,8 @@ class PatchMerger(MegatronModule):
         super().__init__(config=config)
         self.merge = cfg.spatial_merge_size**2
         width = cfg.hidden_size * self.merge
-        self.ln_q = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=config.params_dtype)
+        norm = torch.nn.RMSNorm if cfg.norm == "rmsnorm" else torch.nn.LayerNorm  # Qwen2.5-VL: RMSNorm
+        self.ln_q = norm(cfg.hidden_size, eps=cfg.norm_eps, dtype=config.params_dtype)
         self.linear_fc1 = ColumnParallelLinear(
             width, width, config=config, init_method=_no_init, bias=True, gather_output=False
         )

@@ -14,7 +14,7 @@ from data_pipelines.schema import IGNORE_INDEX, PackedBatch
 from qvl_train.config import LLMConfig, ModelConfig, VisionConfig
 from qvl_train.models.vlm import IMAGE_PAD_ID
 
-__all__ = ["tiny_model_config", "packed_batch"]
+__all__ = ["tiny_model_config", "tiny_qwen2_5_vl_config", "packed_batch"]
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
@@ -27,6 +27,19 @@ def tiny_model_config(**overrides) -> ModelConfig:
             vocab_size=151936, rope_theta=10000.0, mrope_section=[4, 2, 2],
         ),
         attention_backend="sdpa_loop",
+    )
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_qwen2_5_vl_config(**overrides) -> ModelConfig:
+    """Tiny Qwen2.5-VL: ViT depth 4 (blocks 1 and 3 full attention, others 112-px windows), RMSNorm,
+    SwiGLU width 96; the same tiny Qwen2 LLM as `tiny_model_config`."""
+    cfg = tiny_model_config(generation="qwen2_5_vl")
+    cfg.vision = VisionConfig(
+        depth=4, hidden_size=64, num_heads=4, intermediate_size=96, norm="rmsnorm", mlp="swiglu",
+        window_size=112, fullatt_block_indexes=[1, 3],
     )
     for k, v in overrides.items():
         setattr(cfg, k, v)

@@ -44,7 +44,11 @@ VIDEO_PAD_ID = 151656
 
 
 class VLM(MegatronModule):
-    """Qwen2-VL as megatron modules; parameters under `vision.`, `projector.`, `llm.`."""
+    """Qwen2-VL / Qwen2.5-VL as megatron modules; parameters under `vision.`, `projector.`, `llm.`.
+
+    `vision_cls` is the ViT of the generation (`pixel_values, grid_thw → [P, Hv]` patch features in
+    `pixel_values` row order); the merger and the LLM are shared.
+    """
 
     def __init__(
         self,
@@ -55,6 +59,7 @@ class VLM(MegatronModule):
         post_process: bool,
         dtype: torch.dtype = torch.float32,
         spec_backend: str = "local",
+        vision_cls: type = Qwen2VisionTransformer,
     ):
         llm = Qwen2LanguageModel(
             cfg.llm,
@@ -72,7 +77,7 @@ class VLM(MegatronModule):
         self.post_process = post_process
         self.head_dim = cfg.llm.hidden_size // cfg.llm.num_attention_heads
         if pre_process:
-            self.vision = Qwen2VisionTransformer(
+            self.vision = vision_cls(
                 cfg.vision, tp=parallel.tp, dtype=dtype, attention_backend=cfg.attention_backend, spec_backend=spec_backend
             )
             self.projector = PatchMerger(self.vision.config, cfg.vision, cfg.llm.hidden_size)

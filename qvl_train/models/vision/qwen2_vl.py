@@ -27,7 +27,11 @@ __all__ = ["Qwen2VisionTransformer", "vision_transformer_config", "frame_cu_seql
 
 
 def vision_transformer_config(cfg: VisionConfig, *, tp: int, dtype: torch.dtype):
-    """The ViT's megatron config (pp = 1: the tower is never split across pipeline stages)."""
+    """The ViT's megatron config (pp = 1: the tower is never split across pipeline stages).
+
+    Norm and MLP follow `cfg.norm` / `cfg.mlp` (LayerNorm + QuickGELU for Qwen2-VL, RMSNorm +
+    SwiGLU for Qwen2.5-VL); the block structure is the same.
+    """
     return make_transformer_config(
         dtype=dtype,
         tp=tp,
@@ -37,13 +41,13 @@ def vision_transformer_config(cfg: VisionConfig, *, tp: int, dtype: torch.dtype)
         num_attention_heads=cfg.num_heads,
         num_query_groups=cfg.num_heads,
         kv_channels=cfg.hidden_size // cfg.num_heads,
-        ffn_hidden_size=int(cfg.hidden_size * cfg.mlp_ratio),
-        normalization="LayerNorm",
+        ffn_hidden_size=cfg.intermediate_size or int(cfg.hidden_size * cfg.mlp_ratio),
+        normalization="RMSNorm" if cfg.norm == "rmsnorm" else "LayerNorm",
         layernorm_epsilon=cfg.norm_eps,
         add_bias_linear=True,
         add_qkv_bias=True,
-        gated_linear_unit=False,
-        activation_func=quick_gelu,
+        gated_linear_unit=cfg.mlp == "swiglu",  # Qwen2.5-VL: SwiGLU with biases on gate/up/down
+        activation_func=torch.nn.functional.silu if cfg.mlp == "swiglu" else quick_gelu,
     )
 
 

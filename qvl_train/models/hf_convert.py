@@ -1,0 +1,183 @@
+"""HF ⇄ ours weight mapping for Qwen2-VL and Qwen2.5-VL, in both directions, as one rule table.
+
+`hf_to_ours(hf_sd, cfg)` gives the full (tp = pp = 1) state dict of our `VLM` (keys as
+`model.state_dict()`, without megatron's `_extra_state`); `ours_to_hf(sd, cfg, style=...)` gives
+the HF state dict back. Each rule names our key, the HF key(s) and a reversible transform, so a
+round trip reproduces every tensor bit for bit (the transforms are reshapes and concatenations).
+
+Transforms that are more than a rename:
+* `linear_qkv` is fused and grouped per query group (megatron's layout: for each of the `ng` kv
+  groups its `nh/ng` query heads, then its k head, then its v head). HF: separate q/k/v (LLM) or
+  one `[q; k; v]` matrix (ViT, ng = nh).
+* SwiGLU `linear_fc1` = `[gate; up]` on the output dim (LLM; Qwen2.5-VL's ViT also for the bias).
+* the Conv3d patch embedding `[Hv, C, T, p, p]` is our linear `[Hv, C·T·p·p]` (same element order).
+
+HF key spellings (`style`): ``hub`` — the released checkpoints and what transformers 4.57's
+`save_pretrained` writes (`visual.*`, `model.layers.*`, `model.embed_tokens.*`, `lm_head.*`);
+``runtime`` — the module names of transformers ≥ 4.52 (`model.visual.*`, `model.language_model.*`).
+Both are read; `detect_style` tells which one a checkpoint used, so export can write it back.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from qvl_train.config import ModelConfig
+
+__all__ = ["hf_to_ours", "ours_to_hf", "detect_style", "fuse_qkv", "split_qkv", "SUPPORTED"]
+
+SUPPORTED = ("qwen2_vl", "qwen2_5_vl")
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int) -> torch.Tensor:
+    """Separate q `[nh·d, …]`, k/v `[ng·d, …]` → megatron's grouped `[ng·(nh/ng + 2)·d, …]`."""
+    d = q.shape[0] // num_heads
+    rest = q.shape[1:]
+    qg = q.reshape(num_groups, (num_heads // num_groups) * d, *rest)
+    kg = k.reshape(num_groups, d, *rest)
+    vg = v.reshape(num_groups, d, *rest)
+    return torch.cat([qg, kg, vg], dim=1).reshape(-1, *rest).contiguous()
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `fuse_qkv`."""
+    rest = qkv.shape[1:]
+    per = num_heads // num_groups
+    d = qkv.shape[0] // (num_groups * (per + 2))
+    g = qkv.reshape(num_groups, (per + 2) * d, *rest)
+    q, k, v = g.split([per * d, d, d], dim=1)
+    return (x.reshape(-1, *rest).contiguous() for x in (q, k, v))  # type: ignore[return-value]
+
+
+def detect_style(keys) -> str:
+    """``runtime`` if the keys use transformers ≥ 4.52 module names, else ``hub``."""
+    return "runtime" if any(k.startswith(("model.visual.", "model.language_model.")) for k in keys) else "hub"
+
+
+def _to_canonical(key: str) -> str:
+    """Either spelling → `visual.*` / `lm.*` / `lm_head.*`."""
+    for old, new in (("model.visual.", "visual."), ("model.language_model.", "lm."), ("model.", "lm.")):
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _from_canonical(key: str, style: str) -> str:
+    if style == "hub":
+        return "model." + key[3:] if key.startswith("lm.") else key
+    if key.startswith("lm."):
+        return "model.language_model." + key[3:]
+    if key.startswith("visual."):
+        return "model." + key
+    return key
+
+
+def _rules(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
+    """(our key, canonical HF keys, transform) for every tensor of the model."""
+    if cfg.generation not in SUPPORTED:
+        raise ValueError(f"HF conversion covers {SUPPORTED}, not {cfg.generation!r}")
+    vit, llm = cfg.vision, cfg.llm
+    rms = vit.norm == "rmsnorm"
+    R: list[tuple[str, tuple[str, ...], str]] = [("vision.patch_embed.proj.weight", ("visual.patch_embed.proj.weight",), "patch")]
+    for i in range(vit.depth):
+        s, d = f"visual.blocks.{i}.", f"vision.decoder.layers.{i}."
+        norm_parts = ("weight",) if rms else ("weight", "bias")
+        for part in norm_parts:
+            R.append((d + f"input_layernorm.{part}", (s + f"norm1.{part}",), "id"))
+            R.append((d + f"pre_mlp_layernorm.{part}", (s + f"norm2.{part}",), "id"))
+        for part in ("weight", "bias"):
+            R.append((d + f"self_attention.linear_qkv.{part}", (s + f"attn.qkv.{part}",), "qkv_vit"))
+            R.append((d + f"self_attention.linear_proj.{part}", (s + f"attn.proj.{part}",), "id"))
+            if vit.mlp == "swiglu":
+                R.append((d + f"mlp.linear_fc1.{part}", (s + f"mlp.gate_proj.{part}", s + f"mlp.up_proj.{part}"), "cat"))
+                R.append((d + f"mlp.linear_fc2.{part}", (s + f"mlp.down_proj.{part}",), "id"))
+            else:
+                R.append((d + f"mlp.linear_fc1.{part}", (s + f"mlp.fc1.{part}",), "id"))
+                R.append((d + f"mlp.linear_fc2.{part}", (s + f"mlp.fc2.{part}",), "id"))
+    for part in ("weight",) if rms else ("weight", "bias"):
+        R.append((f"projector.ln_q.{part}", (f"visual.merger.ln_q.{part}",), "id"))
+    for part in ("weight", "bias"):
+        R.append((f"projector.linear_fc1.{part}", (f"visual.merger.mlp.0.{part}",), "id"))
+        R.append((f"projector.linear_fc2.{part}", (f"visual.merger.mlp.2.{part}",), "id"))
+    R.append(("llm.embedding.weight", ("lm.embed_tokens.weight",), "id"))
+    for i in range(llm.num_layers):
+        s, d = f"lm.layers.{i}.", f"llm.decoder.layers.{i}."
+        R.append((d + "input_layernorm.weight", (s + "input_layernorm.weight",), "id"))
+        R.append((d + "pre_mlp_layernorm.weight", (s + "post_attention_layernorm.weight",), "id"))
+        for part in ("weight", "bias") if llm.qkv_bias else ("weight",):
+            R.append((d + f"self_attention.linear_qkv.{part}", tuple(s + f"self_attn.{n}_proj.{part}" for n in "qkv"), "qkv_llm"))
+        R.append((d + "self_attention.linear_proj.weight", (s + "self_attn.o_proj.weight",), "id"))
+        R.append((d + "mlp.linear_fc1.weight", (s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight"), "cat"))
+        R.append((d + "mlp.linear_fc2.weight", (s + "mlp.down_proj.weight",), "id"))
+    R.append(("llm.decoder.final_layernorm.weight", ("lm.norm.weight",), "id"))
+    if not llm.tie_word_embeddings:
+        R.append(("llm.output_layer.weight", ("lm_head.weight",), "id"))
+    return R
+
+
+def hf_to_ours(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF state dict (either spelling) → full state dict of our `VLM` at tp = pp = 1."""
+    src = {_to_canonical(k): v for k, v in hf_state_dict.items()}
+    vit, llm = cfg.vision, cfg.llm
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for ours, hf_keys, kind in _rules(cfg):
+        missing = [k for k in hf_keys if k not in src]
+        if missing:
+            raise KeyError(f"hf_to_ours: HF tensor {missing[0]!r} missing (config mismatch?)")
+        used.update(hf_keys)
+        t = [src[k] for k in hf_keys]
+        if kind == "id":
+            out[ours] = t[0]
+        elif kind == "patch":
+            out[ours] = t[0].reshape(t[0].shape[0], -1)
+        elif kind == "qkv_vit":
+            q, k, v = t[0].chunk(3, dim=0)
+            out[ours] = fuse_qkv(q, k, v, vit.num_heads, vit.num_heads)
+        elif kind == "qkv_llm":
+            out[ours] = fuse_qkv(*t, llm.num_attention_heads, llm.num_query_groups)
+        elif kind == "cat":
+            out[ours] = torch.cat(t)
+        else:  # pragma: no cover
+            raise AssertionError(kind)
+    if llm.tie_word_embeddings:
+        used.add("lm_head.weight")  # a tied checkpoint may carry a copy of the embedding
+    unused = [k for k in src if k not in used and not re.search(r"rotary_emb|inv_freq", k)]
+    if unused:
+        raise ValueError(f"hf_to_ours: HF tensors not mapped (config mismatch?): {unused[:8]}")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def ours_to_hf(
+    state_dict: dict[str, torch.Tensor], cfg: ModelConfig, *, style: str = "hub", write_tied_lm_head: bool = False
+) -> dict[str, torch.Tensor]:
+    """Full state dict of our `VLM` (tp = pp = 1) → HF state dict in the given key `style`.
+
+    With tied embeddings no `lm_head.weight` is written unless `write_tied_lm_head` (some
+    checkpoints carry the copy; import records whether the source did).
+    """
+    if style not in ("hub", "runtime"):
+        raise ValueError(f"style={style!r}; valid: hub, runtime")
+    vit, llm = cfg.vision, cfg.llm
+    out: dict[str, torch.Tensor] = {}
+    for ours, hf_keys, kind in _rules(cfg):
+        t = state_dict[ours]
+        if kind == "id":
+            parts = [t]
+        elif kind == "patch":
+            parts = [t.reshape(t.shape[0], vit.in_channels, vit.temporal_patch_size, vit.patch_size, vit.patch_size)]
+        elif kind == "qkv_vit":
+            parts = [torch.cat(list(split_qkv(t, vit.num_heads, vit.num_heads)))]
+        elif kind == "qkv_llm":
+            parts = list(split_qkv(t, llm.num_attention_heads, llm.num_query_groups))
+        elif kind == "cat":
+            parts = list(t.chunk(2, dim=0))
+        else:  # pragma: no cover
+            raise AssertionError(kind)
+        for key, part in zip(hf_keys, parts):
+            out[_from_canonical(key, style)] = part.contiguous()
+    if llm.tie_word_embeddings and write_tied_lm_head:
+        out["lm_head.weight"] = state_dict["llm.embedding.weight"].clone()
+    return out
