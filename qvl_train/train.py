@@ -88,6 +88,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     from qvl_train.monitor.metrics import MetricsWriter, Progress
     from qvl_train.monitor.trace import DataTrace
     from qvl_train.monitor.wandb import WandbLogger
+    from qvl_train.signals import StopOnSignal
 
     dims.initialize()
     rank0 = dims.is_logging_rank
@@ -117,6 +118,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     state.wandb_run_id = run_id[0]
     trace = DataTrace(out, dims.dp_rank, state.step) if cfg.data.trace and dims.tp_rank == 0 and dims.pp_rank == 0 else None
     progress = Progress(cfg.train.max_steps, state.step)
+    stopper = StopOnSignal()
 
     while state.step < cfg.train.max_steps:
         t0 = time.perf_counter()
@@ -145,10 +147,14 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
             metrics.write(record)
             wandb.log(record, step=state.step)
             progress.update(state.step, result.loss, record["tokens_per_s"], step_time)
+        stop = stopper.agreed()
         every = cfg.checkpoint.every
-        if (every and state.step % every == 0) or state.step == cfg.train.max_steps:
+        if stop or (every and state.step % every == 0) or state.step == cfg.train.max_steps:
             step_dir = ckpt.save(engine, state)
             log.info("checkpoint %s", step_dir)
+        if stop:
+            log.info("signal %d: stopped after step %d with a checkpoint; rerun the same command to resume", stop, state.step)
+            break
 
     if rank0:
         metrics.close()
@@ -159,4 +165,5 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
             log.info("wandb       %s  (upload: wandb sync %s)", wandb.run_dir, wandb.run_dir)
     if trace is not None:
         trace.close()
+    stopper.restore()
     dims.destroy()

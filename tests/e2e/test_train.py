@@ -67,3 +67,40 @@ def test_stage_chaining_takes_weights_not_optimizer(tmp_path, data_root):
     proc = torchrun(2, *common, "stage=stage2_multitask", f"output_dir={s2}", "train.max_steps=4",
                     f"model.init_from={s1}/checkpoints")
     assert "resumed from" in proc.stdout and [r["step"] for r in read_metrics(s2)] == [1, 2, 3, 4]
+
+
+def test_signal_saves_a_checkpoint_and_stops_then_resume_continues(tmp_path, data_root):
+    """SIGUSR1 (SLURM's warning before a time limit) to the workers: checkpoint at the step boundary, clean exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.conftest import ROOT, free_port
+
+    out = tmp_path / "sig"
+    args = ["+experiment=tiny", f"cluster.data_root={data_root}", "data.max_tokens=512",
+            "train.global_batch_tokens=1024", "wandb.mode=disabled", "checkpoint.every=1000",
+            "train.max_steps=400", f"output_dir={out}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(ROOT / "launch" / "train.py"), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2
+    workers[0].send_signal(signal.SIGUSR1)  # one rank only: the stop is agreed over all ranks
+    stdout, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stdout[-3000:]
+    rows = read_metrics(out)
+    last = rows[-1]["step"]
+    assert 3 <= last < 400 and "stopped after step" in stdout
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{last:07d}"
+    torchrun(2, *args[:-2], f"train.max_steps={last + 2}", f"output_dir={out}")
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, last + 3))
