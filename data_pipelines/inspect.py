@@ -1,0 +1,157 @@
+"""Print shard samples exactly as the model will see them.
+
+    python -m data_pipelines.inspect SHARD_DIR_OR_TAR [--generation G] [--n 5] [--min-pixels A --max-pixels B]
+
+For each of the first N samples: its id, shard and key; the rendered token sequence decoded with its
+special tokens, where every run of visual pad tokens is collapsed to ``<|image_pad|>×N``; the tokens
+that carry loss wrapped in ``⟦…⟧`` (before the next-token shift: ``⟦red<|im_end|>⟧`` means the model is
+trained to produce "red" and then stop); each image's source size, resized size, patch grid (t, h, w)
+and LLM token count; and the cost estimate the packer uses (text tokens + visual tokens, from the
+index) next to the real count.
+
+It uses the same code as training (`stream.SampleBuilder`), so what it prints is what a run packs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tarfile
+from typing import Any, Iterator, Optional
+
+from data_pipelines.schema import IGNORE_INDEX, DataConfig
+from data_pipelines.shards import INDEX_NAME, read_index
+from data_pipelines.stream import SUPPORTED_GENERATIONS, SampleBuilder, SkipSample
+from data_pipelines.text import IMAGE_PAD_ID, VIDEO_PAD_ID, get_tokenizer
+from data_pipelines.vision import image_token_count, smart_resize
+
+LOSS_OPEN, LOSS_CLOSE = "⟦", "⟧"
+
+
+def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) of a shard in file order; members grouped by the key before the first dot."""
+    key, members = None, {}
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            base = os.path.basename(info.name)
+            k, _, ext = base.partition(".")
+            if k != key and key is not None:
+                yield key, members
+                members = {}
+            key = k
+            members[ext.lower()] = tar.extractfile(info).read()
+    if key is not None:
+        yield key, members
+
+
+def render_tokens(ids: list[int], labels: list[int]) -> str:
+    """Decode ids with special tokens; collapse pad runs; wrap loss-carrying spans in ⟦…⟧."""
+    tok = get_tokenizer()
+    out: list[str] = []
+    i, n = 0, len(ids)
+    while i < n:
+        trained = labels[i] != IGNORE_INDEX
+        j = i
+        if ids[i] in (IMAGE_PAD_ID, VIDEO_PAD_ID):
+            while j < n and ids[j] == ids[i]:
+                j += 1
+            text = f"{tok.decode([ids[i]])}×{j - i}"
+        else:
+            while j < n and ids[j] not in (IMAGE_PAD_ID, VIDEO_PAD_ID) and (labels[j] != IGNORE_INDEX) == trained:
+                j += 1
+            text = tok.decode(ids[i:j])
+        out.append(f"{LOSS_OPEN}{text}{LOSS_CLOSE}" if trained else text)
+        i = j
+    return "".join(out)
+
+
+def describe_sample(builder: SampleBuilder, members: dict[str, bytes], entry: Optional[dict[str, Any]],
+                    where: str) -> str:
+    cfg = builder.cfg
+    try:
+        s = builder.build(members)
+    except SkipSample as e:
+        return f"── {where}: SKIPPED by the loader ({e})"
+    ids, labels = s["input_ids"], s["labels"]
+    merge2 = cfg.merge_size * cfg.merge_size
+    lines = [f"── sample {s['id']}  ({where})"]
+    n_label = sum(1 for l in labels if l != IGNORE_INDEX)
+    lines.append(
+        f"   tokens {len(ids)} = text {len(ids) - s['visual_tokens']} + visual {s['visual_tokens']}; "
+        f"loss on {n_label} tokens"
+    )
+    sizes = entry["images"] if entry else [None] * len(s["grids"])
+    for k, (grid, hw) in enumerate(zip(s["grids"], sizes)):
+        t, gh, gw = grid
+        src = f"{hw[1]}x{hw[0]} px (w x h) → {gw * cfg.patch_size}x{gh * cfg.patch_size} px, " if hw else ""
+        lines.append(f"   image {k}: {src}grid (t,h,w)=({t},{gh},{gw}) patches, {t * gh * gw} ViT patches, "
+                     f"{t * gh * gw // merge2} LLM tokens")
+    if entry is not None:
+        planned = entry["n_text_tokens"] + sum(
+            image_token_count(h, w, patch_size=cfg.patch_size, merge_size=cfg.merge_size,
+                              min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels) for h, w in entry["images"])
+        lines.append(f"   cost estimate (index): {planned} tokens (text {entry['n_text_tokens']}); built: {len(ids)}")
+    lines.append("   " + render_tokens(ids, labels).replace("\n", "\n   "))
+    return "\n".join(lines)
+
+
+def inspect(path: str, generation: str = "qwen2_vl", n: int = 5, min_pixels: Optional[int] = None,
+            max_pixels: Optional[int] = None) -> str:
+    """The text `python -m data_pipelines.inspect` prints."""
+    if generation not in SUPPORTED_GENERATIONS:
+        raise SystemExit(f"error: --generation {generation!r}: the data side renders {', '.join(SUPPORTED_GENERATIONS)}")
+    kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    cfg = DataConfig(generation=generation, **kw)
+    builder = SampleBuilder(cfg, get_tokenizer())
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, INDEX_NAME)):
+            raise SystemExit(f"error: {path} has no {INDEX_NAME}; pass a shard directory or one .tar shard")
+        index = read_index(path)
+        tars = [(os.path.join(path, sh["name"]), {s["key"]: s for s in sh["samples"]}) for sh in index["shards"]]
+    elif os.path.isfile(path) and path.endswith(".tar"):
+        entries: dict[str, Any] = {}
+        idx_path = os.path.join(os.path.dirname(path) or ".", INDEX_NAME)
+        if os.path.isfile(idx_path):
+            for sh in read_index(os.path.dirname(path) or ".")["shards"]:
+                if sh["name"] == os.path.basename(path):
+                    entries = {s["key"]: s for s in sh["samples"]}
+        tars = [(path, entries)]
+    else:
+        raise SystemExit(f"error: {path} is neither a shard directory nor a .tar shard")
+    header = (f"{path}: generation {generation}, pixels {cfg.min_pixels}..{cfg.max_pixels}, patch {cfg.patch_size}, "
+              f"merge {cfg.merge_size}; {LOSS_OPEN}…{LOSS_CLOSE} = tokens with loss")
+    out = [header]
+    shown = 0
+    for tar_path, entries in tars:
+        try:
+            for key, members in iter_tar_samples(tar_path):
+                if shown >= n:
+                    break
+                where = f"{os.path.basename(tar_path)} key {key}"
+                out.append(describe_sample(builder, members, entries.get(key), where))
+                shown += 1
+        except (tarfile.TarError, OSError) as e:
+            out.append(f"── {tar_path}: unreadable after {shown} samples ({type(e).__name__}: {e})")
+        if shown >= n:
+            break
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_pipelines.inspect", description=__doc__.split("\n\n")[0])
+    ap.add_argument("path", help="a shard directory (with index.json) or one .tar shard")
+    ap.add_argument("--generation", default="qwen2_vl", help=f"one of {', '.join(SUPPORTED_GENERATIONS)}")
+    ap.add_argument("--n", type=int, default=5, help="samples to show")
+    ap.add_argument("--min-pixels", type=int, default=None)
+    ap.add_argument("--max-pixels", type=int, default=None)
+    args = ap.parse_args(argv)
+    text = inspect(args.path, args.generation, args.n, args.min_pixels, args.max_pixels)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
