@@ -1,0 +1,38 @@
+"""Analytic parameter counts of a `ModelConfig` (no model is built): for size checks and MFU.
+
+Counts are those of the HF checkpoint (= ours: the conversion is a bijection of tensors); tied
+embeddings are counted once, as the safetensors totals on the model pages do.
+"""
+
+from __future__ import annotations
+
+from qvl_train.config import ModelConfig
+
+__all__ = ["count_parameters"]
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """`{"vision", "projector", "llm", "total"}` parameter counts of the model `cfg` describes."""
+    v, l = cfg.vision, cfg.llm
+    hv = v.hidden_size
+    patch = v.in_channels * v.temporal_patch_size * v.patch_size**2 * hv
+    norm = hv if v.norm == "rmsnorm" else 2 * hv
+    attn = hv * 3 * hv + 3 * hv + hv * hv + hv
+    inner = v.intermediate_size or int(hv * v.mlp_ratio)
+    if v.mlp == "swiglu":
+        mlp = 2 * (hv * inner + inner) + inner * hv + hv
+    else:
+        mlp = hv * inner + inner + inner * hv + hv
+    vision = patch + v.depth * (2 * norm + attn + mlp)
+    width = hv * v.spatial_merge_size**2
+    projector = norm + width * width + width + width * l.hidden_size + l.hidden_size
+
+    h = l.hidden_size
+    d = h // l.num_attention_heads
+    kv = l.num_query_groups * d
+    attn_l = h * h + 2 * h * kv + (h + 2 * kv if l.qkv_bias else 0) + h * h
+    mlp_l = 3 * h * l.ffn_hidden_size
+    layer = attn_l + mlp_l + 2 * h
+    embed = l.vocab_size * h
+    llm = embed + l.num_layers * layer + h + (0 if l.tie_word_embeddings else embed)
+    return {"vision": vision, "projector": projector, "llm": llm, "total": vision + projector + llm}
