@@ -44,7 +44,7 @@ from data_pipelines.positions import mrope_position_ids
 from data_pipelines.schema import IGNORE_INDEX, DataConfig, PackedBatch
 from data_pipelines.shards import read_index
 from data_pipelines.text import PAD_ID, QwenTokenizer, get_tokenizer, message_parts
-from data_pipelines.vision import BadImage, decode_image, preprocess_image
+from data_pipelines.vision import BadImage, decode_image, patchify_image
 
 
 SUPPORTED_GENERATIONS = ("qwen2_vl", "qwen2_5_vl")
@@ -122,7 +122,7 @@ class SampleBuilder:
                 raise SkipSample("missing_member", f"image member {name!r} absent")
             try:
                 img = decode_image(blob)
-                pv, grid = preprocess_image(
+                pv, grid = patchify_image(
                     img, patch_size=cfg.patch_size, temporal_patch_size=cfg.temporal_patch_size,
                     merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                 )

@@ -4,6 +4,7 @@ import io
 import random
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image, ImageDraw
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
@@ -15,7 +16,7 @@ from data_pipelines.vision import (
     BadImage,
     decode_image,
     image_token_count,
-    preprocess_image,
+    patchify_image,
     smart_resize,
 )
 
@@ -56,7 +57,7 @@ def test_patchify_matches_hf_image_processor(w, h):
     )
     img = _render(w, h, seed=w * 1000 + h)
     ref = hf(images=[img], return_tensors="np")
-    pv, grid = preprocess_image(img, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    pv, grid = patchify_image(img, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     assert tuple(ref["image_grid_thw"][0]) == grid
     assert pv.shape == ref["pixel_values"].shape and pv.dtype == np.float32
     np.testing.assert_allclose(pv, ref["pixel_values"], atol=1e-5, rtol=0)
@@ -87,3 +88,83 @@ def test_decode_guards():
         decode_image(b"\x89PNG\r\n\x1a\nnot really a png")
     with pytest.raises(BadImage):
         decode_image(buf.getvalue()[:60])  # truncated
+
+
+# ------------------------------------------------------------------ public API: preprocess_image
+from data_pipelines.vision import VISION_SPECS, preprocess_image  # noqa: E402
+
+_HF_CACHE = {}
+
+
+def _hf(generation, min_pixels, max_pixels):
+    spec = VISION_SPECS[generation]
+    key = (generation, min_pixels, max_pixels)
+    if key not in _HF_CACHE:  # settings of the released checkpoints (see vision.py); min/max passed explicitly
+        _HF_CACHE[key] = Qwen2VLImageProcessor(
+            image_mean=list(spec.mean), image_std=list(spec.std), min_pixels=min_pixels, max_pixels=max_pixels,
+            patch_size=spec.patch_size, temporal_patch_size=2, merge_size=2,
+        )
+    return _HF_CACHE[key]
+
+
+def _in_mode(img, mode):
+    if mode == "RGBA":
+        out = img.convert("RGBA")
+        out.putalpha(Image.linear_gradient("L").resize(img.size))  # varied alpha
+        return out
+    if mode == "LA":
+        out = img.convert("LA")
+        out.putalpha(Image.linear_gradient("L").resize(img.size))
+        return out
+    if mode == "P":
+        return img.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    return img.convert(mode)
+
+
+MODES = ("RGB", "L", "LA", "RGBA", "P", "CMYK")
+SIZES = [(1, 1), (2, 1), (1, 200), (1000, 5), (5, 1000), (37, 61), (100, 1), (333, 500)]
+
+
+@pytest.mark.parametrize("generation", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_preprocess_image_matches_hf_grid_of_modes_and_sizes(generation):
+    spec = VISION_SPECS[generation]
+    if generation == "qwen2_5_vl":  # same image processor settings as Qwen2-VL: one case suffices
+        assert spec == VISION_SPECS["qwen2_vl"]
+        img = _in_mode(_render(90, 50, seed=1), "RGBA")
+        ref = _hf(generation, spec.min_pixels, spec.max_pixels)(images=[img], return_tensors="np")
+        pv, grid = preprocess_image(img, generation)
+        np.testing.assert_allclose(pv.numpy(), ref["pixel_values"], atol=1e-5, rtol=0)
+        return
+    bounds = [(spec.min_pixels, spec.max_pixels), (56 * 56, 28 * 28 * 32)]  # defaults, and a downscaling cap
+    cases = [(w, h, m) for (w, h) in SIZES for m in MODES] + [(1500, 1100, "RGB"), (2100, 400, "RGBA")]
+    for w, h, mode in cases:
+        img = _in_mode(_render(max(w, 2), max(h, 2), seed=w * 7 + h).resize((w, h)), mode)
+        for mn, mx in bounds if mode in ("RGB", "P") else bounds[:1]:
+            if (w, h) in ((1500, 1100), (2100, 400)) and mx > 28 * 28 * 1280:
+                mx = 28 * 28 * 1280  # keep the large cases fast
+            pv, grid = preprocess_image(img, generation, min_pixels=mn, max_pixels=mx)
+            if (mn, mx) == (spec.min_pixels, spec.max_pixels):
+                pv_default, grid_default = preprocess_image(img, generation)
+                assert grid_default == grid and torch.equal(pv_default, pv)
+            ref = _hf(generation, mn, mx)(images=[img], return_tensors="np", input_data_format="channels_last")
+            assert isinstance(pv, torch.Tensor) and pv.dtype == torch.float32
+            assert tuple(int(v) for v in ref["image_grid_thw"][0]) == grid, (w, h, mode, mn, mx)
+            assert pv.shape == (grid[1] * grid[2], 3 * 2 * spec.patch_size**2)
+            np.testing.assert_allclose(pv.numpy(), ref["pixel_values"], atol=1e-5, rtol=0, err_msg=f"{w}x{h} {mode}")
+
+
+def test_preprocess_image_limits_and_large_grids():
+    with pytest.raises(ValueError, match="aspect ratio 333.3, over the limit of 200"):
+        preprocess_image(Image.new("RGB", (1000, 3)), "qwen2_vl")
+    with pytest.raises(ValueError, match="over the limit of 200"):
+        preprocess_image(Image.new("L", (3, 1000)), "qwen3_vl")
+    with pytest.raises(ValueError, match="qwen_vl uses a fixed 448x448"):
+        preprocess_image(Image.new("RGB", (8, 8)), "qwen_vl")
+    # 8000x8000 and other large sizes: grids only (the full preprocessing would be slow)
+    for generation, factor in (("qwen2_vl", 28), ("qwen3_vl", 32)):
+        spec = VISION_SPECS[generation]
+        for h, w in [(8000, 8000), (8000, 40), (7999, 6001), (4000, 3000), (1, 1), (200, 40000)]:
+            ours = smart_resize(h, w, factor, spec.min_pixels, spec.max_pixels)
+            assert ours == hf_smart_resize(h, w, factor, spec.min_pixels, spec.max_pixels)
+            assert ours[0] % factor == 0 and ours[1] % factor == 0
+            assert spec.min_pixels <= ours[0] * ours[1] <= spec.max_pixels
