@@ -114,7 +114,7 @@ class MegatronEngine:
                 {"params": no_decay, "weight_decay": 0.0},
             ],
             lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
-            foreach=False,
+            foreach=True,  # one fused pass over all tensors (PyTorch only picks it by default on CUDA)
         )
         self._params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
@@ -195,7 +195,7 @@ class MegatronEngine:
         sq = torch.zeros(len(MODULES), dtype=torch.float64)
         for name, p in self._params:
             if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
-                sq[MODULES.index(_module_of(name))] += p.grad.detach().double().pow(2).sum().cpu()
+                sq[MODULES.index(_module_of(name))] += float(torch.linalg.vector_norm(p.grad.detach())) ** 2
         dist.all_reduce(sq, group=self.dims.groups["mp"])
         norms = {m: math.sqrt(v) for m, v in zip(MODULES, sq.tolist())}
         return math.sqrt(float(sq.sum())), norms
