@@ -1,0 +1,49 @@
+"""Checkpoint conversion between Hugging Face and the framework (Qwen2-VL, Qwen2.5-VL).
+
+    python launch/convert.py import-hf --hf-dir SRC --out DST     # then: launch/train.py ... model.init_from=DST
+    python launch/convert.py export-hf --ckpt SRC --out DST [--dtype bf16|fp16|fp32]
+
+See `qvl_train/tools/convert.py` for what is written and how configs are found.
+"""
+
+import argparse
+import os
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="convert.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import-hf", help="HF checkpoint dir → framework checkpoint (dist_checkpointing)")
+    imp.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
+    imp.add_argument("--out", required=True, help="checkpoint root to write (use it as model.init_from)")
+    exp = sub.add_parser("export-hf", help="framework checkpoint → HF directory")
+    exp.add_argument("--ckpt", required=True, help="checkpoint root, step directory or training output_dir")
+    exp.add_argument("--out", required=True, help="HF directory to write")
+    exp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                     help="tensor dtype (default: the imported source's dtypes, else bf16)")
+    args = p.parse_args(argv)
+
+    from qvl_train.tools import convert
+
+    try:
+        if args.cmd == "import-hf":
+            step = convert.import_hf(args.hf_dir, args.out)
+            print(f"imported {args.hf_dir} -> {step}")
+        else:
+            out = convert.export_hf(args.ckpt, args.out, dtype=args.dtype)
+            print(f"exported {args.ckpt} -> {out}")
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"convert: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # required: dist_checkpointing saves through worker processes
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""Hugging Face ⇄ framework checkpoints for Qwen2-VL and Qwen2.5-VL (`launch/convert.py` is the CLI).
+
+    python launch/convert.py import-hf --hf-dir SRC --out DST
+    python launch/convert.py export-hf --ckpt SRC --out DST [--dtype bf16|fp16|fp32]
+
+**import-hf** reads `SRC/config.json` and SRC's safetensors only (no transformers import), builds
+the `ModelConfig`, converts the weights (`models/hf_convert.py`) into a tp = pp = 1 model in fp32
+and saves it with megatron-core `dist_checkpointing` in the checkpoint manager's layout, so
+`launch/train.py ... model.init_from=DST` starts from it in any parallel layout:
+
+    DST/latest                   "step_0000000"
+    DST/step_0000000/            dist_checkpointing: {"model": sharded weights, "train_state": {...}}
+    DST/step_0000000/complete
+    DST/model_config.json        the ModelConfig (export reads it back)
+    DST/hf_import.json           what export needs to reproduce the source: key spelling, dtype of
+                                 every tensor, whether a tied lm_head copy was stored
+    DST/hf/                      SRC's config.json, generation_config.json, tokenizer and
+                                 preprocessor files, copied verbatim
+
+Weights are stored in fp32 (exact for bf16/fp16 sources; the engine loads them into any dtype).
+
+**export-hf** takes a checkpoint root, a step directory or a training `output_dir`, reads the
+model config (`model_config.json`, or the `config.yaml` that `train.py` writes into its output_dir,
+one level above `checkpoints/`), loads the weights into a tp = pp = 1 model (dist_checkpointing
+reshards whatever layout wrote them) and writes `config.json`, `model-0000i-of-0000n.safetensors`
++ `model.safetensors.index.json`, `generation_config.json` and the tokenizer / preprocessor files.
+The HF side files come from the import the checkpoint descends from (`hf/` of the imported
+checkpoint, found through `model.init_from` of training runs); without one, config.json and
+generation_config.json are generated from the ModelConfig and no tokenizer files are written.
+Import then export reproduces every source tensor bit for bit: names (hub or runtime spelling, as
+the source), dtypes, and a tied `lm_head` copy if the source had one.
+
+Both commands run in one process with a one-rank gloo group (dist_checkpointing needs a process
+group, and saves through worker processes: callers need an `if __name__ == "__main__":` guard).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from qvl_train.config import LLMConfig, ModelConfig, VisionConfig
+
+__all__ = [
+    "import_hf", "export_hf", "model_config_from_hf", "hf_config_dict", "read_model_config", "load_hf_state_dict",
+]
+
+MODEL_CONFIG = "model_config.json"
+IMPORT_META = "hf_import.json"
+HF_SIDE_DIR = "hf"
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja",
+    "preprocessor_config.json", "video_preprocessor_config.json",
+)
+_HF_MODEL_TYPES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_SHARD_BYTES = 5 * 1024**3
+
+
+# ---------------------------------------------------------------------------------------- configs
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """`config.json` of a Qwen2-VL / Qwen2.5-VL checkpoint (flat or with `text_config`) → ModelConfig."""
+    model_type = hf.get("model_type")
+    if model_type not in _HF_MODEL_TYPES:
+        raise ValueError(f"config.json model_type={model_type!r}; convertible: {', '.join(_HF_MODEL_TYPES)}")
+    t = {**hf, **(hf.get("text_config") or {})}
+    v = hf["vision_config"]
+    rope = t.get("rope_scaling") or {}
+    llm = LLMConfig(
+        num_layers=t["num_hidden_layers"], hidden_size=t["hidden_size"], ffn_hidden_size=t["intermediate_size"],
+        num_attention_heads=t["num_attention_heads"], num_query_groups=t["num_key_value_heads"],
+        vocab_size=t["vocab_size"], rope_theta=float(t.get("rope_theta", 1e6)),
+        mrope_section=list(rope.get("mrope_section", [16, 24, 24])), norm_eps=float(t.get("rms_norm_eps", 1e-6)),
+        qkv_bias=True, tie_word_embeddings=bool(hf.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
+    )
+    common = dict(
+        depth=v["depth"], num_heads=v["num_heads"], patch_size=v.get("patch_size", 14),
+        temporal_patch_size=v.get("temporal_patch_size", 2), spatial_merge_size=v.get("spatial_merge_size", 2),
+        in_channels=v.get("in_channels", v.get("in_chans", 3)),
+    )
+    if model_type == "qwen2_vl":
+        vision = VisionConfig(hidden_size=v["embed_dim"], mlp_ratio=float(v.get("mlp_ratio", 4.0)), **common)
+    else:
+        out = v.get("out_hidden_size", llm.hidden_size)
+        if out != llm.hidden_size:
+            raise ValueError(f"vision_config.out_hidden_size={out} differs from the LLM width {llm.hidden_size}")
+        vision = VisionConfig(
+            hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"], norm="rmsnorm", mlp="swiglu",
+            window_size=v.get("window_size", 112), fullatt_block_indexes=list(v.get("fullatt_block_indexes", [])),
+            tokens_per_second=int(v.get("tokens_per_second", 2)), **common,
+        )
+    return ModelConfig(generation=model_type, vision=vision, llm=llm)
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict:
+    """A `config.json` in the released checkpoints' (flat) format for `cfg`."""
+    v, l = cfg.vision, cfg.llm
+    if cfg.generation == "qwen2_vl":
+        vision = dict(
+            depth=v.depth, embed_dim=v.hidden_size, mlp_ratio=v.mlp_ratio, num_heads=v.num_heads, in_chans=v.in_channels,
+            hidden_size=l.hidden_size, hidden_act="quick_gelu", patch_size=v.patch_size,
+            spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
+        )
+    elif cfg.generation == "qwen2_5_vl":
+        vision = dict(
+            depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_heads=v.num_heads,
+            in_chans=v.in_channels, out_hidden_size=l.hidden_size, hidden_act="silu", patch_size=v.patch_size,
+            spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
+            window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes),
+            tokens_per_second=v.tokens_per_second,
+        )
+    else:
+        raise ValueError(f"export covers {tuple(_HF_MODEL_TYPES)}, not {cfg.generation!r}")
+    return {
+        "architectures": [_HF_MODEL_TYPES[cfg.generation]],
+        "model_type": cfg.generation,
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "vision_token_id": 151654,
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "hidden_act": "silu",
+        "hidden_size": l.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": l.ffn_hidden_size,
+        "max_position_embeddings": 128000 if cfg.generation == "qwen2_5_vl" else 32768,
+        "max_window_layers": l.num_layers,
+        "num_attention_heads": l.num_attention_heads,
+        "num_hidden_layers": l.num_layers,
+        "num_key_value_heads": l.num_query_groups,
+        "rms_norm_eps": l.norm_eps,
+        "rope_theta": l.rope_theta,
+        "rope_scaling": {"type": "mrope", "mrope_section": list(l.mrope_section)},
+        "sliding_window": 32768,
+        "use_sliding_window": False,
+        "tie_word_embeddings": l.tie_word_embeddings,
+        "torch_dtype": dtype,
+        "use_cache": True,
+        "vocab_size": l.vocab_size,
+        "vision_config": vision,
+    }
+
+
+def _generation_config() -> dict:
+    """The sampling-free defaults of the released Instruct models' generation_config.json."""
+    return {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643], "do_sample": False}
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """Inverse of `dataclasses.asdict(ModelConfig)` (also the `model:` section of a run's config.yaml)."""
+    d = dict(d)
+    vision = VisionConfig(**d.pop("vision", {}))
+    llm = LLMConfig(**d.pop("llm", {}))
+    return ModelConfig(vision=vision, llm=llm, **d)
+
+
+def read_model_config(step_dir: Path) -> tuple[ModelConfig, Optional[str]]:
+    """The ModelConfig of a checkpoint and the `init_from` it descends from (None for imports).
+
+    Looks for `model_config.json` next to the step directory (import) and for the `config.yaml`
+    that `train.py` writes into its output_dir (= the parent of `checkpoints/`).
+    """
+    for d in (step_dir, step_dir.parent):
+        if (d / MODEL_CONFIG).exists():
+            return model_config_from_dict(json.loads((d / MODEL_CONFIG).read_text())), None
+    for d in (step_dir.parent.parent, step_dir.parent):
+        if (d / "config.yaml").exists():
+            from omegaconf import OmegaConf
+
+            model = OmegaConf.to_container(OmegaConf.load(d / "config.yaml").model, resolve=True)
+            return model_config_from_dict(model), model.get("init_from")
+    raise FileNotFoundError(
+        f"no {MODEL_CONFIG} (import) or config.yaml (training output_dir) found for {step_dir}"
+    )
+
+
+def _import_root(step_dir: Path, seen: int = 0) -> Optional[Path]:
+    """The root of the imported checkpoint this one descends from (holds `hf_import.json`)."""
+    from qvl_train.checkpoint.manager import resolve_checkpoint
+
+    if seen > 16:
+        return None
+    for d in (step_dir, step_dir.parent):
+        if (d / IMPORT_META).exists():
+            return d
+    try:
+        _, init_from = read_model_config(step_dir)
+    except FileNotFoundError:
+        return None
+    if init_from:
+        src = resolve_checkpoint(init_from)
+        if src is not None:
+            return _import_root(src, seen + 1)
+    return None
+
+
+# -------------------------------------------------------------------------------------- safetensors
+def load_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the safetensors files of an HF checkpoint directory."""
+    from safetensors.torch import load_file
+
+    index = hf_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {hf_dir}")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(hf_dir / f)))
+    return sd
+
+
+def _save_safetensors(sd: dict[str, torch.Tensor], out: Path, metadata_dtype: str) -> None:
+    """Shards of ≤ 5 GiB (`model-0000i-of-0000n.safetensors`) + `model.safetensors.index.json`."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in sd.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > _SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    n = len(shards)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
+    )
+
+
+# ------------------------------------------------------------------------------------ process group
+def _single_process_world() -> None:
+    from megatron.core import parallel_state
+
+    from qvl_train.parallel.cpu import install_cpu_compat
+
+    if not torch.cuda.is_available():
+        install_cpu_compat()
+    if not torch.distributed.is_initialized():
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    if torch.distributed.get_world_size() != 1:
+        raise RuntimeError("convert runs in one process (the checkpoint is layout-independent)")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+
+
+def _build(cfg: ModelConfig):
+    from qvl_train.config import ParallelConfig
+    from qvl_train.models import build_model
+
+    return build_model(cfg, ParallelConfig(), pre_process=True, post_process=True, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------ import
+def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
+    """HF checkpoint directory → framework checkpoint root `out` (see module docstring); returns the step dir."""
+    from megatron.core import dist_checkpointing
+
+    from qvl_train.checkpoint.manager import COMPLETE, LATEST, TrainState, step_dir_name
+    from qvl_train.models.hf_convert import detect_style, hf_to_ours
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    hf_cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg = model_config_from_hf(hf_cfg)
+    hf_sd = load_hf_state_dict(hf_dir)
+    ours_sd = hf_to_ours(hf_sd, cfg)
+
+    _single_process_world()
+    model = _build(cfg)
+    missing, unexpected = model.load_state_dict(ours_sd, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"converted weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    step_dir = out / step_dir_name(0)
+    step_dir.mkdir(parents=True, exist_ok=True)
+    (step_dir / COMPLETE).unlink(missing_ok=True)
+    sharded = {"model": model.sharded_state_dict(), "train_state": asdict(TrainState())}
+    dist_checkpointing.save(sharded, str(step_dir))
+    torch.distributed.barrier()
+
+    (out / MODEL_CONFIG).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    meta = {
+        "source": str(hf_dir.resolve()),
+        "generation": cfg.generation,
+        "style": detect_style(hf_sd),
+        "tied_lm_head_stored": cfg.llm.tie_word_embeddings and "lm_head.weight" in hf_sd,
+        "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in hf_sd.items()},
+    }
+    (out / IMPORT_META).write_text(json.dumps(meta, indent=1) + "\n")
+    side = out / HF_SIDE_DIR
+    side.mkdir(exist_ok=True)
+    for name in SIDE_FILES:
+        if (hf_dir / name).exists():
+            shutil.copy2(hf_dir / name, side / name)
+    (step_dir / COMPLETE).write_text("0\n")
+    tmp = out / f".{LATEST}.tmp"
+    tmp.write_text(step_dir.name + "\n")
+    os.replace(tmp, out / LATEST)
+    return step_dir
+
+
+# ------------------------------------------------------------------------------------------ export
+def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None) -> Path:
+    """Framework checkpoint (root, step dir or training output_dir) → HF directory `out`.
+
+    `dtype` (bf16 | fp16 | fp32) overrides the tensor dtype; by default every tensor gets the dtype
+    it had in the imported HF source, or bf16 when the checkpoint does not descend from an import.
+    """
+    from megatron.core import dist_checkpointing
+
+    from qvl_train.checkpoint.manager import resolve_checkpoint
+    from qvl_train.models.hf_convert import ours_to_hf
+
+    step_dir = resolve_checkpoint(ckpt)
+    if step_dir is None:
+        raise FileNotFoundError(f"{ckpt} holds no complete checkpoint (step dir with 'complete', or a root with 'latest')")
+    cfg, _ = read_model_config(step_dir)
+    root = _import_root(step_dir)
+    meta = json.loads((root / IMPORT_META).read_text()) if root is not None else {}
+    if meta and meta.get("generation") != cfg.generation:
+        meta = {}
+
+    _single_process_world()
+    model = _build(cfg)
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(step_dir))
+    missing, _ = model.load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise RuntimeError(f"checkpoint lacks model tensors: {missing[:8]}")
+    ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    hf_sd = ours_to_hf(
+        ours, cfg, style=meta.get("style", "hub"), write_tied_lm_head=bool(meta.get("tied_lm_head_stored", False))
+    )
+    src_dtypes = meta.get("dtypes", {})
+    for k in hf_sd:
+        want = _DTYPES[dtype] if dtype else getattr(torch, src_dtypes.get(k, "bfloat16"))
+        hf_sd[k] = hf_sd[k].to(want).contiguous()
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_safetensors(hf_sd, out, dtype or "")
+    side = root / HF_SIDE_DIR if root is not None else None
+    if side is not None and (side / "config.json").exists():
+        for name in SIDE_FILES:
+            if (side / name).exists():
+                shutil.copy2(side / name, out / name)
+        if dtype:  # the weights changed dtype: say so in config.json
+            conf = json.loads((out / "config.json").read_text())
+            conf["torch_dtype"] = str(_DTYPES[dtype]).removeprefix("torch.")
+            (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    else:
+        torch_dtype = str(_DTYPES[dtype or "bf16"]).removeprefix("torch.")
+        (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, torch_dtype), indent=2) + "\n")
+    if not (out / "generation_config.json").exists():
+        (out / "generation_config.json").write_text(json.dumps(_generation_config(), indent=2) + "\n")
+    return out
