@@ -14,7 +14,9 @@ A sample with key `K` (digits only: WebDataset splits keys at the first dot) is 
       {"id": "synth-000042",
        "messages": [{"role": "system"|"user"|"assistant",
                      "content": [{"type": "text", "text": "..."},
-                                 {"type": "image", "name": "img0.png"}]}]}
+                                 {"type": "image", "name": "img0.png"},
+                                 {"type": "box", "ref": "the red circle", "box": [x1, y1, x2, y2],
+                                  "image": "img0.png"}]}]}   # grounding: pixels of the original image
 
 * `K.img0.png`, `K.img1.jpg`, ... — the encoded images named by the `image` parts (lower-case
   names; PNG/JPEG/anything Pillow decodes). Never pickles: the reader only parses JSON and images.
@@ -48,7 +50,7 @@ from typing import Any, Optional
 
 from PIL import Image
 
-from data_pipelines.text import QwenTokenizer, get_tokenizer, message_parts
+from data_pipelines.text import QwenTokenizer, get_tokenizer, message_parts, validate_box
 
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
@@ -127,6 +129,19 @@ class ShardWriter:
                     w, h = probe.size
             blobs[name] = blob
             sizes.append([h, w])
+
+        by_name = dict(zip(names, sizes))
+        for part in (p for m in messages for p in message_parts(m) if p.get("type") == "box"):
+            try:
+                x1, y1, x2, y2 = validate_box(part)
+                target = part.get("image", names[0] if len(names) == 1 else None)
+                if target not in by_name:
+                    raise ValueError(f"its 'image' {target!r} must name one of this sample's images {names}")
+                h, w = by_name[target]
+                if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
+                    raise ValueError(f"box {part['box']} lies outside its {w}x{h} (w x h) image {target}")
+            except ValueError as e:
+                raise ValueError(f"sample {sample_id}: bad box part: {e}") from e
 
         if self._open is None:
             self._start_shard()

@@ -109,7 +109,7 @@ class SampleBuilder:
         except Exception as e:
             raise SkipSample("bad_json", f"{type(e).__name__}: {e}") from e
 
-        pixel_values, grids, counts = [], [], []
+        pixel_values, grids, counts, sizes = [], [], [], {}
         try:
             image_parts = [p for m in messages for p in message_parts(m) if p.get("type") == "image"]
         except Exception as e:
@@ -130,9 +130,12 @@ class SampleBuilder:
                 raise SkipSample("bad_image", str(e)) from e
             pixel_values.append(pv)
             grids.append(grid)
+            sizes[name] = ((img.size[1], img.size[0]), (grid[1] * cfg.patch_size, grid[2] * cfg.patch_size))
             counts.append(grid[0] * grid[1] * grid[2] // merge2)
         try:
-            ids, labels = self.tok.encode_conversation(messages, counts)
+            ids, labels = self.tok.encode_conversation(
+                messages, counts, generation=cfg.generation, image_sizes=sizes
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SkipSample("bad_json", f"template: {e}") from e
         positions = mrope_position_ids(ids, grids, merge_size=cfg.merge_size)

@@ -20,6 +20,24 @@ with an image inside `content` rendered as `<|vision_start|>` + N x `<|image_pad
 string (e.g. `"assistant\\nred"`), as the HF tokenizer does on the rendered template, so ids match
 HF's `apply_chat_template` + tokenisation.
 
+Grounding
+---------
+One canonical box in the shard, `{"type": "box", "ref": "the red circle", "box": [x1, y1, x2, y2],
+"image": "img0.png"}` (pixel coordinates in the ORIGINAL image the part refers to; `image` may be
+omitted when the sample has exactly one image), is rendered per generation (`render_boxes`):
+
+* `qwen_vl`:     `<ref>the red circle</ref><box>(x1,y1),(x2,y2)</box>` on [0, 1000) (plain text);
+* `qwen2_vl`:    `<|object_ref_start|>the red circle<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`
+                 on [0, 1000) (`floor(x / W * 1000)`, special tokens);
+* `qwen2_5_vl`:  JSON with absolute pixel coordinates of the RESIZED image the model sees
+                 (`round(x * W' / W)`): a run of consecutive box parts becomes one block
+                 ```` ```json\n[\n\t{"bbox_2d": [x1, y1, x2, y2], "label": "the red circle"}\n]\n``` ````;
+* `qwen3_vl`:    the same JSON with relative coordinates on [0, 1000] (`round(x / W * 1000)`).
+
+Box tokens in an assistant turn carry loss like any answer text. The shard index stores an upper
+bound of the text tokens over all generations and resolutions (every coordinate rendered with its
+largest digit count; Qwen's BPE splits numbers into single digits), so planning never under-counts.
+
 Labels (loss mask)
 ------------------
 Only assistant turns are trained: their content tokens plus the closing `<|im_end|>` (the model must
@@ -34,7 +52,9 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
-from typing import Any, Iterable, Sequence
+import json
+import math
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
@@ -124,7 +144,8 @@ class QwenTokenizer:
 
     # ---------------------------------------------------------------------------------- template
     def encode_conversation(
-        self, messages: Sequence[dict[str, Any]], image_token_counts: Sequence[int]
+        self, messages: Sequence[dict[str, Any]], image_token_counts: Sequence[int], *,
+        generation: str = "qwen2_vl", image_sizes: Optional[Mapping[str, tuple]] = None,
     ) -> tuple[list[int], list[int]]:
         """Render `messages` with the Qwen2-VL ChatML template → (input_ids, labels).
 
@@ -132,6 +153,9 @@ class QwenTokenizer:
         `{"type": "text", "text": ...}` or `{"type": "image", ...}`.
         image_token_counts: LLM tokens per image, in order of appearance (0 gives just
         `<|vision_start|><|vision_end|>`, which the shard index uses to count text tokens).
+        generation / image_sizes: how `box` parts are rendered (module docstring); image_sizes maps an
+        image name to ((h, w) original, (h', w') resized). Without image_sizes, boxes are rendered with
+        worst-case digit counts (for token counting only).
         """
         n_images = sum(
             1 for m in messages for p in message_parts(m) if p.get("type") == "image"
@@ -163,9 +187,25 @@ class QwenTokenizer:
             header = f"{role}\n"
             pending = header
             pending_header = True
-            for part in message_parts(turn):
+            parts = message_parts(turn)
+            k = 0
+            while k < len(parts):
+                part = parts[k]
                 kind = part.get("type")
-                if kind == "text":
+                k += 1
+                if kind == "box":
+                    run = [part]
+                    while k < len(parts) and parts[k].get("type") == "box":
+                        run.append(parts[k])
+                        k += 1
+                    for text, special in render_boxes(run, generation, image_sizes):
+                        if special:
+                            self._flush(pending, pending_header, header, train, emit)
+                            pending, pending_header = "", False
+                            emit([self.special_tokens[text]], train)
+                        else:
+                            pending += text
+                elif kind == "text":
                     pending += str(part.get("text", ""))
                 elif kind == "image":
                     self._flush(pending, pending_header, header, train, emit)
@@ -205,9 +245,75 @@ class QwenTokenizer:
         emit(toks[k:], train)
 
     def count_text_tokens(self, messages: Sequence[dict[str, Any]]) -> int:
-        """Template tokens without image pads (but with vision start/end), as stored in index.json."""
+        """Template tokens without image pads (but with vision start/end), as stored in index.json.
+
+        With box parts: the maximum over the generations' renderings with worst-case coordinates."""
         n_images = sum(1 for m in messages for p in message_parts(m) if p.get("type") == "image")
-        return len(self.encode_conversation(messages, [0] * n_images)[0])
+        has_box = any(p.get("type") == "box" for m in messages for p in message_parts(m))
+        gens = BOX_GENERATIONS if has_box else ("qwen2_vl",)
+        return max(len(self.encode_conversation(messages, [0] * n_images, generation=g)[0]) for g in gens)
+
+
+BOX_GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+_WORST = {"qwen_vl": 999, "qwen2_vl": 999, "qwen2_5_vl": 99999, "qwen3_vl": 1000}
+
+
+def validate_box(part: Mapping[str, Any]) -> list[float]:
+    """The 4 coordinates of a box part; ValueError with what is wrong otherwise."""
+    box = part.get("box")
+    if (not isinstance(box, (list, tuple)) or len(box) != 4
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+        raise ValueError(f"box part needs 'box': [x1, y1, x2, y2] in pixels, got {box!r}")
+    x1, y1, x2, y2 = box
+    if x2 < x1 or y2 < y1:
+        raise ValueError(f"box {list(box)} must have x1 <= x2 and y1 <= y2")
+    if not isinstance(part.get("ref", ""), str):
+        raise ValueError("box part 'ref' must be a string")
+    return [float(v) for v in box]
+
+
+def render_boxes(
+    boxes: Sequence[Mapping[str, Any]], generation: str, image_sizes: Optional[Mapping[str, tuple]]
+) -> list[tuple[str, bool]]:
+    """A run of consecutive box parts → [(text, is_special_token)] for `generation` (module docstring)."""
+    g = "qwen3_vl" if generation == "qwen3_vl_moe" else generation
+    if g not in BOX_GENERATIONS:
+        raise ValueError(f"no grounding format for generation {generation!r}; known: {', '.join(BOX_GENERATIONS)}")
+    rendered = []
+    for part in boxes:
+        x1, y1, x2, y2 = validate_box(part)
+        ref = str(part.get("ref", ""))
+        if image_sizes is None:
+            c = [_WORST[g]] * 4
+        else:
+            name = part.get("image")
+            if name is None:
+                if len(image_sizes) != 1:
+                    raise ValueError("box part needs 'image' (the image name it refers to) when a sample has "
+                                     f"{len(image_sizes)} images")
+                name = next(iter(image_sizes))
+            if name not in image_sizes:
+                raise ValueError(f"box part refers to image {name!r}, not in this sample ({sorted(image_sizes)})")
+            (h, w), (rh, rw) = image_sizes[name]
+            if g in ("qwen_vl", "qwen2_vl"):
+                c = [min(999, max(0, math.floor(v / s * 1000))) for v, s in ((x1, w), (y1, h), (x2, w), (y2, h))]
+            elif g == "qwen3_vl":
+                c = [min(1000, max(0, round(v / s * 1000))) for v, s in ((x1, w), (y1, h), (x2, w), (y2, h))]
+            else:
+                c = [min(r, max(0, round(v * r / s))) for v, s, r in ((x1, w, rw), (y1, h, rh), (x2, w, rw), (y2, h, rh))]
+        rendered.append((ref, c))
+    out: list[tuple[str, bool]] = []
+    if g == "qwen_vl":
+        for ref, c in rendered:
+            out.append((f"<ref>{ref}</ref><box>({c[0]},{c[1]}),({c[2]},{c[3]})</box>", False))
+    elif g == "qwen2_vl":
+        for ref, c in rendered:
+            out += [("<|object_ref_start|>", True), (ref, False), ("<|object_ref_end|>", True),
+                    ("<|box_start|>", True), (f"({c[0]},{c[1]}),({c[2]},{c[3]})", False), ("<|box_end|>", True)]
+    else:
+        objs = ",\n\t".join(json.dumps({"bbox_2d": c, "label": ref}, ensure_ascii=False) for ref, c in rendered)
+        out.append(("```json\n[\n\t" + objs + "\n]\n```", False))
+    return [(t, sp) for t, sp in out if t]
 
 
 def message_parts(message: dict[str, Any]) -> list[dict[str, Any]]:

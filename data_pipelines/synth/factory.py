@@ -8,6 +8,8 @@ reproducible byte for byte and any sample can be regenerated alone. Kinds:
 * `text`    — a word drawn with Pillow's default font; "What word is written in the image?".
 * `chart`   — a bar chart with labelled bars; "Which bar is tallest?".
 * `two_images` — two shape images; "Which picture shows a <shape>, the first or the second?".
+* `grounding`  — a quarter of the `shapes` samples: "Where is the red circle?" answered with one
+                 canonical box part (pixel coordinates, rendered per generation by text.py).
 * `text_only`  — arithmetic or spelling with no image (keeps text-only packing exercised).
 
 Image sides are drawn independently from [min_side, max_side], so aspect ratios vary and the
@@ -70,8 +72,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=colour)
 
 
-def _shapes_image(rng: random.Random, min_side: int, max_side: int, n: int):
-    """Image with n shapes in distinct quadrants → (image, [(shape, colour, quadrant)])."""
+def _shapes_image(rng: random.Random, min_side: int, max_side: int, n: int, boxes: list | None = None):
+    """Image with n shapes in distinct quadrants → (image, [(shape, colour, quadrant)]); the shapes'
+    pixel boxes [x1, y1, x2, y2] are appended to `boxes` when given."""
     img, draw = _canvas(rng, min_side, max_side)
     w, h = img.size
     objs = []
@@ -84,6 +87,8 @@ def _shapes_image(rng: random.Random, min_side: int, max_side: int, n: int):
         x0 = qx + rng.randint(1, max(1, w // 2 - side - 1))
         y0 = qy + rng.randint(1, max(1, h // 2 - side - 1))
         _draw_shape(draw, shape, (x0, y0, x0 + side, y0 + side), COLOURS[colour])
+        if boxes is not None:
+            boxes.append([x0, y0, min(w, x0 + side), min(h, y0 + side)])
         objs.append((shape, colour, quad))
     return img, objs
 
@@ -113,7 +118,21 @@ def make_sample(seed: int, index: int, min_side: int = 56, max_side: int = 224) 
     if rng.random() < 0.1:
         messages.append({"role": "system", "content": [_text("You answer questions about images briefly.")]})
 
-    if kind == "shapes":
+    # A quarter of the shapes samples ask for a box instead ("Where is the red circle?"); the choice
+    # uses its own stream so every other sample is unchanged by its existence.
+    grounding = kind == "shapes" and random.Random(f"qvl-synth-ground:{seed}:{index}").random() < 0.25
+    if grounding:
+        boxes: list = []
+        img, objs = _shapes_image(rng, min_side, max_side, rng.randint(1, 3), boxes)
+        images["img0.png"] = img
+        k = rng.randrange(len(objs))
+        shape, colour, _ = objs[k]
+        ref = f"the {colour} {shape}"
+        messages.append(_user(_image("img0.png"), _text(f"Where is {ref}?")))
+        messages.append({"role": "assistant", "content": [
+            {"type": "box", "ref": ref, "box": boxes[k], "image": "img0.png"}]})
+        kind = "grounding"
+    elif kind == "shapes":
         img, objs = _shapes_image(rng, min_side, max_side, rng.randint(1, 3))
         images["img0.png"] = img
         qa = []

@@ -29,7 +29,7 @@ def test_inspect_prints_tokens_pads_loss_grids_cost(shards, capsys):
     assert "<|image_pad|><|image_pad|>" not in out  # runs are collapsed
     assert re.search(r"<\|im_start\|>assistant\n   ⟦[^⟧]+<\|im_end\|>⟧", out)  # answer + stop token trained
     for planned, built in re.findall(r"cost estimate \(index\): (\d+) tokens \(text \d+\); built: (\d+)", out):
-        assert planned == built
+        assert int(planned) >= int(built)  # exact except grounding boxes (upper bound)
     # one tar, other generation and pixel bounds
     assert main([shards + "/shard-000001.tar", "--n", "1", "--generation", "qwen2_5_vl", "--max-pixels", "3136"]) == 0
     out = capsys.readouterr().out

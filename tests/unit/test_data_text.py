@@ -87,3 +87,61 @@ def test_explicit_system_and_text_only():
     # index counting: no pads, but vision start/end
     with_img = [{"role": "user", "content": [{"type": "image", "name": "a.png"}, {"type": "text", "text": "x"}]}]
     assert tok.count_text_tokens(with_img) + 7 == len(tok.encode_conversation(with_img, [7])[0])
+
+
+# ------------------------------------------------------------------------------------ grounding
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from data_pipelines.shards import ShardWriter  # noqa: E402
+
+BOX = {"type": "box", "ref": "the red circle", "box": [100, 50, 300, 150], "image": "img0.png"}
+SIZES = {"img0.png": ((200, 400), (224, 448))}  # original (h, w), resized (h', w')
+
+
+def _grounding(box_parts):
+    return [
+        {"role": "user", "content": [{"type": "image", "name": "img0.png"}, {"type": "text", "text": "Where is the red circle?"}]},
+        {"role": "assistant", "content": box_parts},
+    ]
+
+
+@pytest.mark.parametrize("generation,answer", [
+    ("qwen_vl", "<ref>the red circle</ref><box>(250,250),(750,750)</box>"),
+    ("qwen2_vl", "<|object_ref_start|>the red circle<|object_ref_end|><|box_start|>(250,250),(750,750)<|box_end|>"),
+    ("qwen2_5_vl", '```json\n[\n\t{"bbox_2d": [112, 56, 336, 168], "label": "the red circle"}\n]\n```'),
+    ("qwen3_vl", '```json\n[\n\t{"bbox_2d": [250, 250, 750, 750], "label": "the red circle"}\n]\n```'),
+])
+def test_grounding_rendered_per_generation(generation, answer):
+    tok = get_tokenizer()
+    msgs = _grounding([BOX])
+    ids, labels = tok.encode_conversation(msgs, [4], generation=generation, image_sizes=SIZES)
+    rendered = _render(msgs[:1], [4]) + f"<|im_start|>assistant\n{answer}<|im_end|>\n"
+    assert ids == tok.enc.encode(rendered, allowed_special="all")  # HF-style tokenisation of the string
+    assert tok.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX]) == answer + "<|im_end|>"
+    assert tok.count_text_tokens(msgs) + 4 >= len(ids)  # the index never under-counts
+
+
+def test_grounding_runs_group_and_errors():
+    tok = get_tokenizer()
+    second = dict(BOX, ref="a square", box=[0, 0, 400, 200])
+    ids, _ = tok.encode_conversation(_grounding([BOX, second]), [4], generation="qwen2_5_vl", image_sizes=SIZES)
+    assert '"label": "the red circle"},\n\t{"bbox_2d": [0, 0, 448, 224], "label": "a square"}\n]' in tok.decode(ids)
+    with pytest.raises(ValueError, match="refers to image 'img9.png'"):
+        tok.encode_conversation(_grounding([dict(BOX, image="img9.png")]), [4], image_sizes=SIZES)
+    with pytest.raises(ValueError, match="x1 <= x2"):
+        tok.encode_conversation(_grounding([dict(BOX, box=[5, 0, 1, 1])]), [4], image_sizes=SIZES)
+
+
+def test_shard_writer_validates_boxes(tmp_path):
+    img = Image.new("RGB", (400, 200))
+    with ShardWriter(str(tmp_path), samples_per_shard=10) as w:
+        w.add("ok", _grounding([BOX]), {"img0.png": img})
+        with pytest.raises(ValueError, match="outside its 400x200"):
+            w.add("bad", _grounding([dict(BOX, box=[0, 0, 401, 10])]), {"img0.png": img})
+        with pytest.raises(ValueError, match="must name one of this sample's images"):
+            w.add("bad2", _grounding([dict(BOX, image="x.png")]), {"img0.png": img})
+    idx = json.load(open(tmp_path / "index.json"))
+    assert [s["id"] for s in idx["shards"][0]["samples"]] == ["ok"]
