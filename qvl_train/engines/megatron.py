@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipelines.schema import PackedBatch
+from qvl_train.loss import global_token_mean
 from qvl_train.config import ModelConfig, OptimConfig, ParallelConfig, StageConfig
 from qvl_train.parallel.dims import ParallelDims
 
@@ -270,11 +271,4 @@ def _iter_sharded(tree):
 
 def _forward_step(data_iterator: Iterator[PackedBatch], model, *, denom: float, device):
     batch = next(data_iterator).to(device)
-    output = model(batch)
-
-    def loss_func(per_token_loss: torch.Tensor):
-        loss_sum = per_token_loss.float().sum()
-        n = torch.tensor(batch.num_label_tokens, dtype=torch.int)
-        return loss_sum / denom, n, {"loss_sum": loss_sum.detach().clone()}
-
-    return output, loss_func
+    return model(batch), partial(global_token_mean, num_label_tokens=batch.num_label_tokens, global_label_tokens=denom)
