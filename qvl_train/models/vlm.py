@@ -106,6 +106,22 @@ class VLM(MegatronModule):
         h_LH = h_L1H.squeeze(1).index_put((pos,), vis_VH.to(h_L1H.dtype))
         return h_LH.unsqueeze(1)
 
+    def logits(self, batch: PackedBatch) -> torch.Tensor:
+        """Vocab-parallel logits `[L, V/tp]` of every slot (evaluation and parity tools; pp = 1 only)."""
+        if not (self.pre_process and self.post_process):
+            raise ValueError("VLM.logits needs the whole model on one stage (pp=1)")
+        rope, packed = self._rope_and_packing(batch)
+        return self.llm(self.embed(batch), rope, packed).squeeze(1)
+
+    def _rope_and_packing(self, batch: PackedBatch):
+        cu = batch.cu_seqlens.to(torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+        packed = PackedSeqParams(
+            qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+        )
+        rope = mrope_freqs(batch.position_ids, self.head_dim, self.cfg.llm.rope_theta, list(self.cfg.llm.mrope_section))
+        return rope, packed
+
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """Per-token loss `[L]` float32 on the last stage, else hidden states `[L, 1, H]`."""
         cu = batch.cu_seqlens.to(torch.int32)

@@ -1,0 +1,190 @@
+"""Logits parity of the framework model against the HF reference, for a Qwen2-VL / Qwen2.5-VL checkpoint.
+
+    python -m qvl_train.tools.hf_parity --hf-dir SRC [--kinds one_image,video,...] [--seed 0]
+
+Builds inputs of every kind — `one_image`, `multi_image` (two images of different sizes in one
+sample), `video` (two temporal patches), `text_only`, and `packed` (those four samples packed into
+one sequence) — runs the HF model loaded from SRC (`from_pretrained`, fp32, sdpa) and the framework
+model with SRC's weights converted by `hf_convert.hf_to_ours` (the same conversion as
+`launch/convert.py import-hf`), and prints for each kind `max|Δlogits| / max|ref logits|`. The last
+line is `PASS` or `FAIL` with the worst value; the exit status is 0 only if every kind is ≤ 1e-5.
+
+The two sides share nothing but the token ids, the pixel rows and the grids: for single samples HF
+computes its own M-RoPE ids (`get_rope_index`), ours come from `mrope_ids` below, so positions are
+checked too. For `packed`, HF gets `attention_mask=None` and 4-row position ids (row 0 = text
+position restarting per sample), which makes it attend block-causally (HF needs `use_cache=False`).
+Image sizes are chosen so Qwen2.5-VL's 112-px windows are partial at the edges. Videos take
+`second_per_grid_ts = 1` (transformers 4.57 truncates it to an integer before scaling by
+`tokens_per_second`; we follow 4.57). Pixels are random: this checks the model, not the image
+processor (the data side has its own HF test). Layout flags (tp/pp) are not implemented yet: the
+framework model runs at tp = pp = 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 151655, 151656, 151652, 151653
+TOLERANCE = 1e-5
+KINDS = ("one_image", "multi_image", "video", "text_only", "packed")
+
+
+def _segments(kind: str) -> list:
+    """A sample as segments: ("text", n) | ("image", (t, h, w)) | ("video", (t, h, w)) (patch grids)."""
+    return {
+        "one_image": [("text", 6), ("image", (1, 12, 20)), ("text", 9)],
+        "multi_image": [("text", 3), ("image", (1, 10, 6)), ("text", 4), ("image", (1, 18, 12)), ("text", 7)],
+        "video": [("text", 4), ("video", (2, 8, 12)), ("text", 8)],
+        "text_only": [("text", 23)],
+    }[kind]
+
+
+def mrope_ids(segments, merge: int, video_scale: int) -> torch.Tensor:
+    """3-D M-RoPE ids `[3, n]` of one sample (Qwen2-VL / Qwen2.5-VL `get_rope_index`, 4.57).
+
+    Text runs on at `max + 1`; media tokens get `start + (t·video_scale, h, w)` of their merged
+    grid (images: scale 1; Qwen2.5-VL videos: `int(second_per_grid) · tokens_per_second`).
+    """
+    out, nxt = [], 0
+    for kind, arg in segments:
+        if kind == "text":
+            out.append(torch.arange(arg).expand(3, -1) + nxt)
+            nxt += arg
+            continue
+        out.append(torch.tensor([[nxt], [nxt], [nxt]]))  # <|vision_start|>
+        nxt += 1
+        t, h, w = arg[0], arg[1] // merge, arg[2] // merge
+        scale = video_scale if kind == "video" else 1
+        tt = (torch.arange(t) * scale).view(-1, 1, 1).expand(t, h, w).flatten()
+        hh = torch.arange(h).view(1, -1, 1).expand(t, h, w).flatten()
+        ww = torch.arange(w).view(1, 1, -1).expand(t, h, w).flatten()
+        p = torch.stack([tt, hh, ww]) + nxt
+        out.append(p)
+        nxt = int(p.max()) + 1
+        out.append(torch.tensor([[nxt], [nxt], [nxt]]))  # <|vision_end|>
+        nxt += 1
+    return torch.cat(out, dim=1)
+
+
+def build_sample(segments, cfg, gen: torch.Generator) -> dict:
+    """Token ids, pixel rows per media (in order), grids and kinds of one sample."""
+    v = cfg.vision
+    cols = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    ids, pix, grids, kinds = [], [], [], []
+    for kind, arg in segments:
+        if kind == "text":
+            ids.append(torch.randint(0, 151000, (arg,), generator=gen))
+            continue
+        t, h, w = arg
+        n_tok = t * h * w // v.spatial_merge_size**2
+        ids += [torch.tensor([VISION_START]), torch.full((n_tok,), IMAGE_PAD if kind == "image" else VIDEO_PAD), torch.tensor([VISION_END])]
+        pix.append(torch.randn(t * h * w, cols, generator=gen))
+        grids.append(arg)
+        kinds.append(kind)
+    video_scale = v.tokens_per_second if cfg.generation == "qwen2_5_vl" else 1
+    return {
+        "input_ids": torch.cat(ids),
+        "position_ids": mrope_ids(segments, v.spatial_merge_size, video_scale),
+        "pixels": pix, "grids": grids, "kinds": kinds,
+    }
+
+
+def _packed_batch(samples, cfg):
+    from data_pipelines.schema import PackedBatch
+
+    v = cfg.vision
+    cols = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    ids = torch.cat([s["input_ids"] for s in samples])
+    lens = [s["input_ids"].numel() for s in samples]
+    pix = [p for s in samples for p in s["pixels"]]
+    grids = [g for s in samples for g in s["grids"]]
+    return PackedBatch(
+        input_ids=ids, labels=torch.full_like(ids, -100),
+        position_ids=torch.cat([s["position_ids"] for s in samples], dim=1),
+        cu_seqlens=torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32),
+        pixel_values=torch.cat(pix) if pix else torch.zeros(0, cols),
+        grid_thw=torch.tensor(grids, dtype=torch.long).reshape(-1, 3),
+        sample_ids=[f"s{i}" for i in range(len(samples))], num_tokens=ids.numel(),
+    )
+
+
+def _hf_inputs(samples, packed: bool) -> dict:
+    ids = torch.cat([s["input_ids"] for s in samples])
+    kw: dict = {"input_ids": ids[None], "attention_mask": None, "use_cache": False}
+    for kind, pix_key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
+        pix = [p for s in samples for p, k in zip(s["pixels"], s["kinds"]) if k == kind]
+        grids = [g for s in samples for g, k in zip(s["grids"], s["kinds"]) if k == kind]
+        if pix:
+            kw[pix_key] = torch.cat(pix)
+            kw[grid_key] = torch.tensor(grids, dtype=torch.long)
+            if kind == "video":
+                kw["second_per_grid_ts"] = torch.ones(len(grids))
+    if packed:  # 4 rows: per-sample text position (restarts → block-causal mask), then t/h/w
+        text = torch.cat([torch.arange(s["input_ids"].numel()) for s in samples])
+        pos3 = torch.cat([s["position_ids"] for s in samples], dim=1)
+        kw["position_ids"] = torch.cat([text[None], pos3])[:, None, :]
+    return kw
+
+
+def run(hf_dir: str, kinds=KINDS, seed: int = 0) -> dict[str, float]:
+    """Relative max logit error per input kind (see module docstring)."""
+    import transformers
+
+    from qvl_train.models import build_model
+    from qvl_train.config import ParallelConfig
+    from qvl_train.models.hf_convert import hf_to_ours
+    from qvl_train.tools.convert import _single_process_world, load_hf_state_dict, model_config_from_hf
+
+    hf_dir = Path(hf_dir)
+    cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    cfg.attention_backend = "sdpa_loop" if not torch.cuda.is_available() else "auto"
+    _single_process_world()
+    ours = build_model(cfg, ParallelConfig(), pre_process=True, post_process=True, dtype=torch.float32)
+    sd = {k: v.float() for k, v in hf_to_ours(load_hf_state_dict(hf_dir), cfg).items()}
+    missing, unexpected = ours.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+    ours.eval()
+    cls = getattr(transformers, json.loads((hf_dir / "config.json").read_text())["architectures"][0])
+    hf = cls.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+    gen = torch.Generator().manual_seed(seed)
+    singles = {k: build_sample(_segments(k), cfg, gen) for k in KINDS if k != "packed"}
+    results = {}
+    with torch.no_grad():
+        for kind in kinds:
+            samples = list(singles.values()) if kind == "packed" else [singles[kind]]
+            ref = hf(**_hf_inputs(samples, packed=kind == "packed")).logits[0].float()
+            got = ours.logits(_packed_batch(samples, cfg)).float()
+            results[kind] = float((got - ref).abs().max() / ref.abs().max())
+    return results
+
+
+def main(argv=None) -> int:
+    warnings.filterwarnings("ignore")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json + safetensors)")
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens and pixels")
+    args = p.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        p.error(f"unknown kinds {bad}; valid: {', '.join(KINDS)}")
+    results = run(args.hf_dir, kinds, args.seed)
+    for kind, err in results.items():
+        print(f"{kind:12s} max|Δlogits|/max|ref| = {err:.3e}")
+    worst_kind = max(results, key=results.get)
+    worst = results[worst_kind]
+    verdict = "PASS" if worst <= TOLERANCE else "FAIL"
+    print(f"{verdict} worst {worst:.3e} ({worst_kind}, tolerance {TOLERANCE:g}, fp32)")
+    return 0 if verdict == "PASS" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
