@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class VisionConfig:
-    """The vision transformer (Qwen2-VL: 2-D RoPE, LayerNorm, QuickGELU MLP, Conv3d patch embed)."""
+    """The vision transformer: 2-D RoPE, Conv3d patch embed; LayerNorm + QuickGELU MLP (Qwen2-VL) or
+    RMSNorm + SwiGLU MLP + window attention (Qwen2.5-VL) by the fields below."""
 
     depth: int = 32
     """Number of ViT blocks."""
