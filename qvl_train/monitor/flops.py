@@ -1,0 +1,158 @@
+"""Model FLOPs of a packed micro-batch (Qwen2-VL, Qwen2.5-VL) and MFU.
+
+Counted analytically from the config and the batch's real structure (`grid_thw`, `cu_seqlens`,
+label count), so images of different sizes, windows and sample lengths cost what they cost:
+
+ViT (P patches = Σ t·h·w over `grid_thw`):
+  * patch embed: a linear C·T·p·p → Hv per patch: 2·P·(C·T·p·p)·Hv.
+  * per block: qkv 2·P·Hv·3Hv, proj 2·P·Hv·Hv, MLP 2·P·Hv·I·2 (QuickGELU fc1/fc2) or 2·P·Hv·I·3
+    (SwiGLU gate/up/down).
+  * attention, bidirectional, within each segment of s patches: QKᵀ 2·s²·Hv + AV 2·s²·Hv = 4·s²·Hv.
+    Segments are frames (h·w patches per temporal patch) for Qwen2-VL and for Qwen2.5-VL's
+    `fullatt_block_indexes`; Qwen2.5-VL's other blocks use windows of `window_size/patch/merge`
+    merged tokens per side (edge windows partial), exactly as the model cuts them.
+Merger (P/m² tokens of width W = m²·Hv): 2·(P/m²)·W·W + 2·(P/m²)·W·H.
+LLM (T = real tokens = cu_seqlens[-1]; padding slots are not counted: they are not model work):
+  * per layer: q and o 2·T·H·H each, k and v 2·T·H·(g·d) each (GQA, g query groups of head dim
+    d), SwiGLU 2·T·H·F·3.
+  * attention, causal, within each sample of s tokens: **the causal half is counted**,
+    QKᵀ + AV = 2·(s²/2)·(n·d)·2 = 2·s²·(n·d) for n query heads — what a causal kernel
+    (flash-attention) computes. Counting the full square would double this term.
+  * output layer only at the label positions (the model computes logits only there):
+    2·label_tokens·H·V. The embedding lookup is free.
+Norms, biases, activations, RoPE and softmax are not counted (a few tenths of a percent).
+
+Training = 3 × forward (backward = 2 × forward for every matmul), whatever the stage freezes: the
+usual MFU convention, so stage 3 (frozen ViT) and stage 1 report the work of full training, which
+overstates the real work of the frozen towers. Activation recompute would add about one more
+forward on the recomputed layers; it is *not* counted (MFU counts model FLOPs, not hardware FLOPs).
+
+MFU = achieved model FLOP/s per device ÷ peak dense FLOP/s per device (`train.peak_tflops`, or
+`PEAK_TFLOPS` by `torch.cuda.get_device_name()`: bf16 dense tensor-core peaks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence
+
+from qvl_train.config import ModelConfig
+
+__all__ = ["Flops", "batch_flops", "packed_batch_flops", "peak_tflops", "PEAK_TFLOPS"]
+
+# bf16 dense peak TFLOP/s per device (datasheets; no sparsity). Matched in order against the CUDA
+# device name, so the specific names come first.
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM
+    ("A100", 312.0),
+)
+
+
+@dataclass
+class Flops:
+    """Forward FLOPs of one micro-batch, by part (Python ints: exact)."""
+
+    vision_linear: int = 0  # patch embed + qkv/proj/MLP of every block
+    vision_attention: int = 0
+    projector: int = 0
+    llm_linear: int = 0  # q/k/v/o and SwiGLU of every layer
+    llm_attention: int = 0
+    output: int = 0  # the output layer at label positions
+
+    @property
+    def forward(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    @property
+    def training(self) -> int:
+        """Forward + backward model FLOPs (3 × forward; recompute not counted)."""
+        return 3 * self.forward
+
+    def __add__(self, other: "Flops") -> "Flops":
+        return Flops(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+
+def _window_sq_sum(extent: int, window: int) -> int:
+    """Σ of squared window extents along one axis of `extent` merged tokens (last one partial)."""
+    full, rest = divmod(extent, window)
+    return full * window * window + rest * rest
+
+
+def _vision(cfg: ModelConfig, grid_thw: Sequence[Sequence[int]]) -> tuple[int, int, int]:
+    v = cfg.vision
+    hv, m = v.hidden_size, v.spatial_merge_size
+    unit = m * m
+    inner = v.intermediate_size or int(hv * v.mlp_ratio)
+    patches = sum(t * h * w for t, h, w in grid_thw)
+    if patches == 0:
+        return 0, 0, 0
+    embed = 2 * patches * v.in_channels * v.temporal_patch_size * v.patch_size**2 * hv
+    per_block = 2 * patches * hv * (3 * hv + hv + inner * (3 if v.mlp == "swiglu" else 2))
+    linear = embed + v.depth * per_block
+
+    frame_sq = sum(t * (h * w) ** 2 for t, h, w in grid_thw)  # Σ s² over frames, in patches
+    if v.window_size is None:
+        attention = v.depth * 4 * frame_sq * hv
+    else:
+        win = v.window_size // v.patch_size // m  # merged tokens per window side
+        # A window of a×b merged tokens holds a·b·m² patches; Σ over the a×b grid of windows of
+        # (a·b)² factorises into (Σ a²)(Σ b²) per frame.
+        window_sq = sum(
+            t * unit * unit * _window_sq_sum(h // m, win) * _window_sq_sum(w // m, win) for t, h, w in grid_thw
+        )
+        full = len(set(v.fullatt_block_indexes))
+        attention = 4 * hv * (full * frame_sq + (v.depth - full) * window_sq)
+
+    tokens, width = patches // unit, hv * unit
+    projector = 2 * tokens * width * width + 2 * tokens * width * cfg.llm.hidden_size
+    return linear, attention, projector
+
+
+def batch_flops(
+    cfg: ModelConfig, grid_thw: Sequence[Sequence[int]], seq_lens: Sequence[int], label_tokens: int
+) -> Flops:
+    """Forward FLOPs of one packed micro-batch: media grids `[k, 3]`, per-sample token counts, labels."""
+    l = cfg.llm
+    h, heads = l.hidden_size, l.num_attention_heads
+    d = h // heads
+    kv = l.num_query_groups * d
+    tokens = sum(seq_lens)
+    per_layer = 2 * tokens * (h * h + 2 * h * kv + h * h + 3 * h * l.ffn_hidden_size)
+    attention = l.num_layers * 2 * sum(s * s for s in seq_lens) * heads * d  # causal half
+    vision_linear, vision_attention, projector = _vision(cfg, grid_thw)
+    return Flops(
+        vision_linear=vision_linear,
+        vision_attention=vision_attention,
+        projector=projector,
+        llm_linear=l.num_layers * per_layer,
+        llm_attention=attention,
+        output=2 * label_tokens * h * l.vocab_size,
+    )
+
+
+def packed_batch_flops(cfg: ModelConfig, batch) -> Flops:
+    """`batch_flops` of a `data_pipelines.schema.PackedBatch`."""
+    cu = [int(x) for x in batch.cu_seqlens.tolist()]
+    seq_lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    grids = [tuple(int(x) for x in row) for row in batch.grid_thw.reshape(-1, 3).tolist()]
+    return batch_flops(cfg, grids, seq_lens, int(batch.num_label_tokens))
+
+
+def peak_tflops(configured: float = 0.0, device_name: Optional[str] = None) -> Optional[float]:
+    """Peak dense TFLOP/s per device: `configured` if > 0, else the table entry for this GPU, else None
+    (CPU or an unknown GPU: MFU is then not reported)."""
+    if configured > 0:
+        return float(configured)
+    if device_name is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    for key, peak in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None

@@ -1,0 +1,98 @@
+"""The analytic FLOP counter: by hand on a tiny config, against 6·N·T, and against the model's windows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qvl_train.config import LLMConfig, ModelConfig, VisionConfig
+from qvl_train.models.params import count_parameters
+from qvl_train.monitor.flops import Flops, batch_flops, packed_batch_flops, peak_tflops
+
+
+def _tiny(**vision) -> ModelConfig:
+    v = dict(depth=1, hidden_size=8, num_heads=2, mlp_ratio=2.0, patch_size=2, temporal_patch_size=2,
+             spatial_merge_size=2, in_channels=1)
+    v.update(vision)
+    llm = LLMConfig(num_layers=1, hidden_size=8, ffn_hidden_size=16, num_attention_heads=2, num_query_groups=1,
+                    vocab_size=10, mrope_section=[1, 1, 0])
+    return ModelConfig(generation="qwen2_vl", vision=VisionConfig(**v), llm=llm)
+
+
+def test_qwen2_vl_by_hand():
+    cfg = _tiny()
+    # One image, grid (t, h, w) = (1, 2, 4): P = 8 patches, 2 merged tokens; samples of 5 and 3 tokens; 4 labels.
+    f = batch_flops(cfg, [(1, 2, 4)], [5, 3], label_tokens=4)
+    # ViT, Hv = 8, I = 2·8 = 16, patch features C·T·p·p = 1·2·2·2 = 8:
+    #   patch embed 2·P·8·Hv = 2·8·8·8 = 1024
+    #   block: 2·P·Hv·(3Hv + Hv + 2I) = 2·8·8·(24 + 8 + 32) = 8192          → linear 9216
+    #   attention over the frame (s = 8): 4·s²·Hv = 4·64·8 = 2048
+    assert (f.vision_linear, f.vision_attention) == (1024 + 8192, 2048)
+    # Merger: 2 tokens of width W = 4·8 = 32: 2·2·32·32 + 2·2·32·8 = 4096 + 1024
+    assert f.projector == 5120
+    # LLM, H = 8, d = 4, GQA 1 group → kv width 4, F = 16, T = 8:
+    #   2·T·(H·H + 2·H·4 + H·H + 3·H·F) = 16·(64 + 64 + 64 + 384) = 9216
+    #   causal attention: 2·(5² + 3²)·(2 heads·4) = 2·34·8 = 544
+    #   output at 4 labels: 2·4·H·V = 2·4·8·10 = 640
+    assert (f.llm_linear, f.llm_attention, f.output) == (9216, 544, 640)
+    assert f.forward == 26784 and f.training == 3 * 26784
+
+
+def test_qwen2_5_vl_windows_by_hand():
+    # window_size 4 px = 1 merged token = 4 patches per window; block 1 attends over the whole frame.
+    cfg = _tiny(depth=2, window_size=4, fullatt_block_indexes=[1], norm="rmsnorm", mlp="swiglu", intermediate_size=16)
+    f = batch_flops(cfg, [(1, 2, 4)], [8], label_tokens=0)
+    # block 0: 2 windows of 4 patches → 4·(4² + 4²)·8 = 1024; block 1: frame of 8 → 4·8²·8 = 2048
+    assert f.vision_attention == 1024 + 2048
+    # SwiGLU MLP: 3 matmuls of Hv·I: 2·8·8·(24 + 8 + 3·16) = 10240 per block, 2 blocks, + embed 1024
+    assert f.vision_linear == 1024 + 2 * 10240
+
+
+def test_windows_match_the_model():
+    from qvl_train.models.vision.qwen2_5_vl import window_index
+
+    cfg = _tiny(depth=3, window_size=16, fullatt_block_indexes=[2], norm="rmsnorm", mlp="swiglu", intermediate_size=16)
+    grids = [(1, 14, 22), (2, 6, 4), (1, 2, 2)]  # partial edge windows, a video, a one-window image
+    _, cu = window_index(torch.tensor(grids), window=16 // 2 // 2, merge=2)
+    lens = (cu[1:] - cu[:-1]).tolist()
+    frames = [h * w for t, h, w in grids for _ in range(t)]
+    want = 4 * 8 * (2 * sum(s * s for s in lens) + sum(s * s for s in frames))
+    assert batch_flops(cfg, grids, [1], 0).vision_attention == want
+
+
+def test_llm_only_batch_is_six_n_t():
+    """No images, every token labelled, attention left out: 3·forward = 6·N·T with N the matmul weights."""
+    cfg = ModelConfig()  # Qwen2-VL 7B
+    seq_lens = [4096, 1500, 2500]
+    T = sum(seq_lens)
+    f = batch_flops(cfg, [], seq_lens, label_tokens=T)
+    assert f.vision_linear == f.vision_attention == f.projector == 0
+    n = count_parameters(cfg)["llm"] - cfg.llm.vocab_size * cfg.llm.hidden_size  # input embedding: a lookup
+    no_attention = f.training - 3 * f.llm_attention
+    # The only difference: norms and biases are parameters but not matmul FLOPs (~5e-5 of N).
+    assert no_attention < 6 * n * T
+    assert no_attention == pytest.approx(6 * n * T, rel=1e-4)
+
+
+def test_packed_batch_and_sum():
+    from data_pipelines.schema import PackedBatch
+
+    cfg = _tiny()
+    batch = PackedBatch(
+        input_ids=torch.zeros(10, dtype=torch.long), labels=torch.zeros(10, dtype=torch.long),
+        position_ids=torch.zeros(3, 10, dtype=torch.long), cu_seqlens=torch.tensor([0, 5, 8], dtype=torch.int32),
+        pixel_values=torch.zeros(8, 8), grid_thw=torch.tensor([[1, 2, 4]]), sample_ids=["a", "b"],
+        num_tokens=8, num_label_tokens=4, num_visual_tokens=2,
+    )
+    f = packed_batch_flops(cfg, batch)
+    assert f == batch_flops(cfg, [(1, 2, 4)], [5, 3], 4)  # padding slots 8..9 are not counted
+    assert (f + f).forward == 2 * f.forward and Flops().forward == 0
+
+
+def test_peak_table():
+    assert peak_tflops(123.0, "anything") == 123.0
+    assert peak_tflops(0, "NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops(0, "NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops(0, "NVIDIA H200") == 989.0
+    assert peak_tflops(0, "NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops(0, "Tesla T4") is None
