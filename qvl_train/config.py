@@ -15,7 +15,7 @@ from typing import Any, Optional
 from data_pipelines.schema import GENERATIONS, DataConfig, DataSource
 
 STAGES = ("stage1_align", "stage2_multitask", "stage3_sft")
-IMPLEMENTED_GENERATIONS = ("qwen2_vl", "qwen2_5_vl")
+IMPLEMENTED_GENERATIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 class ConfigError(ValueError):
@@ -48,7 +48,8 @@ class VisionConfig:
     norm: str = "layernorm"
     """Norm of the ViT blocks and the merger: layernorm (Qwen2-VL) | rmsnorm (Qwen2.5-VL)."""
     mlp: str = "quick_gelu"
-    """ViT MLP: quick_gelu (fc1 → QuickGELU → fc2, Qwen2-VL) | swiglu (gate/up/down with biases, Qwen2.5-VL)."""
+    """ViT MLP: quick_gelu (fc1 → QuickGELU → fc2, Qwen2-VL) | swiglu (gate/up/down with biases,
+    Qwen2.5-VL) | gelu_tanh (fc1 → tanh-approximated GELU → fc2, Qwen3-VL)."""
     intermediate_size: Optional[int] = None
     """ViT MLP inner width; None = mlp_ratio · hidden_size (Qwen2-VL). Qwen2.5-VL sets it (3420)."""
     window_size: Optional[int] = None
@@ -59,6 +60,16 @@ class VisionConfig:
     tokens_per_second: int = 2
     """Qwen2.5-VL video: temporal M-RoPE ids advance tokens_per_second per second of video
     (recorded for HF export; the data side computes the ids)."""
+    patch_bias: bool = False
+    """Bias on the Conv3d patch embedding (Qwen3-VL: true; Qwen2/2.5-VL: false)."""
+    num_position_embeddings: Optional[int] = None
+    """Qwen3-VL: rows of the learned absolute position embedding (a square grid, 2304 = 48²),
+    bilinearly interpolated to each image's patch grid and added after the patch embedding;
+    None = no absolute position embedding (Qwen2/2.5-VL)."""
+    deepstack_visual_indexes: list[int] = field(default_factory=list)
+    """Qwen3-VL DeepStack: ViT blocks whose outputs pass their own mergers (LayerNorm after the
+    2×2 shuffle) and are added to the hidden states after LLM layer i (i-th entry) at the visual
+    token positions ([8, 16, 24] for the released 4B/8B)."""
 
 
 @dataclass
@@ -87,6 +98,14 @@ class LLMConfig:
     """Bias on the q/k/v projections (Qwen2)."""
     tie_word_embeddings: bool = False
     """Share the input embedding with the output layer (2B) or not (7B/72B)."""
+    head_dim: Optional[int] = None
+    """Attention head width (megatron kv_channels); None = hidden_size / num_attention_heads.
+    Qwen3 sets it (128) independently of the width (e.g. 4B: 2560 / 32 heads)."""
+    qk_norm: bool = False
+    """RMSNorm over each query and key head before RoPE (Qwen3)."""
+    mrope_interleaved: bool = False
+    """Qwen3-VL M-RoPE: rotary pairs take t/h/w positions interleaved (t,h,w,t,h,w,…; HF
+    `apply_interleaved_mrope`) instead of in contiguous t | h | w blocks (Qwen2/2.5-VL)."""
 
 
 @dataclass
@@ -117,8 +136,9 @@ class ModelConfig:
             )
         llm = self.llm
         head_dim, rem = divmod(llm.hidden_size, llm.num_attention_heads)
-        if rem:
+        if rem and llm.head_dim is None:
             raise ConfigError("model.llm.hidden_size must be divisible by model.llm.num_attention_heads")
+        head_dim = llm.head_dim or head_dim
         if 2 * sum(llm.mrope_section) != head_dim:
             raise ConfigError(
                 f"model.llm.mrope_section={list(llm.mrope_section)} must sum to head_dim/2 = {head_dim // 2}"
@@ -129,8 +149,8 @@ class ModelConfig:
             raise ConfigError("model.vision.hidden_size must be divisible by model.vision.num_heads")
         if self.vision.norm not in ("layernorm", "rmsnorm"):
             raise ConfigError(f"model.vision.norm={self.vision.norm!r}; valid: layernorm, rmsnorm")
-        if self.vision.mlp not in ("quick_gelu", "swiglu"):
-            raise ConfigError(f"model.vision.mlp={self.vision.mlp!r}; valid: quick_gelu, swiglu")
+        if self.vision.mlp not in ("quick_gelu", "swiglu", "gelu_tanh"):
+            raise ConfigError(f"model.vision.mlp={self.vision.mlp!r}; valid: quick_gelu, swiglu, gelu_tanh")
         if self.vision.window_size is not None:
             unit = self.vision.patch_size * self.vision.spatial_merge_size
             if self.vision.window_size % unit:
@@ -138,6 +158,13 @@ class ModelConfig:
                     f"model.vision.window_size={self.vision.window_size} must be a multiple of "
                     f"patch_size·spatial_merge_size = {unit}"
                 )
+        bad_ds = [i for i in self.vision.deepstack_visual_indexes if not 0 <= i < self.vision.depth]
+        ds = list(self.vision.deepstack_visual_indexes)
+        if bad_ds or len(ds) > llm.num_layers or ds != sorted(set(ds)):
+            raise ConfigError(
+                f"model.vision.deepstack_visual_indexes={list(self.vision.deepstack_visual_indexes)}: each must be in "
+                f"0..depth-1={self.vision.depth - 1}, strictly increasing, and at most num_layers={llm.num_layers} of them"
+            )
         bad = [i for i in self.vision.fullatt_block_indexes if not 0 <= i < self.vision.depth]
         if bad:
             raise ConfigError(f"model.vision.fullatt_block_indexes {bad} are outside 0..depth-1={self.vision.depth - 1}")
@@ -228,10 +255,20 @@ class TrainLoopConfig:
     """Write metrics every N steps."""
     dtype: str = "fp32"
     """Parameter dtype: fp32 (CPU default) | bf16."""
+    max_bad_steps: int = 5
+    """Stop the run (non-zero exit, no new checkpoint) after this many consecutive steps skipped for a
+    non-finite loss or gradient; the last good checkpoint stays `latest`. 0 = never stop."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for MFU; 0 = look the GPU up (bf16 dense: H100/H200/A100),
+    none on CPU (then `mfu` is not reported)."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise ConfigError("train.max_steps must be >= 1")
+        if self.max_bad_steps < 0:
+            raise ConfigError("train.max_bad_steps must be >= 0 (0 = never stop on skipped steps)")
+        if self.peak_tflops < 0:
+            raise ConfigError("train.peak_tflops must be >= 0 (0 = look up the GPU)")
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"train.dtype={self.dtype!r}; valid: fp32, bf16")
 
@@ -243,11 +280,17 @@ class CheckpointConfig:
     every: int = 100
     """Save every N steps (and at the last step); 0 = only at the end."""
     resume: str = "auto"
-    """auto: continue from output_dir/checkpoints/latest if present | never."""
+    """auto: continue from output_dir/checkpoints/latest if present (a checkpoint that fails its
+    manifest check is skipped for the previous complete one) | never."""
+    keep_last: int = 0
+    """Keep only the newest N complete step directories after each save; 0 = keep all. The one
+    `latest` names and any that model.init_from points into are never removed."""
 
     def __post_init__(self) -> None:
         if self.resume not in ("auto", "never"):
             raise ConfigError(f"checkpoint.resume={self.resume!r}; valid: auto, never")
+        if self.keep_last < 0:
+            raise ConfigError("checkpoint.keep_last must be >= 0 (0 = keep all)")
 
 
 @dataclass

@@ -45,9 +45,16 @@ def _build_qwen2_5_vl(cfg: ModelConfig, parallel: ParallelConfig, *, pre_process
     )
 
 
+def _build_qwen3_vl(cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype) -> VLM:
+    from qvl_train.models.vlm import Qwen3VLM
+
+    return Qwen3VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=resolve_spec_backend())
+
+
 _BUILDERS: dict[str, Callable[..., VLM]] = {
     "qwen2_vl": _build_qwen2_vl,
     "qwen2_5_vl": _build_qwen2_5_vl,
+    "qwen3_vl": _build_qwen3_vl,
 }
 IMPLEMENTED = tuple(_BUILDERS)
 

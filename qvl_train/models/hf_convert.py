@@ -1,4 +1,4 @@
-"""HF ⇄ ours weight mapping for Qwen2-VL and Qwen2.5-VL, in both directions, as one rule table.
+"""HF ⇄ ours weight mapping for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense), in both directions, as rule tables.
 
 `hf_to_ours(hf_sd, cfg)` gives the full (tp = pp = 1) state dict of our `VLM` (keys as
 `model.state_dict()`, without megatron's `_extra_state`); `ours_to_hf(sd, cfg, style=...)` gives
@@ -28,7 +28,7 @@ from qvl_train.config import ModelConfig
 
 __all__ = ["hf_to_ours", "ours_to_hf", "detect_style", "fuse_qkv", "split_qkv", "SUPPORTED"]
 
-SUPPORTED = ("qwen2_vl", "qwen2_5_vl")
+SUPPORTED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int) -> torch.Tensor:
@@ -78,6 +78,8 @@ def _rules(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
     """(our key, canonical HF keys, transform) for every tensor of the model."""
     if cfg.generation not in SUPPORTED:
         raise ValueError(f"HF conversion covers {SUPPORTED}, not {cfg.generation!r}")
+    if cfg.generation == "qwen3_vl":
+        return _rules_qwen3_vl(cfg)
     vit, llm = cfg.vision, cfg.llm
     rms = vit.norm == "rmsnorm"
     R: list[tuple[str, tuple[str, ...], str]] = [("vision.patch_embed.proj.weight", ("visual.patch_embed.proj.weight",), "patch")]
@@ -108,6 +110,51 @@ def _rules(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
         R.append((d + "pre_mlp_layernorm.weight", (s + "post_attention_layernorm.weight",), "id"))
         for part in ("weight", "bias") if llm.qkv_bias else ("weight",):
             R.append((d + f"self_attention.linear_qkv.{part}", tuple(s + f"self_attn.{n}_proj.{part}" for n in "qkv"), "qkv_llm"))
+        R.append((d + "self_attention.linear_proj.weight", (s + "self_attn.o_proj.weight",), "id"))
+        R.append((d + "mlp.linear_fc1.weight", (s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight"), "cat"))
+        R.append((d + "mlp.linear_fc2.weight", (s + "mlp.down_proj.weight",), "id"))
+    R.append(("llm.decoder.final_layernorm.weight", ("lm.norm.weight",), "id"))
+    if not llm.tie_word_embeddings:
+        R.append(("llm.output_layer.weight", ("lm_head.weight",), "id"))
+    return R
+
+
+def _rules_qwen3_vl(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
+    """Qwen3-VL (HF `Qwen3VLForConditionalGeneration`, 4.57): ViT with patch bias, `pos_embed`,
+    LayerNorm blocks with `mlp.linear_fc1/linear_fc2`; merger `norm`/`linear_fc1`/`linear_fc2`;
+    `deepstack_merger_list.{j}`; Qwen3 LLM (no qkv bias, `q_norm`/`k_norm` per head)."""
+    vit, llm = cfg.vision, cfg.llm
+    R: list[tuple[str, tuple[str, ...], str]] = [("vision.patch_embed.proj.weight", ("visual.patch_embed.proj.weight",), "patch")]
+    if vit.patch_bias:
+        R.append(("vision.patch_embed.proj.bias", ("visual.patch_embed.proj.bias",), "id"))
+    R.append(("vision.pos_embed", ("visual.pos_embed.weight",), "id"))
+    for i in range(vit.depth):
+        s, d = f"visual.blocks.{i}.", f"vision.decoder.layers.{i}."
+        for part in ("weight", "bias"):
+            R.append((d + f"input_layernorm.{part}", (s + f"norm1.{part}",), "id"))
+            R.append((d + f"pre_mlp_layernorm.{part}", (s + f"norm2.{part}",), "id"))
+            R.append((d + f"self_attention.linear_qkv.{part}", (s + f"attn.qkv.{part}",), "qkv_vit"))
+            R.append((d + f"self_attention.linear_proj.{part}", (s + f"attn.proj.{part}",), "id"))
+            R.append((d + f"mlp.linear_fc1.{part}", (s + f"mlp.linear_fc1.{part}",), "id"))
+            R.append((d + f"mlp.linear_fc2.{part}", (s + f"mlp.linear_fc2.{part}",), "id"))
+    mergers = [("projector.", "visual.merger.")] + [
+        (f"projector.deepstack.{j}.", f"visual.deepstack_merger_list.{j}.") for j in range(len(vit.deepstack_visual_indexes))
+    ]
+    for ours, hf in mergers:
+        for part in ("weight", "bias"):
+            R.append((ours + f"ln_q.{part}", (hf + f"norm.{part}",), "id"))
+            R.append((ours + f"linear_fc1.{part}", (hf + f"linear_fc1.{part}",), "id"))
+            R.append((ours + f"linear_fc2.{part}", (hf + f"linear_fc2.{part}",), "id"))
+    R.append(("llm.embedding.weight", ("lm.embed_tokens.weight",), "id"))
+    for i in range(llm.num_layers):
+        s, d = f"lm.layers.{i}.", f"llm.decoder.layers.{i}."
+        R.append((d + "input_layernorm.weight", (s + "input_layernorm.weight",), "id"))
+        R.append((d + "pre_mlp_layernorm.weight", (s + "post_attention_layernorm.weight",), "id"))
+        for part in ("weight", "bias") if llm.qkv_bias else ("weight",):
+            R.append((d + f"self_attention.linear_qkv.{part}", tuple(s + f"self_attn.{n}_proj.{part}" for n in "qkv"), "qkv_llm"))
+        if llm.qk_norm:
+            R.append((d + "self_attention.q_layernorm.weight", (s + "self_attn.q_norm.weight",), "id"))
+            R.append((d + "self_attention.k_layernorm.weight", (s + "self_attn.k_norm.weight",), "id"))
         R.append((d + "self_attention.linear_proj.weight", (s + "self_attn.o_proj.weight",), "id"))
         R.append((d + "mlp.linear_fc1.weight", (s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight"), "cat"))
         R.append((d + "mlp.linear_fc2.weight", (s + "mlp.down_proj.weight",), "id"))

@@ -45,7 +45,8 @@ def llm_transformer_config(cfg: LLMConfig, parallel: ParallelConfig, *, dtype: t
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        kv_channels=cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads,
+        qk_layernorm=cfg.qk_norm,
         ffn_hidden_size=cfg.ffn_hidden_size,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_eps,
@@ -84,7 +85,7 @@ class Qwen2LanguageModel(MegatronModule):
             )
         self.decoder = TransformerBlock(
             config=config,
-            spec=layer_spec(causal=True, attention_backend=attention_backend, spec_backend=spec_backend),
+            spec=layer_spec(causal=True, attention_backend=attention_backend, spec_backend=spec_backend, qk_norm=cfg.qk_norm),
             post_layer_norm=True,
             pre_process=pre_process,
             post_process=post_process,
@@ -113,16 +114,24 @@ class Qwen2LanguageModel(MegatronModule):
         rotary_pos_emb: torch.Tensor,
         packed_seq_params,
         output_positions: Optional[torch.Tensor] = None,
+        deepstack: Optional[tuple[torch.Tensor, list[torch.Tensor]]] = None,
     ) -> torch.Tensor:
         """Run this stage's layers; on the last stage also the final norm and output layer.
 
         Returns `[L, 1, H]` hidden states, or on the last stage vocab-sharded logits `[L, 1, V/tp]`
         — only at `output_positions` (`[n, 1, V/tp]`) when given: the output layer is the largest
         matmul of a small model with a 152k vocabulary, and only label positions need logits.
+
+        `deepstack = (positions [n], [features [n, H], …])` (Qwen3-VL, first stage only): feature i
+        is added at `positions` to the output of global decoder layer i (0-based), so the layers
+        run one by one here (the block still owns them: names and sharding stay megatron's).
         """
-        h = self.decoder(
-            hidden_states=hidden_L1H, attention_mask=None, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params
-        )
+        if deepstack is not None:
+            h = self._forward_deepstack(hidden_L1H, rotary_pos_emb, packed_seq_params, *deepstack)
+        else:
+            h = self.decoder(
+                hidden_states=hidden_L1H, attention_mask=None, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params
+            )
         if not self.post_process:
             return h
         if output_positions is not None:
@@ -130,6 +139,25 @@ class Qwen2LanguageModel(MegatronModule):
         weight = self.embedding.weight if self.tie else None
         logits, _ = self.output_layer(h, weight=weight)
         return logits
+
+    def _forward_deepstack(self, h, rotary_pos_emb, packed_seq_params, positions, features):
+        if not self.pre_process:
+            raise ValueError("DeepStack features are injected on the first pipeline stage only")
+        stage_layers = {layer.layer_number - 1 for layer in self.decoder.layers}  # global, 0-based
+        missing = [i for i in range(len(features)) if i not in stage_layers]
+        if missing:
+            raise ValueError(
+                f"DeepStack adds visual features after LLM layers 0..{len(features) - 1}, but layers {missing} are not "
+                "on the first pipeline stage; raise parallel.first_stage_layers"
+            )
+        for layer in self.decoder.layers:
+            h, _ = layer(hidden_states=h, attention_mask=None, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params)
+            i = layer.layer_number - 1
+            if i < len(features):
+                h = h.index_add(0, positions, features[i].to(h.dtype).unsqueeze(1))
+        if self.decoder.final_layernorm is not None:
+            h = self.decoder.final_layernorm(h)
+        return h
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """Default megatron sharding; a tied output layer has no weight of its own to save."""

@@ -24,12 +24,14 @@ def _no_init(w: torch.Tensor) -> None:
 class PatchMerger(MegatronModule):
     """`[P, Hv]` → `[P / merge², H_llm]`."""
 
-    def __init__(self, config, cfg: VisionConfig, llm_hidden_size: int):
+    def __init__(self, config, cfg: VisionConfig, llm_hidden_size: int, postshuffle_norm: bool = False):
         super().__init__(config=config)
         self.merge = cfg.spatial_merge_size**2
         width = cfg.hidden_size * self.merge
         norm = torch.nn.RMSNorm if cfg.norm == "rmsnorm" else torch.nn.LayerNorm  # Qwen2.5-VL: RMSNorm
-        self.ln_q = norm(cfg.hidden_size, eps=cfg.norm_eps, dtype=config.params_dtype)
+        # Qwen3-VL DeepStack mergers normalise the joined m²·Hv vector (HF use_postshuffle_norm).
+        self.postshuffle_norm = postshuffle_norm
+        self.ln_q = norm(width if postshuffle_norm else cfg.hidden_size, eps=cfg.norm_eps, dtype=config.params_dtype)
         self.linear_fc1 = ColumnParallelLinear(
             width, width, config=config, init_method=_no_init, bias=True, gather_output=False
         )
@@ -38,8 +40,29 @@ class PatchMerger(MegatronModule):
         )
 
     def forward(self, x_PD: torch.Tensor) -> torch.Tensor:
-        x = self.ln_q(x_PD).reshape(-1, 1, x_PD.shape[-1] * self.merge)  # [P/m², 1, m²·Hv]
+        if self.postshuffle_norm:
+            x = self.ln_q(x_PD.reshape(-1, 1, x_PD.shape[-1] * self.merge))
+        else:
+            x = self.ln_q(x_PD).reshape(-1, 1, x_PD.shape[-1] * self.merge)  # [P/m², 1, m²·Hv]
         x, _ = self.linear_fc1(x)
         x = torch.nn.functional.gelu(x)  # exact (erf) GELU, as HF nn.GELU()
         x, _ = self.linear_fc2(x)
         return x.squeeze(1)
+
+
+class DeepStackProjector(PatchMerger):
+    """Qwen3-VL: the main merger (this module, LayerNorm before the shuffle) plus one merger per
+    DeepStack ViT layer (`deepstack.{i}`, LayerNorm after the shuffle; HF `deepstack_merger_list`).
+
+    All under `projector.` so stage freezing treats every merger alike.
+    """
+
+    def __init__(self, config, cfg: VisionConfig, llm_hidden_size: int):
+        super().__init__(config, cfg, llm_hidden_size)
+        self.deepstack = torch.nn.ModuleList(
+            PatchMerger(config, cfg, llm_hidden_size, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes
+        )
+
+    def project_deepstack(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Patch features of the DeepStack layers `[P, Hv]` each → `[P / merge², H_llm]` each."""
+        return [m(f) for m, f in zip(self.deepstack, feats)]

@@ -44,17 +44,29 @@ def vision_rope_freqs(grid_thw: torch.Tensor, head_dim: int, merge_size: int, th
     return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
 
 
-def mrope_freqs(position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section: list[int]) -> torch.Tensor:
+def mrope_freqs(
+    position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section: list[int], interleaved: bool = False
+) -> torch.Tensor:
     """Multimodal RoPE of the Qwen2-VL LLM: `[L, 1, 1, head_dim]` angles from `position_ids [3, L]`.
 
     Rotary pair i takes its position from the temporal, height or width row according to
     `mrope_section` (e.g. [16, 24, 24] for head_dim 128: pairs 0-15 ← t, 16-39 ← h, 40-63 ← w);
     the same selection applies to both halves of `cat(freqs, freqs)` (HF
     `apply_multimodal_rotary_pos_emb` with `mrope_section * 2`).
+
+    `interleaved` (Qwen3-VL, HF `apply_interleaved_mrope`): pair j takes h if j % 3 == 1 and
+    j < 3·section[1], w if j % 3 == 2 and j < 3·section[2], else t (e.g. [24, 20, 20]: pairs
+    t h w t h w … up to pair 59, then t for 60-63), so every axis spans low and high frequencies.
     """
     assert 2 * sum(mrope_section) == head_dim, (mrope_section, head_dim)
     freq = inv_freq(head_dim, theta, device=position_ids.device)  # [head_dim/2]
     freqs_3LD = position_ids.float()[:, :, None] * freq[None, None, :]
-    row = torch.repeat_interleave(torch.arange(3, device=position_ids.device), torch.tensor(mrope_section, device=position_ids.device))
+    if interleaved:
+        j = torch.arange(head_dim // 2, device=position_ids.device)
+        row = torch.zeros_like(j)
+        row[(j % 3 == 1) & (j < 3 * mrope_section[1])] = 1
+        row[(j % 3 == 2) & (j < 3 * mrope_section[2])] = 2
+    else:
+        row = torch.repeat_interleave(torch.arange(3, device=position_ids.device), torch.tensor(mrope_section, device=position_ids.device))
     freqs = freqs_3LD.gather(0, row[None, None, :].expand(1, freqs_3LD.shape[1], -1)).squeeze(0)  # [L, head_dim/2]
     return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]

@@ -57,21 +57,25 @@ def norm_module():
     return WrappedTorchNorm
 
 
-def layer_spec(*, causal: bool, attention_backend: str = "auto", spec_backend: str = "local") -> ModuleSpec:
+def layer_spec(*, causal: bool, attention_backend: str = "auto", spec_backend: str = "local", qk_norm: bool = False) -> ModuleSpec:
     """A pre-norm transformer layer: norm → self-attention → residual → norm → MLP → residual.
 
     `causal` picks the mask type of the core attention (LLM: causal, ViT: bidirectional per
     frame). Whether the MLP is gated (SwiGLU), its activation and its biases come from the
     `TransformerConfig` (`gated_linear_unit`, `activation_func`, `add_bias_linear`,
-    `add_qkv_bias`), so the ViT and the LLM share this one spec.
+    `add_qkv_bias`), so the ViT and the LLM share this one spec. `qk_norm` (Qwen3) adds a norm over
+    each query / key head before RoPE (`q_layernorm` / `k_layernorm`, RMSNorm by the config).
     """
     mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
     core = ModuleSpec(module=VarlenAttention, params={"backend": attention_backend})
     if spec_backend == "te":
         from megatron.core.extensions.transformer_engine import (  # noqa: PLC0415 (TE only when asked)
             TELayerNormColumnParallelLinear,
+            TENorm,
             TERowParallelLinear,
         )
+
+        qk = TENorm if qk_norm else IdentityOp
 
         return ModuleSpec(
             module=TransformerLayer,
@@ -83,8 +87,8 @@ def layer_spec(*, causal: bool, attention_backend: str = "auto", spec_backend: s
                         linear_qkv=TELayerNormColumnParallelLinear,
                         core_attention=core,
                         linear_proj=TERowParallelLinear,
-                        q_layernorm=IdentityOp,
-                        k_layernorm=IdentityOp,
+                        q_layernorm=qk,
+                        k_layernorm=qk,
                     ),
                 ),
                 self_attn_bda=get_bias_dropout_add,
@@ -95,6 +99,7 @@ def layer_spec(*, causal: bool, attention_backend: str = "auto", spec_backend: s
                 mlp_bda=get_bias_dropout_add,
             ),
         )
+    qk = WrappedTorchNorm if qk_norm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -106,8 +111,8 @@ def layer_spec(*, causal: bool, attention_backend: str = "auto", spec_backend: s
                     linear_qkv=ColumnParallelLinear,
                     core_attention=core,
                     linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=qk,
+                    k_layernorm=qk,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,

@@ -14,7 +14,7 @@ from data_pipelines.schema import IGNORE_INDEX, PackedBatch
 from qvl_train.config import LLMConfig, ModelConfig, VisionConfig
 from qvl_train.models.vlm import IMAGE_PAD_ID
 
-__all__ = ["tiny_model_config", "tiny_qwen2_5_vl_config", "packed_batch"]
+__all__ = ["tiny_model_config", "tiny_qwen2_5_vl_config", "tiny_qwen3_vl_config", "packed_batch"]
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
@@ -40,6 +40,25 @@ def tiny_qwen2_5_vl_config(**overrides) -> ModelConfig:
     cfg.vision = VisionConfig(
         depth=4, hidden_size=64, num_heads=4, intermediate_size=96, norm="rmsnorm", mlp="swiglu",
         window_size=112, fullatt_block_indexes=[1, 3],
+    )
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_qwen3_vl_config(**overrides) -> ModelConfig:
+    """Tiny Qwen3-VL: ViT depth 3 / width 64 (patch 16, 8×8 learned position table, tanh-GELU MLP
+    96, DeepStack from blocks 0 and 1); Qwen3 LLM 3 layers / width 64 / 4 heads of 32 (head_dim ≠
+    64 / 4) / 2 kv groups, q/k RMSNorm, no qkv bias, interleaved M-RoPE [6, 5, 5], tied embeddings."""
+    cfg = tiny_model_config(generation="qwen3_vl")
+    cfg.vision = VisionConfig(
+        depth=3, hidden_size=64, num_heads=4, intermediate_size=96, norm="layernorm", mlp="gelu_tanh",
+        patch_size=16, patch_bias=True, num_position_embeddings=64, deepstack_visual_indexes=[0, 1],
+    )
+    cfg.llm = LLMConfig(
+        num_layers=3, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2, head_dim=32,
+        vocab_size=151936, rope_theta=5_000_000.0, mrope_section=[6, 5, 5], mrope_interleaved=True,
+        qkv_bias=False, qk_norm=True, tie_word_embeddings=True,
     )
     for k, v in overrides.items():
         setattr(cfg, k, v)

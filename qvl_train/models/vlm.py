@@ -31,11 +31,11 @@ from megatron.core.transformer.module import MegatronModule
 from data_pipelines.schema import IGNORE_INDEX, PackedBatch
 from qvl_train.config import ModelConfig, ParallelConfig
 from qvl_train.models.language import Qwen2LanguageModel
-from qvl_train.models.projector import PatchMerger
+from qvl_train.models.projector import DeepStackProjector, PatchMerger
 from qvl_train.models.rope import mrope_freqs
 from qvl_train.models.vision.qwen2_vl import Qwen2VisionTransformer
 
-__all__ = ["VLM", "IMAGE_PAD_ID", "VIDEO_PAD_ID"]
+__all__ = ["VLM", "Qwen3VLM", "IMAGE_PAD_ID", "VIDEO_PAD_ID"]
 
 IMAGE_PAD_ID = 151655
 """`<|image_pad|>`: one per merged image token (Qwen2-VL / 2.5-VL tokenizer)."""
@@ -60,6 +60,7 @@ class VLM(MegatronModule):
         dtype: torch.dtype = torch.float32,
         spec_backend: str = "local",
         vision_cls: type = Qwen2VisionTransformer,
+        projector_cls: type = PatchMerger,
     ):
         llm = Qwen2LanguageModel(
             cfg.llm,
@@ -75,12 +76,12 @@ class VLM(MegatronModule):
         self.cfg = cfg
         self.pre_process = pre_process
         self.post_process = post_process
-        self.head_dim = cfg.llm.hidden_size // cfg.llm.num_attention_heads
+        self.head_dim = cfg.llm.head_dim or cfg.llm.hidden_size // cfg.llm.num_attention_heads
         if pre_process:
             self.vision = vision_cls(
                 cfg.vision, tp=parallel.tp, dtype=dtype, attention_backend=cfg.attention_backend, spec_backend=spec_backend
             )
-            self.projector = PatchMerger(self.vision.config, cfg.vision, cfg.llm.hidden_size)
+            self.projector = projector_cls(self.vision.config, cfg.vision, cfg.llm.hidden_size)
         self.llm = llm
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -119,7 +120,10 @@ class VLM(MegatronModule):
         packed = PackedSeqParams(
             qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
         )
-        rope = mrope_freqs(batch.position_ids, self.head_dim, self.cfg.llm.rope_theta, list(self.cfg.llm.mrope_section))
+        rope = mrope_freqs(
+            batch.position_ids, self.head_dim, self.cfg.llm.rope_theta, list(self.cfg.llm.mrope_section),
+            interleaved=self.cfg.llm.mrope_interleaved,
+        )
         return rope, packed
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
@@ -135,13 +139,83 @@ class VLM(MegatronModule):
             max_seqlen_q=longest,
             max_seqlen_kv=longest,
         )
-        rope = mrope_freqs(batch.position_ids, self.head_dim, self.cfg.llm.rope_theta, list(self.cfg.llm.mrope_section))
+        rope = mrope_freqs(
+            batch.position_ids, self.head_dim, self.cfg.llm.rope_theta, list(self.cfg.llm.mrope_section),
+            interleaved=self.cfg.llm.mrope_interleaved,
+        )
         hidden: Optional[torch.Tensor] = self.embed(batch) if self.pre_process else None
         if not self.post_process:
             return self.llm(hidden, rope, packed)
         # Logits only where a label is: the same per-token losses at a fraction of the output-layer cost.
         targets = torch.nonzero(batch.labels != IGNORE_INDEX).squeeze(1)
         logits_n1V = self.llm(hidden, rope, packed, output_positions=targets)
+        loss_n1 = tensor_parallel.vocab_parallel_cross_entropy(logits_n1V.float(), batch.labels[targets].unsqueeze(1))
+        loss_L = torch.zeros(batch.labels.shape[0], dtype=torch.float32, device=loss_n1.device)
+        return loss_L.index_put((targets,), loss_n1.squeeze(1))
+
+
+class Qwen3VLM(VLM):
+    """Qwen3-VL (dense): the `VLM` plus DeepStack.
+
+    The ViT (`vision/qwen3_vl.py`) also returns the patch features of its `deepstack_visual_indexes`
+    blocks; `projector.deepstack.{i}` merges them to `[n_vis, H]`, and the LLM adds feature i to its
+    hidden states at the visual token positions after decoder layer i (HF `_deepstack_process`).
+    Those layers must be on the first pipeline stage (checked at build time). Under tensor
+    parallelism the hidden states and the merged features are replicated per TP rank (no sequence
+    parallelism), so the addition is local.
+    """
+
+    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype=torch.float32, spec_backend: str = "local"):
+        from qvl_train.models.vision.qwen3_vl import Qwen3VisionTransformer
+
+        n_deep = len(cfg.vision.deepstack_visual_indexes)
+        if parallel.pp > 1 and n_deep:
+            first = parallel.first_stage_layers or cfg.llm.num_layers // parallel.pp
+            if n_deep > first:
+                raise ValueError(
+                    f"Qwen3-VL DeepStack adds ViT features after LLM layers 0..{n_deep - 1}, but the first pipeline "
+                    f"stage holds {first} layers; set parallel.first_stage_layers >= {n_deep}"
+                )
+        super().__init__(
+            cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=spec_backend,
+            vision_cls=Qwen3VisionTransformer, projector_cls=DeepStackProjector,
+        )
+
+    def embed_with_deepstack(self, batch: PackedBatch):
+        """(`[L, 1, H]` embeddings with the visual tokens in place, DeepStack `(positions, features)` or None)."""
+        h_L1H = self.llm.embed(batch.input_ids)
+        if batch.pixel_values.numel() == 0:
+            return h_L1H, None
+        vis, deep = self.vision(batch.pixel_values, batch.grid_thw)
+        vis_VH = self.projector(vis)
+        pos = torch.nonzero((batch.input_ids == IMAGE_PAD_ID) | (batch.input_ids == VIDEO_PAD_ID)).squeeze(1)
+        if pos.numel() != vis_VH.shape[0]:
+            raise ValueError(
+                f"{pos.numel()} image/video pad tokens but {vis_VH.shape[0]} visual embeddings "
+                f"(grid_thw={batch.grid_thw.tolist()}): the text and the pixels do not match"
+            )
+        h_LH = h_L1H.squeeze(1).index_put((pos,), vis_VH.to(h_L1H.dtype))
+        deepstack = (pos, self.projector.project_deepstack(deep)) if deep else None
+        return h_LH.unsqueeze(1), deepstack
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        return self.embed_with_deepstack(batch)[0]
+
+    def logits(self, batch: PackedBatch) -> torch.Tensor:
+        if not (self.pre_process and self.post_process):
+            raise ValueError("VLM.logits needs the whole model on one stage (pp=1)")
+        rope, packed = self._rope_and_packing(batch)
+        hidden, deepstack = self.embed_with_deepstack(batch)
+        return self.llm(hidden, rope, packed, deepstack=deepstack).squeeze(1)
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Per-token loss `[L]` float32 on the last stage, else hidden states `[L, 1, H]`."""
+        rope, packed = self._rope_and_packing(batch)
+        hidden, deepstack = self.embed_with_deepstack(batch) if self.pre_process else (None, None)
+        if not self.post_process:
+            return self.llm(hidden, rope, packed, deepstack=deepstack)
+        targets = torch.nonzero(batch.labels != IGNORE_INDEX).squeeze(1)
+        logits_n1V = self.llm(hidden, rope, packed, output_positions=targets, deepstack=deepstack)
         loss_n1 = tensor_parallel.vocab_parallel_cross_entropy(logits_n1V.float(), batch.labels[targets].unsqueeze(1))
         loss_L = torch.zeros(batch.labels.shape[0], dtype=torch.float32, device=loss_n1.device)
         return loss_L.index_put((targets,), loss_n1.squeeze(1))
