@@ -15,7 +15,8 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     """`{"vision", "projector", "llm", "total"}` parameter counts of the model `cfg` describes."""
     v, l = cfg.vision, cfg.llm
     hv = v.hidden_size
-    patch = v.in_channels * v.temporal_patch_size * v.patch_size**2 * hv
+    patch = v.in_channels * v.temporal_patch_size * v.patch_size**2 * hv + (hv if v.patch_bias else 0)
+    patch += (v.num_position_embeddings or 0) * hv  # Qwen3-VL learned position table
     norm = hv if v.norm == "rmsnorm" else 2 * hv
     attn = hv * 3 * hv + 3 * hv + hv * hv + hv
     inner = v.intermediate_size or int(hv * v.mlp_ratio)
@@ -26,11 +27,14 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     vision = patch + v.depth * (2 * norm + attn + mlp)
     width = hv * v.spatial_merge_size**2
     projector = norm + width * width + width + width * l.hidden_size + l.hidden_size
+    # Qwen3-VL DeepStack mergers: the same MLP with a LayerNorm over the joined width
+    projector += len(v.deepstack_visual_indexes) * (2 * width + width * width + width + width * l.hidden_size + l.hidden_size)
 
     h = l.hidden_size
-    d = h // l.num_attention_heads
+    d = l.head_dim or h // l.num_attention_heads
     kv = l.num_query_groups * d
-    attn_l = h * h + 2 * h * kv + (h + 2 * kv if l.qkv_bias else 0) + h * h
+    q = l.num_attention_heads * d
+    attn_l = h * q + 2 * h * kv + (q + 2 * kv if l.qkv_bias else 0) + q * h + (2 * d if l.qk_norm else 0)
     mlp_l = 3 * h * l.ffn_hidden_size
     layer = attn_l + mlp_l + 2 * h
     embed = l.vocab_size * h

@@ -1,4 +1,4 @@
-"""Parameter counts of every qwen2_vl / qwen2_5_vl config vs the published totals (within 1%).
+"""Parameter counts of every qwen2_vl / qwen2_5_vl / qwen3_vl config vs the published totals (within 1%).
 
 The analytic count (`qvl_train.models.params.count_parameters`) is first checked exactly against
 the parameters of built tiny models, then used for the full-size configs (too big to build here).
@@ -30,6 +30,13 @@ PUBLISHED = {
     "qwen2_5_vl/7b": 8.29e9,  # Qwen/Qwen2.5-VL-7B-Instruct
     "qwen2_5_vl/32b": 33.5e9,  # Qwen/Qwen2.5-VL-32B-Instruct
     "qwen2_5_vl/72b": 73.4e9,  # Qwen/Qwen2.5-VL-72B-Instruct
+    # Qwen3-VL dense: the model pages' "Model size" as recalled (not re-read here: no hub access);
+    # 8.8B for the 8B is confirmed by a third-party listing found via the search tool
+    # (https://haimaker.ai/models/qwen/qwen3-vl-8b-instruct, "8.8B-parameter").
+    "qwen3_vl/2b": 2.13e9,  # Qwen/Qwen3-VL-2B-Instruct (tied embeddings)
+    "qwen3_vl/4b": 4.44e9,  # Qwen/Qwen3-VL-4B-Instruct (tied embeddings)
+    "qwen3_vl/8b": 8.77e9,  # Qwen/Qwen3-VL-8B-Instruct
+    "qwen3_vl/32b": 33.4e9,  # Qwen/Qwen3-VL-32B-Instruct
 }
 
 
@@ -41,8 +48,8 @@ def load_model_config(name: str) -> ModelConfig:
 
 
 def test_every_published_size_has_a_config_and_vice_versa():
-    sizes = {f"{p.parent.name}/{p.stem}" for g in ("qwen2_vl", "qwen2_5_vl") for p in (ROOT / g).glob("*.yaml")}
-    assert sizes - {"qwen2_vl/tiny", "qwen2_5_vl/tiny"} == set(PUBLISHED)
+    sizes = {f"{p.parent.name}/{p.stem}" for g in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl") for p in (ROOT / g).glob("*.yaml")}
+    assert sizes - {"qwen2_vl/tiny", "qwen2_5_vl/tiny", "qwen3_vl/tiny"} == set(PUBLISHED)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -51,7 +58,7 @@ def test_parameter_count_matches_published(name):
     assert abs(total - PUBLISHED[name]) / PUBLISHED[name] < 0.01, (name, total)
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl/tiny", "qwen2_5_vl/tiny"])
+@pytest.mark.parametrize("name", ["qwen2_vl/tiny", "qwen2_5_vl/tiny", "qwen3_vl/tiny"])
 def test_analytic_count_equals_built_model(name, model_parallel_1):
     from qvl_train.config import ParallelConfig
     from qvl_train.models import build_model
