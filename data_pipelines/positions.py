@@ -8,6 +8,7 @@ The `<|vision_start|>` and `<|vision_end|>` markers are ordinary text positions.
 This matches `transformers.Qwen2VLModel.get_rope_index` (4.57.x) for one unpadded sample; in a packed
 micro-batch each sample's ids restart at 0 (see PackedBatch). Videos (`<|video_pad|>`) are handled
 identically with their own grids; Qwen2.5-VL's time scaling of video t-ids is not applied here.
+Qwen3-VL: `qwen3_vl_position_ids` (images as Qwen2-VL; a video's grid split into one grid per frame).
 """
 
 from __future__ import annotations
@@ -74,6 +75,34 @@ def mrope_position_ids(
     if used[image_token_id] != len(grids[image_token_id]) or used[video_token_id] != len(grids[video_token_id]):
         raise ValueError("fewer media token runs than grids")
     return torch.from_numpy(out)
+
+
+def qwen3_vl_position_ids(
+    input_ids: Sequence[int] | torch.Tensor,
+    image_grid_thw: Sequence[Sequence[int]] | torch.Tensor = (),
+    video_grid_thw: Sequence[Sequence[int]] | torch.Tensor = (),
+    merge_size: int = 2,
+    image_token_id: int = IMAGE_PAD_ID,
+    video_token_id: int = VIDEO_PAD_ID,
+) -> torch.Tensor:
+    """Position ids [3, n] for one Qwen3-VL sample (`Qwen3VLModel.get_rope_index`, transformers 4.57).
+
+    Images (and text) get exactly Qwen2-VL's ids. A video of grid (t, h, w) is written as t
+    frames, each its own `<|vision_start|>` + h·w/merge² pads + `<|vision_end|>` run preceded by a
+    text timestamp (`<0.5 seconds>`), so HF splits its grid into t grids of (1, h, w): every frame
+    starts at temporal id `st` and the timestamp text between frames advances the ids. Here the
+    same split is made and `mrope_position_ids` does the rest. (The interleaving of t/h/w over the
+    rotary channels is the model's business: `mrope_interleaved`.)
+    """
+    frames = [(1, int(h), int(w)) for t, h, w in _rows(video_grid_thw) for _ in range(int(t))]
+    return mrope_position_ids(input_ids, image_grid_thw, frames, merge_size, image_token_id, video_token_id)
+
+
+def position_ids_for(generation: str, input_ids, image_grid_thw=(), video_grid_thw=(), merge_size: int = 2) -> torch.Tensor:
+    """Position ids [3, n] of one sample for `generation` (qwen2_vl, qwen2_5_vl images, qwen3_vl)."""
+    if generation in ("qwen3_vl", "qwen3_vl_moe"):
+        return qwen3_vl_position_ids(input_ids, image_grid_thw, video_grid_thw, merge_size)
+    return mrope_position_ids(input_ids, image_grid_thw, video_grid_thw, merge_size)
 
 
 def _rows(grid: Sequence[Sequence[int]] | torch.Tensor) -> list:

@@ -44,10 +44,10 @@ from data_pipelines.positions import mrope_position_ids
 from data_pipelines.schema import IGNORE_INDEX, DataConfig, PackedBatch
 from data_pipelines.shards import read_index
 from data_pipelines.text import PAD_ID, QwenTokenizer, get_tokenizer, message_parts
-from data_pipelines.vision import BadImage, decode_image, patchify_image
+from data_pipelines.vision import BadImage, decode_image, patchify_image, vision_spec
 
 
-SUPPORTED_GENERATIONS = ("qwen2_vl", "qwen2_5_vl")
+SUPPORTED_GENERATIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 """Qwen2.5-VL shares Qwen2-VL's tokenizer, chat template, image preprocessing and image position
 ids (only video positions differ, and videos are not produced yet); Qwen3-VL needs its own."""
 
@@ -125,6 +125,7 @@ class SampleBuilder:
                 pv, grid = patchify_image(
                     img, patch_size=cfg.patch_size, temporal_patch_size=cfg.temporal_patch_size,
                     merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                    mean=vision_spec(cfg.generation).mean, std=vision_spec(cfg.generation).std,  # Qwen3-VL: 0.5/0.5
                 )
             except (BadImage, ValueError) as e:
                 raise SkipSample("bad_image", str(e)) from e
@@ -204,7 +205,7 @@ class StepLoader:
         if cfg.generation not in SUPPORTED_GENERATIONS:
             raise NotImplementedError(
                 f"data.generation={cfg.generation!r}: the data side implements {SUPPORTED_GENERATIONS} "
-                "(Qwen2-VL's template, tokens, CLIP normalisation and image M-RoPE)"
+                "(their templates, tokens, normalisation and image M-RoPE)"
             )
         self.cfg = cfg
         self.micro_batches_per_step = micro_batches_per_step

@@ -20,6 +20,12 @@ with an image inside `content` rendered as `<|vision_start|>` + N x `<|image_pad
 string (e.g. `"assistant\\nred"`), as the HF tokenizer does on the rendered template, so ids match
 HF's `apply_chat_template` + tokenisation.
 
+Qwen3-VL (`generation="qwen3_vl"`): the same ChatML and the same image wrapper
+`<|vision_start|><|image_pad|>…<|vision_end|>`; ids 0–151656 are Qwen2-VL's, and its tokenizer adds
+`QWEN3_SPECIAL_TOKENS` (151657–151668, `<think>` = 151667, `</think>` = 151668). Known difference
+not yet applied: Qwen3-VL's released chat template (like Qwen3's) inserts no default system turn;
+this renderer still inserts Qwen2-VL's "You are a helpful assistant." for every generation.
+
 Grounding
 ---------
 One canonical box in the shard, `{"type": "box", "ref": "the red circle", "box": [x1, y1, x2, y2],
@@ -93,8 +99,30 @@ VIDEO_PAD_ID = SPECIAL_TOKENS["<|video_pad|>"]
 MAX_TOKEN_ID = max(SPECIAL_TOKENS.values())
 """Largest id the data side ever emits (the model's vocabulary must be larger than this)."""
 
+QWEN3_SPECIAL_TOKENS: dict[str, int] = {
+    "<tool_call>": 151657,
+    "</tool_call>": 151658,
+    "<|fim_prefix|>": 151659,
+    "<|fim_middle|>": 151660,
+    "<|fim_suffix|>": 151661,
+    "<|fim_pad|>": 151662,
+    "<|repo_name|>": 151663,
+    "<|file_sep|>": 151664,
+    "<tool_response>": 151665,
+    "</tool_response>": 151666,
+    "<think>": 151667,
+    "</think>": 151668,
+}
+"""Added tokens of the Qwen3 / Qwen3-VL tokenizer after `<|video_pad|>` (ids 0–151656 are the same
+as Qwen2-VL's: the same `qwen.tiktoken` ranks and the specials above). Not registered with the
+Qwen2-VL encoder (its vocabulary stays 151,657); `QwenTokenizer.special` and `decode` know them."""
+THINK_START_ID = QWEN3_SPECIAL_TOKENS["<think>"]
+THINK_END_ID = QWEN3_SPECIAL_TOKENS["</think>"]
 DEFAULT_SYSTEM = "You are a helpful assistant."
 ROLES = ("system", "user", "assistant")
+
+
+_QWEN3_BY_ID = {v: k for k, v in QWEN3_SPECIAL_TOKENS.items()}
 
 
 def _qwen_tiktoken_path() -> str:
@@ -137,10 +165,21 @@ class QwenTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids (regular and special) → text; invalid UTF-8 byte runs are replaced."""
-        return self.enc.decode(list(ids), errors="replace")
+        ids = list(ids)
+        if not any(i in _QWEN3_BY_ID for i in ids):
+            return self.enc.decode(ids, errors="replace")
+        out, run = [], []
+        for i in ids:  # Qwen3's added tokens (e.g. <think>) are not in the tiktoken encoder
+            if i in _QWEN3_BY_ID:
+                out += [self.enc.decode(run, errors="replace"), _QWEN3_BY_ID[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + [self.enc.decode(run, errors="replace")])
 
     def special(self, name: str) -> int:
-        return self.special_tokens[name]
+        """Id of a special token (Qwen2-VL's, or one of Qwen3's `QWEN3_SPECIAL_TOKENS`)."""
+        return self.special_tokens[name] if name in self.special_tokens else QWEN3_SPECIAL_TOKENS[name]
 
     # ---------------------------------------------------------------------------------- template
     def encode_conversation(

@@ -38,3 +38,51 @@ def test_positions_match_hf_get_rope_index():
     # text-only: t = h = w = running index
     ids2, _ = tok.encode_conversation([{"role": "user", "content": "hi"}], [])
     assert torch.equal(mrope_position_ids(ids2), torch.arange(len(ids2)).expand(3, -1))
+
+
+def _tiny_qwen3_vl():
+    from transformers import Qwen3VLConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+    cfg = Qwen3VLConfig(
+        text_config=dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1, head_dim=8,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0]),
+    )
+    return Qwen3VLModel(cfg).eval()
+
+
+def test_qwen3_vl_positions_match_hf_get_rope_index():
+    """2-image Qwen3-VL conversation and a 3-frame video with timestamps."""
+    from data_pipelines.positions import qwen3_vl_position_ids
+    from data_pipelines.text import VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
+
+    tok = get_tokenizer()
+    model = _tiny_qwen3_vl()
+    grids = [(1, 6, 4), (1, 2, 10)]
+    msgs = [
+        {"role": "user", "content": [
+            {"type": "image", "name": "a.png"}, {"type": "text", "text": "and"},
+            {"type": "image", "name": "b.png"}, {"type": "text", "text": "Which one is wider?"}]},
+        {"role": "assistant", "content": "the second"},
+    ]
+    ids, _ = tok.encode_conversation(msgs, [t * h * w // 4 for t, h, w in grids], generation="qwen3_vl")
+    ours = qwen3_vl_position_ids(ids, grids)
+    ref, _ = model.get_rope_index(torch.tensor([ids]), image_grid_thw=torch.tensor(grids))
+    assert torch.equal(ours, ref[:, 0, :])
+
+    # video of 3 temporal patches: "<t seconds>" + one vision_start/pads/vision_end run per frame
+    vid = (3, 4, 6)
+    ids = tok.encode("Watch: ")
+    for k in range(vid[0]):
+        ids += tok.encode(f"<{k + 0.5:.1f} seconds>") + [VISION_START_ID] + [VIDEO_PAD_ID] * 6 + [VISION_END_ID]
+    ids += tok.encode("What moves?")
+    ours = qwen3_vl_position_ids(ids, video_grid_thw=[vid])
+    ref, _ = model.get_rope_index(torch.tensor([ids]), video_grid_thw=torch.tensor([vid]))
+    assert torch.equal(ours, ref[:, 0, :])
+
+    ids2, _ = tok.encode_conversation([{"role": "user", "content": "hi"}], [], generation="qwen3_vl")
+    assert torch.equal(qwen3_vl_position_ids(ids2), torch.arange(len(ids2)).expand(3, -1))
+    assert tok.special("<think>") == 151667 and tok.decode([151667, 151668]) == "<think></think>"
