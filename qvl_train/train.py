@@ -85,7 +85,8 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     from data_pipelines.stream import StepLoader
     from qvl_train.checkpoint.manager import CheckpointManager
     from qvl_train.engines.megatron import MegatronEngine
-    from qvl_train.monitor.metrics import MetricsWriter, Progress
+    from qvl_train.monitor.flops import peak_tflops
+    from qvl_train.monitor.metrics import MetricsWriter, Progress, train_record
     from qvl_train.monitor.trace import DataTrace
     from qvl_train.monitor.wandb import WandbLogger
     from qvl_train.signals import StopOnSignal
@@ -105,7 +106,9 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     )
     micro = cfg.micro_batches_per_step()
     loader = StepLoader(cfg.data, micro_batches_per_step=micro, dp_rank=dims.dp_rank, dp_size=dims.dp)
-    ckpt = CheckpointManager(out / "checkpoints", dims)
+    ckpt = CheckpointManager(
+        out / "checkpoints", dims, keep_last=cfg.checkpoint.keep_last, init_from=cfg.model.init_from
+    )
     state, how = ckpt.restore(engine, resume=cfg.checkpoint.resume, init_from=cfg.model.init_from)
     if state.data:
         loader.load_state_dict(state.data)
@@ -119,6 +122,8 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     trace = DataTrace(out, dims.dp_rank, state.step) if cfg.data.trace and dims.tp_rank == 0 and dims.pp_rank == 0 else None
     progress = Progress(cfg.train.max_steps, state.step)
     stopper = StopOnSignal()
+    peak = peak_tflops(cfg.train.peak_tflops)
+    bad_streak = 0  # consecutive skipped (non-finite) steps; every rank sees the same verdict
 
     while state.step < cfg.train.max_steps:
         t0 = time.perf_counter()
@@ -128,30 +133,54 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
         state.step += 1
         state.consumed_samples += result.samples
         state.consumed_tokens += result.tokens
+        state.skipped_steps += int(result.skipped)
         state.data = loader.state_dict()
         step_time = time.perf_counter() - t0
         if trace is not None:
             trace.write(state.step, [b.sample_ids for b in batches])
-        log_now = state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps
+        bad_streak = bad_streak + 1 if result.skipped else 0
+        diverged = cfg.train.max_bad_steps > 0 and bad_streak >= cfg.train.max_bad_steps
+
+        # Checkpoint: never after the bad-step limit; no periodic save inside a bad streak, so
+        # `latest` stays a checkpoint written after a finite step.
+        stop = stopper.agreed()
+        every = cfg.checkpoint.every
+        periodic = every and state.step % every == 0 and bad_streak == 0
+        t_ckpt = 0.0
+        if not diverged and (stop or periodic or state.step == cfg.train.max_steps):
+            t1 = time.perf_counter()
+            step_dir = ckpt.save(engine, state)
+            t_ckpt = time.perf_counter() - t1
+            log.info("checkpoint %s", step_dir)
+
+        log_now = state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps or diverged
         skipped = _global_data_stats(loader.stats(), dims) if log_now else {}
         if rank0 and log_now:
-            record = {
-                "kind": "train", "step": state.step, "loss": result.loss, "grad_norm": result.grad_norm,
-                "lr": engine.optimizer.param_groups[0]["lr"], "tokens": result.tokens,
-                "samples": result.samples, "packing_efficiency": result.tokens / max(result.slots, 1),
-                "tokens_per_s": result.tokens / step_time, "step_time_s": step_time,
-                **{f"grad_norm/{m}": v for m, v in result.module_grad_norms.items()},
-                "label_tokens": result.label_tokens, "visual_tokens": result.visual_tokens,
-                "data_wait_s": t_data, "skipped_step": int(result.skipped), **skipped,
-            }
+            record = train_record(
+                state.step, result, lr=engine.optimizer.param_groups[0]["lr"], step_time_s=step_time,
+                data_s=t_data, checkpoint_s=t_ckpt, world_size=dims.world_size, peak_tflops=peak,
+                skipped_steps=state.skipped_steps,
+            )
+            record.update(skipped)
             metrics.write(record)
             wandb.log(record, step=state.step)
             progress.update(state.step, result.loss, record["tokens_per_s"], step_time)
-        stop = stopper.agreed()
-        every = cfg.checkpoint.every
-        if stop or (every and state.step % every == 0) or state.step == cfg.train.max_steps:
-            step_dir = ckpt.save(engine, state)
-            log.info("checkpoint %s", step_dir)
+        if diverged:
+            latest = out / "checkpoints" / "latest"
+            kept = (out / "checkpoints" / latest.read_text().strip()) if latest.exists() else None
+            message = (
+                f"stopping: {bad_streak} consecutive steps (up to step {state.step}) had a non-finite loss "
+                f"or gradient (train.max_bad_steps={cfg.train.max_bad_steps}); no checkpoint written. "
+                f"Last good checkpoint: {kept or 'none'}. Lower optim.lr or check the data, then rerun to resume."
+            )
+            if rank0:
+                metrics.close()
+                wandb.finish()
+            if trace is not None:
+                trace.close()
+            stopper.restore()
+            dims.destroy()
+            raise SystemExit(message if rank0 else 1)
         if stop:
             log.info("signal %d: stopped after step %d with a checkpoint; rerun the same command to resume", stop, state.step)
             break

@@ -2,8 +2,17 @@
 
 Layout (`output_dir/checkpoints/`):
     step_0000040/        dist_checkpointing files (layout-independent sharded tensors + common.pt)
-    step_0000040/complete   written last, after every rank finished writing
+    step_0000040/manifest.json  SHA-256 and size of every file above, written after all ranks wrote
+    step_0000040/complete   written after the manifest
     latest               text file naming the newest complete step directory, replaced atomically
+
+Integrity: megatron-core's checkpoint metadata and `common.pt` are pickles, so loading a file this
+framework did not write (or one damaged on disk) is unsafe. Before anything of a step directory is
+deserialised, its files are hashed (spread over the ranks) and compared with `manifest.json`; a
+mismatch, a missing file or a missing manifest raises `CheckpointIntegrityError` naming the file.
+With `checkpoint.resume=auto` the manager then falls back to the previous complete checkpoint (and
+logs why). `checkpoint.keep_last=N` prunes older step directories after each successful save, never
+the one `latest` names nor one that `model.init_from` points into.
 
 What a checkpoint holds: model weights, AdamW moments and step count, the `TrainState` (step,
 consumed samples/tokens, data-loader cursor, wandb run id, layout it was written with) and the RNG
@@ -16,9 +25,13 @@ entry point with `if __name__ == "__main__":`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
+import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +45,12 @@ from qvl_train.parallel.dims import ParallelDims
 log = logging.getLogger(__name__)
 COMPLETE = "complete"
 LATEST = "latest"
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointIntegrityError(RuntimeError):
+    """A step directory whose files do not match its manifest (or that has none)."""
 
 
 @dataclass
@@ -44,6 +63,7 @@ class TrainState:
     data: dict[str, Any] = field(default_factory=dict)
     wandb_run_id: Optional[str] = None
     layout: dict[str, int] = field(default_factory=dict)
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, over the whole run
 
 
 def step_dir_name(step: int) -> str:
@@ -63,6 +83,100 @@ def resolve_checkpoint(path: str | Path) -> Optional[Path]:
     if (path / "checkpoints").is_dir():
         return resolve_checkpoint(path / "checkpoints")
     return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _payload_files(step_dir: Path) -> list[str]:
+    """Every file of a step directory (relative, sorted) except the manifest and the complete marker."""
+    return sorted(
+        str(p.relative_to(step_dir))
+        for p in step_dir.rglob("*")
+        if p.is_file() and p.relative_to(step_dir).parts[0] not in (MANIFEST, COMPLETE)
+    )
+
+
+def write_manifest(step_dir: str | Path) -> Path:
+    """Write `manifest.json` (SHA-256 and size of every file) into a finished step directory."""
+    step_dir = Path(step_dir)
+    files = {
+        rel: {"sha256": _sha256(step_dir / rel), "size": (step_dir / rel).stat().st_size}
+        for rel in _payload_files(step_dir)
+    }
+    tmp = step_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"version": 1, "files": files}, indent=1) + "\n")
+    os.replace(tmp, step_dir / MANIFEST)
+    return step_dir / MANIFEST
+
+
+def read_manifest(step_dir: str | Path) -> dict[str, dict[str, Any]]:
+    step_dir = Path(step_dir)
+    path = step_dir / MANIFEST
+    if not path.is_file():
+        raise CheckpointIntegrityError(
+            f"{path} is missing: the checkpoint was not written by this framework's manager (or predates "
+            f"manifests). If you trust it, write one: python -m qvl_train.checkpoint.manager --write-manifest {step_dir}"
+        )
+    try:
+        return json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointIntegrityError(f"{path} is not a valid manifest: {err}") from err
+
+
+def check_files(step_dir: str | Path, names: list[str], manifest: dict[str, dict[str, Any]]) -> Optional[str]:
+    """The first problem among `names` of `step_dir` against `manifest`, as a message naming the file; None if all match."""
+    step_dir = Path(step_dir)
+    for rel in names:
+        want = manifest[rel]
+        path = step_dir / rel
+        if not path.is_file():
+            return f"{path} is listed in {MANIFEST} but missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{path} has {size} bytes, {MANIFEST} says {want['size']}"
+        digest = _sha256(path)
+        if digest != want["sha256"]:
+            return f"{path} has SHA-256 {digest[:16]}…, {MANIFEST} says {want['sha256'][:16]}… (the file changed after saving)"
+    return None
+
+
+def verify_checkpoint(step_dir: str | Path, rank: int = 0, world_size: int = 1, group=None) -> None:
+    """Hash the files of `step_dir` (rank r takes every world_size-th file) against its manifest.
+
+    A collective when `world_size > 1`: every rank learns every rank's verdict and all raise the same
+    `CheckpointIntegrityError` (naming the file) or none does. Reads no pickle.
+    """
+    try:
+        manifest = read_manifest(step_dir)
+        problem = check_files(step_dir, sorted(manifest)[rank::world_size], manifest)
+    except CheckpointIntegrityError as err:
+        problem = str(err)
+    if world_size > 1:
+        verdicts: list = [None] * world_size
+        dist.all_gather_object(verdicts, problem, group=group)
+        problem = next((v for v in verdicts if v), None)
+    if problem:
+        raise CheckpointIntegrityError(f"checkpoint {step_dir} failed verification: {problem}")
+
+
+def _step_of(path: Path) -> Optional[int]:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def complete_step_dirs(root: str | Path) -> list[Path]:
+    """Complete step directories under `root`, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None and (p / COMPLETE).exists()]
+    return sorted(dirs, key=_step_of, reverse=True)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -85,9 +199,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class CheckpointManager:
     """Saves and restores `TrainState` + engine state under `root` (= output_dir/checkpoints)."""
 
-    def __init__(self, root: str | Path, dims: ParallelDims) -> None:
+    def __init__(
+        self, root: str | Path, dims: ParallelDims, *, keep_last: int = 0, init_from: Optional[str] = None
+    ) -> None:
         self.root = Path(root)
         self.dims = dims
+        self.keep_last = keep_last
+        self.init_from = init_from
 
     def _layout(self) -> dict[str, int]:
         d = self.dims
@@ -108,8 +226,10 @@ class CheckpointManager:
 
         step_dir = self.root / step_dir_name(state.step)
         if dist.get_rank() == 0:
-            step_dir.mkdir(parents=True, exist_ok=True)
-            (step_dir / COMPLETE).unlink(missing_ok=True)
+            if step_dir.exists():  # a stale or broken copy of this step (e.g. after a fallback): replace it
+                (step_dir / COMPLETE).unlink(missing_ok=True)
+                shutil.rmtree(step_dir)
+            step_dir.mkdir(parents=True)
         dist.barrier()
         state.layout = self._layout()
         sharded = engine.sharded_state_dict(with_optimizer=True)
@@ -119,19 +239,79 @@ class CheckpointManager:
         dist_checkpointing.save(sharded, str(step_dir))
         dist.barrier()
         if dist.get_rank() == 0:
+            write_manifest(step_dir)
             (step_dir / COMPLETE).write_text(f"{state.step}\n")
             tmp = self.root / f".{LATEST}.tmp"
             tmp.write_text(step_dir.name + "\n")
             os.replace(tmp, self.root / LATEST)
+            if self.keep_last > 0:
+                self.prune(step_dir)
         dist.barrier()
         return step_dir
 
+    def _protected(self, latest: Path) -> set[Path]:
+        keep = {latest.resolve()}
+        if self.init_from:
+            src = Path(self.init_from).resolve()
+            keep.add(src)
+            keep.update(src.parents)  # a file or sub-directory inside a step directory
+            resolved = resolve_checkpoint(self.init_from)
+            if resolved is not None:
+                keep.add(resolved.resolve())
+        return keep
+
+    def prune(self, latest: Path) -> list[Path]:
+        """Delete step directories beyond the newest `keep_last` complete ones (rank 0, after a save).
+
+        Incomplete directories (crashed saves) and complete ones past `latest` go too; `latest` and anything
+        `model.init_from` points into stay whatever their age. Returns the deleted directories.
+        """
+        protected = self._protected(latest)
+        # Complete directories past `latest` are a stale line of history (latest moved back after a
+        # fallback): they are not counted among the newest and are removed.
+        lineage = [d for d in complete_step_dirs(self.root) if _step_of(d) <= _step_of(latest)]
+        newest = set(lineage[: self.keep_last])
+        removed = []
+        for d in self.root.iterdir():
+            if not d.is_dir() or _step_of(d) is None or d in newest or d.resolve() in protected:
+                continue
+            if (d / COMPLETE).exists() or _step_of(d) != _step_of(latest):
+                (d / COMPLETE).unlink(missing_ok=True)  # no longer a loadable checkpoint, even if rmtree dies
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+        if removed:
+            log.info("keep_last=%d: removed %s", self.keep_last, ", ".join(sorted(p.name for p in removed)))
+        return removed
+
     # ----------------------------------------------------------------- load
     def restore(self, engine, *, resume: str, init_from: Optional[str]) -> tuple[TrainState, str]:
-        """Resume this run (full state) or take weights from `init_from`; returns (state, what)."""
-        own = resolve_checkpoint(self.root) if resume == "auto" else None
-        if own is not None:
-            return self._load(engine, own, full=True), f"resumed from {own}"
+        """Resume this run (full state) or take weights from `init_from`; returns (state, what).
+
+        With resume=auto the checkpoint `latest` names is verified first; if it fails, older complete
+        checkpoints are tried newest first (each failure logged). If every one fails, the run stops
+        rather than start fresh over them. `init_from` is verified and refused on a mismatch.
+        """
+        if init_from is not None:
+            self.init_from = init_from
+        if resume == "auto":
+            candidates = self._resume_candidates()
+            failures = []
+            for step_dir in candidates:
+                try:
+                    self._verify(step_dir)
+                except CheckpointIntegrityError as err:
+                    failures.append(str(err))
+                    log.warning("%s; falling back to the previous complete checkpoint", err)
+                    continue
+                how = f"resumed from {step_dir}"
+                if failures:
+                    how += f" (fell back past {len(failures)} checkpoint(s) that failed verification)"
+                return self._load(engine, step_dir, full=True), how
+            if failures:
+                raise CheckpointIntegrityError(
+                    f"no checkpoint under {self.root} passed verification:\n  " + "\n  ".join(failures)
+                    + "\nset checkpoint.resume=never (and a new output_dir) to start over"
+                )
         if init_from:
             src = resolve_checkpoint(init_from)
             if src is None:
@@ -139,9 +319,21 @@ class CheckpointManager:
                     f"model.init_from={init_from!r} holds no complete checkpoint "
                     "(expected a step directory with a 'complete' file, or a root with 'latest')"
                 )
+            self._verify(src)
             self._load(engine, src, full=False)
             return TrainState(), f"weights initialised from {src}"
         return TrainState(), "fresh start"
+
+    def _resume_candidates(self) -> list[Path]:
+        """The step directory `latest` names, then older complete ones, newest first."""
+        latest = resolve_checkpoint(self.root)
+        dirs = complete_step_dirs(self.root)
+        if latest is None:
+            return dirs  # `latest` missing or naming a deleted directory: try what is complete
+        return [latest] + [d for d in dirs if _step_of(d) < _step_of(latest)]
+
+    def _verify(self, step_dir: Path) -> None:
+        verify_checkpoint(step_dir, dist.get_rank(), dist.get_world_size())
 
     def _load(self, engine, step_dir: Path, *, full: bool) -> TrainState:
         from megatron.core import dist_checkpointing
@@ -162,3 +354,17 @@ class CheckpointManager:
         else:
             log.warning("layout changed %s -> %s: per-rank RNG state not restored", saved.layout, self._layout())
         return saved
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Checkpoint manifests: verify a step directory or write one for a trusted checkpoint.")
+    parser.add_argument("--write-manifest", metavar="STEP_DIR", help="hash the files of a trusted step directory into manifest.json")
+    parser.add_argument("--verify", metavar="STEP_DIR", help="check a step directory against its manifest")
+    args = parser.parse_args()
+    if args.write_manifest:
+        print(write_manifest(args.write_manifest))
+    if args.verify:
+        verify_checkpoint(args.verify)
+        print(f"{args.verify}: every file matches {MANIFEST}")

@@ -11,12 +11,17 @@ How a step works (every layout computes the same step as one process):
   3. Gradients are summed over data-parallel ranks (one flat all-reduce per dtype); the global norm
      is computed per module (vit / projector / llm) counting tensor-parallel duplicates once, summed
      over the model-parallel group, then clipped; AdamW steps.
+
+For the monitor, step 1 is an all-gather rather than an all-reduce: the same few numbers per
+data-parallel rank (plus the rank's model FLOPs from `monitor/flops.py`) arrive at every rank, so
+the sums and the data-parallel token imbalance come from one small collective.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator
 
@@ -42,6 +47,9 @@ class StepResult:
     visual_tokens: int
     slots: int  # token slots (tokens + padding) over all data-parallel ranks
     skipped: bool = False  # non-finite loss or gradient: no update was applied
+    flops: float = 0.0  # model FLOPs (forward + backward) of the step over all data-parallel ranks
+    dp_imbalance: float = 1.0  # max / mean of real tokens over data-parallel ranks
+    timings: dict[str, float] = field(default_factory=dict)  # fwd_bwd_s, optimizer_s
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -90,6 +98,7 @@ class MegatronEngine:
         from qvl_train.models import build_model, init_weights
 
         self.dims, self.optim_cfg, self.max_steps = dims, optim_cfg, max_steps
+        self.model_cfg = model_cfg
         torch.manual_seed(seed)
         model_parallel_cuda_manual_seed(seed)
         self.model = build_model(
@@ -123,6 +132,8 @@ class MegatronEngine:
     def train_step(self, batches: list[PackedBatch], step: int) -> StepResult:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from qvl_train.monitor.flops import packed_batch_flops
+
         dims, device = self.dims, self.dims.device
         local = torch.tensor(
             [
@@ -131,12 +142,19 @@ class MegatronEngine:
                 sum(b.num_samples for b in batches),
                 sum(b.num_visual_tokens for b in batches),
                 sum(b.num_slots for b in batches),
+                float(sum(packed_batch_flops(self.model_cfg, b).training for b in batches)),
             ],
             dtype=torch.float64,
         )
-        dist.all_reduce(local, group=dims.groups["dp"])
-        label_tokens, tokens, samples, visual, slots = (int(x) for x in local.tolist())
+        per_rank = [torch.empty_like(local) for _ in range(dims.dp)]
+        dist.all_gather(per_rank, local, group=dims.groups["dp"])
+        per_rank_LK = torch.stack(per_rank)  # [dp, 6]; integer counts are exact in float64
+        label_tokens, tokens, samples, visual, slots = (int(x) for x in per_rank_LK[:, :5].sum(0).tolist())
+        flops = float(per_rank_LK[:, 5].sum())
+        rank_tokens = per_rank_LK[:, 1]
+        dp_imbalance = float(rank_tokens.max() / rank_tokens.mean()) if float(rank_tokens.sum()) > 0 else 1.0
         denom = float(max(label_tokens, 1))
+        t0 = time.perf_counter()
 
         self.model.train()
         for p in self.model.parameters():
@@ -156,6 +174,7 @@ class MegatronEngine:
             loss_sum += sum(float(x["loss_sum"]) for x in losses)
         dist.all_reduce(loss_sum, group=dims.groups["world"])  # one contributor per dp rank
         loss = float(loss_sum) / denom
+        t1 = time.perf_counter()
 
         self._allreduce_grads()
         grad_norm, module_norms = self._grad_norms()
@@ -171,10 +190,14 @@ class MegatronEngine:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the optimizer's kernels are asynchronous
+        t2 = time.perf_counter()
         return StepResult(
             loss=loss, grad_norm=grad_norm, module_grad_norms=module_norms, tokens=tokens,
             label_tokens=label_tokens, samples=samples, visual_tokens=visual, slots=slots,
-            skipped=not finite,
+            skipped=not finite, flops=flops, dp_imbalance=dp_imbalance,
+            timings={"fwd_bwd_s": t1 - t0, "optimizer_s": t2 - t1},
         )
 
     def _allreduce_grads(self) -> None:

@@ -21,6 +21,8 @@ LLM (T = real tokens = cu_seqlens[-1]; padding slots are not counted: they are n
   * output layer only at the label positions (the model computes logits only there):
     2·label_tokens·H·V. The embedding lookup is free.
 Norms, biases, activations, RoPE and softmax are not counted (a few tenths of a percent).
+Qwen3-VL configs are counted by the same rules (its `head_dim`, and one merger per DeepStack tap
+assumed the size of the main merger); the learned position-embedding interpolation is not counted.
 
 Training = 3 × forward (backward = 2 × forward for every matmul), whatever the stage freezes: the
 usual MFU convention, so stage 3 (frozen ViT) and stage 1 report the work of full training, which
@@ -107,7 +109,8 @@ def _vision(cfg: ModelConfig, grid_thw: Sequence[Sequence[int]]) -> tuple[int, i
         attention = 4 * hv * (full * frame_sq + (v.depth - full) * window_sq)
 
     tokens, width = patches // unit, hv * unit
-    projector = 2 * tokens * width * width + 2 * tokens * width * cfg.llm.hidden_size
+    mergers = 1 + len(v.deepstack_visual_indexes)  # Qwen3-VL DeepStack: one merger per tapped block
+    projector = mergers * (2 * tokens * width * width + 2 * tokens * width * cfg.llm.hidden_size)
     return linear, attention, projector
 
 
@@ -117,10 +120,10 @@ def batch_flops(
     """Forward FLOPs of one packed micro-batch: media grids `[k, 3]`, per-sample token counts, labels."""
     l = cfg.llm
     h, heads = l.hidden_size, l.num_attention_heads
-    d = h // heads
-    kv = l.num_query_groups * d
+    d = l.head_dim or h // heads
+    q, kv = heads * d, l.num_query_groups * d
     tokens = sum(seq_lens)
-    per_layer = 2 * tokens * (h * h + 2 * h * kv + h * h + 3 * h * l.ffn_hidden_size)
+    per_layer = 2 * tokens * (h * q + 2 * h * kv + q * h + 3 * h * l.ffn_hidden_size)
     attention = l.num_layers * 2 * sum(s * s for s in seq_lens) * heads * d  # causal half
     vision_linear, vision_attention, projector = _vision(cfg, grid_thw)
     return Flops(

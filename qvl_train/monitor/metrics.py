@@ -12,6 +12,47 @@ import time
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
+GiB = float(1 << 30)
+
+
+def memory_stats() -> dict[str, float]:
+    """`mem/rss_gb` of this process and, on a GPU, `mem/peak_allocated_gb` since the last call (GiB)."""
+    import psutil
+    import torch
+
+    stats = {"mem/rss_gb": psutil.Process().memory_info().rss / GiB}
+    if torch.cuda.is_available():
+        stats["mem/peak_allocated_gb"] = torch.cuda.max_memory_allocated() / GiB
+        torch.cuda.reset_peak_memory_stats()
+    return stats
+
+
+def train_record(
+    step: int, result, *, lr: float, step_time_s: float, data_s: float, checkpoint_s: float,
+    world_size: int, peak_tflops: Optional[float], skipped_steps: int,
+) -> dict[str, Any]:
+    """One `"kind": "train"` line of metrics.jsonl from the engine's `StepResult` (schema: README)."""
+    tflops = result.flops / max(step_time_s, 1e-9) / world_size / 1e12  # model TFLOP/s per device
+    record: dict[str, Any] = {
+        "kind": "train", "step": step, "loss": result.loss, "lm_loss": result.loss,
+        "grad_norm": result.grad_norm, "lr": lr, "tokens": result.tokens, "samples": result.samples,
+        "packing_efficiency": result.tokens / max(result.slots, 1),
+        "tokens_per_s": result.tokens / step_time_s, "samples_per_s": result.samples / step_time_s,
+        "step_time_s": step_time_s, "tflops_per_s": tflops,
+        **{f"grad_norm/{m}": v for m, v in result.module_grad_norms.items()},
+        "label_tokens": result.label_tokens, "visual_tokens": result.visual_tokens,
+        "visual_token_share": result.visual_tokens / max(result.tokens, 1),
+        "dp_imbalance": result.dp_imbalance,
+        "data_wait_s": data_s, "time/data_s": data_s,
+        **{f"time/{k}": v for k, v in result.timings.items()},
+        "time/checkpoint_s": checkpoint_s,
+        "skipped_step": int(result.skipped), "skipped_steps": skipped_steps,
+        **memory_stats(),
+    }
+    if peak_tflops:
+        record["mfu"] = tflops / peak_tflops
+    return record
+
 
 class MetricsWriter:
     """Appends `{"kind": ..., ...}` lines; on resume, lines past the resumed step are dropped."""
