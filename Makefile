@@ -6,7 +6,7 @@ SYNTH := data/synth
 DEMO_OUT ?= outputs/demo
 NPROC ?= 2
 
-.PHONY: setup data demo test test-fast clean
+.PHONY: setup data demo test gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ demo: setup data
 
 test: setup data
 	$(PY) -m pytest -q tests
+
+# Wheels that benchmarks/gpu_check.sh installs on a lent GPU machine (Python 3.12 there, no index).
+gpu-wheels: setup
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d build/wheels megatron-core==0.16.1
 
 clean:
 	rm -rf outputs $(SYNTH)
