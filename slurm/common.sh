@@ -12,11 +12,17 @@
 #      rendezvous on the first node of the allocation (node ranks come from the rendezvous).
 #      GPUs on the node → one process per GPU (NCCL). No GPUs → NPROC_PER_NODE CPU processes (default 2, gloo).
 #   4. Preemption / time limit: `#SBATCH --signal=B:USR1@120` delivers SIGUSR1 to this batch shell
-#      120 s before the limit (SIGTERM is handled the same way). The shell forwards SIGUSR1 to srun, srun to
-#      the node tasks, and each node task to its training processes (torchrun itself is started with USR1
-#      and TERM ignored, so it neither dies nor kills the workers; it just waits for them). The workers
-#      finish their step, agree to stop, save a checkpoint and exit 0. The shell then
-#      `scontrol requeue`s the job unless the run had already reached train.max_steps.
+#      120 s before the limit (SIGTERM is handled the same way). The shell writes a stop file in output_dir
+#      (shared by all nodes); each node task polls for it and sends SIGUSR1 to its training processes, the
+#      children of torchrun, every 2 s until they exit (a worker still starting up ignores it; the next one
+#      lands). Not `kill -USR1 srun`: SLURM would signal every process of the step, helper processes of
+#      the workers included. torchrun itself runs with USR1 and TERM ignored, so a signal SLURM sends to the
+#      whole step neither kills it nor makes it kill its workers 30 s later; it just waits. The workers
+#      finish their step, agree to stop, save a checkpoint and exit 0. After SIGUSR1 the shell then
+#      `scontrol requeue`s the job unless the run had already reached train.max_steps. After SIGTERM it does
+#      not: a plain `scancel` sends SIGTERM too, and SLURM still accepts a requeue of a cancelled job, so
+#      requeueing on TERM would make jobs uncancellable (QVL_REQUEUE_ON="USR1 TERM" if you want it anyway;
+#      SLURM's own preemption with PreemptMode=REQUEUE requeues the job by itself).
 #      The requeued job gets the same job id and SLURM_RESTART_COUNT+1, logged in the job output and in
 #      output_dir/slurm_jobs.jsonl.
 #
@@ -26,7 +32,7 @@
 #   QVL_ROOT         repository checkout to run (default $SLURM_SUBMIT_DIR)
 #   QVL_VENV         virtual environment to activate (default $QVL_ROOT/.venv when it exists)
 #   QVL_OUTPUT_ROOT  parent of the default output_dir (default outputs)
-#   QVL_REQUEUE      1 (default): requeue after a signal-triggered stop; 0: just stop with the checkpoint
+#   QVL_REQUEUE_ON   signals to the batch shell after which the job requeues itself (default USR1; "" never)
 
 qvl_log() { echo "[qvl-slurm $(date '+%F %T')] $*"; }
 
@@ -62,13 +68,14 @@ qvl_gpus_on_node() {
 # Per node (the srun task): torchrun with signals relayed to its workers.
 # ---------------------------------------------------------------------------------------------------------
 qvl_node() {
-    local torchrun_pid rc
-    qvl_forward() {  # $1 = signal received; the workers treat TERM and USR1 alike (finish step, save, exit 0)
-        echo "[qvl-slurm] node ${SLURM_NODEID:-?} ($(hostname -s)): SIG$1 → training processes" >&2
+    local torchrun_pid rc stop=""
+    qvl_stop_workers() {  # the workers treat TERM and USR1 alike: finish the step, save, exit 0
+        [[ -z $stop ]] && echo "[qvl-slurm] node ${SLURM_NODEID:-?} ($(hostname -s)): $1 → training processes" >&2
+        stop=$1
         pkill -USR1 -P "$torchrun_pid" 2>/dev/null || true
     }
-    trap 'qvl_forward USR1' USR1
-    trap 'qvl_forward TERM' TERM
+    trap 'qvl_stop_workers SIGUSR1' USR1
+    trap 'qvl_stop_workers SIGTERM' TERM
     # USR1 and TERM ignored in torchrun (an inherited SIG_IGN survives exec): torchrun's own TERM handler would
     # kill the workers 30 s later (--signals-to-handle leaves TERM out), and USR1 would kill torchrun itself.
     # The workers install their own handlers (qvl_train/signals.py) once training starts.
@@ -81,11 +88,14 @@ qvl_node() {
             "$@"
     ) &
     torchrun_pid=$!
-    while :; do
-        wait "$torchrun_pid"; rc=$?
-        kill -0 "$torchrun_pid" 2>/dev/null || break  # still running: wait was interrupted by a trapped signal
+    while kill -0 "$torchrun_pid" 2>/dev/null; do
+        if [[ -n $stop ]] || [[ -e $QVL_STOP_FILE ]]; then
+            qvl_stop_workers "${stop:-stop file}"
+        fi
+        sleep 2 & wait $!
     done
-    (( rc > 128 )) && { wait "$torchrun_pid"; rc=$?; [[ $rc == 127 ]] && rc=1; }
+    wait "$torchrun_pid"; rc=$?
+    [[ $rc == 127 ]] && rc=1
     exit "$rc"
 }
 
@@ -148,6 +158,9 @@ qvl_log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) SLURM_RESTART_COUNT=$RESTARTS on $S
 qvl_log "stage $STAGE; $NPROC_PER_NODE processes/node ($DEVICE); rendezvous $QVL_HEAD:$MASTER_PORT"
 qvl_log "output_dir $OUTPUT_DIR; overrides: ${OVERRIDES[*]}"
 mkdir -p "$OUTPUT_DIR"
+QVL_STOP_FILE="$(cd "$OUTPUT_DIR" && pwd)/.slurm_stop.$SLURM_JOB_ID.$RESTARTS"
+export QVL_STOP_FILE
+rm -f "$QVL_STOP_FILE"
 printf '{"job_id": %s, "restart_count": %s, "nodes": "%s", "nnodes": %s, "nproc_per_node": %s, "start": "%s"}\n' \
     "$SLURM_JOB_ID" "$RESTARTS" "$SLURM_JOB_NODELIST" "$SLURM_NNODES" "$NPROC_PER_NODE" "$(date -Is)" \
     >>"$OUTPUT_DIR/slurm_jobs.jsonl"
@@ -156,7 +169,7 @@ STOP_SIGNAL=""
 qvl_on_signal() {
     STOP_SIGNAL=$1
     qvl_log "SIG$1 received: stopping after the current step with a checkpoint"
-    [[ -n ${SRUN_PID:-} ]] && kill -USR1 "$SRUN_PID" 2>/dev/null
+    date -Is >"$QVL_STOP_FILE"  # the node tasks poll for it (see the header)
 }
 trap 'qvl_on_signal USR1' USR1
 trap 'qvl_on_signal TERM' TERM
@@ -172,8 +185,11 @@ while :; do
 done
 (( rc > 128 )) && [[ -n $STOP_SIGNAL ]] && { wait "$SRUN_PID"; rc=$?; }
 qvl_log "training exited with status $rc"
+rm -f "$QVL_STOP_FILE"
 
-if [[ -n $STOP_SIGNAL && ${QVL_REQUEUE:-1} == 1 ]]; then
+if [[ -n $STOP_SIGNAL && " ${QVL_REQUEUE_ON-USR1} " != *" $STOP_SIGNAL "* ]]; then
+    qvl_log "stopped on SIG$STOP_SIGNAL: not requeued (QVL_REQUEUE_ON=\"${QVL_REQUEUE_ON-USR1}\"); resubmit the same command to resume"
+elif [[ -n $STOP_SIGNAL ]]; then
     done_steps=$(python - "$OUTPUT_DIR" <<'PY'
 import sys, pathlib, yaml
 out = pathlib.Path(sys.argv[1])

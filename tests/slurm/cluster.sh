@@ -39,7 +39,6 @@ healthy() {
 [[ ${1:-up} == down ]] && { down; exit 0; }
 
 [[ $(id -u) == 0 ]] || unavailable "needs root (installs packages, starts daemons)"
-if healthy; then say "reusing the running cluster"; exit 0; fi
 
 # 1. Install (once).
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null \
@@ -109,11 +108,17 @@ CONF
     fi
 fi
 
+if [[ -z ${changed:-} ]] && healthy; then say "reusing the running cluster"; exit 0; fi
+
 # 4. Daemons (restarted when the configuration changed).
 running() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 if [[ -n ${changed:-} ]]; then
-    for p in /run/slurmd.pid /run/slurmctld.pid; do running $p && kill "$(cat $p)"; done
-    sleep 1
+    for p in /run/slurmd.pid /run/slurmctld.pid; do
+        if running $p; then
+            pid=$(cat $p); kill "$pid"
+            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        fi
+    done
 fi
 running /run/slurmctld.pid || slurmctld || { say "slurmctld failed (log: $LOG_DIR/slurmctld.log)"; exit 1; }
 running /run/slurmd.pid || slurmd || { say "slurmd failed (log: $LOG_DIR/slurmd.log)"; exit 1; }

@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import ROOT, free_port, read_metrics
 
 CLUSTER_SH = ROOT / "tests" / "slurm" / "cluster.sh"
-MAX_STEPS = 12
+MAX_STEPS = 8
 
 
 def _cluster_up() -> None:
