@@ -111,7 +111,7 @@ def test_stage2_preempted_requeues_and_matches_uninterrupted(tmp_path, data_root
                if "stopped after step " in line]
     assert len(stopped) == 1 and 3 <= stopped[0] < MAX_STEPS, log[-4000:]
     assert "SLURM_RESTART_COUNT=0" in log and "SLURM_RESTART_COUNT=1" in log, log[-4000:]
-    assert f"start: resumed" in log or f"at step {stopped[0]}" in log, log[-4000:]
+    assert f"start: resumed from {out}/checkpoints/step_{stopped[0]:07d} at step {stopped[0]}" in log, log[-4000:]
     starts = [json.loads(line) for line in (out / "slurm_jobs.jsonl").read_text().splitlines()]
     assert [s["restart_count"] for s in starts] == [0, 1]
     assert all(str(s["job_id"]) == job_id for s in starts)
