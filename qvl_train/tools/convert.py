@@ -60,7 +60,10 @@ SIDE_FILES = (
     "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja",
     "preprocessor_config.json", "video_preprocessor_config.json",
 )
-_HF_MODEL_TYPES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+_HF_MODEL_TYPES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _SHARD_BYTES = 5 * 1024**3
 
@@ -74,6 +77,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     t = {**hf, **(hf.get("text_config") or {})}
     v = hf["vision_config"]
     rope = t.get("rope_scaling") or {}
+    if model_type == "qwen3_vl":
+        return _qwen3_vl_config_from_hf(t, hf["vision_config"], rope, hf)
     llm = LLMConfig(
         num_layers=t["num_hidden_layers"], hidden_size=t["hidden_size"], ffn_hidden_size=t["intermediate_size"],
         num_attention_heads=t["num_attention_heads"], num_query_groups=t["num_key_value_heads"],
@@ -100,9 +105,64 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     return ModelConfig(generation=model_type, vision=vision, llm=llm)
 
 
-def hf_config_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict:
-    """A `config.json` in the released checkpoints' (flat) format for `cfg`."""
+def _qwen3_vl_config_from_hf(t: dict, v: dict, rope: dict, hf: dict) -> ModelConfig:
+    """Qwen3-VL `config.json` (nested `text_config` / `vision_config`) → ModelConfig."""
+    llm = LLMConfig(
+        num_layers=t["num_hidden_layers"], hidden_size=t["hidden_size"], ffn_hidden_size=t["intermediate_size"],
+        num_attention_heads=t["num_attention_heads"], num_query_groups=t["num_key_value_heads"],
+        head_dim=t.get("head_dim", 128), vocab_size=t["vocab_size"], rope_theta=float(t.get("rope_theta", 5e6)),
+        mrope_section=list(rope.get("mrope_section", [24, 20, 20])), mrope_interleaved=True,
+        norm_eps=float(t.get("rms_norm_eps", 1e-6)), qkv_bias=bool(t.get("attention_bias", False)), qk_norm=True,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
+    )
+    if v.get("out_hidden_size", llm.hidden_size) != llm.hidden_size:
+        raise ValueError(f"vision_config.out_hidden_size={v['out_hidden_size']} differs from the LLM width {llm.hidden_size}")
+    vision = VisionConfig(
+        depth=v["depth"], hidden_size=v["hidden_size"], num_heads=v["num_heads"], intermediate_size=v["intermediate_size"],
+        norm="layernorm", mlp="gelu_tanh", patch_size=v.get("patch_size", 16), temporal_patch_size=v.get("temporal_patch_size", 2),
+        spatial_merge_size=v.get("spatial_merge_size", 2), in_channels=v.get("in_channels", 3), patch_bias=True,
+        num_position_embeddings=v.get("num_position_embeddings", 2304),
+        deepstack_visual_indexes=list(v.get("deepstack_visual_indexes", [])),
+    )
+    return ModelConfig(generation="qwen3_vl", vision=vision, llm=llm)
+
+
+def _qwen3_vl_config_dict(cfg: ModelConfig, dtype: str) -> dict:
+    """Qwen3-VL `config.json` in the released (nested) layout, transformers 4.57 field names."""
     v, l = cfg.vision, cfg.llm
+    return {
+        "architectures": [_HF_MODEL_TYPES["qwen3_vl"]],
+        "model_type": "qwen3_vl",
+        "image_token_id": 151655, "video_token_id": 151656,
+        "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+        "tie_word_embeddings": l.tie_word_embeddings,
+        "text_config": {
+            "model_type": "qwen3_vl_text", "attention_bias": l.qkv_bias, "attention_dropout": 0.0,
+            "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": l.head_dim or l.hidden_size // l.num_attention_heads,
+            "hidden_act": "silu", "hidden_size": l.hidden_size, "initializer_range": 0.02,
+            "intermediate_size": l.ffn_hidden_size, "max_position_embeddings": 262144,
+            "num_attention_heads": l.num_attention_heads, "num_hidden_layers": l.num_layers,
+            "num_key_value_heads": l.num_query_groups, "rms_norm_eps": l.norm_eps, "rope_theta": l.rope_theta,
+            "rope_scaling": {"rope_type": "default", "mrope_section": list(l.mrope_section), "mrope_interleaved": True},
+            "tie_word_embeddings": l.tie_word_embeddings, "dtype": dtype, "use_cache": True, "vocab_size": l.vocab_size,
+        },
+        "vision_config": {
+            "model_type": "qwen3_vl", "depth": v.depth, "hidden_size": v.hidden_size, "hidden_act": "gelu_pytorch_tanh",
+            "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "in_channels": v.in_channels,
+            "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size,
+            "temporal_patch_size": v.temporal_patch_size, "out_hidden_size": l.hidden_size,
+            "num_position_embeddings": v.num_position_embeddings,
+            "deepstack_visual_indexes": list(v.deepstack_visual_indexes), "initializer_range": 0.02,
+        },
+        "torch_dtype": dtype,
+    }
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict:
+    """A `config.json` in the released checkpoints' format for `cfg` (flat for Qwen2/2.5-VL, nested for Qwen3-VL)."""
+    v, l = cfg.vision, cfg.llm
+    if cfg.generation == "qwen3_vl":
+        return _qwen3_vl_config_dict(cfg, dtype)
     if cfg.generation == "qwen2_vl":
         vision = dict(
             depth=v.depth, embed_dim=v.hidden_size, mlp_ratio=v.mlp_ratio, num_heads=v.num_heads, in_chans=v.in_channels,
@@ -187,7 +247,7 @@ def read_model_config(step_dir: Path) -> tuple[ModelConfig, Optional[str]]:
 
 def _import_root(step_dir: Path, seen: int = 0) -> Optional[Path]:
     """The root of the imported checkpoint this one descends from (holds `hf_import.json`)."""
-    from qvl_train.checkpoint.manager import resolve_checkpoint
+    from qvl_train.checkpoint.manager import resolve_checkpoint, verify_checkpoint
 
     if seen > 16:
         return None
@@ -281,7 +341,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     """HF checkpoint directory → framework checkpoint root `out` (see module docstring); returns the step dir."""
     from megatron.core import dist_checkpointing
 
-    from qvl_train.checkpoint.manager import COMPLETE, LATEST, TrainState, step_dir_name
+    from qvl_train.checkpoint.manager import COMPLETE, LATEST, TrainState, step_dir_name, write_manifest
     from qvl_train.models.hf_convert import detect_style, hf_to_ours
 
     hf_dir, out = Path(hf_dir), Path(out)
@@ -318,6 +378,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     for name in SIDE_FILES:
         if (hf_dir / name).exists():
             shutil.copy2(hf_dir / name, side / name)
+    write_manifest(step_dir)  # init_from verifies it before loading
     (step_dir / COMPLETE).write_text("0\n")
     tmp = out / f".{LATEST}.tmp"
     tmp.write_text(step_dir.name + "\n")
@@ -334,7 +395,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None) ->
     """
     from megatron.core import dist_checkpointing
 
-    from qvl_train.checkpoint.manager import resolve_checkpoint
+    from qvl_train.checkpoint.manager import resolve_checkpoint, verify_checkpoint
     from qvl_train.models.hf_convert import ours_to_hf
 
     step_dir = resolve_checkpoint(ckpt)
@@ -346,6 +407,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None) ->
     if meta and meta.get("generation") != cfg.generation:
         meta = {}
 
+    verify_checkpoint(step_dir)  # before anything is deserialised
     _single_process_world()
     model = _build(cfg)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(step_dir))
