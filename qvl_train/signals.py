@@ -25,7 +25,8 @@ class StopOnSignal:
 
     def agreed(self) -> int:
         """The signal any rank received since start (0 if none); a collective, call on every rank."""
-        flag = torch.tensor([self.received], dtype=torch.int64)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        flag = torch.tensor([self.received], dtype=torch.int64, device=device)  # NCCL: CUDA tensors only
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag)

@@ -145,6 +145,7 @@ class MegatronEngine:
                 float(sum(packed_batch_flops(self.model_cfg, b).training for b in batches)),
             ],
             dtype=torch.float64,
+            device=device,  # collectives run on the device (NCCL takes CUDA tensors only)
         )
         per_rank = [torch.empty_like(local) for _ in range(dims.dp)]
         dist.all_gather(per_rank, local, group=dims.groups["dp"])
@@ -169,7 +170,7 @@ class MegatronEngine:
             micro_batch_size=1,
             forward_only=False,
         )
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         if dims.is_last_stage and dims.tp_rank == 0:
             loss_sum += sum(float(x["loss_sum"]) for x in losses)
         dist.all_reduce(loss_sum, group=dims.groups["world"])  # one contributor per dp rank
@@ -216,10 +217,10 @@ class MegatronEngine:
         """Global L2 norm per module; tensor-parallel duplicates (norms, biases) counted once."""
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-        sq = torch.zeros(len(MODULES), dtype=torch.float64)
+        sq = torch.zeros(len(MODULES), dtype=torch.float64, device=self.dims.device)
         for name, p in self._params:
             if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
-                sq[MODULES.index(_module_of(name))] += float(torch.linalg.vector_norm(p.grad.detach())) ** 2
+                sq[MODULES.index(_module_of(name))] += torch.linalg.vector_norm(p.grad.detach()).double() ** 2
         dist.all_reduce(sq, group=self.dims.groups["mp"])
         norms = {m: math.sqrt(v) for m, v in zip(MODULES, sq.tolist())}
         return math.sqrt(float(sq.sum())), norms

@@ -76,7 +76,7 @@ def test_user_keys_reach_the_typed_config():
         (["parallel.pp=2", "parallel.first_stage_layers=2"], 2, "parallel.first_stage_layers"),
         (["train.global_batch_tokens=3072"], 2, "train.global_batch_tokens"),  # 3 micro-batches over dp=2
         (["train.global_batch_tokens=1000"], 1, "data.max_tokens"),  # not a multiple
-        (["model.generation=qwen3_vl"], 1, "model.generation"),
+        (["model.generation=qwen3_vl_moe"], 1, "model.generation"),  # known, not implemented yet
     ],
 )
 def test_validation_errors_name_the_key(overrides, world, key):
