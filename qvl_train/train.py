@@ -92,6 +92,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     from qvl_train.signals import StopOnSignal
 
     dims.initialize()
+    stopper = StopOnSignal()  # early: loading a large checkpoint can take much of a 120 s warning
     rank0 = dims.is_logging_rank
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format="%(message)s", stream=sys.stdout)
     out = Path(cfg.output_dir)
@@ -121,7 +122,6 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     state.wandb_run_id = run_id[0]
     trace = DataTrace(out, dims.dp_rank, state.step) if cfg.data.trace and dims.tp_rank == 0 and dims.pp_rank == 0 else None
     progress = Progress(cfg.train.max_steps, state.step)
-    stopper = StopOnSignal()
     peak = peak_tflops(cfg.train.peak_tflops)
     bad_streak = 0  # consecutive skipped (non-finite) steps; every rank sees the same verdict
 
