@@ -51,3 +51,18 @@ def data_root(tmp_path_factory) -> Path:
         cwd=ROOT, check=True, capture_output=True,
     )
     return root
+
+
+def megatron_one_rank_world() -> None:
+    """A one-process gloo world with megatron-core's groups, for in-process model tests (idempotent)."""
+    import torch
+    from megatron.core import parallel_state
+
+    from qvl_train.parallel.cpu import install_cpu_compat
+
+    install_cpu_compat()
+    if not torch.distributed.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()

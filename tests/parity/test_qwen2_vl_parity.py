@@ -9,7 +9,6 @@ Pinned reference: transformers 4.57.x (5.x changed video positions; images are u
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -21,23 +20,12 @@ from qvl_train.config import ParallelConfig  # noqa: E402
 from qvl_train.models import build_model  # noqa: E402
 from qvl_train.models.hf_qwen2_vl import hf_to_ours  # noqa: E402
 from qvl_train.models.tiny import packed_batch, tiny_model_config  # noqa: E402
-from qvl_train.parallel.cpu import install_cpu_compat  # noqa: E402
+from tests.conftest import megatron_one_rank_world  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def mp_state():
-    import socket
-
-    from megatron.core import parallel_state
-
-    install_cpu_compat()
-    if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
+    megatron_one_rank_world()
     yield
 
 

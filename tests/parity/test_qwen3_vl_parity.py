@@ -12,7 +12,6 @@ within 1e-5. Pinned reference: transformers 4.57.x.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ from qvl_train.models import build_model  # noqa: E402
 from qvl_train.models.hf_qwen3_vl import hf_to_ours, ours_to_hf  # noqa: E402
 from qvl_train.models.rope import mrope_freqs  # noqa: E402
 from qvl_train.models.tiny import packed_batch, tiny_qwen3_vl_config  # noqa: E402
-from qvl_train.parallel.cpu import install_cpu_compat  # noqa: E402
+from tests.conftest import megatron_one_rank_world  # noqa: E402
 
 GRIDS = [(1, 12, 20), (2, 8, 12), (1, 6, 4)]
 TEXTS = [(5, 7), (3, 4), (2, 6)]
@@ -34,18 +33,7 @@ TEXTS = [(5, 7), (3, 4), (2, 6)]
 
 @pytest.fixture(scope="module")
 def mp_state():
-    import socket
-
-    from megatron.core import parallel_state
-
-    install_cpu_compat()
-    if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
+    megatron_one_rank_world()
     yield
 
 

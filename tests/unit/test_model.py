@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
@@ -11,21 +9,12 @@ import torch
 from qvl_train.config import ModelConfig, ParallelConfig
 from qvl_train.models import MODULE_PREFIXES, build_model, init_weights
 from qvl_train.models.tiny import packed_batch, tiny_model_config
-from qvl_train.parallel.cpu import install_cpu_compat
+from tests.conftest import megatron_one_rank_world  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model():
-    from megatron.core import parallel_state
-
-    install_cpu_compat()
-    if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
+    megatron_one_rank_world()
     cfg = tiny_model_config()
     m = build_model(cfg, ParallelConfig(), pre_process=True, post_process=True)
     init_weights(m, seed=1, std=0.02)
@@ -92,4 +81,4 @@ def test_init_is_deterministic_and_well_formed(model):
 
 def test_unimplemented_generation_is_named():
     with pytest.raises(NotImplementedError, match="qwen2_vl"):
-        build_model(ModelConfig(generation="qwen3_vl"), ParallelConfig(), pre_process=True, post_process=True)
+        build_model(ModelConfig(generation="qwen3_vl_moe"), ParallelConfig(), pre_process=True, post_process=True)

@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from qvl_train.config import LLMConfig, ModelConfig, VisionConfig
 from qvl_train.models.params import count_parameters
+from tests.conftest import megatron_one_rank_world  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2] / "configs" / "model"
 
@@ -73,19 +73,5 @@ def test_analytic_count_equals_built_model(name, model_parallel_1):
 
 @pytest.fixture(scope="module")
 def model_parallel_1():
-    import os
-    import socket
-
-    from megatron.core import parallel_state
-
-    from qvl_train.parallel.cpu import install_cpu_compat
-
-    install_cpu_compat()
-    if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
+    megatron_one_rank_world()
     yield
