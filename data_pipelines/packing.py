@@ -21,17 +21,42 @@ Micro-batches are packed greedily with a small lookahead buffer (`data.pack_look
 a micro-batch starts with the oldest candidate (so no sample waits forever and the order stays
 close to the shuffled stream), then repeatedly takes the candidate with the largest cost that still
 fits (best fit; ties to the oldest), refilling the buffer after each take, until nothing fits.
+
+Steps and compute balancing (`data.balance`)
+--------------------------------------------
+`next_step(n)` plans one optimizer step: n micro-batches packed exactly as above (so the SET of
+samples of the step, the packing efficiency and the planner state do not depend on balancing or
+on the dp size), then rearranges those samples among the step's micro-batches:
+
+* `compute` (default): weight = estimated training compute of the sample (`ComputeModel`, from the
+  index alone: ViT linear + window/full attention per image, LLM linear per token + causal
+  attention quadratic in the sample's own length);
+* `tokens`: weight = the sample's tokens;
+* `none`: the micro-batches stay as packed (the order of the stream).
+
+Balancing is a local search that repeatedly lowers the heaviest micro-batch: it moves one sample to,
+or swaps one pair with, a lighter micro-batch, choosing the change that brings the pair closest to
+equal, and only if both micro-batches stay within `data.max_tokens` (the budget stays a hard limit).
+Then the micro-batches are ordered by weight, descending s_0 >= s_1 >= ... >= s_{n-1}, and "folded":
+position j < n/2 holds s_j and position j + n/2 holds s_{n-1-j}. With the deal "micro-batch j to dp
+rank j % dp" (stream.py), every rank whose dp divides n/2 receives complementary pairs
+(s_j, s_{n-1-j}) -- the same rank sums as a snake deal -- while the plan (each micro-batch's samples
+and their order) stays identical for every dp, so exact resume across a dp change is unaffected.
+Everything here is deterministic and computed identically on every rank.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional, Sequence
+
+import numpy as np
 
 from data_pipelines.schema import DataConfig
-from data_pipelines.vision import image_token_count
+from data_pipelines.vision import image_token_count, smart_resize
 
 STATE_VERSION = 1
 Ref = tuple[int, int, int]
@@ -41,6 +66,183 @@ Ref = tuple[int, int, int]
 def _rng(*parts: Any) -> random.Random:
     """A Random seeded by a stable string of `parts` (Python's str seeding hashes with SHA-512)."""
     return random.Random(":".join(str(p) for p in parts))
+
+
+# ------------------------------------------------------------------------------ compute estimate
+@dataclass(frozen=True)
+class ComputeModel:
+    """Analytic forward FLOPs of one sample, from its index entry (no decoding).
+
+    The training cost is ~3x the forward for every term, so the factor cancels in every ratio we use
+    (balancing, imbalance) and is left out. Matrix products count 2 FLOPs per multiply-add.
+
+    Vision tower, per image of `n = gh*gw` patches (grid from `smart_resize` of the stored (h, w)
+    with the run's pixel bounds; an image is one temporal patch of T frames):
+
+    * patch embedding `2*n*(3*T*p^2)*d` and per layer `2*n*(4*d^2 + k*d*I)` (q, k, v, o; MLP with
+      k = 3 matrices if gated (SwiGLU), else 2);
+    * attention `4*d*sum(len_w^2)` per layer (QK^T and AV, non-causal) over the attention groups:
+      a full-attention layer has one group of n patches (per frame); a window layer (Qwen2.5-VL,
+      `window` merged units a side) has the windows of the merged grid, exactly, edge windows
+      included: `sum len_w^2 = merge^4 * (sum_x a_x^2) * (sum_y b_y^2)`;
+    * patch merger(s) per LLM token `2*(m^2 d)^2 + 2*(m^2 d)*D` (Qwen3-VL has 1 + 3 DeepStack ones).
+
+    LLM, per sample of N tokens (text + visual): per token `2*L*(d*(d + 2*kv) + d*d + 3*d*I) + 2*d*V`
+    (attention projections with grouped kv, SwiGLU MLP, LM head) and causal attention
+    `2*L*d*N^2` (half of QK^T and AV). The quadratic term is in the sample's OWN length: packed
+    samples never attend to each other.
+
+    Constants: the released 7B/8B configurations of each generation (`COMPUTE_MODELS`); only the
+    ratios between samples matter, and the ViT/LLM ratio of the larger models is similar.
+    """
+
+    vit_hidden: int
+    vit_layers: int
+    vit_mlp: int
+    vit_gated: bool
+    vit_full_layers: int  # layers with full attention over the image; the others use windows
+    vit_window: int  # window side in merged units (0 = no window layers)
+    vit_mergers: int
+    llm_hidden: int
+    llm_layers: int
+    llm_mlp: int
+    llm_kv_dim: int
+    llm_vocab: int
+
+    def image_flops(self, gh: int, gw: int, *, patch_size: int, merge_size: int, temporal: int = 2, frames: int = 1) -> float:
+        """Forward FLOPs of the vision tower + merger for one image/video grid (frames temporal patches)."""
+        d, m = self.vit_hidden, merge_size
+        n = gh * gw * frames
+        k = 3 if self.vit_gated else 2
+        linear = 2.0 * n * (3 * temporal * patch_size * patch_size) * d
+        linear += 2.0 * n * (4 * d * d + k * d * self.vit_mlp) * self.vit_layers
+        full = frames * float(gh * gw) ** 2
+        attn = 4.0 * d * full * self.vit_full_layers
+        n_window_layers = self.vit_layers - self.vit_full_layers
+        if n_window_layers:
+            def sq(units: int) -> float:
+                w = self.vit_window
+                q, r = divmod(units, w)
+                return q * w * w + r * r
+            win = frames * float(m ** 4) * sq(max(1, gh // m)) * sq(max(1, gw // m))
+            attn += 4.0 * d * win * n_window_layers
+        tokens = n / (m * m)
+        merger = self.vit_mergers * tokens * 2.0 * ((m * m * d) ** 2 + m * m * d * self.llm_hidden)
+        return linear + attn + merger
+
+    def llm_flops(self, n_tokens: int) -> float:
+        d, kv = self.llm_hidden, self.llm_kv_dim
+        per_token = 2.0 * self.llm_layers * (d * (d + 2 * kv) + d * d + 3 * d * self.llm_mlp) + 2.0 * d * self.llm_vocab
+        return per_token * n_tokens + 2.0 * self.llm_layers * d * float(n_tokens) ** 2
+
+
+COMPUTE_MODELS: dict[str, ComputeModel] = {
+    # Qwen2-VL-7B: ViT 32 layers, 1280 wide, GELU MLP 5120, full attention everywhere; Qwen2-7B LLM.
+    "qwen2_vl": ComputeModel(1280, 32, 5120, False, 32, 0, 1, 3584, 28, 18944, 512, 152064),
+    # Qwen2.5-VL-7B: ViT 32 layers, SwiGLU 3420, full attention in layers 7/15/23/31, windows of
+    # 112 px = 4 merged units elsewhere; Qwen2.5-7B LLM.
+    "qwen2_5_vl": ComputeModel(1280, 32, 3420, True, 4, 4, 1, 3584, 28, 18944, 512, 152064),
+    # Qwen3-VL-8B: ViT 27 layers, 1152 wide, GELU MLP 4304, full attention, 1 + 3 DeepStack mergers;
+    # Qwen3-8B LLM (36 layers, 4096, 8 kv heads of 128).
+    "qwen3_vl": ComputeModel(1152, 27, 4304, False, 27, 0, 4, 4096, 36, 12288, 1024, 151936),
+}
+COMPUTE_MODELS["qwen3_vl_moe"] = COMPUTE_MODELS["qwen3_vl"]  # dense estimate; balancing needs ratios only
+COMPUTE_MODELS["qwen_vl"] = COMPUTE_MODELS["qwen2_vl"]
+
+BALANCE_MODES = ("compute", "tokens", "none")
+
+
+def sample_flops(
+    model: ComputeModel, n_text_tokens: int, images: Sequence[Sequence[int]], *, patch_size: int, merge_size: int,
+    min_pixels: int, max_pixels: int, temporal: int = 2,
+) -> float:
+    """Estimated forward FLOPs of one sample: its images through the ViT, then all its tokens through the LLM."""
+    vit, tokens = 0.0, int(n_text_tokens)
+    for h, w in images:
+        rh, rw = smart_resize(int(h), int(w), patch_size * merge_size, min_pixels, max_pixels)
+        gh, gw = rh // patch_size, rw // patch_size
+        vit += model.image_flops(gh, gw, patch_size=patch_size, merge_size=merge_size, temporal=temporal)
+        tokens += gh * gw // (merge_size * merge_size)
+    return vit + model.llm_flops(tokens)
+
+
+def balance_step(
+    plans: list[list[Any]], weight: Sequence[float] | dict, tokens: dict, budget: int, *, max_rounds: Optional[int] = None
+) -> list[list[Any]]:
+    """Rearrange the samples of a step's micro-batches so their summed `weight` is as even as possible.
+
+    `plans`: micro-batches (lists of hashable sample refs); `weight[ref]`, `tokens[ref]`. Every change
+    keeps each micro-batch's tokens <= `budget` and no micro-batch empty; the set of samples is kept.
+    Returns new lists "folded" by weight (module docstring). Deterministic.
+    """
+    n = len(plans)
+    plans = [list(p) for p in plans]
+    if n > 1:
+        loads = [sum(weight[r] for r in p) for p in plans]
+        toks = [sum(tokens[r] for r in p) for p in plans]
+        rounds = max_rounds if max_rounds is not None else 40 * n + 100
+        for _ in range(rounds):
+            order = sorted(range(n), key=lambda k: (loads[k], k))
+            hi = order[-1]
+            wa = np.array([weight[r] for r in plans[hi]], dtype=np.float64)
+            ta = np.array([tokens[r] for r in plans[hi]], dtype=np.int64)
+            done = False
+            for lo in order[:-1]:
+                gap = loads[hi] - loads[lo]
+                if gap <= 1e-9 * loads[hi]:
+                    break
+                best_new, best = loads[hi] * (1 - 1e-9), None
+                # move one sample hi -> lo
+                if len(plans[hi]) > 1:
+                    ok = ta + toks[lo] <= budget
+                    if ok.any():
+                        new = np.maximum(loads[hi] - wa, loads[lo] + wa)
+                        new = np.where(ok & (wa > 0), new, np.inf)
+                        k = int(np.argmin(new))
+                        if new[k] < best_new:
+                            best_new, best = float(new[k]), (k, None)
+                # swap a (hi) <-> b (lo)
+                wb = np.array([weight[r] for r in plans[lo]], dtype=np.float64)
+                tb = np.array([tokens[r] for r in plans[lo]], dtype=np.int64)
+                dw = wa[:, None] - wb[None, :]
+                dt = ta[:, None] - tb[None, :]
+                ok = (dw > 0) & (toks[lo] + dt <= budget) & (toks[hi] - dt <= budget)
+                if ok.any():
+                    new = np.where(ok, np.maximum(loads[hi] - dw, loads[lo] + dw), np.inf)
+                    k = int(np.argmin(new))
+                    if new.flat[k] < best_new:
+                        best_new, best = float(new.flat[k]), divmod(k, len(wb))
+                if best is None:
+                    continue
+                a, b = best
+                ra = plans[hi].pop(a)
+                plans[lo].append(ra)
+                loads[hi] -= weight[ra]
+                loads[lo] += weight[ra]
+                toks[hi] -= tokens[ra]
+                toks[lo] += tokens[ra]
+                if b is not None:
+                    rb = plans[lo].pop(b)
+                    plans[hi].append(rb)
+                    loads[hi] += weight[rb]
+                    loads[lo] -= weight[rb]
+                    toks[hi] += tokens[rb]
+                    toks[lo] -= tokens[rb]
+                done = True
+                break
+            if not done:
+                break
+        by_load = sorted(range(n), key=lambda k: (-loads[k], k))
+    else:
+        by_load = list(range(n))
+    half = n // 2
+    folded = [None] * n
+    for j in range(half):
+        folded[j] = plans[by_load[j]]
+        folded[j + half] = plans[by_load[n - 1 - j]]
+    if n % 2:
+        folded[n - 1] = plans[by_load[half]]
+    return folded
 
 
 @dataclass
@@ -74,6 +276,11 @@ class GlobalPlanner:
         self.skipped: dict[str, int] = {}
         self._perm_cache: dict[tuple, list[int]] = {}
         self._cost_cache: dict[Ref, int] = {}
+        self._flops_cache: dict[Ref, float] = {}
+        self.balance = str(getattr(cfg, "balance", "compute"))
+        if self.balance not in BALANCE_MODES:
+            raise ValueError(f"data.balance={self.balance!r}; valid: {', '.join(BALANCE_MODES)}")
+        self.compute_model = COMPUTE_MODELS[cfg.generation]
 
     # ----------------------------------------------------------------------------- the order
     def _perm(self, n: int, *key: Any) -> list[int]:
@@ -131,6 +338,36 @@ class GlobalPlanner:
                 self._cost_cache.clear()
             self._cost_cache[ref] = c
         return c
+
+    def flops(self, ref: Ref) -> float:
+        """Estimated forward FLOPs of a usable sample (ComputeModel), from the index only."""
+        f = self._flops_cache.get(ref)
+        if f is None:
+            e = self.entry(ref)
+            cfg = self.cfg
+            f = sample_flops(
+                self.compute_model, int(e["n_text_tokens"]), e["images"], patch_size=cfg.patch_size,
+                merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                temporal=cfg.temporal_patch_size,
+            )
+            if len(self._flops_cache) > 100_000:
+                self._flops_cache.clear()
+            self._flops_cache[ref] = f
+        return f
+
+    def next_step(self, n: int) -> list[list[Ref]]:
+        """Plan one optimizer step of `n` micro-batches: packed by tokens, then balanced per `data.balance`.
+
+        The samples of the step (and the planner state after it) are those of `n` calls of
+        `next_micro_batch`, whatever the balance mode; only their arrangement differs.
+        """
+        plans = [self.next_micro_batch() for _ in range(n)]
+        if self.balance == "none":
+            return plans
+        refs = [r for p in plans for r in p]
+        tokens = {r: self.cost(r) for r in refs}
+        weight = tokens if self.balance == "tokens" else {r: self.flops(r) for r in refs}
+        return balance_step(plans, weight, tokens, self.cfg.max_tokens)
 
     def entry(self, ref: Ref) -> dict[str, Any]:
         s, sh, i = ref

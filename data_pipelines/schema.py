@@ -61,6 +61,11 @@ class DataConfig:
     """Samples per rank in the window that `max_bad_fraction` is checked over (checked once full)."""
     pack_lookahead: int = 16
     """Candidates the packer looks ahead to fill a micro-batch (best fit); part of the data order."""
+    balance: str = "compute"
+    """How the samples of one step are spread over its micro-batches (and so over dp ranks), after
+    packing by tokens: `compute` evens out the estimated FLOPs (ViT + LLM, quadratic attention; see
+    `data_pipelines.packing.ComputeModel`), `tokens` evens out token counts, `none` keeps the packing
+    order. Never changes which samples form a step, nor the token budget; safe to change on resume."""
 
     def __post_init__(self) -> None:
         if self.generation not in GENERATIONS:
@@ -73,6 +78,8 @@ class DataConfig:
             raise ValueError("data.sources is empty; give at least one shard directory")
         if self.max_pixels < self.min_pixels:
             raise ValueError("data.max_pixels must be >= data.min_pixels")
+        if self.balance not in ("compute", "tokens", "none"):
+            raise ValueError(f"data.balance={self.balance!r}; valid: compute, tokens, none")
         if self.pack_lookahead < 1:
             raise ValueError("data.pack_lookahead must be >= 1")
         if self.bad_window < 1:

@@ -2,9 +2,11 @@
 
 How a step is made
 ------------------
-1. Every rank advances the same `GlobalPlanner` (packing.py) by `micro_batches_per_step` micro-batch
-   plans, from `index.json` only. Micro-batch j of the step belongs to dp rank `j % dp_size`, so the
-   samples of step S are the same for any dp size (rank r just gets a different share).
+1. Every rank advances the same `GlobalPlanner` (packing.py) by one step of `micro_batches_per_step`
+   micro-batch plans, from `index.json` only, balanced by estimated compute (`data.balance`) without
+   looking at the dp size. Micro-batch j of the step belongs to dp rank `j % dp_size`, so the
+   samples of step S (and of each micro-batch) are the same for any dp size (rank r just gets a
+   different share). `last_step_stats()` reports packing efficiency and compute imbalance.
 2. The rank groups the samples it was dealt by shard and streams each needed shard once with
    WebDataset (raw bytes, no auto-decoding, never pickle), keeping only its samples' members.
 3. Each sample: JSON → messages; images decoded and patchified (vision.py) in the order they appear
@@ -215,11 +217,13 @@ class StepLoader:
         self.builder = SampleBuilder(cfg, get_tokenizer())
         self.read_skipped: dict[str, int] = {}
         self._recent: deque[bool] = deque(maxlen=cfg.bad_window)  # True = bad, over read samples
+        self._last_stats: dict[str, float] = {}
 
     # ---------------------------------------------------------------------------------- API
     def next_step(self) -> list[PackedBatch]:
         """This rank's micro-batches of the next optimizer step (micro_batches_per_step // dp_size)."""
-        plans = [self.planner.next_micro_batch() for _ in range(self.micro_batches_per_step)]
+        plans = self.planner.next_step(self.micro_batches_per_step)
+        self._last_stats = self._plan_stats(plans)
         mine = plans[self.dp_rank :: self.dp_size]
         raw = self._read([ref for plan in mine for ref in plan])
         batches = []
@@ -238,6 +242,28 @@ class StepLoader:
                 built.append(sample)
             batches.append(pack(self.cfg, built))
         return batches
+
+    def last_step_stats(self) -> dict[str, float]:
+        """Planning stats of the step last returned by `next_step()` (identical on every rank).
+
+        `packing_efficiency`: planned real tokens / slots of the step; `dp_imbalance`: max / mean of
+        the estimated compute (ComputeModel FLOPs) over dp ranks; `mb_imbalance`: the same over the
+        step's micro-batches; `est_flops`: estimated forward FLOPs of the whole step. Empty before the
+        first step. Estimates from the index: read-time skips are not reflected.
+        """
+        return dict(self._last_stats)
+
+    def _plan_stats(self, plans: list[list[Ref]]) -> dict[str, float]:
+        p = self.planner
+        mb = np.array([sum(p.flops(r) for r in plan) for plan in plans], dtype=np.float64)
+        toks = sum(p.cost(r) for plan in plans for r in plan)
+        ranks = np.array([mb[r :: self.dp_size].sum() for r in range(self.dp_size)])
+        return {
+            "packing_efficiency": toks / (len(plans) * self.cfg.max_tokens),
+            "dp_imbalance": float(ranks.max() / ranks.mean()) if ranks.sum() > 0 else 1.0,
+            "mb_imbalance": float(mb.max() / mb.mean()) if mb.sum() > 0 else 1.0,
+            "est_flops": float(mb.sum()),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable, identical on all ranks, dp-size independent (taken between steps)."""
