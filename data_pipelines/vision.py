@@ -194,12 +194,42 @@ def patchify_image(
         img = img.convert("RGB")
     width, height = img.size
     rh, rw = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
-    img = img.resize((rw, rh), resample=Image.BICUBIC)
+    if (rw, rh) != img.size:
+        img = img.resize((rw, rh), resample=Image.BICUBIC)
     arr = np.asarray(img)  # [H, W, C] uint8
-    arr = (arr.astype(np.float64) * (1.0 / 255.0)).astype(np.float32)
-    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    chw = arr.transpose(2, 0, 1)  # [C, H, W]
-    return patchify(chw[None], patch_size, temporal_patch_size, merge_size)
+    # Fast path, bit-identical to "rescale (float64) -> float32 -> normalise -> patchify": the pixels
+    # are uint8, so the whole float pipeline is a 256-entry table per channel (`_norm_lut`, computed
+    # with exactly those float ops). The patch reordering is done on the uint8 bytes (4x less memory
+    # traffic than on float32), the table lookup writes straight into the output, and the T identical
+    # frames are one copy of the first.
+    m, p, t = merge_size, patch_size, temporal_patch_size
+    gh, gw = rh // p, rw // p
+    # [H, W, C] -> (h-block, mh, ph, w-block, mw, pw, C) -> (h-block, w-block, mh, mw, C, ph, pw)
+    u8 = arr.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
+    u8 = np.ascontiguousarray(u8).reshape(gh * gw, 3, p * p)
+    lut = _norm_lut(tuple(mean), tuple(std))
+    out = np.empty((gh * gw, 3, t, p * p), dtype=np.float32)
+    for c in range(3):
+        np.take(lut[c], u8[:, c], out=out[:, c, 0])
+    if t > 1:
+        out[:, :, 1:] = out[:, :, :1]
+    return out.reshape(gh * gw, 3 * t * p * p), (1, gh, gw)
+
+
+_LUTS: dict[tuple, np.ndarray] = {}
+
+
+def _norm_lut(mean: tuple, std: tuple) -> np.ndarray:
+    """[3, 256] float32: uint8 value v of channel c -> ((v * (1/255) in float64 -> float32) - mean) / std,
+    with the same float32 operations (and rounding) as the array pipeline of the HF processor."""
+    key = (mean, std)
+    lut = _LUTS.get(key)
+    if lut is None:
+        v = (np.arange(256, dtype=np.float64) * (1.0 / 255.0)).astype(np.float32)
+        lut = (v[None, :] - np.asarray(mean, dtype=np.float32)[:, None]) / np.asarray(std, dtype=np.float32)[:, None]
+        lut = np.ascontiguousarray(lut.astype(np.float32))
+        _LUTS[key] = lut
+    return lut
 
 
 def patchify(
