@@ -19,8 +19,10 @@ Rows:
   shuffled (seeded) and dealt j % dp, n bins per step — a classic token-only packer.
 Imbalance is max/mean of the ComputeModel estimate (FLOPs, ViT + LLM with quadratic attention) over
 dp ranks (and over micro-batches), per step; the table gives the mean and the worst step, plus a
-lower bound for one micro-batch per rank: a micro-batch holding the step's heaviest sample (a long
-document: causal attention adds up to ~20% at 15k tokens) cannot weigh less than that sample.
+simple lower bound for one micro-batch per rank: a micro-batch holding the step's heaviest sample
+cannot weigh less than that sample. On this mix it is ~1.0 (no single sample outweighs an average
+micro-batch), so what imbalance remains comes from the token budget: micro-batches packed ~99.8%
+full can only trade groups of samples with nearly equal token counts.
 """
 
 from __future__ import annotations

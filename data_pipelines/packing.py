@@ -34,9 +34,10 @@ on the dp size), then rearranges those samples among the step's micro-batches:
 * `tokens`: weight = the sample's tokens;
 * `none`: the micro-batches stay as packed (the order of the stream).
 
-Balancing is a local search that repeatedly lowers the heaviest micro-batch: it moves one sample to,
-or swaps one pair with, a lighter micro-batch, choosing the change that brings the pair closest to
-equal, and only if both micro-batches stay within `data.max_tokens` (the budget stays a hard limit).
+Balancing is a local search that repeatedly lowers the heaviest micro-batch: it exchanges a group of
+0-2 of its samples with a group of 0-2 samples of a lighter micro-batch (moves, swaps, two-for-one),
+choosing the change that brings the pair closest to equal, and only if both micro-batches stay
+within `data.max_tokens` (the budget stays a hard limit; see `balance_step`).
 Then the micro-batches are ordered by weight, descending s_0 >= s_1 >= ... >= s_{n-1}, and "folded":
 position j < n/2 holds s_j and position j + n/2 holds s_{n-1-j}. With the deal "micro-batch j to dp
 rank j % dp" (stream.py), every rank whose dp divides n/2 receives complementary pairs
