@@ -201,12 +201,21 @@ def balance_step(
         toks = [sum(tokens[r] for r in p) for p in plans]
         rounds = max_rounds if max_rounds is not None else 40 * n + 100
         pairs = False
+        cache: dict[tuple[int, bool], tuple] = {}
+
+        def groups(k: int) -> tuple:
+            g = cache.get((k, pairs))
+            if g is None:
+                g = _groups(plans[k], weight, tokens, pairs)
+                cache[(k, pairs)] = g + (np.array([len(x) for x in g[0]]),)
+                g = cache[(k, pairs)]
+            return g
+
         pair_work = 8 * n + 64 if n <= 64 else 0  # pair phase bounded (and off for > 64 micro-batches) to keep planning cheap
         for _ in range(rounds):
             order = sorted(range(n), key=lambda k: (loads[k], k))
             hi = order[-1]
-            gh, wa, ta = _groups(plans[hi], weight, tokens, pairs)
-            size_a = np.array([len(g) for g in gh])
+            gh, wa, ta, size_a = groups(hi)
             done = False
             for lo in order[: (min(n - 1, 32) if pairs else n - 1)]:
                 if lo == hi or loads[hi] - loads[lo] <= 1e-9 * loads[hi]:
@@ -215,10 +224,9 @@ def balance_step(
                     pair_work -= 1
                     if pair_work < 0:
                         break
-                gl, wb, tb = _groups(plans[lo], weight, tokens, pairs)
+                gl, wb, tb, size_b = groups(lo)
                 dw = wa[:, None] - wb[None, :]
                 dt = ta[:, None] - tb[None, :]
-                size_b = np.array([len(g) for g in gl])
                 ok = (dw > 0) & (toks[lo] + dt <= budget) & (toks[hi] - dt <= budget)
                 ok &= (size_a[:, None] < len(plans[hi])) | (size_b[None, :] > 0)  # hi never empty
                 if not ok.any():
@@ -232,6 +240,8 @@ def balance_step(
                 take = [plans[lo][i] for i in gl[ib]]
                 plans[hi] = [r for i, r in enumerate(plans[hi]) if i not in gh[ia]] + take
                 plans[lo] = [r for i, r in enumerate(plans[lo]) if i not in gl[ib]] + give
+                for key in ((hi, False), (hi, True), (lo, False), (lo, True)):
+                    cache.pop(key, None)
                 d_w = sum(weight[r] for r in give) - sum(weight[r] for r in take)
                 d_t = sum(tokens[r] for r in give) - sum(tokens[r] for r in take)
                 loads[hi] -= d_w
