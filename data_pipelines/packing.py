@@ -190,9 +190,10 @@ def balance_step(
     samples of a lighter one (the lightest first), choosing the exchange that makes the pair closest
     to equal, only if it lowers the pair's maximum; pairs of samples are tried once single-sample
     moves and swaps are exhausted (micro-batches packed to ~99.8% of the budget leave little room, and
-    two-for-one exchanges free it), for at most 8n + 64 pair-phase comparisons and only for steps of <= 64 micro-batches (with more,
-    each rank sums several micro-batches and single exchanges already reach ~1.01). Returns new lists "folded" by weight (module docstring).
-    Deterministic.
+    two-for-one exchanges free it), for at most 8n + 64 pair-phase comparisons and only for steps of
+    <= 64 micro-batches (with more, each rank sums several micro-batches and single exchanges already
+    reach ~1.01). Returns new lists "folded" by weight (module docstring). Deterministic (same float
+    operations on every rank).
     """
     n = len(plans)
     plans = [list(p) for p in plans]
@@ -211,7 +212,7 @@ def balance_step(
                 g = cache[(k, pairs)]
             return g
 
-        pair_work = 8 * n + 64 if n <= 64 else 0  # pair phase bounded (and off for > 64 micro-batches) to keep planning cheap
+        pair_work = 8 * n + 64 if n <= 64 else 0  # bounded pair phase keeps planning cheap
         for _ in range(rounds):
             order = sorted(range(n), key=lambda k: (loads[k], k))
             hi = order[-1]
