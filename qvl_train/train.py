@@ -128,6 +128,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     while state.step < cfg.train.max_steps:
         t0 = time.perf_counter()
         batches = loader.next_step()
+        plan = loader.last_step_stats()  # estimates from the shard index, identical on every rank
         t_data = time.perf_counter() - t0
         result = engine.train_step(batches, state.step)
         state.step += 1
@@ -162,6 +163,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
                 skipped_steps=state.skipped_steps,
             )
             record.update(skipped)
+            record.update({f"data/plan_{k}": v for k, v in plan.items() if k != "est_flops"})
             metrics.write(record)
             wandb.log(record, step=state.step)
             progress.update(state.step, result.loss, record["tokens_per_s"], step_time)
