@@ -22,13 +22,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def clean_env() -> dict[str, str]:
+    """os.environ without the rendezvous variables of a process group this process may hold."""
+    drop = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 def torchrun(nproc: int, *overrides: str, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
     """Run launch/train.py under torchrun on CPU; returns the completed process."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         f"--master_port={free_port()}", str(ROOT / "launch" / "train.py"), *overrides,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    env = {**clean_env(), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -62,7 +68,11 @@ def megatron_one_rank_world() -> None:
 
     install_cpu_compat()
     if not torch.distributed.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+        # An explicit init_method, not MASTER_PORT in os.environ: subprocesses started later by other
+        # tests (torchrun, convert, SLURM jobs) inherit the environment and would collide with the
+        # port this process keeps listening on.
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+        )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests.conftest import clean_env, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_each_stage_updates_exactly_its_modules(data_root):
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+    env = {**clean_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     proc = subprocess.run([sys.executable, str(ROOT / "tests/e2e/stage_probe.py"), str(data_root)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -6,7 +6,6 @@ Runs the CLI in a subprocess (its own one-rank process group) on a tiny HF model
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 pytest.importorskip("transformers")
 
 from tests.unit.test_convert import _cfg, _hf_model  # noqa: E402
+from tests.conftest import clean_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ def test_hf_parity_tool_passes(generation, tmp_path):
     _hf_model(_cfg(generation), seed=3).to(torch.float32).save_pretrained(tmp_path / "hf", safe_serialization=True)
     proc = subprocess.run(
         [sys.executable, "-m", "qvl_train.tools.hf_parity", "--hf-dir", str(tmp_path / "hf")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**clean_env(), "PYTHONWARNINGS": "ignore"},
     )
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

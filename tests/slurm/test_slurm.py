@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port, read_metrics
+from tests.conftest import ROOT, clean_env, free_port, read_metrics
 
 CLUSTER_SH = ROOT / "tests" / "slurm" / "cluster.sh"
 MAX_STEPS = 8
@@ -59,7 +59,7 @@ def test_stage2_preempted_requeues_and_matches_uninterrupted(tmp_path, data_root
     ]
     out = tmp_path / "slurm_run"
     job_log = tmp_path / "job.out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "QVL_ROOT": str(ROOT)}
+    env = {**clean_env(), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "QVL_ROOT": str(ROOT)}
     env.pop("NPROC_PER_NODE", None)
 
     # The reference (uninterrupted, plain torchrun) runs alongside the SLURM job to save wall time.

@@ -9,7 +9,6 @@ subprocesses (dist_checkpointing saves through worker processes). Qwen2-VL with 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from qvl_train.models.tiny import tiny_model_config, tiny_qwen2_5_vl_config  # noqa: E402
 from qvl_train.tools.convert import hf_config_dict, model_config_from_hf  # noqa: E402
+from tests.conftest import clean_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,7 +50,7 @@ def _hf_model(cfg, seed=0):
 def _convert(*args):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "convert.py"), *map(str, args)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**clean_env(), "PYTHONWARNINGS": "ignore"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
