@@ -238,10 +238,11 @@ class MegatronEngine:
         from dataclasses import replace
 
         from megatron.core.dist_checkpointing import ShardedTensor
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
         by_param = {}  # param → its ShardedTensor (or factory, e.g. the split [gate; up] of SwiGLU)
-        for sh in _iter_sharded(model_sd):
+        for sh in nested_values(model_sd):
             if isinstance(sh, (ShardedTensor, ShardedTensorFactory)):
                 by_param[id(sh.data)] = sh
         state: dict = {"steps": {}}
@@ -280,17 +281,6 @@ class MegatronEngine:
                 st = self.optimizer.state.setdefault(p, {})
                 for moment in ("exp_avg", "exp_avg_sq"):
                     st[moment] = opt[f"{name}.{moment}"].to(p.device, p.dtype).clone()
-
-
-def _iter_sharded(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _iter_sharded(tree=v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _iter_sharded(v)
-    else:
-        yield tree
 
 
 def _forward_step(data_iterator: Iterator[PackedBatch], model, *, denom: float, device):

@@ -54,21 +54,30 @@ def train_record(
     return record
 
 
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop the lines of a JSON-lines file whose `step` is past `last_step` (and unreadable lines).
+
+    A resumed run appends from its checkpoint's step; what the interrupted run wrote after it is gone.
+    """
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+    path.write_text("".join(kept))
+
+
 class MetricsWriter:
     """Appends `{"kind": ..., ...}` lines; on resume, lines past the resumed step are dropped."""
 
     def __init__(self, path: str | Path, *, resume_step: int = 0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # keep history up to the checkpoint we resumed from
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue
-            self.path.write_text("".join(k + "\n" for k in kept))
+        truncate_jsonl(self.path, resume_step)  # keep history up to the checkpoint we resumed from
         self._f: Optional[TextIO] = open(self.path, "a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:

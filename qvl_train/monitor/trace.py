@@ -9,20 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qvl_train.monitor.metrics import truncate_jsonl
+
 
 class DataTrace:
     def __init__(self, output_dir: str | Path, dp_rank: int, resume_step: int) -> None:
         self.path = Path(output_dir) / "data_trace" / f"dp{dp_rank}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= resume_step:
-                        kept.append(line + "\n")
-                except (json.JSONDecodeError, KeyError):
-                    continue
-        self.path.write_text("".join(kept))
+        truncate_jsonl(self.path, resume_step)
         self._f = open(self.path, "a", buffering=1)
 
     def write(self, step: int, micro_sample_ids: list[list[str]]) -> None:
