@@ -30,9 +30,13 @@ demo: setup data
 test: setup data
 	$(PY) -m pytest -q tests
 
-# Wheels that benchmarks/gpu_check.sh installs on a lent GPU machine (Python 3.12 there, no index).
+# Wheels that benchmarks/gpu_check.sh installs on a lent GPU machine (Python 3.12 there, no index):
+# megatron-core, and the transformers stack the parity reference is pinned to (constraints.txt).
+GPU_WHEELS := megatron-core==0.16.1 transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.36.2
 gpu-wheels: setup
-	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d build/wheels megatron-core==0.16.1
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+	  -d build/wheels $(GPU_WHEELS)
 
 clean:
 	rm -rf outputs $(SYNTH)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -79,7 +78,9 @@ def check_parity(device: str, quick: bool) -> list[dict]:
 
 
 def check_attention(device: str, quick: bool) -> list[dict]:
-    from qvl_train.models.attention import varlen_flex, varlen_sdpa
+    """Every packed-attention backend usable here on one pack: forward and forward+backward time,
+    max difference to the per-sample SDPA loop (forward output and q gradient)."""
+    from qvl_train.models.attention import _torch_varlen, varlen_flex, varlen_sdpa, varlen_torch
 
     gen = torch.Generator().manual_seed(0)
     total = 2048 if quick else 16384
@@ -91,31 +92,50 @@ def check_attention(device: str, quick: bool) -> list[dict]:
     q = torch.randn(total, heads, d, generator=gen).to(device, dtype)
     k = torch.randn(total, kv, d, generator=gen).to(device, dtype)
     v = torch.randn(total, kv, d, generator=gen).to(device, dtype)
+    grad_out = torch.randn(total, heads, d, generator=gen).to(device, dtype)
     cu = cu.to(device)
     scale = d ** -0.5
 
-    backends = {"sdpa_loop": varlen_sdpa, "flex (eager)": varlen_flex}
-    if device != "cpu":
-        compiled = torch.compile(varlen_flex, dynamic=False)
-        backends["flex (compiled)"] = compiled
-    ref = varlen_sdpa(q, k, v, cu, True, scale).float()
-    rows = []
-    for name, fn in backends.items():
-        out = fn(q, k, v, cu, True, scale)  # warm-up (and compile)
+    backends = {"sdpa_loop": varlen_sdpa, "flex": varlen_flex}
+    if device != "cpu" and _torch_varlen() is not None:
+        backends["varlen"] = varlen_torch
+
+    def fwd_bwd(fn):
+        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+        out = fn(qq, kk, vv, cu, True, scale)
+        out.backward(grad_out)
+        return out.detach(), qq.grad
+
+    def timed(call) -> float:
+        call()  # warm-up (and compile)
         _sync(device)
         times = []
         for _ in range(3 if quick else 10):
             t0 = time.perf_counter()
-            out = fn(q, k, v, cu, True, scale)
+            call()
             _sync(device)
             times.append(time.perf_counter() - t0)
-        err = float((out.float() - ref).abs().max())
-        rows.append({"backend": name, "tokens": total, "docs": int(lengths.numel()),
-                     "ms_per_call": 1e3 * statistics.median(times), "max_abs_diff_vs_sdpa_loop": err})
+        return 1e3 * statistics.median(times)
+
+    ref_out, ref_dq = fwd_bwd(varlen_sdpa)
+    rows = []
+    for name, fn in backends.items():
+        try:
+            out, dq = fwd_bwd(fn)
+            fwd_ms = timed(lambda: fn(q, k, v, cu, True, scale))
+            fwd_bwd_ms = timed(lambda: fwd_bwd(fn))
+        except Exception as exc:  # a backend that fails here is reported, not fatal to the other parts
+            rows.append({"backend": name, "tokens": total, "docs": int(lengths.numel()), "fwd_ms": float("nan"),
+                         "fwd_bwd_ms": float("nan"), "max_abs_diff_out": float("nan"), "max_abs_diff_dq": float("nan"),
+                         "error": f"{type(exc).__name__}: {exc}"[:200]})
+            continue
+        rows.append({"backend": name, "tokens": total, "docs": int(lengths.numel()), "fwd_ms": fwd_ms,
+                     "fwd_bwd_ms": fwd_bwd_ms, "max_abs_diff_out": float((out.float() - ref_out.float()).abs().max()),
+                     "max_abs_diff_dq": float((dq.float() - ref_dq.float()).abs().max()), "error": ""})
     return rows
 
 
-def check_throughput(device: str, quick: bool) -> dict:
+def check_throughput(device: str, quick: bool, attention_backend: str = "auto") -> dict:
     from data_pipelines.schema import PackedBatch
     from qvl_train.config import LLMConfig, ModelConfig, OptimConfig, ParallelConfig, StageConfig, VisionConfig
     from qvl_train.engines.megatron import MegatronEngine
@@ -132,7 +152,7 @@ def check_throughput(device: str, quick: bool) -> dict:
         llm = LLMConfig(num_layers=12, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12,
                         num_query_groups=2, vocab_size=151936)
         max_tokens, steps = 8192, 10
-    cfg = ModelConfig(generation="qwen2_vl", vision=vision, llm=llm)
+    cfg = ModelConfig(generation="qwen2_vl", vision=vision, llm=llm, attention_backend=attention_backend)
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -171,7 +191,15 @@ def check_throughput(device: str, quick: bool) -> dict:
         _sync(device)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[1:])
-    out = {"params": n_params, "tokens_per_step": used, "step_time_s": step_s, "tokens_per_s": used / step_s,
+    from qvl_train.monitor.flops import packed_batch_flops, peak_tflops
+
+    flops = packed_batch_flops(cfg, batch)
+    tflops = flops.training / step_s / 1e12
+    peak = peak_tflops(0.0, torch.cuda.get_device_name() if device.startswith("cuda") else "cpu")
+    from qvl_train.models.attention import resolve_backend
+
+    out = {"attention": resolve_backend(attention_backend), "params": n_params, "tokens_per_step": used, "step_time_s": step_s, "tokens_per_s": used / step_s,
+           "model_tflops": tflops, "mfu": tflops / peak if peak else float("nan"),
            "loss_last": float(result.loss), "dtype": str(dtype).replace("torch.", "")}
     if device.startswith("cuda"):
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -198,17 +226,32 @@ def main() -> int:
     print(f"# gpu_check on {env['device']} (torch {env['torch']})")
     report = {"env": env}
     t0 = time.perf_counter()
-    report["parity"] = check_parity(args.device, args.quick)
-    print("\n## HF parity (max|Δlogits| / max|ref|)\n" + _table(report["parity"]))
-    report["attention"] = check_attention(args.device, args.quick)
-    print("\n## Packed attention\n" + _table(report["attention"]))
-    report["throughput"] = check_throughput(args.device, args.quick)
-    print("\n## Training step\n" + _table([report["throughput"]]))
+    failed = []
+
+    def part(key: str, title: str, fn) -> None:
+        try:
+            rows = fn()
+        except Exception:  # one broken part must not hide the others' figures
+            import traceback
+
+            traceback.print_exc()
+            failed.append(key)
+            return
+        report[key] = rows
+        print(f"\n## {title}\n" + _table(rows if isinstance(rows, list) else [rows]), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+
+    part("attention", "Packed attention (bf16 on GPU)", lambda: check_attention(args.device, args.quick))
+    part("parity", "HF parity (max|Δlogits| / max|ref|)", lambda: check_parity(args.device, args.quick))
+    backends = ["auto"] if args.quick else ["auto", "flex"]
+    part("throughput", "Training step", lambda: [check_throughput(args.device, args.quick, b) for b in backends])
     report["wall_s"] = time.perf_counter() - t0
     print(f"\nwall {report['wall_s']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0 if all(r["verdict"] == "PASS" for r in report["parity"] if r["dtype"] == "fp32") else 1
+    ok = not failed and all(r["verdict"] == "PASS" for r in report["parity"] if r["dtype"] == "fp32")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

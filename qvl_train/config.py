@@ -123,16 +123,16 @@ class ModelConfig:
     init_from: Optional[str] = None
     """Checkpoint step directory or checkpoint root to take weights from when the run has none yet."""
     attention_backend: str = "auto"
-    """Core attention for packed sequences: auto | sdpa_loop (CPU) | flex."""
+    """Core attention for packed sequences: auto | sdpa_loop (CPU) | flex | varlen (CUDA, PyTorch flash varlen)."""
 
     def __post_init__(self) -> None:
         if self.generation not in GENERATIONS:
             raise ConfigError(
                 f"model.generation={self.generation!r} is unknown; valid: {', '.join(GENERATIONS)}"
             )
-        if self.attention_backend not in ("auto", "sdpa_loop", "flex"):
+        if self.attention_backend not in ("auto", "sdpa_loop", "flex", "varlen"):
             raise ConfigError(
-                f"model.attention_backend={self.attention_backend!r}; valid: auto, sdpa_loop, flex"
+                f"model.attention_backend={self.attention_backend!r}; valid: auto, sdpa_loop, flex, varlen"
             )
         llm = self.llm
         head_dim, rem = divmod(llm.hidden_size, llm.num_attention_heads)

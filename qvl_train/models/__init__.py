@@ -62,7 +62,8 @@ IMPLEMENTED = tuple(_BUILDERS)
 def build_model(cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype = torch.float32) -> VLM:
     """This pipeline stage's part of the model (single-device modules; TP/PP from `parallel_state`).
 
-    Weights are allocated but not initialised: call `init_weights` or load a checkpoint.
+    Weights are allocated but not initialised: call `init_weights` or load a checkpoint. Every
+    parameter has `dtype` (megatron's local norms are created fp32 whatever `params_dtype` says).
     """
     try:
         builder = _BUILDERS[cfg.generation]
@@ -71,6 +72,8 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool
             f"model.generation={cfg.generation!r} is not implemented; implemented: {', '.join(IMPLEMENTED)}"
         ) from None
     model = builder(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype)
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
     mark_tensor_parallel_params(model)
     return model
 

@@ -15,8 +15,11 @@ Backends (`model.attention_backend`):
 * ``sdpa_loop`` — one `scaled_dot_product_attention` per segment. Exact, no extra memory, and the
   fastest CPU path (PyTorch's `varlen_attn` is CUDA-only, eager FlexAttention materialises scores).
 * ``flex`` — FlexAttention with a document(+causal) `BlockMask`; one kernel for the whole pack,
-  the fast path on GPU (compile it there: `torch.compile(flex_attention)`).
-* ``auto`` — ``flex`` on CUDA, ``sdpa_loop`` otherwise.
+  compiled on CUDA (eager FlexAttention is a reference path that materialises the scores).
+* ``varlen`` — PyTorch's own flash varlen kernel (`torch.nn.attention.varlen.varlen_attn`, CUDA
+  only, in the PyTorch versions that have it): cu_seqlens straight into the kernel, no mask at all.
+* ``auto`` — ``varlen`` on CUDA where PyTorch has it, else ``flex`` on CUDA, ``sdpa_loop`` on CPU.
+Transformer Engine's fused attention replaces this module altogether with `model.spec_backend=te`.
 
 megatron calls core attention with `qkv_format="sbhd"` packed params from our model (see
 `rope.py` for why not "thd"); a "thd" call (`[t, heads, d]`, batch squeezed) is accepted too.
@@ -24,6 +27,8 @@ megatron calls core attention with `qkv_format="sbhd"` packed params from our mo
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Optional
 
@@ -34,15 +39,34 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-__all__ = ["VarlenAttention", "varlen_sdpa", "varlen_flex", "resolve_backend"]
+__all__ = ["VarlenAttention", "varlen_sdpa", "varlen_flex", "varlen_torch", "resolve_backend", "BACKENDS"]
+
+BACKENDS = ("auto", "sdpa_loop", "flex", "varlen")
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen():
+    """PyTorch's `varlen_attn` and its keyword names, or None where this PyTorch lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def resolve_backend(backend: str) -> str:
-    """`auto` → `flex` with CUDA, `sdpa_loop` on CPU."""
+    """`auto` → `varlen` (else `flex`) with CUDA, `sdpa_loop` on CPU; an unusable explicit choice is an error."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "flex" if torch.cuda.is_available() else "sdpa_loop"
-    if backend not in ("sdpa_loop", "flex"):
-        raise ValueError(f"attention backend {backend!r}; valid: auto, sdpa_loop, flex")
+        if not torch.cuda.is_available():
+            return "sdpa_loop"
+        return "varlen" if _torch_varlen() is not None else "flex"
+    if backend == "varlen" and (_torch_varlen() is None or not torch.cuda.is_available()):
+        raise ValueError(
+            "model.attention_backend=varlen needs CUDA and a PyTorch with torch.nn.attention.varlen "
+            f"(this is torch {torch.__version__}, cuda={torch.cuda.is_available()}); use auto, flex or sdpa_loop"
+        )
     return backend
 
 
@@ -87,11 +111,51 @@ def varlen_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
 
     block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=t, KV_LEN=t, device=q.device)
     qb, kb, vb = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, h, t, d]
-    o = flex_attention(qb, kb, vb, block_mask=block_mask, scale=scale, enable_gqa=kb.shape[1] != qb.shape[1])
+    kernel = _compiled_flex() if q.is_cuda else flex_attention
+    o = kernel(qb, kb, vb, block_mask=block_mask, scale=scale, enable_gqa=kb.shape[1] != qb.shape[1])
     out = o.squeeze(0).transpose(0, 1)
     if total < t:
         out = torch.cat([out[:total], out.new_zeros((t - total,) + tuple(out.shape[1:]))])
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def varlen_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """Same contract as `varlen_sdpa`, through PyTorch's flash varlen kernel (CUDA, fp16/bf16; fp32
+    inputs, e.g. a parity check, go through the exact per-sample SDPA loop)."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return varlen_sdpa(q, k, v, cu_seqlens, causal, scale)
+    found = _torch_varlen()
+    if found is None:
+        raise RuntimeError(f"torch {torch.__version__} has no torch.nn.attention.varlen; use attention_backend=flex")
+    varlen_attn, params = found
+    t = q.shape[0]
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    lengths = cu[1:] - cu[:-1]
+    total, max_len = int(cu[-1]), int(lengths.max())
+    kwargs = {"scale": scale}
+    if "is_causal" in params:
+        kwargs["is_causal"] = causal
+    elif causal:
+        kwargs["window_size"] = (-1, 0)
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1 and "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    elif rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = varlen_attn(q[:total], k[:total], v[:total], cu, cu, max_len, max_len, **kwargs)
+    if total < t:
+        out = torch.cat([out, out.new_zeros((t - total,) + tuple(out.shape[1:]))])
+    return out
+
+
+_KERNELS = {"sdpa_loop": varlen_sdpa, "flex": varlen_flex, "varlen": varlen_torch}
 
 
 class VarlenAttention(MegatronModule):
@@ -141,7 +205,7 @@ class VarlenAttention(MegatronModule):
         if attention_mask is not None:
             raise NotImplementedError("VarlenAttention derives its mask from packed_seq_params; pass attention_mask=None")
         causal = self.causal if attn_mask_type is None else attn_mask_type == AttnMaskType.causal
-        fn = varlen_flex if self.backend == "flex" else varlen_sdpa
+        fn = _KERNELS[self.backend]
         if query.dim() == 3:  # "thd": batch already squeezed by megatron
             query, key, value = (x.unsqueeze(1) for x in (query, key, value))
         s, b = query.shape[:2]

@@ -145,6 +145,8 @@ def run(hf_dir: str, kinds=KINDS, seed: int = 0, device: str = "cpu", dtype: tor
     from qvl_train.tools.convert import _single_process_world, load_hf_state_dict, model_config_from_hf
 
     hf_dir = Path(hf_dir)
+    # fp32 means fp32: cuDNN's default TF32 convolutions (HF's Conv3d patch embedding) would put ~1e-4 into the reference
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
     cfg.attention_backend = "sdpa_loop" if not torch.cuda.is_available() else "auto"
     _single_process_world()

@@ -70,3 +70,21 @@ def test_module_signature_and_shapes(backend):
     out = attn(q[:, None], k[:, None], v[:, None], None, packed_seq_params=packed)
     assert out.shape == (L, 1, HQ * D)
     torch.testing.assert_close(out[:, 0].reshape(L, HQ, D), _reference(q, k, v, True), rtol=1e-4, atol=1e-4)
+
+
+def test_backend_resolution_on_cpu():
+    from qvl_train.models.attention import resolve_backend
+
+    assert resolve_backend("auto") == "sdpa_loop"
+    assert resolve_backend("flex") == "flex"
+    with pytest.raises(ValueError, match="varlen needs CUDA"):
+        resolve_backend("varlen")
+    with pytest.raises(ValueError, match="valid: auto, sdpa_loop, flex, varlen"):
+        resolve_backend("flash")
+
+
+def test_varlen_torch_takes_fp32_through_the_exact_loop():
+    from qvl_train.models.attention import varlen_torch
+
+    q, k, v = _qkv()
+    torch.testing.assert_close(varlen_torch(q, k, v, CU, True, 0.3), varlen_sdpa(q, k, v, CU, True, 0.3), rtol=0, atol=0)
