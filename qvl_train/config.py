@@ -307,6 +307,9 @@ class CheckpointConfig:
     keep_last: int = 0
     """Keep only the newest N complete step directories after each save; 0 = keep all. The one
     `latest` names and any that model.init_from points into are never removed."""
+    async_save: bool = False
+    """Write checkpoints in a background process while training goes on (tensors are staged first);
+    the checkpoint becomes `complete`/`latest` once every rank's files are on disk."""
 
     def __post_init__(self) -> None:
         if self.resume not in ("auto", "never"):

@@ -122,7 +122,8 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     micro = cfg.micro_batches_per_step()
     loader = StepLoader(cfg.data, micro_batches_per_step=micro, dp_rank=dims.dp_rank, dp_size=dims.dp)
     ckpt = CheckpointManager(
-        out / "checkpoints", dims, keep_last=cfg.checkpoint.keep_last, init_from=cfg.model.init_from
+        out / "checkpoints", dims, keep_last=cfg.checkpoint.keep_last, init_from=cfg.model.init_from,
+        async_save=cfg.checkpoint.async_save,
     )
     state, how = ckpt.restore(engine, resume=cfg.checkpoint.resume, init_from=cfg.model.init_from)
     if state.data:
@@ -151,6 +152,8 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
             plan = loader.last_step_stats()  # estimates from the shard index, identical on every rank
             t_data = time.perf_counter() - t0
             result = engine.train_step(batches, state.step)
+            if (written := ckpt.poll()) is not None:
+                log.info("checkpoint %s complete", written)
             state.step += 1
             state.consumed_samples += result.samples
             state.consumed_tokens += result.tokens
@@ -174,8 +177,10 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
             if not diverged and (stop or periodic or state.step == cfg.train.max_steps):
                 t1 = time.perf_counter()
                 step_dir = ckpt.save(engine, state)
+                if stop or state.step == cfg.train.max_steps:
+                    ckpt.wait()  # the process is about to end: its last checkpoint must be complete
                 t_ckpt = time.perf_counter() - t1
-                log.info("checkpoint %s", step_dir)
+                log.info("checkpoint %s%s", step_dir, " (writing in the background)" if ckpt.pending else "")
 
             log_now = state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps or diverged
             skipped = _global_data_stats(loader.stats(), dims) if log_now else {}
@@ -194,6 +199,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
                 wandb.log(record, step=state.step)
                 progress.update(state.step, result.loss, record["tokens_per_s"], step_time)
             if diverged:
+                ckpt.wait()  # a save of a good step still in flight becomes the checkpoint to fall back to
                 latest = out / "checkpoints" / "latest"
                 kept = (out / "checkpoints" / latest.read_text().strip()) if latest.exists() else None
                 message = (
