@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
 
-from tests.conftest import ROOT, clean_env, free_port, read_metrics
+from tests.conftest import read_metrics, torchrun_popen
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -29,10 +27,7 @@ def test_profile_stragglers_stacks_and_collective_timeout(tmp_path, data_root):
     args = ["+experiment=tiny", f"cluster.data_root={data_root}", "data.max_tokens=512",
             "train.global_batch_tokens=1024", "wandb.mode=disabled", "checkpoint.every=1000",
             "train.max_steps=400", "train.collective_timeout_s=10", "profile.steps=[2,3]", f"output_dir={out}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(ROOT / "launch" / "train.py"), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**clean_env(), "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = torchrun_popen(2, *args)
     try:
         metrics = out / "metrics.jsonl"
         _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 4, 240, "4 logged steps")

@@ -7,14 +7,12 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
 
 from qvl_train.checkpoint.manager import verify_checkpoint
-from tests.conftest import ROOT, clean_env, free_port, read_metrics, torchrun
+from tests.conftest import read_metrics, torchrun, torchrun_popen
 
 STEPS = 14
 
@@ -38,10 +36,7 @@ def test_kill_9_during_async_checkpointing_then_resume_is_exact(tmp_path, data_r
 
     out = tmp_path / "killed"
     args = _args(data_root, out, "checkpoint.every=1", "checkpoint.async_save=true", "checkpoint.keep_last=2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(ROOT / "launch" / "train.py"), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**clean_env(), "OMP_NUM_THREADS": "1"}, 
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = torchrun_popen(2, *args)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 6):
