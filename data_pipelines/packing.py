@@ -183,12 +183,20 @@ def capped_cost(tokens: int, has_media: bool, limit: int) -> int:
     return limit if tokens > limit and not has_media else tokens
 
 
+PAIR_POOL = 32
+"""Pairs are formed among at most this many samples of a micro-batch (its heaviest): the exchange
+matrices grow with the square of the group count, and micro-batches of many small samples (chat at a
+16k budget: hundreds) balance finely with single moves already."""
+
+
 def _groups(items: list[Any], weight, tokens, pairs: bool) -> tuple[list[tuple[int, ...]], np.ndarray, np.ndarray]:
-    """Exchangeable groups of one micro-batch: (), each sample, and (if `pairs`) each pair of samples."""
+    """Exchangeable groups of one micro-batch: (), each sample, and (if `pairs`) each pair of samples
+    among its `PAIR_POOL` heaviest (all pairs when it holds no more samples than that)."""
     k = len(items)
     groups: list[tuple[int, ...]] = [()] + [(i,) for i in range(k)]
     if pairs:
-        groups += [(i, j) for i in range(k) for j in range(i + 1, k)]
+        pool = sorted(sorted(range(k), key=lambda i: (-weight[items[i]], i))[:PAIR_POOL])
+        groups += [(i, j) for a, i in enumerate(pool) for j in pool[a + 1 :]]
     w = np.array([weight[items[i]] for i in range(k)] + [0.0], dtype=np.float64)
     t = np.array([tokens[items[i]] for i in range(k)] + [0], dtype=np.int64)
     idx = np.array([(g + (k, k))[:2] for g in groups], dtype=np.int64)  # k = the zero entry
