@@ -13,10 +13,16 @@ runs out, its epoch counter increases and it starts over with a new permutation.
 are blended per sample: draw number d picks a source with `Random((seed, d))` weighted by
 `DataSource.weight`, so the mixture depends only on the seed and the draw counter.
 
+A source that runs out is reported once per new epoch (`pop_epoch_events`, logged by the loader);
+the mixture draw does not depend on epochs, so the weights hold across them.
+
 Cost and packing
 ----------------
-A sample's cost is `n_text_tokens + sum(image_token_count(h, w))` under the run's pixel bounds.
-Samples costing more than `data.max_tokens` are dropped here and counted as `too_long`.
+A sample's cost is `n_text_tokens + sum(image_token_count(h, w))` under the pixel bounds of its
+source (`DataSource.max_pixels`, else `data.max_pixels`), recomputed from the stored image sizes.
+Each source has a token limit (`DataSource.max_tokens`, else `data.max_tokens`; see `capped_cost`):
+a text-only sample over it is planned at the limit and truncated when read (counted as
+`truncated`); a sample with media over it is dropped here and counted as `too_long`.
 Micro-batches are packed greedily with a small lookahead buffer (`data.pack_lookahead` candidates):
 a micro-batch starts with the oldest candidate (so no sample waits forever and the order stays
 close to the shuffled stream), then repeatedly takes the candidate with the largest cost that still
@@ -167,12 +173,30 @@ def sample_flops(
     return vit + model.llm_flops(tokens)
 
 
+def capped_cost(tokens: int, has_media: bool, limit: int) -> int:
+    """Planned tokens of a sample under a token limit (`DataSource.max_tokens` or `data.max_tokens`).
+
+    A text-only sample over the limit is truncated to it when read, so it costs the limit; a sample
+    with media is never cut (an image is never split), so its cost stays over the limit and the
+    planner rejects it. The loader truncates with `stream.truncate_text_sample` to the same limit.
+    """
+    return limit if tokens > limit and not has_media else tokens
+
+
+PAIR_POOL = 32
+"""Pairs are formed among at most this many samples of a micro-batch (its heaviest): the exchange
+matrices grow with the square of the group count, and micro-batches of many small samples (chat at a
+16k budget: hundreds) balance finely with single moves already."""
+
+
 def _groups(items: list[Any], weight, tokens, pairs: bool) -> tuple[list[tuple[int, ...]], np.ndarray, np.ndarray]:
-    """Exchangeable groups of one micro-batch: (), each sample, and (if `pairs`) each pair of samples."""
+    """Exchangeable groups of one micro-batch: (), each sample, and (if `pairs`) each pair of samples
+    among its `PAIR_POOL` heaviest (all pairs when it holds no more samples than that)."""
     k = len(items)
     groups: list[tuple[int, ...]] = [()] + [(i,) for i in range(k)]
     if pairs:
-        groups += [(i, j) for i in range(k) for j in range(i + 1, k)]
+        pool = sorted(sorted(range(k), key=lambda i: (-weight[items[i]], i))[:PAIR_POOL])
+        groups += [(i, j) for a, i in enumerate(pool) for j in pool[a + 1 :]]
     w = np.array([weight[items[i]] for i in range(k)] + [0.0], dtype=np.float64)
     t = np.array([tokens[items[i]] for i in range(k)] + [0], dtype=np.int64)
     idx = np.array([(g + (k, k))[:2] for g in groups], dtype=np.int64)  # k = the zero entry
@@ -291,6 +315,12 @@ class GlobalPlanner:
         for i, idx in enumerate(indices):
             if self.weights[i] > 0 and not any(sh["samples"] for sh in idx["shards"]):
                 raise ValueError(f"data source {cfg.sources[i].path} has no samples")
+        self.max_pixels = [s.max_pixels or cfg.max_pixels for s in cfg.sources]
+        self.limits = [min(s.max_tokens or cfg.max_tokens, cfg.max_tokens) for s in cfg.sources]
+        """Token limit of one sample per source (see `capped_cost`)."""
+        self.truncated = 0  # text-only samples planned at their source's limit (cut when read)
+        self._epoch_events: list[tuple[int, int]] = []  # (source, epoch started) since last pop
+        self._fingerprint = self._digest()
         self.lookahead = max(1, int(getattr(cfg, "pack_lookahead", 16)))
         self.cursors = [_Cursor() for _ in indices]
         self.draws = 0  # samples drawn from the mixture so far (incl. too_long ones)
@@ -326,6 +356,7 @@ class GlobalPlanner:
             shard_perm = self._perm(len(shards), "shards", s, cur.epoch)
             if cur.shard_pos >= len(shard_perm):
                 cur.epoch, cur.shard_pos, cur.sample_pos = cur.epoch + 1, 0, 0
+                self._epoch_events.append((s, cur.epoch))
                 continue
             sh = shard_perm[cur.shard_pos]
             n = len(shards[sh]["samples"])
@@ -341,22 +372,34 @@ class GlobalPlanner:
             return 0
         return _rng(self.cfg.seed, "mix", self.draws).choices(range(len(self.weights)), weights=self.weights)[0]
 
+    def pop_epoch_events(self) -> list[tuple[int, int]]:
+        """(source, epoch) for every source that started a new epoch since the last call."""
+        events, self._epoch_events = self._epoch_events, []
+        return events
+
+    def uncapped_cost(self, ref: Ref) -> int:
+        """LLM tokens of a sample (text + visual) under its source's pixel cap, before any token
+        limit; -1 when an image size is unusable. From the index only."""
+        s = ref[0]
+        entry = self.entry(ref)
+        c = int(entry["n_text_tokens"])
+        for h, w in entry["images"]:
+            try:
+                c += image_token_count(
+                    int(h), int(w), patch_size=self.cfg.patch_size, merge_size=self.cfg.merge_size,
+                    min_pixels=self.cfg.min_pixels, max_pixels=self.max_pixels[s],
+                )
+            except (ValueError, ZeroDivisionError):  # absurd aspect ratio / zero side
+                return -1
+        return c
+
     def cost(self, ref: Ref) -> int:
-        """Planned LLM tokens of a sample (text + visual), from the index only."""
+        """Planned LLM tokens of a sample (text + visual; see `capped_cost`), from the index only."""
         c = self._cost_cache.get(ref)
         if c is None:
-            s, sh, i = ref
-            entry = self.indices[s]["shards"][sh]["samples"][i]
-            c = int(entry["n_text_tokens"])
-            for h, w in entry["images"]:
-                try:
-                    c += image_token_count(
-                        int(h), int(w), patch_size=self.cfg.patch_size, merge_size=self.cfg.merge_size,
-                        min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels,
-                    )
-                except (ValueError, ZeroDivisionError):  # absurd aspect ratio / zero side
-                    c = -1
-                    break
+            c = self.uncapped_cost(ref)
+            if c > 0:
+                c = capped_cost(c, bool(self.entry(ref)["images"]), self.limits[ref[0]])
             if len(self._cost_cache) > 100_000:
                 self._cost_cache.clear()
             self._cost_cache[ref] = c
@@ -368,9 +411,10 @@ class GlobalPlanner:
         if f is None:
             e = self.entry(ref)
             cfg = self.cfg
+            text = int(e["n_text_tokens"]) if e["images"] else min(int(e["n_text_tokens"]), self.limits[ref[0]])
             f = sample_flops(
-                self.compute_model, int(e["n_text_tokens"]), e["images"], patch_size=cfg.patch_size,
-                merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                self.compute_model, text, e["images"], patch_size=cfg.patch_size,
+                merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=self.max_pixels[ref[0]],
                 temporal=cfg.temporal_patch_size,
             )
             if len(self._flops_cache) > 100_000:
@@ -408,13 +452,18 @@ class GlobalPlanner:
             c = self.cost(ref)
             if c < 0:
                 self._count("bad_image_size")
-            elif c > self.cfg.max_tokens:
+            elif c > self.limits[s]:
                 self._count("too_long")
             elif c == 0:
                 self._count("empty")
             else:
+                self.truncated += self.is_truncated(ref)
                 return ref
         raise RuntimeError(f"no sample fits data.max_tokens={self.cfg.max_tokens} in 1e6 draws")
+
+    def is_truncated(self, ref: Ref) -> bool:
+        """True when a (text-only) sample is planned at its source's limit and is cut when read."""
+        return self.uncapped_cost(ref) > self.limits[ref[0]]
 
     def _count(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -449,6 +498,9 @@ class GlobalPlanner:
     # ----------------------------------------------------------------------------- state
     def fingerprint(self) -> list[str]:
         """Short digest of each source's index, so a state is not applied to different data."""
+        return list(self._fingerprint)
+
+    def _digest(self) -> list[str]:
         out = []
         for idx in self.indices:
             h = hashlib.sha1()
@@ -466,6 +518,7 @@ class GlobalPlanner:
             "cursors": [[c.epoch, c.shard_pos, c.sample_pos] for c in self.cursors],
             "buffer": [list(r) for r in self.buffer],
             "skipped": dict(sorted(self.skipped.items())),
+            "truncated": self.truncated,
             "fingerprint": self.fingerprint(),
             "max_tokens": self.cfg.max_tokens,
         }
@@ -485,6 +538,8 @@ class GlobalPlanner:
         self.cursors = [_Cursor(*map(int, c)) for c in state["cursors"]]
         self.buffer = [tuple(int(v) for v in r) for r in state["buffer"]]
         self.skipped = {k: int(v) for k, v in state["skipped"].items()}
+        self.truncated = int(state.get("truncated", 0))  # absent in states of older versions
+        self._epoch_events = []
 
     @property
     def epoch(self) -> int:

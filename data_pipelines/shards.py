@@ -214,11 +214,17 @@ def read_index(source_dir: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} not found: a data source must be a shard directory with index.json")
     with open(path, encoding="utf-8") as f:
         index = json.load(f)
-    if index.get("version") != INDEX_VERSION:
-        raise ValueError(f"{path}: unsupported index version {index.get('version')!r}")
+    return validate_index(index, path)
+
+
+def validate_index(index: Any, where: str) -> dict[str, Any]:
+    """Check a loaded index (from a file or a URL, `where`) and return it."""
+    if not isinstance(index, dict) or index.get("version") != INDEX_VERSION:
+        version = index.get("version") if isinstance(index, dict) else None
+        raise ValueError(f"{where}: unsupported index version {version!r}")
     for sh in index["shards"]:
         for s in sh["samples"]:
             if not {"id", "key", "n_text_tokens", "images"} <= s.keys():
-                raise ValueError(f"{path}: sample entry {s} lacks required fields")
+                raise ValueError(f"{where}: sample entry {s} lacks required fields")
     return index
 

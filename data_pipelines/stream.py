@@ -23,6 +23,22 @@ Skips never change the number of micro-batches, so ranks stay in lock-step. If m
 `data.max_bad_fraction` of a rank's last `data.bad_window` read samples were bad, the loader raises:
 that is a broken data set, not noise.
 
+Sources, caps, epochs
+---------------------
+Each `data.sources` entry is resolved once (sources.py: local directory, brace pattern, URL,
+`pipe:` template; the index fetched the same way); shards are opened by their URL. Per-source caps:
+`max_pixels` is that source's pixel bound (planning and preprocessing), `max_tokens` its per-sample
+token limit (text-only samples over it are truncated by `truncate_text_sample`, samples with media
+are skipped at plan time), `max_frames` is handed to video decoding (`SampleBuilder.max_frames`).
+When a source starts a new epoch, dp rank 0 logs it once.
+
+Planning ahead
+--------------
+With `data.plan_ahead` the plan of step S+1 is computed in one background thread while step S
+trains. Planning is a pure function of the planner state, so the plan equals the inline one; the
+loader's state is the planner state right after the step last returned (taken before the plan
+ahead), so the prefetched plan is never part of a checkpoint and `load_state_dict` discards it.
+
 State
 -----
 `state_dict()` is the planner's state (global cursor per source, epochs, the packer's lookahead
@@ -33,8 +49,10 @@ loader with any dp size continues exactly where the old one stopped (at a step b
 from __future__ import annotations
 
 import json
-import os
+import logging
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -43,11 +61,12 @@ import webdataset as wds
 
 from data_pipelines.packing import GlobalPlanner, Ref
 from data_pipelines.positions import mrope_position_ids
-from data_pipelines.schema import IGNORE_INDEX, DataConfig, PackedBatch
-from data_pipelines.shards import read_index
+from data_pipelines.schema import IGNORE_INDEX, DataConfig, DataSource, PackedBatch
+from data_pipelines.sources import resolve_source
 from data_pipelines.text import PAD_ID, QwenTokenizer, get_tokenizer, message_parts
 from data_pipelines.vision import BadImage, decode_image, patchify_image, vision_spec
 
+log = logging.getLogger(__name__)
 
 SUPPORTED_GENERATIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 """Qwen2.5-VL shares Qwen2-VL's tokenizer, chat template, image preprocessing and image position
@@ -91,11 +110,18 @@ def read_shard_members(path: str, keys: set[str]) -> tuple[dict[str, dict[str, b
 
 
 class SampleBuilder:
-    """Raw members of one sample → (input_ids, labels, positions, pixel_values, grids)."""
+    """Raw members of one sample → (input_ids, labels, positions, pixel_values, grids).
 
-    def __init__(self, cfg: DataConfig, tokenizer: QwenTokenizer):
+    With a `source`, its caps apply: `max_pixels` replaces `data.max_pixels` for its images and
+    `max_frames` (None = the generation's default) is what video decoding may use.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer: QwenTokenizer, source: Optional[DataSource] = None):
+        if source is not None and source.max_pixels is not None:
+            cfg = replace(cfg, max_pixels=source.max_pixels)
         self.cfg = cfg
         self.tok = tokenizer
+        self.max_frames: Optional[int] = source.max_frames if source is not None else None
 
     def build(self, members: dict[str, bytes]) -> dict[str, Any]:
         cfg = self.cfg
@@ -148,6 +174,20 @@ class SampleBuilder:
         }
 
 
+def truncate_text_sample(sample: dict[str, Any], limit: int) -> dict[str, Any]:
+    """Cut a text-only built sample to its first `limit` tokens (ids, labels, positions).
+
+    The planner costs such a sample at `limit` (packing.capped_cost); samples with media are never
+    cut (they are rejected at plan time instead), so this is only called for text-only ones.
+    """
+    if len(sample["input_ids"]) <= limit or sample["grids"]:
+        return sample
+    return {
+        **sample, "input_ids": sample["input_ids"][:limit], "labels": sample["labels"][:limit],
+        "positions": sample["positions"][:, :limit],
+    }
+
+
 def pack(cfg: DataConfig, samples: list[dict[str, Any]]) -> PackedBatch:
     """Concatenate built samples into one PackedBatch of exactly cfg.max_tokens slots.
 
@@ -194,6 +234,16 @@ def pack(cfg: DataConfig, samples: list[dict[str, Any]]) -> PackedBatch:
     )
 
 
+@dataclass
+class StepPlan:
+    """One planned step: its micro-batch plans, their stats, epoch starts, the planner state after it."""
+
+    plans: list[list[Ref]]
+    stats: dict[str, float]
+    epochs: list[tuple[int, int]]
+    state: dict[str, Any]
+
+
 class StepLoader:
     """One dp rank's view of the global packed stream; see the module docstring."""
 
@@ -212,18 +262,22 @@ class StepLoader:
         self.cfg = cfg
         self.micro_batches_per_step = micro_batches_per_step
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.dirs = [s.path if os.path.isabs(s.path) else os.path.join(root, s.path) for s in cfg.sources]
-        self.planner = GlobalPlanner(cfg, [read_index(d) for d in self.dirs])
-        self.builder = SampleBuilder(cfg, get_tokenizer())
+        self.sources = [resolve_source(s.path, s.index, root) for s in cfg.sources]
+        self.planner = GlobalPlanner(cfg, [src.index for src in self.sources])
+        tok = get_tokenizer()
+        self.builders = [SampleBuilder(cfg, tok, source) for source in cfg.sources]
+        self.builder = self.builders[0]
         self.read_skipped: dict[str, int] = {}
         self._recent: deque[bool] = deque(maxlen=cfg.bad_window)  # True = bad, over read samples
         self._last_stats: dict[str, float] = {}
+        self._state: Optional[dict[str, Any]] = None  # planner state after the last step returned
+        self._ahead: Optional[Future] = None  # the plan of the next step, being made
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="plan-ahead") if cfg.plan_ahead else None
 
     # ---------------------------------------------------------------------------------- API
     def next_step(self) -> list[PackedBatch]:
         """This rank's micro-batches of the next optimizer step (micro_batches_per_step // dp_size)."""
-        plans = self.planner.next_step(self.micro_batches_per_step)
-        self._last_stats = self._plan_stats(plans)
+        plans = self._take_plan()
         mine = plans[self.dp_rank :: self.dp_size]
         raw = self._read([ref for plan in mine for ref in plan])
         batches = []
@@ -233,6 +287,7 @@ class StepLoader:
                 sample = self._build_one(ref, raw)
                 if sample is None:
                     continue
+                sample = truncate_text_sample(sample, self.planner.limits[ref[0]])
                 n = len(sample["input_ids"])
                 if used + n > self.cfg.max_tokens:  # index promised fewer tokens than the data has
                     self._recent.pop()  # recounted as bad below
@@ -267,11 +322,20 @@ class StepLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable, identical on all ranks, dp-size independent (taken between steps)."""
-        return self.planner.state_dict()
+        return json.loads(json.dumps(self._planner_state()))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where `state_dict()` was taken (any dp_size)."""
+        """Continue exactly where `state_dict()` was taken (any dp_size); a plan made ahead is dropped."""
+        self._drop_ahead()
         self.planner.load_state_dict(state)
+        self._state = None
+
+    def close(self) -> None:
+        """Stop the planning thread (waits for a plan in progress); the loader cannot plan ahead after."""
+        self._drop_ahead()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def stats(self) -> dict[str, int]:
         """Cumulative skip counts of this rank: `data_skipped` and `data_skipped/<reason>`.
@@ -282,17 +346,62 @@ class StepLoader:
         since this loader was created.
         """
         counts: dict[str, int] = {}
+        planned = self._planner_state()
         if self.dp_rank == 0:
-            counts.update(self.planner.skipped)
+            counts.update(planned["skipped"])
         for k, v in self.read_skipped.items():
             counts[k] = counts.get(k, 0) + v
         out = {"data_skipped": sum(counts.values())}
         out.update({f"data_skipped/{k}": v for k, v in sorted(counts.items())})
+        if self.dp_rank == 0 and planned.get("truncated"):
+            out["data_truncated"] = int(planned["truncated"])
         return out
 
     @property
     def epoch(self) -> int:
-        return self.planner.epoch
+        """Epoch of the first source at the step last returned."""
+        return int(self._planner_state()["cursors"][0][0])
+
+    # ------------------------------------------------------------------------- planning
+    def _plan_step(self) -> StepPlan:
+        """Plan the next step on the planner (inline or on the planning thread, never both at once)."""
+        plans = self.planner.next_step(self.micro_batches_per_step)
+        return StepPlan(plans, self._plan_stats(plans), self.planner.pop_epoch_events(), self.planner.state_dict())
+
+    def _take_plan(self) -> list[list[Ref]]:
+        """The next step's plans (made ahead if possible); starts planning the step after."""
+        step = self._ahead.result() if self._ahead is not None else self._plan_step()
+        self._ahead = None
+        self._state, self._last_stats = step.state, step.stats
+        if self._pool is not None:
+            self._ahead = self._pool.submit(self._plan_step)
+        if self.dp_rank == 0:
+            self._log_epochs(step.epochs)
+        return step.plans
+
+    def _log_epochs(self, events: list[tuple[int, int]]) -> None:
+        for s, epoch in events:
+            n = sum(len(sh["samples"]) for sh in self.planner.indices[s]["shards"])
+            log.info(
+                "data: source %d (%s) ran through its %d samples; epoch %d starts with a new shuffle",
+                s, self.sources[s].path, n, epoch,
+            )
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead.cancel()
+            try:
+                self._ahead.result()
+            except Exception:  # a plan that is thrown away may fail; the inline plan would say why
+                pass
+            self._ahead = None
+
+    def _planner_state(self) -> dict[str, Any]:
+        """The planner state after the step last returned (not the plan made ahead)."""
+        if self._state is None:
+            self._drop_ahead()
+            self._state = self.planner.state_dict()
+        return self._state
 
     # ----------------------------------------------------------------------------- internals
     def _read(self, refs: list[Ref]) -> dict[Ref, dict[str, bytes]]:
@@ -302,8 +411,7 @@ class StepLoader:
             by_shard.setdefault((ref[0], ref[1]), {})[self.planner.entry(ref)["key"]] = ref
         out: dict[Ref, dict[str, bytes]] = {}
         for (s, sh), key_to_ref in by_shard.items():
-            path = os.path.join(self.dirs[s], self.planner.indices[s]["shards"][sh]["name"])
-            found, _err = read_shard_members(path, set(key_to_ref))
+            found, _err = read_shard_members(self.sources[s].shard_urls[sh], set(key_to_ref))
             for key, members in found.items():
                 out[key_to_ref[key]] = members
         return out
@@ -313,7 +421,7 @@ class StepLoader:
         try:
             if members is None:
                 raise SkipSample("missing_sample", f"{self.planner.shard_name(ref)}:{self.planner.entry(ref)['key']}")
-            sample = self.builder.build(members)
+            sample = self.builders[ref[0]].build(members)
         except SkipSample as e:
             self._bad(e.reason)
             return None
