@@ -16,7 +16,11 @@ A sample with key `K` (digits only: WebDataset splits keys at the first dot) is 
                      "content": [{"type": "text", "text": "..."},
                                  {"type": "image", "name": "img0.png"},
                                  {"type": "box", "ref": "the red circle", "box": [x1, y1, x2, y2],
-                                  "image": "img0.png"}]}]}   # grounding: pixels of the original image
+                                  "image": "img0.png"}]},    # grounding: pixels of the original image
+                    {"role": "assistant", "reasoning": "...", "content": [...]}]}   # thinking sample
+
+  `reasoning` (optional, assistant turns only, a string): the turn's chain of thought, rendered as a
+  `<think>` block per generation by text.py (see `text.think_blocks`); `content` stays the answer.
 
 * `K.img0.png`, `K.img1.jpg`, ... — the encoded images named by the `image` parts (lower-case
   names; PNG/JPEG/anything Pillow decodes). Never pickles: the reader only parses JSON and images.
@@ -50,7 +54,7 @@ from typing import Any, Optional
 
 from PIL import Image
 
-from data_pipelines.text import QwenTokenizer, get_tokenizer, message_parts, validate_box
+from data_pipelines.text import QwenTokenizer, get_tokenizer, message_parts, think_blocks, validate_box
 
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
@@ -130,6 +134,10 @@ class ShardWriter:
             blobs[name] = blob
             sizes.append([h, w])
 
+        try:
+            think_blocks(messages)
+        except ValueError as e:
+            raise ValueError(f"sample {sample_id}: {e}") from e
         by_name = dict(zip(names, sizes))
         for part in (p for m in messages for p in message_parts(m) if p.get("type") == "box"):
             try:
