@@ -16,7 +16,10 @@ are blended per sample: draw number d picks a source with `Random((seed, d))` we
 Cost and packing
 ----------------
 A sample's cost is `n_text_tokens + sum(image_token_count(h, w))` under the run's pixel bounds.
-Samples costing more than `data.max_tokens` are dropped here and counted as `too_long`.
+A text-only sample (no images in the index) costing more than its budget (`token_budget`,
+`data.max_tokens`) costs exactly the budget: the loader keeps its first budget tokens (stream.py,
+counted as `data_truncated`), so plan and loader agree on its length without decoding anything.
+Samples with media costing more than the budget are dropped here and counted as `too_long`.
 Micro-batches are packed greedily with a small lookahead buffer (`data.pack_lookahead` candidates):
 a micro-batch starts with the oldest candidate (so no sample waits forever and the order stays
 close to the shuffled stream), then repeatedly takes the candidate with the largest cost that still
@@ -165,6 +168,11 @@ def sample_flops(
         vit += model.image_flops(gh, gw, patch_size=patch_size, merge_size=merge_size, temporal=temporal)
         tokens += gh * gw // (merge_size * merge_size)
     return vit + model.llm_flops(tokens)
+
+
+def is_text_only(entry: dict[str, Any]) -> bool:
+    """An index entry without images or videos (the only kind of sample that may be truncated)."""
+    return not entry["images"] and not entry.get("videos")
 
 
 def _groups(items: list[Any], weight, tokens, pairs: bool) -> tuple[list[tuple[int, ...]], np.ndarray, np.ndarray]:
@@ -357,10 +365,17 @@ class GlobalPlanner:
                 except (ValueError, ZeroDivisionError):  # absurd aspect ratio / zero side
                     c = -1
                     break
+            if c > self.token_budget(ref) and is_text_only(entry):
+                c = self.token_budget(ref)  # truncated by the loader
             if len(self._cost_cache) > 100_000:
                 self._cost_cache.clear()
             self._cost_cache[ref] = c
         return c
+
+    def token_budget(self, ref: Ref) -> int:
+        """Most tokens sample `ref` may occupy (`data.max_tokens`): over it, a text-only sample is
+        truncated to it and a sample with media is skipped (`too_long`)."""
+        return self.cfg.max_tokens
 
     def flops(self, ref: Ref) -> float:
         """Estimated forward FLOPs of a usable sample (ComputeModel), from the index only."""
@@ -368,8 +383,9 @@ class GlobalPlanner:
         if f is None:
             e = self.entry(ref)
             cfg = self.cfg
+            n_text = min(int(e["n_text_tokens"]), self.token_budget(ref)) if is_text_only(e) else int(e["n_text_tokens"])
             f = sample_flops(
-                self.compute_model, int(e["n_text_tokens"]), e["images"], patch_size=cfg.patch_size,
+                self.compute_model, n_text, e["images"], patch_size=cfg.patch_size,
                 merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                 temporal=cfg.temporal_patch_size,
             )

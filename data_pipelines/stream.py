@@ -23,6 +23,13 @@ Skips never change the number of micro-batches, so ranks stay in lock-step. If m
 `data.max_bad_fraction` of a rank's last `data.bad_window` read samples were bad, the loader raises:
 that is a broken data set, not noise.
 
+Truncation
+----------
+A text-only sample longer than its token budget (`GlobalPlanner.token_budget`, `data.max_tokens`)
+keeps its first budget tokens (labels and positions cut alike; the end-of-turn may be cut off) and
+is counted as `data_truncated`; the planner already planned it at exactly the budget from the index.
+A sample with media over the budget never gets here: the planner skips it as `too_long`.
+
 State
 -----
 `state_dict()` is the planner's state (global cursor per source, epochs, the packer's lookahead
@@ -216,6 +223,7 @@ class StepLoader:
         self.planner = GlobalPlanner(cfg, [read_index(d) for d in self.dirs])
         self.builder = SampleBuilder(cfg, get_tokenizer())
         self.read_skipped: dict[str, int] = {}
+        self.truncated = 0  # text-only samples cut to their budget on this rank
         self._recent: deque[bool] = deque(maxlen=cfg.bad_window)  # True = bad, over read samples
         self._last_stats: dict[str, float] = {}
 
@@ -233,6 +241,7 @@ class StepLoader:
                 sample = self._build_one(ref, raw)
                 if sample is None:
                     continue
+                sample = self._truncate(sample, self.planner.token_budget(ref))
                 n = len(sample["input_ids"])
                 if used + n > self.cfg.max_tokens:  # index promised fewer tokens than the data has
                     self._recent.pop()  # recounted as bad below
@@ -274,7 +283,8 @@ class StepLoader:
         self.planner.load_state_dict(state)
 
     def stats(self) -> dict[str, int]:
-        """Cumulative skip counts of this rank: `data_skipped` and `data_skipped/<reason>`.
+        """Cumulative skip counts of this rank: `data_skipped` and `data_skipped/<reason>`, plus
+        `data_truncated` (text-only samples cut to the token budget on this rank; not a skip).
 
         Plan-time skips (too_long, ...) are global and restored by load_state_dict; they are reported
         by dp rank 0 only, so summing `stats()` over dp ranks gives global totals. Read-time skips
@@ -288,6 +298,7 @@ class StepLoader:
             counts[k] = counts.get(k, 0) + v
         out = {"data_skipped": sum(counts.values())}
         out.update({f"data_skipped/{k}": v for k, v in sorted(counts.items())})
+        out["data_truncated"] = self.truncated
         return out
 
     @property
@@ -319,6 +330,14 @@ class StepLoader:
             return None
         self._recent.append(False)
         return sample
+
+    def _truncate(self, sample: dict[str, Any], budget: int) -> dict[str, Any]:
+        """A text-only sample over `budget` tokens → its first `budget` tokens (counted)."""
+        if sample["grids"] or sample["visual_tokens"] or len(sample["input_ids"]) <= budget:
+            return sample
+        self.truncated += 1
+        cut = {k: sample[k][:budget] for k in ("input_ids", "labels")}
+        return {**sample, **cut, "positions": sample["positions"][:, :budget]}
 
     def _bad(self, reason: str) -> None:
         self.read_skipped[reason] = self.read_skipped.get(reason, 0) + 1
