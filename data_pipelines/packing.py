@@ -15,7 +15,8 @@ are blended per sample: draw number d picks a source with `Random((seed, d))` we
 
 Cost and packing
 ----------------
-A sample's cost is `n_text_tokens + sum(image_token_count(h, w))` under the run's pixel bounds.
+A sample's cost is its text tokens under `data.generation` (`shards.text_tokens`) +
+`sum(image_token_count(h, w))` under the run's pixel bounds.
 A text-only sample (no images in the index) costing more than its budget (`token_budget`,
 `data.max_tokens`) costs exactly the budget: the loader keeps its first budget tokens (stream.py,
 counted as `data_truncated`), so plan and loader agree on its length without decoding anything.
@@ -60,6 +61,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from data_pipelines.schema import DataConfig
+from data_pipelines.shards import text_tokens
 from data_pipelines.vision import image_token_count, smart_resize
 
 STATE_VERSION = 1
@@ -355,7 +357,7 @@ class GlobalPlanner:
         if c is None:
             s, sh, i = ref
             entry = self.indices[s]["shards"][sh]["samples"][i]
-            c = int(entry["n_text_tokens"])
+            c = text_tokens(entry, self.cfg.generation)
             for h, w in entry["images"]:
                 try:
                     c += image_token_count(
@@ -383,7 +385,9 @@ class GlobalPlanner:
         if f is None:
             e = self.entry(ref)
             cfg = self.cfg
-            n_text = min(int(e["n_text_tokens"]), self.token_budget(ref)) if is_text_only(e) else int(e["n_text_tokens"])
+            n_text = text_tokens(e, cfg.generation)
+            if is_text_only(e):
+                n_text = min(n_text, self.token_budget(ref))
             f = sample_flops(
                 self.compute_model, n_text, e["images"], patch_size=cfg.patch_size,
                 merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,

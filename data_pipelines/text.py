@@ -318,18 +318,24 @@ class QwenTokenizer:
         emit(toks[:k], False)
         emit(toks[k:], train)
 
-    def count_text_tokens(self, messages: Sequence[dict[str, Any]]) -> int:
-        """Template tokens without image pads (but with vision start/end), as stored in index.json.
-
-        With box parts (worst-case coordinates) or reasoning: the maximum over the generations'
-        renderings. Otherwise Qwen2-VL's rendering, the longest (its default system turn)."""
+    def text_token_counts(self, messages: Sequence[dict[str, Any]]) -> dict[str, int]:
+        """Template tokens without image pads (but with vision start/end) per generation, as stored
+        in index.json: each of `COUNT_GENERATIONS`, plus `qwen_vl` when the sample has box parts
+        (rendered with worst-case coordinates, so the counts are upper bounds)."""
         n_images = sum(1 for m in messages for p in message_parts(m) if p.get("type") == "image")
         has_box = any(p.get("type") == "box" for m in messages for p in message_parts(m))
-        has_reasoning = any(m.get("reasoning") is not None for m in messages)
-        gens = BOX_GENERATIONS if has_box or has_reasoning else ("qwen2_vl",)
-        return max(len(self.encode_conversation(messages, [0] * n_images, generation=g)[0]) for g in gens)
+        gens = BOX_GENERATIONS if has_box else ("qwen2_vl", "qwen3_vl")
+        counts = {g: len(self.encode_conversation(messages, [0] * n_images, generation=g)[0]) for g in gens}
+        counts.setdefault("qwen2_5_vl", counts["qwen2_vl"])  # the same template; boxes are what differ
+        return counts
+
+    def count_text_tokens(self, messages: Sequence[dict[str, Any]]) -> int:
+        """The largest of `text_token_counts` (index.json's `n_text_tokens`: a bound for any generation)."""
+        return max(self.text_token_counts(messages).values())
 
 
+COUNT_GENERATIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+"""Generations whose text token count the shard index records when it differs from the largest."""
 BOX_GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _WORST = {"qwen_vl": 999, "qwen2_vl": 999, "qwen2_5_vl": 99999, "qwen3_vl": 1000}
 

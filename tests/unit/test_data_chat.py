@@ -180,3 +180,34 @@ def test_shard_writer_rejects_bad_reasoning(tmp_path):
         w.add("ok", THINKING[:2], {})
         with pytest.raises(ValueError, match="sample bad: 'reasoning' must be a string on an assistant turn"):
             w.add("bad", [dict(THINKING[0], reasoning="no"), THINKING[1]], {})
+
+
+def test_index_counts_per_generation_are_exact(tmp_path):
+    """The planner's cost (from index.json) equals the built length for every generation."""
+    from PIL import Image
+
+    from data_pipelines.schema import DataConfig, DataSource
+    from data_pipelines.shards import ShardWriter, read_index, text_tokens
+    from data_pipelines.stream import StepLoader
+
+    tok = get_tokenizer()
+    counts = tok.text_token_counts(CHAT_NO_SYSTEM)
+    for g in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        assert counts[g] == len(tok.encode_conversation(CHAT_NO_SYSTEM, [0], generation=g)[0])
+    assert counts["qwen2_vl"] - counts["qwen3_vl"] == 11  # Qwen2-VL's default system turn
+    with ShardWriter(str(tmp_path), samples_per_shard=8) as w:
+        w.add("chat", CHAT_NO_SYSTEM, {"img0.png": Image.new("RGB", (56, 84), (9, 9, 9))})
+        w.add("system", CHAT, {"img0.png": Image.new("RGB", (56, 84), (9, 9, 9))})
+        w.add("thinking", THINKING, {"img0.png": Image.new("RGB", (84, 56), (9, 9, 9))})
+    entries = {s["id"]: s for s in read_index(str(tmp_path))["shards"][0]["samples"]}
+    assert entries["chat"]["n_text_tokens_by_generation"] == {"qwen3_vl": counts["qwen3_vl"]}
+    assert "n_text_tokens_by_generation" not in entries["system"]  # the same count everywhere
+    assert text_tokens(entries["chat"], "qwen3_vl_moe") == counts["qwen3_vl"]
+    assert text_tokens(entries["chat"], "qwen2_5_vl") == entries["chat"]["n_text_tokens"] == counts["qwen2_vl"]
+    for g in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        cfg = DataConfig(sources=[DataSource(path=str(tmp_path))], generation=g, max_tokens=256, shuffle=False,
+                         pack_lookahead=1)
+        loader = StepLoader(cfg, micro_batches_per_step=3, dp_rank=0, dp_size=1)
+        batches = loader.next_step()
+        planned = loader.last_step_stats()["packing_efficiency"] * 3 * cfg.max_tokens
+        assert round(planned) == sum(b.num_tokens for b in batches), g
