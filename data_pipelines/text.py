@@ -13,14 +13,14 @@ Template
 `encode_conversation` renders exactly what each generation's released HF chat template renders
 (Qwen2-VL-7B-Instruct, Qwen2.5-VL-7B-Instruct: one template; Qwen3-VL-8B-Instruct / -Thinking)::
 
-    <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n      (Qwen2-VL / Qwen2.5-VL only, when the
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n      (Qwen2-VL / Qwen2.5-VL only, when the
                                                                     conversation has no system turn)
-    <|im_start|>{role}\n{content}<|im_end|>\n                       (per turn)
+    <|im_start|>{role}\\n{content}<|im_end|>\\n                       (per turn)
 
 with an image inside `content` rendered as `<|vision_start|>` + N x `<|image_pad|>` + `<|vision_end|>`
 (N = t*h*w / merge^2 of the image's patch grid). Qwen3-VL's templates add no default system turn
 (`DEFAULT_SYSTEM_GENERATIONS`). Text between two special tokens is tokenised as one string (e.g.
-`"assistant\nred"`), as the HF tokenizer does on the rendered template, so ids match HF's
+`"assistant\\nred"`), as the HF tokenizer does on the rendered template, so ids match HF's
 `apply_chat_template` + tokenisation.
 
 Qwen3-VL (`generation="qwen3_vl"`): the same ChatML and the same image wrapper; ids 0–151656 are
@@ -34,10 +34,10 @@ Thinking samples
 An assistant turn may carry its chain of thought in a `reasoning` string (the shard format; content
 stays the answer). A conversation with at least one `reasoning` is a thinking sample and follows the
 Qwen3-VL-Thinking template's rule (`think_blocks`): every assistant turn AFTER the last user turn is
-rendered `<|im_start|>assistant\n<think>\n{reasoning}\n</think>\n\n{content}<|im_end|>` when it has
-reasoning or is the last message (then with an empty block `<think>\n\n</think>\n\n`); assistant turns
+rendered `<|im_start|>assistant\\n<think>\\n{reasoning}\\n</think>\\n\\n{content}<|im_end|>` when it has
+reasoning or is the last message (then with an empty block `<think>\\n\\n</think>\\n\\n`); assistant turns
 before the last user turn are rendered without their reasoning (the template drops it from history).
-Reasoning is `strip("\n")`-ed and the content after the block `lstrip("\n")`-ed, as in the template.
+Reasoning is `strip("\\n")`-ed and the content after the block `lstrip("\\n")`-ed, as in the template.
 A conversation without any reasoning renders no block for any generation (the Instruct templates).
 Qwen3-VL emits `<think>`/`</think>` as their added-token ids; Qwen2-VL / Qwen2.5-VL (whose tokenizers do
 not have them) get the same text as ordinary BPE tokens.
@@ -63,11 +63,11 @@ largest digit count; Qwen's BPE splits numbers into single digits), so planning 
 Labels (loss mask)
 ------------------
 Only assistant turns are trained: their content tokens (with their `<think>` block, tags included)
-plus the closing `<|im_end|>` (the model must learn to stop). Everything else is IGNORE_INDEX (-100): system and user turns, the role header
-`<|im_start|>assistant\\n`, vision tokens even inside an assistant turn, and the `\\n` after
-`<|im_end|>`. We deliberately do not label that newline: generation stops at `<|im_end|>`, so the
-newline is never produced by the model and learning it only costs signal. (Qwen's original
-finetune script labels it; this is a conscious, documented difference.)
+plus the closing `<|im_end|>` (the model must learn to stop). Everything else is IGNORE_INDEX (-100):
+system and user turns, the role header `<|im_start|>assistant\\n`, vision tokens even inside an
+assistant turn, and the `\\n` after `<|im_end|>`. We deliberately do not label that newline:
+generation stops at `<|im_end|>`, so the newline is never produced by the model and learning it only
+costs signal. (Qwen's original finetune script labels it; this is a conscious, documented difference.)
 """
 
 from __future__ import annotations

@@ -184,7 +184,9 @@ def make_sample(seed: int, index: int, min_side: int = 56, max_side: int = 224) 
         images["img0.png"] = img
         tallest = labels[values.index(max(values))]
         why = f"Bar heights: {', '.join(f'{l} {v}' for l, v in zip(labels, values))}. The tallest is {tallest}."
-        messages += [_user(_image("img0.png"), _text("Which bar is tallest?")), _assistant(tallest, why if thinking else None)]
+        messages += [
+            _user(_image("img0.png"), _text("Which bar is tallest?")), _assistant(tallest, why if thinking else None),
+        ]
     elif kind == "two_images":
         shape = rng.choice(SHAPES)
         first_has = rng.random() < 0.5
