@@ -20,7 +20,7 @@ Formats
 * ``interleaved`` — OBELICS-style web documents, JSONL with aligned ``texts`` / ``images`` lists
   where exactly one of the two is null at each position. A document is pretraining text, so it
   becomes ONE assistant turn whose content interleaves the text and images in document order: all
-  of its text carries loss (the template adds the default system turn, which does not). Images carry
+  of its text carries loss (a system turn, e.g. Qwen2-VL's default one, does not). Images carry
   no loss, as everywhere.
 
 Media paths are relative to ``--media-root`` (absolute paths are used as they are).
