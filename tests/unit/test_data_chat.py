@@ -6,6 +6,8 @@ for these conversations (image placeholders expanded to the image's pad tokens, 
 do), so any change in rendering fails here.
 """
 
+import functools
+
 import pytest
 import tiktoken
 
@@ -66,12 +68,16 @@ RENDERED[("qwen2_5_vl", "system")] = RENDERED[("qwen2_vl", "system")]
 RENDERED[("qwen2_5_vl", "no_system")] = RENDERED[("qwen2_vl", "no_system")]
 
 
+@functools.lru_cache(maxsize=1)
+def _qwen3_encoding() -> tiktoken.Encoding:
+    return tiktoken.Encoding(name="qwen3_vl_test", pat_str=QWEN_PAT_STR,
+                             mergeable_ranks=get_tokenizer().enc._mergeable_ranks,
+                             special_tokens={**SPECIAL_TOKENS, **QWEN3_SPECIAL_TOKENS})
+
+
 def _hf_encode(text: str) -> list[int]:
     """The HF tokenizer's split: special/added tokens (Qwen3's <think> too) first, BPE in between."""
-    tok = get_tokenizer()
-    enc = tiktoken.Encoding(name="qwen3_vl_test", pat_str=QWEN_PAT_STR, mergeable_ranks=tok.enc._mergeable_ranks,
-                            special_tokens={**SPECIAL_TOKENS, **QWEN3_SPECIAL_TOKENS})
-    return enc.encode(text, allowed_special="all")
+    return _qwen3_encoding().encode(text, allowed_special="all")
 
 
 @pytest.mark.parametrize("generation", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
