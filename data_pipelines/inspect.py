@@ -21,10 +21,10 @@ import tarfile
 from typing import Any, Iterator, Optional
 
 from data_pipelines.schema import IGNORE_INDEX, DataConfig
-from data_pipelines.shards import INDEX_NAME, read_index
+from data_pipelines.shards import INDEX_NAME, read_index, text_tokens
 from data_pipelines.stream import SUPPORTED_GENERATIONS, SampleBuilder, SkipSample
 from data_pipelines.text import IMAGE_PAD_ID, VIDEO_PAD_ID, get_tokenizer
-from data_pipelines.vision import image_token_count, smart_resize
+from data_pipelines.vision import image_token_count
 
 LOSS_OPEN, LOSS_CLOSE = "⟦", "⟧"
 
@@ -90,10 +90,11 @@ def describe_sample(builder: SampleBuilder, members: dict[str, bytes], entry: Op
         lines.append(f"   image {k}: {src}grid (t,h,w)=({t},{gh},{gw}) patches, {t * gh * gw} ViT patches, "
                      f"{t * gh * gw // merge2} LLM tokens")
     if entry is not None:
-        planned = entry["n_text_tokens"] + sum(
+        n_text = text_tokens(entry, cfg.generation)
+        planned = n_text + sum(
             image_token_count(h, w, patch_size=cfg.patch_size, merge_size=cfg.merge_size,
                               min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels) for h, w in entry["images"])
-        lines.append(f"   cost estimate (index): {planned} tokens (text {entry['n_text_tokens']}); built: {len(ids)}")
+        lines.append(f"   cost estimate (index): {planned} tokens (text {n_text}); built: {len(ids)}")
     lines.append("   " + render_tokens(ids, labels).replace("\n", "\n   "))
     return "\n".join(lines)
 

@@ -11,12 +11,16 @@ Formats
   "conversations": [{"from": "human"|"gpt"|"system", "value": "<image>\\nWhat is ..."}]}``.
   Every ``<image>`` tag becomes an image part at that place, in order; the text around the tag is
   kept verbatim (the ``\\n`` after ``<image>`` too, as the official finetune script keeps it).
+  Thinking samples: a ``gpt`` turn's chain of thought is taken from its ``reasoning`` (or
+  ``reasoning_content``) string field, else from a ``<think>…</think>`` block in its ``value``, split
+  off as the Qwen3 chat template does (reasoning = the text before ``</think>`` after ``<think>``,
+  content = the text after it, leading newlines removed); it becomes the turn's ``reasoning``.
 * ``llava`` — LLaVA's instruction JSON (``{"id", "image"?: path, "conversations": [...]}``): same
-  roles and tag rule; records without ``image`` are text-only samples.
+  roles, tag and reasoning rules; records without ``image`` are text-only samples.
 * ``interleaved`` — OBELICS-style web documents, JSONL with aligned ``texts`` / ``images`` lists
   where exactly one of the two is null at each position. A document is pretraining text, so it
   becomes ONE assistant turn whose content interleaves the text and images in document order: all
-  of its text carries loss (the template adds the default system turn, which does not). Images carry
+  of its text carries loss (a system turn, e.g. Qwen2-VL's default one, does not). Images carry
   no loss, as everywhere.
 
 Media paths are relative to ``--media-root`` (absolute paths are used as they are).
@@ -177,7 +181,7 @@ def convert_conversations(data: dict, fmt: str) -> tuple[list[dict], list[str], 
         role = ROLE_MAP.get(str(turn.get("from", "")).lower())
         if role is None:
             raise Reject("bad_record", f"turn {k} has unknown 'from'={turn.get('from')!r}; use human, gpt or system")
-        value = turn.get("value", "")
+        value, reasoning = turn_reasoning(turn, role, k)
         parts: list[dict] = []
         pieces = value.split(IMAGE_TAG)
         for j, piece in enumerate(pieces):
@@ -189,9 +193,11 @@ def convert_conversations(data: dict, fmt: str) -> tuple[list[dict], list[str], 
         if role != "user" and j > 0:
             raise Reject("bad_record", f"turn {k} ({turn.get('from')}) holds an <image> tag; only human turns may")
         messages.append({"role": role, "content": parts})
+        if reasoning is not None:
+            messages[-1]["reasoning"] = reasoning
     if not messages or not any(p["type"] == "text" and p["text"].strip() for m in messages for p in m["content"]):
         raise Reject("empty_conversation", "no turns with text")
-    if not any(m["role"] == "assistant" and m["content"] for m in messages):
+    if not any(m["role"] == "assistant" and (m["content"] or m.get("reasoning")) for m in messages):
         raise Reject("empty_conversation", "no assistant turn with text to train on")
     if video is None:
         if n_tags > len(paths):
@@ -199,6 +205,21 @@ def convert_conversations(data: dict, fmt: str) -> tuple[list[dict], list[str], 
         if n_tags < len(paths):
             raise Reject("too_few_tags", f"{n_tags} <image> tags, {len(paths)} images")
     return messages, paths, video
+
+
+def turn_reasoning(turn: dict, role: str, k: int) -> tuple[str, Optional[str]]:
+    """A turn's (value, reasoning): the `reasoning`/`reasoning_content` field, else a `<think>` block
+    split off the value as the Qwen3 chat template splits it (None = not a thinking turn)."""
+    value = turn.get("value", "")
+    reasoning = turn.get("reasoning", turn.get("reasoning_content"))
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise Reject("bad_record", f"turn {k}: 'reasoning' must be a string")
+    if reasoning is None and role == "assistant" and "</think>" in value:
+        reasoning = value.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+        value = value.split("</think>")[-1].lstrip("\n")
+    if reasoning is not None and role != "assistant":
+        raise Reject("bad_record", f"turn {k} ({turn.get('from')}) has reasoning; only gpt turns may")
+    return value, reasoning
 
 
 def convert_interleaved(data: dict) -> tuple[list[dict], list[str]]:

@@ -18,11 +18,13 @@ the mixture draw does not depend on epochs, so the weights hold across them.
 
 Cost and packing
 ----------------
-A sample's cost is `n_text_tokens + sum(image_token_count(h, w))` under the pixel bounds of its
-source (`DataSource.max_pixels`, else `data.max_pixels`), recomputed from the stored image sizes.
-Each source has a token limit (`DataSource.max_tokens`, else `data.max_tokens`; see `capped_cost`):
-a text-only sample over it is planned at the limit and truncated when read (counted as
-`truncated`); a sample with media over it is dropped here and counted as `too_long`.
+A sample's cost is its text tokens under `data.generation` (`shards.text_tokens`) +
+`sum(image_token_count(h, w))` under the pixel bounds of its source (`DataSource.max_pixels`, else
+`data.max_pixels`), recomputed from the stored image sizes. Each source has a token limit
+(`token_budget`: `DataSource.max_tokens`, else `data.max_tokens`; see `capped_cost`): a text-only
+sample (no images or videos in the index) over it is planned at the limit and truncated when read
+(the loader keeps its first tokens, counted as `data_truncated`), so plan and loader agree on its
+length without decoding anything; a sample with media over it is dropped here and counted as `too_long`.
 Micro-batches are packed greedily with a small lookahead buffer (`data.pack_lookahead` candidates):
 a micro-batch starts with the oldest candidate (so no sample waits forever and the order stays
 close to the shuffled stream), then repeatedly takes the candidate with the largest cost that still
@@ -55,7 +57,6 @@ Everything here is deterministic and computed identically on every rank.
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -63,6 +64,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from data_pipelines.schema import DataConfig
+from data_pipelines.shards import text_tokens
 from data_pipelines.vision import image_token_count, smart_resize
 
 STATE_VERSION = 1
@@ -187,6 +189,11 @@ PAIR_POOL = 32
 """Pairs are formed among at most this many samples of a micro-batch (its heaviest): the exchange
 matrices grow with the square of the group count, and micro-batches of many small samples (chat at a
 16k budget: hundreds) balance finely with single moves already."""
+
+
+def is_text_only(entry: dict[str, Any]) -> bool:
+    """An index entry without images or videos (the only kind of sample that may be truncated)."""
+    return not entry["images"] and not entry.get("videos")
 
 
 def _groups(items: list[Any], weight, tokens, pairs: bool) -> tuple[list[tuple[int, ...]], np.ndarray, np.ndarray]:
@@ -382,7 +389,7 @@ class GlobalPlanner:
         limit; -1 when an image size is unusable. From the index only."""
         s = ref[0]
         entry = self.entry(ref)
-        c = int(entry["n_text_tokens"])
+        c = text_tokens(entry, self.cfg.generation)
         for h, w in entry["images"]:
             try:
                 c += image_token_count(
@@ -399,11 +406,16 @@ class GlobalPlanner:
         if c is None:
             c = self.uncapped_cost(ref)
             if c > 0:
-                c = capped_cost(c, bool(self.entry(ref)["images"]), self.limits[ref[0]])
+                c = capped_cost(c, not is_text_only(self.entry(ref)), self.token_budget(ref))
             if len(self._cost_cache) > 100_000:
                 self._cost_cache.clear()
             self._cost_cache[ref] = c
         return c
+
+    def token_budget(self, ref: Ref) -> int:
+        """Most tokens sample `ref` may occupy (its source's `max_tokens`, else `data.max_tokens`): over
+        it, a text-only sample is truncated to it and a sample with media is skipped (`too_long`)."""
+        return self.limits[ref[0]]
 
     def flops(self, ref: Ref) -> float:
         """Estimated forward FLOPs of a usable sample (ComputeModel), from the index only."""
@@ -411,9 +423,11 @@ class GlobalPlanner:
         if f is None:
             e = self.entry(ref)
             cfg = self.cfg
-            text = int(e["n_text_tokens"]) if e["images"] else min(int(e["n_text_tokens"]), self.limits[ref[0]])
+            n_text = text_tokens(e, cfg.generation)
+            if is_text_only(e):
+                n_text = min(n_text, self.token_budget(ref))
             f = sample_flops(
-                self.compute_model, text, e["images"], patch_size=cfg.patch_size,
+                self.compute_model, n_text, e["images"], patch_size=cfg.patch_size,
                 merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=self.max_pixels[ref[0]],
                 temporal=cfg.temporal_patch_size,
             )
@@ -429,6 +443,7 @@ class GlobalPlanner:
         `next_micro_batch`, whatever the balance mode; only their arrangement differs.
         """
         plans = [self.next_micro_batch() for _ in range(n)]
+        self.truncated += sum(self.is_truncated(ref) for plan in plans for ref in plan)  # counted when placed
         if self.balance == "none":
             return plans
         refs = [r for p in plans for r in p]
@@ -457,13 +472,13 @@ class GlobalPlanner:
             elif c == 0:
                 self._count("empty")
             else:
-                self.truncated += self.is_truncated(ref)
                 return ref
         raise RuntimeError(f"no sample fits data.max_tokens={self.cfg.max_tokens} in 1e6 draws")
 
     def is_truncated(self, ref: Ref) -> bool:
         """True when a (text-only) sample is planned at its source's limit and is cut when read."""
-        return self.uncapped_cost(ref) > self.limits[ref[0]]
+        entry = self.entry(ref)
+        return is_text_only(entry) and text_tokens(entry, self.cfg.generation) > self.token_budget(ref)
 
     def _count(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1

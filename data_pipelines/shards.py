@@ -16,7 +16,11 @@ A sample with key `K` (digits only: WebDataset splits keys at the first dot) is 
                      "content": [{"type": "text", "text": "..."},
                                  {"type": "image", "name": "img0.png"},
                                  {"type": "box", "ref": "the red circle", "box": [x1, y1, x2, y2],
-                                  "image": "img0.png"}]}]}   # grounding: pixels of the original image
+                                  "image": "img0.png"}]},    # grounding: pixels of the original image
+                    {"role": "assistant", "reasoning": "...", "content": [...]}]}   # thinking sample
+
+  `reasoning` (optional, assistant turns only, a string): the turn's chain of thought, rendered as a
+  `<think>` block per generation by text.py (see `text.think_blocks`); `content` stays the answer.
 
 * `K.img0.png`, `K.img1.jpg`, ... — the encoded images named by the `image` parts (lower-case
   names; PNG/JPEG/anything Pillow decodes). Never pickles: the reader only parses JSON and images.
@@ -28,10 +32,14 @@ A sample with key `K` (digits only: WebDataset splits keys at the first dot) is 
                  "samples": [{"id": str, "key": str,
                               "n_text_tokens": int,   # template tokens, no image pads,
                                                       # with <|vision_start|>/<|vision_end|>
+                              "n_text_tokens_by_generation"?: {"qwen3_vl": int, ...},
                               "images": [[h, w], ...]}]}]}
 
-A sample's planned token cost is `n_text_tokens + sum(image_token_count(h, w))` under the run's
-`min_pixels`/`max_pixels`, so the same shards serve any resolution setting.
+`n_text_tokens` is the largest count over the generations' chat templates; the optional
+`n_text_tokens_by_generation` holds the generations whose count is smaller (e.g. Qwen3-VL, which adds
+no default system turn). `text_tokens(entry, generation)` picks the right one. A sample's planned
+token cost is `text_tokens + sum(image_token_count(h, w))` under the run's `min_pixels`/`max_pixels`,
+so the same shards serve any generation and resolution setting.
 
 Writing is atomic: each tar and the index are written to a temporary name and renamed, so a crash
 never leaves a truncated shard under a final name; the index is written last (a directory with
@@ -50,7 +58,14 @@ from typing import Any, Optional
 
 from PIL import Image
 
-from data_pipelines.text import QwenTokenizer, get_tokenizer, message_parts, validate_box
+from data_pipelines.text import (
+    COUNT_GENERATIONS,
+    QwenTokenizer,
+    get_tokenizer,
+    message_parts,
+    think_blocks,
+    validate_box,
+)
 
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
@@ -130,6 +145,10 @@ class ShardWriter:
             blobs[name] = blob
             sizes.append([h, w])
 
+        try:
+            think_blocks(messages)
+        except ValueError as e:
+            raise ValueError(f"sample {sample_id}: {e}") from e
         by_name = dict(zip(names, sizes))
         for part in (p for m in messages for p in message_parts(m) if p.get("type") == "box"):
             try:
@@ -150,9 +169,7 @@ class ShardWriter:
         self._put(f"{key}.json", json.dumps(doc, ensure_ascii=False).encode("utf-8"))
         for name in names:
             self._put(f"{key}.{name}", blobs[name])
-        self._open.samples.append(
-            {"id": sample_id, "key": key, "n_text_tokens": self.tok.count_text_tokens(messages), "images": sizes}
-        )
+        self._open.samples.append(index_entry(sample_id, key, self.tok.text_token_counts(messages), sizes))
         self._count += 1
         if len(self._open.samples) >= self.samples_per_shard:
             self._finish_shard()
@@ -195,6 +212,23 @@ class ShardWriter:
                 os.remove(self._open.tmp_path)
             self._open = None
         self._closed = True
+
+
+def index_entry(sample_id: str, key: str, counts: dict[str, int], sizes: list[list[int]]) -> dict[str, Any]:
+    """One sample's index entry from its per-generation text token counts (`text_token_counts`)."""
+    most = max(counts.values())
+    entry: dict[str, Any] = {"id": sample_id, "key": key, "n_text_tokens": most}
+    smaller = {g: counts[g] for g in COUNT_GENERATIONS if counts[g] < most}
+    if smaller:
+        entry["n_text_tokens_by_generation"] = smaller
+    entry["images"] = sizes
+    return entry
+
+
+def text_tokens(entry: dict[str, Any], generation: str) -> int:
+    """Planned text tokens of an index entry under `generation` (exact, or an upper bound with boxes)."""
+    g = "qwen3_vl" if generation == "qwen3_vl_moe" else generation
+    return int(entry.get("n_text_tokens_by_generation", {}).get(g, entry["n_text_tokens"]))
 
 
 def write_index(out_dir: str, shards: list[dict[str, Any]]) -> str:

@@ -39,6 +39,14 @@ trains. Planning is a pure function of the planner state, so the plan equals the
 loader's state is the planner state right after the step last returned (taken before the plan
 ahead), so the prefetched plan is never part of a checkpoint and `load_state_dict` discards it.
 
+Truncation
+----------
+A text-only sample longer than its token budget (`GlobalPlanner.token_budget`: its source's
+`max_tokens`, else `data.max_tokens`) keeps its first budget tokens (labels and positions cut alike;
+the end-of-turn may be cut off) and is counted as `data_truncated` (by the planner, so the count is
+global and survives a resume); the planner already planned it at exactly the budget from the index.
+A sample with media over the budget never gets here: the planner skips it as `too_long`.
+
 State
 -----
 `state_dict()` is the planner's state (global cursor per source, epochs, the packer's lookahead
@@ -180,7 +188,7 @@ def truncate_text_sample(sample: dict[str, Any], limit: int) -> dict[str, Any]:
     The planner costs such a sample at `limit` (packing.capped_cost); samples with media are never
     cut (they are rejected at plan time instead), so this is only called for text-only ones.
     """
-    if len(sample["input_ids"]) <= limit or sample["grids"]:
+    if len(sample["input_ids"]) <= limit or sample["grids"] or sample["visual_tokens"]:
         return sample
     return {
         **sample, "input_ids": sample["input_ids"][:limit], "labels": sample["labels"][:limit],
@@ -287,7 +295,7 @@ class StepLoader:
                 sample = self._build_one(ref, raw)
                 if sample is None:
                     continue
-                sample = truncate_text_sample(sample, self.planner.limits[ref[0]])
+                sample = truncate_text_sample(sample, self.planner.token_budget(ref))
                 n = len(sample["input_ids"])
                 if used + n > self.cfg.max_tokens:  # index promised fewer tokens than the data has
                     self._recent.pop()  # recounted as bad below
@@ -338,7 +346,8 @@ class StepLoader:
             self._pool = None
 
     def stats(self) -> dict[str, int]:
-        """Cumulative skip counts of this rank: `data_skipped` and `data_skipped/<reason>`.
+        """Cumulative skip counts of this rank: `data_skipped` and `data_skipped/<reason>`, plus
+        `data_truncated` (text-only samples cut to their token budget; global, from dp rank 0; not a skip).
 
         Plan-time skips (too_long, ...) are global and restored by load_state_dict; they are reported
         by dp rank 0 only, so summing `stats()` over dp ranks gives global totals. Read-time skips

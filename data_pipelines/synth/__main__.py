@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     print(
         f"wrote {summary['samples']} samples ({summary['images']} images) in {len(summary['shards'])} shards "
-        f"to {args.out} in {summary['seconds']} s; kinds: {json.dumps(summary['kinds'], sort_keys=True)}"
+        f"to {args.out} in {summary['seconds']} s; kinds: {json.dumps(summary['kinds'], sort_keys=True)}; "
+        f"{summary['thinking']} with reasoning"
     )
     return 0
 

@@ -11,6 +11,10 @@ reproducible byte for byte and any sample can be regenerated alone. Kinds:
 * `grounding`  — a quarter of the `shapes` samples: "Where is the red circle?" answered with one
                  canonical box part (pixel coordinates, rendered per generation by text.py).
 * `text_only`  — arithmetic or spelling with no image (keeps text-only packing exercised).
+* thinking     — a fifth of the `chart` and arithmetic `text_only` samples (~5% of all) carry a short
+                 chain of thought in the assistant turn's `reasoning` ("Bar heights: A 4, B 9, C 2.
+                 The tallest is B."), rendered as a `<think>` block by text.py. Decided by its own
+                 random stream, so every other sample is byte-identical with or without it.
 
 Image sides are drawn independently from [min_side, max_side], so aspect ratios vary and the
 dynamic-resolution path (different grids per image) is exercised. Images are stored as PNG
@@ -44,6 +48,8 @@ WORDS = (
     "bird moon road book fish door star rain snow hill lamp ship"
 ).split()
 KIND_WEIGHTS = {"shapes": 0.35, "text": 0.2, "chart": 0.2, "two_images": 0.1, "text_only": 0.15}
+THINKING_FRACTION = 0.2
+"""Fraction of the chart and arithmetic samples whose answer comes with `reasoning`."""
 
 _FONTS: dict[int, Any] = {}
 
@@ -97,8 +103,11 @@ def _user(*parts: dict) -> dict:
     return {"role": "user", "content": list(parts)}
 
 
-def _assistant(text: str) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+def _assistant(text: str, reasoning: str | None = None) -> dict:
+    turn = {"role": "assistant", "content": [{"type": "text", "text": text}]}
+    if reasoning is not None:
+        turn["reasoning"] = reasoning
+    return turn
 
 
 def _text(s: str) -> dict:
@@ -121,6 +130,7 @@ def make_sample(seed: int, index: int, min_side: int = 56, max_side: int = 224) 
     # A quarter of the shapes samples ask for a box instead ("Where is the red circle?"); the choice
     # uses its own stream so every other sample is unchanged by its existence.
     grounding = kind == "shapes" and random.Random(f"qvl-synth-ground:{seed}:{index}").random() < 0.25
+    thinking = random.Random(f"qvl-synth-think:{seed}:{index}").random() < THINKING_FRACTION
     if grounding:
         boxes: list = []
         img, objs = _shapes_image(rng, min_side, max_side, rng.randint(1, 3), boxes)
@@ -173,7 +183,10 @@ def make_sample(seed: int, index: int, min_side: int = 56, max_side: int = 224) 
             draw.text((x0, base + 1), lab, fill=(0, 0, 0), font=font)
         images["img0.png"] = img
         tallest = labels[values.index(max(values))]
-        messages += [_user(_image("img0.png"), _text("Which bar is tallest?")), _assistant(tallest)]
+        why = f"Bar heights: {', '.join(f'{l} {v}' for l, v in zip(labels, values))}. The tallest is {tallest}."
+        messages += [
+            _user(_image("img0.png"), _text("Which bar is tallest?")), _assistant(tallest, why if thinking else None),
+        ]
     elif kind == "two_images":
         shape = rng.choice(SHAPES)
         first_has = rng.random() < 0.5
@@ -193,7 +206,8 @@ def make_sample(seed: int, index: int, min_side: int = 56, max_side: int = 224) 
     else:  # text_only
         if rng.random() < 0.5:
             a, b = rng.randint(0, 99), rng.randint(0, 99)
-            messages += [_user(_text(f"What is {a} + {b}?")), _assistant(str(a + b))]
+            why = f"{a} + {b}: {a} plus {b // 10 * 10} is {a + b // 10 * 10}, plus {b % 10} is {a + b}."
+            messages += [_user(_text(f"What is {a} + {b}?")), _assistant(str(a + b), why if thinking else None)]
         else:
             word = rng.choice(WORDS)
             messages += [_user(_text(f"Spell '{word}' backwards.")), _assistant(word[::-1])]
@@ -208,11 +222,13 @@ def generate(
     if not 1 <= min_side <= max_side:
         raise ValueError("need 1 <= min_side <= max_side")
     kinds: Counter = Counter()
-    n_images = 0
+    n_images = n_thinking = 0
     with ShardWriter(out_dir, samples_per_shard=samples_per_shard) as writer:
         for i in range(num_samples):
             kind, messages, images = make_sample(seed, i, min_side, max_side)
             writer.add(f"synth-{seed}-{i:07d}", messages, images)
             kinds[kind] += 1
             n_images += len(images)
-    return {"samples": num_samples, "images": n_images, "shards": writer.shard_names, "kinds": dict(kinds)}
+            n_thinking += any("reasoning" in m for m in messages)
+    return {"samples": num_samples, "images": n_images, "shards": writer.shard_names, "kinds": dict(kinds),
+            "thinking": n_thinking}
