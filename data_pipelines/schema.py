@@ -132,6 +132,15 @@ class DataConfig:
     plan_ahead: bool = True
     """Plan step S+1 in a background thread while step S trains (the plan is identical to planning
     inline; it is not part of the loader state, so resume stays exact)."""
+    num_workers: int = 0
+    """Decode processes per rank (docs/data.md "Decode workers"): 0 builds samples (image decode,
+    preprocessing, tokens, positions) inline in the training process when a step asks for them; N > 0
+    builds the samples of the next `prefetch_steps` steps in N worker processes while the current step
+    trains (bit-identical batches). On GPU runs use consumption / per-worker rate, at least 2."""
+    prefetch_steps: int = 1
+    """With `num_workers` > 0: how many steps beyond the current one are read and built ahead (each
+    holds one step's samples of this rank in memory). Prefetched work is never part of the loader
+    state; skips are counted when a step is consumed."""
 
     def __post_init__(self) -> None:
         if self.generation not in GENERATIONS:
@@ -150,7 +159,20 @@ class DataConfig:
             raise ValueError("data.pack_lookahead must be >= 1")
         if self.bad_window < 1:
             raise ValueError("data.bad_window must be >= 1")
+        self._check_workers()
         self._check_source_caps()
+
+    def _check_workers(self) -> None:
+        """Decode-worker keys: whole numbers in range (a bool is not a count)."""
+        for key, low in (("num_workers", 0), ("prefetch_steps", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"data.{key}={value!r} must be an integer >= {low}")
+        if self.num_workers > 64:
+            raise ValueError(
+                f"data.num_workers={self.num_workers} is per rank; more than 64 decode processes per rank "
+                "is a mistake (use consumption / per-worker rate, see docs/data.md \"Decode workers\")"
+            )
 
     def _check_source_caps(self) -> None:
         """Per-source caps must make sense next to the run-wide ones."""

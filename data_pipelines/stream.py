@@ -39,6 +39,16 @@ trains. Planning is a pure function of the planner state, so the plan equals the
 loader's state is the planner state right after the step last returned (taken before the plan
 ahead), so the prefetched plan is never part of a checkpoint and `load_state_dict` discards it.
 
+Decode workers
+--------------
+With `data.num_workers` = N > 0, a background thread takes the plans of the next
+`data.prefetch_steps` steps in order, reads this rank's members and sends each sample to one of N
+worker processes (workers.py) that run the same `SampleBuilder.build`; the training thread then only
+counts, truncates and packs the finished samples, in plan order, exactly as inline. Skips (and the
+max_bad_fraction check) are counted when a step is consumed, not when it is built; the loader state
+is still the planner state after the step last returned, and `load_state_dict` drops prefetched
+steps like the plan made ahead. N = 0 builds inline when the step is asked for.
+
 Truncation
 ----------
 A text-only sample longer than its token budget (`GlobalPlanner.token_budget`: its source's
@@ -73,6 +83,7 @@ from data_pipelines.schema import IGNORE_INDEX, DataConfig, DataSource, PackedBa
 from data_pipelines.sources import resolve_source
 from data_pipelines.text import PAD_ID, QwenTokenizer, get_tokenizer, message_parts
 from data_pipelines.vision import BadImage, decode_image, patchify_image, vision_spec
+from data_pipelines.workers import DecodePool
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +263,26 @@ class StepPlan:
     state: dict[str, Any]
 
 
+Outcome = Any
+"""A built sample (dict) or the SkipSample that says why there is none."""
+
+
+@dataclass
+class PrefetchedStep:
+    """A step whose samples are being built by the decode workers: its plan and, per sample, a
+    Future of `DecodePool.build` (or the SkipSample when the sample was not found in its shard)."""
+
+    step: StepPlan
+    pending: dict[Ref, Any]
+
+    def outcome(self, ref: Ref) -> Outcome:
+        todo = self.pending[ref]
+        if isinstance(todo, SkipSample):
+            return todo
+        kind, payload = todo.result()
+        return SkipSample(*payload) if kind == "skip" else payload
+
+
 class StepLoader:
     """One dp rank's view of the global packed stream; see the module docstring."""
 
@@ -281,18 +312,35 @@ class StepLoader:
         self._state: Optional[dict[str, Any]] = None  # planner state after the last step returned
         self._ahead: Optional[Future] = None  # the plan of the next step, being made
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="plan-ahead") if cfg.plan_ahead else None
+        self._decode: Optional[DecodePool] = None
+        self._jobs: deque[Future] = deque()  # PrefetchedStep futures, oldest first
+        if cfg.num_workers:
+            self._decode = DecodePool(cfg.num_workers, (cfg, list(cfg.sources)))
+            self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="data-prefetch")
+            self._senders = ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="data-decode")
 
     # ---------------------------------------------------------------------------------- API
     def next_step(self) -> list[PackedBatch]:
         """This rank's micro-batches of the next optimizer step (micro_batches_per_step // dp_size)."""
-        plans = self._take_plan()
-        mine = plans[self.dp_rank :: self.dp_size]
+        if self._decode is not None:
+            job = self._next_prefetched()
+            self._use_plan(job.step)
+            return self._assemble(self._mine(job.step.plans), job.outcome)
+        mine = self._mine(self._take_plan())
         raw = self._read([ref for plan in mine for ref in plan])
+        return self._assemble(mine, lambda ref: self._build_inline(ref, raw))
+
+    def _mine(self, plans: list[list[Ref]]) -> list[list[Ref]]:
+        return plans[self.dp_rank :: self.dp_size]
+
+    def _assemble(self, mine: list[list[Ref]], outcome) -> list[PackedBatch]:
+        """Count, truncate and pack the samples of this rank's micro-batches, in plan order;
+        `outcome(ref)` is the built sample or its SkipSample (built inline or by a worker)."""
         batches = []
         for plan in mine:
             built, used = [], 0
             for ref in plan:
-                sample = self._build_one(ref, raw)
+                sample = self._count(outcome(ref))
                 if sample is None:
                     continue
                 sample = truncate_text_sample(sample, self.planner.token_budget(ref))
@@ -333,17 +381,29 @@ class StepLoader:
         return json.loads(json.dumps(self._planner_state()))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where `state_dict()` was taken (any dp_size); a plan made ahead is dropped."""
+        """Continue exactly where `state_dict()` was taken (any dp_size); a plan made ahead and steps
+        prefetched by decode workers are dropped."""
         self._drop_ahead()
         self.planner.load_state_dict(state)
         self._state = None
 
     def close(self) -> None:
-        """Stop the planning thread (waits for a plan in progress); the loader cannot plan ahead after."""
+        """Stop the planning thread (waits for a plan in progress) and the decode workers (their
+        processes are ended and reaped); the loader cannot plan ahead or prefetch after."""
         self._drop_ahead()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._decode is not None:
+            self._prefetch.shutdown(wait=True)
+            self._senders.shutdown(wait=True, cancel_futures=True)
+            self._decode.close()
+            self._decode = None
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of this rank's decode workers (empty with data.num_workers=0 or once closed)."""
+        return self._decode.pids if self._decode is not None else []
 
     def stats(self) -> dict[str, int]:
         """Cumulative skip counts of this rank: `data_skipped` and `data_skipped/<reason>`, plus
@@ -378,15 +438,59 @@ class StepLoader:
         return StepPlan(plans, self._plan_stats(plans), self.planner.pop_epoch_events(), self.planner.state_dict())
 
     def _take_plan(self) -> list[list[Ref]]:
-        """The next step's plans (made ahead if possible); starts planning the step after."""
+        """The next step's plans (made ahead if possible), now the current step."""
+        step = self._next_plan()
+        self._use_plan(step)
+        return step.plans
+
+    def _next_plan(self) -> StepPlan:
+        """The next step's plan (made ahead if possible); starts planning the step after."""
         step = self._ahead.result() if self._ahead is not None else self._plan_step()
         self._ahead = None
-        self._state, self._last_stats = step.state, step.stats
         if self._pool is not None:
             self._ahead = self._pool.submit(self._plan_step)
+        return step
+
+    def _use_plan(self, step: StepPlan) -> None:
+        """Make `step` the step last returned: its planner state, its stats, its epoch log lines."""
+        self._state, self._last_stats = step.state, step.stats
         if self.dp_rank == 0:
             self._log_epochs(step.epochs)
-        return step.plans
+
+    # --------------------------------------------------------------------- decode workers
+    def _next_prefetched(self) -> PrefetchedStep:
+        """The next step, built by the workers; keeps `prefetch_steps` more steps in the making."""
+        while len(self._jobs) < 1 + self.cfg.prefetch_steps:
+            self._jobs.append(self._prefetch.submit(self._prefetch_step))
+        return self._jobs.popleft().result()
+
+    def _prefetch_step(self) -> PrefetchedStep:
+        """(prefetch thread) Plan the next step, read this rank's members, queue every build."""
+        step = self._next_plan()
+        refs = [ref for plan in self._mine(step.plans) for ref in plan]
+        raw = self._read(refs)
+        pending: dict[Ref, Any] = {}
+        for ref in refs:
+            if ref not in pending:
+                members = raw.get(ref)
+                pending[ref] = (
+                    self._missing(ref) if members is None else self._senders.submit(self._decode.build, ref[0], members)
+                )
+        return PrefetchedStep(step, pending)
+
+    def _drop_prefetched(self) -> None:
+        """Forget the steps built ahead (queued builds are cancelled; running ones just finish)."""
+        jobs, self._jobs = list(self._jobs), deque()
+        for job in jobs:
+            job.cancel()
+        for job in jobs:
+            try:
+                pending = job.result().pending.values() if not job.cancelled() else ()
+            except Exception:  # a step that is thrown away may fail; consuming it would say why
+                continue
+            for todo in pending:
+                if isinstance(todo, Future):
+                    todo.cancel()
 
     def _log_epochs(self, events: list[tuple[int, int]]) -> None:
         for s, epoch in events:
@@ -397,6 +501,7 @@ class StepLoader:
             )
 
     def _drop_ahead(self) -> None:
+        self._drop_prefetched()  # its thread plans on the planner: stop it first
         if self._ahead is not None:
             self._ahead.cancel()
             try:
@@ -425,17 +530,25 @@ class StepLoader:
                 out[key_to_ref[key]] = members
         return out
 
-    def _build_one(self, ref: Ref, raw: dict[Ref, dict[str, bytes]]) -> Optional[dict[str, Any]]:
+    def _missing(self, ref: Ref) -> SkipSample:
+        return SkipSample("missing_sample", f"{self.planner.shard_name(ref)}:{self.planner.entry(ref)['key']}")
+
+    def _build_inline(self, ref: Ref, raw: dict[Ref, dict[str, bytes]]) -> Outcome:
         members = raw.get(ref)
+        if members is None:
+            return self._missing(ref)
         try:
-            if members is None:
-                raise SkipSample("missing_sample", f"{self.planner.shard_name(ref)}:{self.planner.entry(ref)['key']}")
-            sample = self.builders[ref[0]].build(members)
+            return self.builders[ref[0]].build(members)
         except SkipSample as e:
-            self._bad(e.reason)
+            return e
+
+    def _count(self, outcome: Outcome) -> Optional[dict[str, Any]]:
+        """Count a sample as good or bad (the bad-fraction window); the sample, or None if skipped."""
+        if isinstance(outcome, SkipSample):
+            self._bad(outcome.reason)
             return None
         self._recent.append(False)
-        return sample
+        return outcome
 
     def _bad(self, reason: str) -> None:
         self.read_skipped[reason] = self.read_skipped.get(reason, 0) + 1

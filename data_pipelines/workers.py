@@ -1,0 +1,184 @@
+"""Decode workers: `data.num_workers` processes per rank that build samples (`SampleBuilder.build`).
+
+Why separate processes: decoding and preprocessing images is nearly all of the loader's time
+(benchmarks/RESULTS.md, loader section) and it holds the GIL, so threads would not help and inline
+building makes the GPU wait. The loader (stream.py) sends each sample's raw members to a worker and
+receives the built sample back; which sample goes to which worker never changes the result, since
+`SampleBuilder.build` is a pure function of the members and the config.
+
+How the processes are started: a fresh interpreter running `python -m data_pipelines.workers`
+(subprocess, no fork). `fork` is unsafe next to the torch / gloo / NCCL threads of a training
+process, and multiprocessing's `spawn` and `forkserver` both re-import the trainer's `__main__`
+(e.g. `qvl_train.train`, with megatron) in every child; this way a worker imports `data_pipelines`
+only. Messages are pickles of plain Python values and numpy arrays (torch tensors travel as numpy
+and are turned back on arrival) on two dedicated pipes, so nothing a library prints on stdout can
+corrupt them. A worker exits when its task pipe reaches end-of-file: when the loader closes it,
+and also when the training process dies in any way (the kernel closes the pipe), so no worker
+outlives its rank.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+import traceback
+import weakref
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import torch
+
+_TENSOR = "__torch_tensor__"
+
+
+def to_wire(value: Any) -> Any:
+    """Replace torch tensors (at any depth of dicts, lists and tuples) by tagged numpy arrays."""
+    if isinstance(value, torch.Tensor):
+        return {_TENSOR: value.numpy()}
+    if isinstance(value, dict):
+        return {k: to_wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_wire(v) for v in value)
+    return value
+
+
+def from_wire(value: Any) -> Any:
+    """Inverse of `to_wire`: tagged numpy arrays become torch tensors again (same dtype and values)."""
+    if isinstance(value, dict):
+        if set(value) == {_TENSOR}:
+            return torch.from_numpy(value[_TENSOR])
+        return {k: from_wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(from_wire(v) for v in value)
+    return value
+
+
+class WorkerError(RuntimeError):
+    """A decode worker failed (crashed, or `build` raised something other than SkipSample)."""
+
+
+class DecodePool:
+    """`n` worker processes building samples; `build()` is thread-safe and blocks for a free worker.
+
+    `config` is pickled to each worker: `(DataConfig, [DataSource, ...])`; the worker makes one
+    SampleBuilder per source, exactly as the loader does inline.
+    """
+
+    def __init__(self, n: int, config: tuple[Any, list[Any]]):
+        if n < 1:
+            raise ValueError(f"DecodePool needs at least one worker, got {n}")
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self.workers = [_Worker(i, config) for i in range(n)]
+        for w in self.workers:
+            self._idle.put(w)
+        self._closed = False
+        # Also when the loader is dropped without close() and at interpreter exit.
+        self._finalizer = weakref.finalize(self, _close_workers, list(self.workers))
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self.workers]
+
+    def build(self, source: int, members: dict[str, bytes]) -> tuple[str, Any]:
+        """Build one sample on a free worker: ("ok", sample) or ("skip", (reason, detail))."""
+        if self._closed:
+            raise WorkerError("the decode pool is closed")
+        worker = self._idle.get()
+        try:
+            return worker.call(source, members)
+        finally:
+            self._idle.put(worker)
+
+    def close(self) -> None:
+        """End every worker (end-of-file on its task pipe, then terminate if it lingers) and reap it."""
+        self._closed = True
+        self._finalizer()
+
+
+def _close_workers(workers: list["_Worker"]) -> None:
+    for w in workers:
+        w.close()
+
+
+class _Worker:
+    """Parent-side handle of one worker process and its two pipes."""
+
+    def __init__(self, index: int, config: tuple[Any, list[Any]]):
+        self.index = index
+        task_r, task_w = os.pipe()
+        res_r, res_w = os.pipe()
+        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env.setdefault("OMP_NUM_THREADS", "1")  # one core per worker; the pool is the parallelism
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "data_pipelines.workers", str(task_r), str(res_w)],
+            pass_fds=(task_r, res_w), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        )
+        os.close(task_r)
+        os.close(res_w)
+        self.tasks, self.results = Connection(task_w, readable=False), Connection(res_r, writable=False)
+        self.lock = threading.Lock()
+        self.tasks.send_bytes(pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def call(self, source: int, members: dict[str, bytes]) -> tuple[str, Any]:
+        with self.lock:
+            try:
+                self.tasks.send_bytes(pickle.dumps((source, members), protocol=pickle.HIGHEST_PROTOCOL))
+                kind, payload = pickle.loads(self.results.recv_bytes())
+            except (EOFError, OSError) as e:
+                code = self.proc.poll()
+                raise WorkerError(
+                    f"decode worker {self.index} (pid {self.proc.pid}) exited (code {code}); its error is "
+                    "on stderr above. Set data.num_workers=0 to build samples in the training process."
+                ) from e
+        if kind == "error":
+            raise WorkerError(f"decode worker {self.index} failed to build a sample:\n{payload}")
+        return kind, (from_wire(payload) if kind == "ok" else payload)
+
+    def close(self) -> None:
+        self.tasks.close()  # end-of-file: the worker's loop ends
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # busy with a huge sample; it holds no state worth keeping
+            self.proc.kill()
+            self.proc.wait()
+        self.results.close()
+
+
+def _serve(task_fd: int, result_fd: int) -> None:
+    """Worker loop: read the config, then build samples until the task pipe is closed."""
+    from data_pipelines.stream import SampleBuilder, SkipSample  # worker side only: stream imports us
+    from data_pipelines.text import get_tokenizer
+
+    tasks, results = Connection(task_fd, writable=False), Connection(result_fd, readable=False)
+    try:
+        cfg, sources = pickle.loads(tasks.recv_bytes())
+    except EOFError:
+        return
+    tok = get_tokenizer()
+    builders = [SampleBuilder(cfg, tok, source) for source in sources]
+    while True:
+        try:
+            source, members = pickle.loads(tasks.recv_bytes())
+        except EOFError:
+            return
+        try:
+            reply: tuple[str, Any] = ("ok", to_wire(builders[source].build(members)))
+        except SkipSample as e:
+            reply = ("skip", (e.reason, str(e)))
+        except Exception:
+            reply = ("error", traceback.format_exc())
+        try:
+            results.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+        except (BrokenPipeError, OSError):
+            return
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), int(sys.argv[2]))
