@@ -1,6 +1,6 @@
 """Loader throughput per worker (StepLoader: read + decode + preprocess + pack) vs what training consumes.
 
-    python benchmarks/loader.py [--samples 400] [--steps 8] [--step-tokens 7984 --step-time 0.194]
+    python benchmarks/loader.py [--samples 400] [--steps 8] [--step-tokens 7984 --step-time 0.194] [--workers 0,1,2]
 
 One worker = one process running `StepLoader.next_step()` for a whole step (dp 1, all micro-batches),
 as each training rank does. On synthetic shards written first into a temporary directory
@@ -14,6 +14,13 @@ as each training rank does. On synthetic shards written first into a temporary d
 * `workers/GPU`: how many such workers one GPU needs to be fed at the given consumption rate
   (`--step-tokens` per `--step-time` seconds; default: the H100 step of benchmarks/RESULTS.md,
   7,984 tokens in 0.194 s = 41,160 tokens/s for a 1.15B Qwen2-VL-shaped model).
+
+Then decode workers (`data.num_workers` = 0, 1, 2; `data.prefetch_steps` 1, planning ahead): per
+size setting and worker count, after a warm-up step (worker start-up; `first step s`) and the step
+prefetched during it, `tokens/s` of `--steps` steps back to back (one rank's loader throughput), then `--steps` steps with a simulated training step
+between them (`time.sleep` of the time this GPU needs for the step's tokens at the consumption
+rate, or `--train-step` seconds): `wait ms` is how long `next_step` blocks per step, `GPU idle` the
+share of wall time the GPU would wait (wait / (wait + step)), and `worker MB` the resident memory of one worker process.
 
 Then planning ahead: GlobalPlanner at dp 32 x 4 micro-batches of 16,384 tokens on the realistic
 index of benchmarks/packing.py (no media), with a simulated training step of `--sim-step` seconds
@@ -79,6 +86,50 @@ def measure(data_dir: str, *, max_tokens: int, micro: int, steps: int, generatio
     }
 
 
+def _rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (Linux /proc), NaN elsewhere."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def measure_workers(data_dir: str, *, workers: int, max_tokens: int, micro: int, steps: int, generation: str,
+                    consumption: float, train_step: float) -> dict[str, float]:
+    """Throughput with `workers` decode processes, then the wait per step behind a simulated training step."""
+    cfg = DataConfig(sources=[DataSource(data_dir)], max_tokens=max_tokens, generation=generation,
+                     num_workers=workers, prefetch_steps=1)
+    ld = StepLoader(cfg, micro_batches_per_step=micro, dp_rank=0, dp_size=1)
+    t0 = time.perf_counter()
+    ld.next_step()
+    startup = time.perf_counter() - t0
+    if ld._jobs:  # let the step built during the warm-up finish and take it: the clock starts on an empty pipeline
+        for todo in ld._jobs[0].result().pending.values():
+            if not isinstance(todo, Exception):
+                todo.result()
+        ld.next_step()
+    tokens = 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tokens += sum(b.num_tokens for b in ld.next_step())
+    wall = time.perf_counter() - t0
+    sim = train_step if train_step > 0 else tokens / steps / consumption
+    waits = []
+    for _ in range(steps):
+        time.sleep(sim)  # the GPU trains on the step just returned
+        t = time.perf_counter()
+        ld.next_step()
+        waits.append(time.perf_counter() - t)
+    rss = max((_rss_mb(p) for p in ld.worker_pids), default=0.0)
+    ld.close()
+    wait = statistics.mean(waits)
+    return {"tokens_s": tokens / wall, "first_step_s": startup, "train_step_s": sim, "wait_ms": 1e3 * wait,
+            "gpu_idle": wait / (wait + sim), "worker_mb": rss}
+
+
 def plan_overlap(sim_step: float, steps: int) -> list[tuple[str, float, float]]:
     """Mean seconds `next_step` spends obtaining its plan at dp32 x 4, inline vs planned ahead."""
     from benchmarks.packing import BUDGET, MAX_PIXELS, synthetic_index
@@ -113,6 +164,9 @@ def main(argv=None) -> None:
     ap.add_argument("--step-time", type=float, default=0.194, help="seconds of that training step")
     ap.add_argument("--sim-step", type=float, default=1.0, help="simulated step (s) of the plan-ahead part; 0 skips it")
     ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated rows of: " + ", ".join(SIZES))
+    ap.add_argument("--workers", default="0,1,2", help="data.num_workers values of the decode-worker table ('' skips it)")
+    ap.add_argument("--train-step", type=float, default=0.0,
+                    help="simulated training step (s) of the worker table; 0: the step's tokens / consumption")
     args = ap.parse_args(argv)
     need = args.step_tokens / args.step_time
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -121,20 +175,34 @@ def main(argv=None) -> None:
           f"{args.step_time} s); load average {load:.1f}")
     print(f"{'images':<18} {'plan ms':>8} {'read ms':>8} {'build ms':>9} {'samples/s':>10} {'tokens/s':>9} "
           f"{'img/s':>7} {'workers/GPU':>11}")
-    results = {}
+    results, pooled = {}, {}
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
     for name in args.sizes.split(","):
         lo, hi = SIZES[name]
         with tempfile.TemporaryDirectory() as d:
             generate(d, args.samples, seed=0, samples_per_shard=100, min_side=lo, max_side=hi)
             r = measure(d, max_tokens=args.max_tokens, micro=args.micro, steps=args.steps, generation=args.generation)
-        results[name] = r
-        print(f"{name:<18} {r['plan_ms']:>8.1f} {r['read_ms']:>8.1f} {r['build_ms']:>9.1f} {r['samples_s']:>10.1f} "
-              f"{r['tokens_s']:>9,.0f} {r['images_s']:>7.1f} {math.ceil(need / r['tokens_s']):>11d}", flush=True)
+            results[name] = r
+            print(f"{name:<18} {r['plan_ms']:>8.1f} {r['read_ms']:>8.1f} {r['build_ms']:>9.1f} {r['samples_s']:>10.1f} "
+                  f"{r['tokens_s']:>9,.0f} {r['images_s']:>7.1f} {math.ceil(need / r['tokens_s']):>11d}", flush=True)
+            for w in workers:
+                pooled[f"{name} / {w}"] = measure_workers(
+                    d, workers=w, max_tokens=args.max_tokens, micro=args.micro, steps=args.steps,
+                    generation=args.generation, consumption=need, train_step=args.train_step,
+                )
+    if workers:
+        print(f"decode workers (data.num_workers, prefetch_steps 1, plan ahead); load average now {os.getloadavg()[0]:.1f}:")
+        print(f"{'images / workers':<22} {'tokens/s':>9} {'speed-up':>8} {'train step ms':>13} {'wait ms':>8} "
+              f"{'GPU idle':>8} {'first step s':>12} {'worker MB':>9}")
+        for key, r in pooled.items():
+            base = pooled.get(key.rsplit(" / ", 1)[0] + " / 0", r)["tokens_s"]
+            print(f"{key:<22} {r['tokens_s']:>9,.0f} {r['tokens_s'] / base:>7.2f}x {1e3 * r['train_step_s']:>13.0f} "
+                  f"{r['wait_ms']:>8.0f} {r['gpu_idle']:>7.0%} {r['first_step_s']:>12.1f} {r['worker_mb']:>9.0f}", flush=True)
     if args.sim_step > 0:
         print(f"planning dp32 x 4 micro-batches, 16,384 tokens, qwen2_5_vl, simulated step {args.sim_step} s:")
         for mode, mean, worst in plan_overlap(args.sim_step, steps=5):
             print(f"  {mode:<7} plan wait per step: mean {1e3 * mean:7.1f} ms, max {1e3 * worst:7.1f} ms", flush=True)
-    print(json.dumps({"consumption_tokens_s": need, "rows": results}))
+    print(json.dumps({"consumption_tokens_s": need, "rows": results, "workers": pooled}))
 
 
 if __name__ == "__main__":

@@ -12,15 +12,21 @@ process, and multiprocessing's `spawn` and `forkserver` both re-import the train
 (e.g. `qvl_train.train`, with megatron) in every child; this way a worker imports `data_pipelines`
 only. Messages are pickles of plain Python values and numpy arrays (torch tensors travel as numpy
 and are turned back on arrival) on two dedicated pipes, so nothing a library prints on stdout can
-corrupt them. A worker exits when its task pipe reaches end-of-file: when the loader closes it,
+corrupt them. Arrays of `SHM_MIN_BYTES` or more (pixel values) go through a file in /dev/shm that
+the loader maps and unlinks at once: a 31 MiB array took ~180-360 ms through the pipe (most of it in
+the loader process, holding the GIL) against ~40 ms to write in the worker and ~30 ms to map and pack
+(benchmarks/RESULTS.md, loader section). Without a writable /dev/shm they are pickled. A worker exits when its task pipe reaches end-of-file: when the loader closes it,
 and also when the training process dies in any way (the kernel closes the pipe), so no worker
 outlives its rank.
 """
 
 from __future__ import annotations
 
+import glob
+import mmap
 import os
 import pickle
+import tempfile
 import queue
 import subprocess
 import sys
@@ -34,28 +40,63 @@ import numpy as np
 import torch
 
 _TENSOR = "__torch_tensor__"
+_SHM = "__shm_array__"
+SHM_MIN_BYTES = 1 << 18
+"""Arrays this large or larger travel through /dev/shm instead of the pipe."""
 
 
-def to_wire(value: Any) -> Any:
-    """Replace torch tensors (at any depth of dicts, lists and tuples) by tagged numpy arrays."""
+def shm_prefix(loader_pid: int) -> str:
+    """Name prefix of the /dev/shm files of the workers of one loader process (swept at close)."""
+    return f"qvl-decode-{loader_pid}-"
+
+
+def to_wire(value: Any, shm_dir: str | None = None) -> Any:
+    """Replace torch tensors (at any depth of dicts, lists and tuples) by tagged numpy arrays and,
+    with `shm_dir`, large arrays by tagged files there (the receiver's `from_wire` removes them)."""
     if isinstance(value, torch.Tensor):
-        return {_TENSOR: value.numpy()}
+        return {_TENSOR: to_wire(value.numpy(), shm_dir)}
+    if isinstance(value, np.ndarray) and shm_dir is not None and value.nbytes >= SHM_MIN_BYTES:
+        return _shm_put(value, shm_dir)
     if isinstance(value, dict):
-        return {k: to_wire(v) for k, v in value.items()}
+        return {k: to_wire(v, shm_dir) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(to_wire(v) for v in value)
+        return type(value)(to_wire(v, shm_dir) for v in value)
     return value
 
 
 def from_wire(value: Any) -> Any:
-    """Inverse of `to_wire`: tagged numpy arrays become torch tensors again (same dtype and values)."""
+    """Inverse of `to_wire`: tagged numpy arrays become torch tensors again (same dtype and values),
+    shared-memory files are mapped (copy-on-write) and unlinked."""
     if isinstance(value, dict):
         if set(value) == {_TENSOR}:
-            return torch.from_numpy(value[_TENSOR])
+            return torch.from_numpy(from_wire(value[_TENSOR]))
+        if set(value) == {_SHM}:
+            return _shm_get(*value[_SHM])
         return {k: from_wire(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(from_wire(v) for v in value)
     return value
+
+
+def _shm_put(array: np.ndarray, shm_dir: str) -> Any:
+    array = np.ascontiguousarray(array)
+    fd, path = tempfile.mkstemp(dir=shm_dir, prefix=shm_prefix(os.getppid()))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            array.tofile(f)
+    except OSError:  # /dev/shm full: send it through the pipe
+        os.unlink(path)
+        return array
+    return {_SHM: (path, array.dtype.str, array.shape)}
+
+
+def _shm_get(path: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        with open(path, "rb") as f:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.fstat(f.fileno()).st_size else b""
+    finally:
+        os.unlink(path)
+    return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
 
 
 class WorkerError(RuntimeError):
@@ -103,6 +144,21 @@ class DecodePool:
 def _close_workers(workers: list["_Worker"]) -> None:
     for w in workers:
         w.close()
+    _sweep_shm(os.getpid())  # results nobody received (a worker killed while replying, a reply never read)
+
+
+def _sweep_shm(loader_pid: int) -> None:
+    """Remove the /dev/shm files that workers of the loader process `loader_pid` left behind."""
+    for path in glob.glob(os.path.join(_shm_dir() or "/nonexistent", shm_prefix(loader_pid) + "*")):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _shm_dir() -> str | None:
+    """/dev/shm when it is a writable directory (Linux), else None: results travel through the pipe."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 class _Worker:
@@ -152,11 +208,20 @@ class _Worker:
 
 
 def _serve(task_fd: int, result_fd: int) -> None:
-    """Worker loop: read the config, then build samples until the task pipe is closed."""
+    """Worker: read the config, then build samples until the task pipe is closed."""
+    tasks, results = Connection(task_fd, writable=False), Connection(result_fd, readable=False)
+    loader_pid = os.getppid()
+    try:
+        _serve_loop(tasks, results, _shm_dir())
+    finally:
+        if os.getppid() != loader_pid:  # the loader died: remove the results it never mapped
+            _sweep_shm(loader_pid)
+
+
+def _serve_loop(tasks: Connection, results: Connection, shm_dir: str | None) -> None:
     from data_pipelines.stream import SampleBuilder, SkipSample  # worker side only: stream imports us
     from data_pipelines.text import get_tokenizer
 
-    tasks, results = Connection(task_fd, writable=False), Connection(result_fd, readable=False)
     try:
         cfg, sources = pickle.loads(tasks.recv_bytes())
     except EOFError:
@@ -169,14 +234,14 @@ def _serve(task_fd: int, result_fd: int) -> None:
         except EOFError:
             return
         try:
-            reply: tuple[str, Any] = ("ok", to_wire(builders[source].build(members)))
+            reply: tuple[str, Any] = ("ok", to_wire(builders[source].build(members), shm_dir))
         except SkipSample as e:
             reply = ("skip", (e.reason, str(e)))
         except Exception:
             reply = ("error", traceback.format_exc())
         try:
             results.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
-        except (BrokenPipeError, OSError):
+        except OSError:  # the loader is gone (BrokenPipeError)
             return
 
 

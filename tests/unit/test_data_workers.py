@@ -1,20 +1,23 @@
 """Decode workers (data.num_workers): bit-identical to inline building, skips counted when a step is
 consumed, exact resume with prefetched steps dropped, no worker outlives its loader or its process."""
 
+import glob
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from data_pipelines.schema import DataConfig, DataSource
 from data_pipelines.stream import StepLoader
 from data_pipelines.synth import generate
-from data_pipelines.workers import WorkerError, from_wire, to_wire
+from data_pipelines.workers import SHM_MIN_BYTES, WorkerError, from_wire, shm_prefix, to_wire
 from tests.unit.test_data_stream import _corrupt_copy
 
 STEPS = 5
@@ -81,12 +84,19 @@ def test_config_validation():
     assert DataConfig().num_workers == 0 and DataConfig().prefetch_steps == 1
 
 
-def test_wire_format_round_trips_tensors():
-    sample = {"positions": torch.arange(6).reshape(3, 2), "nested": [(torch.ones(2, dtype=torch.float32), 3)], "id": "x"}
-    back = from_wire(to_wire(sample))
+def test_wire_format_round_trips_tensors_and_shared_memory(tmp_path):
+    big = np.random.default_rng(0).random((SHM_MIN_BYTES // 4 + 7, 1)).astype(np.float32)
+    sample = {"positions": torch.arange(6).reshape(3, 2), "nested": [(torch.ones(2, dtype=torch.float32), 3)],
+              "id": "x", "pixel_values": [big, big[:2]], "pos_big": torch.from_numpy(big.astype(np.int64))}
+    wire = to_wire(sample, str(tmp_path))
+    assert len(os.listdir(tmp_path)) == 2  # the two large arrays, not the small ones
+    back = from_wire(pickle.loads(pickle.dumps(wire)))
+    assert not os.listdir(tmp_path)  # mapped and unlinked on arrival
     assert torch.equal(back["positions"], sample["positions"]) and back["positions"].dtype == torch.int64
     assert isinstance(back["nested"][0], tuple) and torch.equal(back["nested"][0][0], torch.ones(2))
-    assert back["id"] == "x"
+    assert back["id"] == "x" and back["pixel_values"][0].dtype == np.float32
+    assert np.array_equal(back["pixel_values"][0], big) and np.array_equal(back["pixel_values"][1], big[:2])
+    assert torch.equal(back["pos_big"], sample["pos_big"])
 
 
 def test_workers_bit_identical_and_skips_counted_when_consumed(pooled, inline):
@@ -118,6 +128,7 @@ def test_dead_worker_is_a_clear_error_and_close_reaps_workers(pooled):
     pooled.close()
     assert pooled.worker_pids == []
     assert not [p for p in pids if os.path.exists(f"/proc/{p}")]  # exited and reaped: no child left
+    assert not glob.glob(f"/dev/shm/{shm_prefix(os.getpid())}*")  # no result left in shared memory
 
 
 PARENT = textwrap.dedent("""
@@ -128,7 +139,7 @@ PARENT = textwrap.dedent("""
     from data_pipelines.stream import StepLoader
     ld = StepLoader(DataConfig(sources=[DataSource(sys.argv[1])], max_tokens=1024, num_workers=1),
                     micro_batches_per_step=1, dp_rank=0, dp_size=1)
-    ld.next_step()
+    ld.next_step()  # the worker has served; the next step is being built when the parent is killed
     print(*ld.worker_pids, flush=True)
     time.sleep(600)
 """)
@@ -150,3 +161,4 @@ def test_workers_die_with_a_killed_parent(tmp_path, bad_dir):
         time.sleep(0.2)
     assert not _alive(pids[0])  # end-of-file on its task pipe: it exited
     assert marks.read_text().split() == [str(parent.pid)]  # the worker never imported the trainer's __main__
+    assert not glob.glob(f"/dev/shm/{shm_prefix(parent.pid)}*")  # nor left results in shared memory
