@@ -193,6 +193,13 @@ class SampleBuilder:
         }
 
 
+def make_builders(cfg: DataConfig) -> list[SampleBuilder]:
+    """One SampleBuilder per `cfg.sources` entry (its caps applied), sharing one tokenizer; the
+    loader and every decode worker build samples with these."""
+    tok = get_tokenizer()
+    return [SampleBuilder(cfg, tok, source) for source in cfg.sources]
+
+
 def truncate_text_sample(sample: dict[str, Any], limit: int) -> dict[str, Any]:
     """Cut a text-only built sample to its first `limit` tokens (ids, labels, positions).
 
@@ -303,8 +310,7 @@ class StepLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.sources = [resolve_source(s.path, s.index, root) for s in cfg.sources]
         self.planner = GlobalPlanner(cfg, [src.index for src in self.sources])
-        tok = get_tokenizer()
-        self.builders = [SampleBuilder(cfg, tok, source) for source in cfg.sources]
+        self.builders = make_builders(cfg)
         self.builder = self.builders[0]
         self.read_skipped: dict[str, int] = {}
         self._recent: deque[bool] = deque(maxlen=cfg.bad_window)  # True = bad, over read samples
@@ -315,7 +321,7 @@ class StepLoader:
         self._decode: Optional[DecodePool] = None
         self._jobs: deque[Future] = deque()  # PrefetchedStep futures, oldest first
         if cfg.num_workers:
-            self._decode = DecodePool(cfg.num_workers, (cfg, list(cfg.sources)))
+            self._decode = DecodePool(cfg.num_workers, cfg)
             self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="data-prefetch")
             self._senders = ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="data-decode")
 

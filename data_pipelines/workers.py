@@ -106,11 +106,11 @@ class WorkerError(RuntimeError):
 class DecodePool:
     """`n` worker processes building samples; `build()` is thread-safe and blocks for a free worker.
 
-    `config` is pickled to each worker: `(DataConfig, [DataSource, ...])`; the worker makes one
-    SampleBuilder per source, exactly as the loader does inline.
+    `config` (the DataConfig) is pickled to each worker, which makes its SampleBuilders with
+    `stream.make_builders`, exactly as the loader does for inline building.
     """
 
-    def __init__(self, n: int, config: tuple[Any, list[Any]]):
+    def __init__(self, n: int, config: Any):
         if n < 1:
             raise ValueError(f"DecodePool needs at least one worker, got {n}")
         self._idle: queue.Queue[_Worker] = queue.Queue()
@@ -164,7 +164,7 @@ def _shm_dir() -> str | None:
 class _Worker:
     """Parent-side handle of one worker process and its two pipes."""
 
-    def __init__(self, index: int, config: tuple[Any, list[Any]]):
+    def __init__(self, index: int, config: Any):
         self.index = index
         task_r, task_w = os.pipe()
         res_r, res_w = os.pipe()
@@ -219,15 +219,12 @@ def _serve(task_fd: int, result_fd: int) -> None:
 
 
 def _serve_loop(tasks: Connection, results: Connection, shm_dir: str | None) -> None:
-    from data_pipelines.stream import SampleBuilder, SkipSample  # worker side only: stream imports us
-    from data_pipelines.text import get_tokenizer
+    from data_pipelines.stream import SkipSample, make_builders  # worker side only: stream imports us
 
     try:
-        cfg, sources = pickle.loads(tasks.recv_bytes())
+        builders = make_builders(pickle.loads(tasks.recv_bytes()))
     except EOFError:
         return
-    tok = get_tokenizer()
-    builders = [SampleBuilder(cfg, tok, source) for source in sources]
     while True:
         try:
             source, members = pickle.loads(tasks.recv_bytes())
