@@ -323,7 +323,6 @@ class StepLoader:
         if cfg.num_workers:
             self._decode = DecodePool(cfg.num_workers, cfg)
             self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="data-prefetch")
-            self._senders = ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="data-decode")
 
     # ---------------------------------------------------------------------------------- API
     def next_step(self) -> list[PackedBatch]:
@@ -402,7 +401,6 @@ class StepLoader:
             self._pool = None
         if self._decode is not None:
             self._prefetch.shutdown(wait=True)
-            self._senders.shutdown(wait=True, cancel_futures=True)
             self._decode.close()
             self._decode = None
 
@@ -480,7 +478,7 @@ class StepLoader:
             if ref not in pending:
                 members = raw.get(ref)
                 pending[ref] = (
-                    self._missing(ref) if members is None else self._senders.submit(self._decode.build, ref[0], members)
+                    self._missing(ref) if members is None else self._decode.submit(ref[0], members)
                 )
         return PrefetchedStep(step, pending)
 

@@ -31,6 +31,8 @@ import queue
 import subprocess
 import sys
 import threading
+from collections import deque
+from concurrent.futures import Future
 import traceback
 import weakref
 from multiprocessing.connection import Connection
@@ -104,36 +106,35 @@ class WorkerError(RuntimeError):
 
 
 class DecodePool:
-    """`n` worker processes building samples; `build()` is thread-safe and blocks for a free worker.
+    """`n` worker processes building samples; `submit()` is thread-safe and returns a Future.
 
     `config` (the DataConfig) is pickled to each worker, which makes its SampleBuilders with
-    `stream.make_builders`, exactly as the loader does for inline building.
+    `stream.make_builders`, exactly as the loader does for inline building. Per worker, a feeder
+    thread keeps up to `depth` tasks in its pipe and a collector thread receives the replies in
+    order, so a worker never idles while the loader process is busy (the GIL) between two samples.
     """
 
-    def __init__(self, n: int, config: Any):
+    def __init__(self, n: int, config: Any, depth: int = 2):
         if n < 1:
             raise ValueError(f"DecodePool needs at least one worker, got {n}")
-        self._idle: queue.Queue[_Worker] = queue.Queue()
-        self.workers = [_Worker(i, config) for i in range(n)]
-        for w in self.workers:
-            self._idle.put(w)
+        self._tasks: queue.Queue = queue.Queue()
+        self.workers = [_Worker(i, config, self._tasks, depth) for i in range(n)]
         self._closed = False
         # Also when the loader is dropped without close() and at interpreter exit.
-        self._finalizer = weakref.finalize(self, _close_workers, list(self.workers))
+        self._finalizer = weakref.finalize(self, _close_workers, list(self.workers), self._tasks)
 
     @property
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self.workers]
 
-    def build(self, source: int, members: dict[str, bytes]) -> tuple[str, Any]:
-        """Build one sample on a free worker: ("ok", sample) or ("skip", (reason, detail))."""
+    def submit(self, source: int, members: dict[str, bytes]) -> Future:
+        """Queue one sample; the Future gives ("ok", sample) or ("skip", (reason, detail)), or raises
+        WorkerError. Cancelling it before a worker takes it drops the task."""
         if self._closed:
             raise WorkerError("the decode pool is closed")
-        worker = self._idle.get()
-        try:
-            return worker.call(source, members)
-        finally:
-            self._idle.put(worker)
+        fut: Future = Future()
+        self._tasks.put((fut, source, members))
+        return fut
 
     def close(self) -> None:
         """End every worker (end-of-file on its task pipe, then terminate if it lingers) and reap it."""
@@ -141,9 +142,15 @@ class DecodePool:
         self._finalizer()
 
 
-def _close_workers(workers: list["_Worker"]) -> None:
+def _close_workers(workers: list["_Worker"], tasks: queue.Queue) -> None:
+    for _ in workers:
+        tasks.put(None)  # each feeder stops at one
     for w in workers:
         w.close()
+    while not tasks.empty():  # tasks no worker took
+        item = tasks.get_nowait()
+        if item is not None:
+            item[0].cancel()
     _sweep_shm(os.getpid())  # results nobody received (a worker killed while replying, a reply never read)
 
 
@@ -162,9 +169,9 @@ def _shm_dir() -> str | None:
 
 
 class _Worker:
-    """Parent-side handle of one worker process and its two pipes."""
+    """Parent-side handle of one worker process: its two pipes, its feeder and collector threads."""
 
-    def __init__(self, index: int, config: Any):
+    def __init__(self, index: int, config: Any, tasks: queue.Queue, depth: int):
         self.index = index
         task_r, task_w = os.pipe()
         res_r, res_w = os.pipe()
@@ -178,32 +185,76 @@ class _Worker:
         )
         os.close(task_r)
         os.close(res_w)
-        self.tasks, self.results = Connection(task_w, readable=False), Connection(res_r, writable=False)
-        self.lock = threading.Lock()
-        self.tasks.send_bytes(pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL))
+        self.pipe, self.results = Connection(task_w, readable=False), Connection(res_r, writable=False)
+        self.pipe.send_bytes(pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL))
+        self.outstanding: deque[Future] = deque()  # sent, reply not yet received (FIFO)
+        self.slots = threading.Semaphore(depth)
+        self.dead = False
+        self.lock = threading.Lock()  # dead + outstanding change together
+        self.threads = [
+            threading.Thread(target=self._feed, args=(tasks,), name=f"decode-feed-{index}", daemon=True),
+            threading.Thread(target=self._collect, name=f"decode-collect-{index}", daemon=True),
+        ]
+        for t in self.threads:
+            t.start()
 
-    def call(self, source: int, members: dict[str, bytes]) -> tuple[str, Any]:
-        with self.lock:
+    def _error(self, what: str) -> WorkerError:
+        return WorkerError(
+            f"decode worker {self.index} (pid {self.proc.pid}) {what} (exit code {self.proc.poll()}); its "
+            "error is on stderr above. Set data.num_workers=0 to build samples in the training process."
+        )
+
+    def _feed(self, tasks: queue.Queue) -> None:
+        while True:
+            item = tasks.get()
+            if item is None:
+                return
+            fut, source, members = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            self.slots.acquire()
+            with self.lock:
+                if not self.dead:
+                    self.outstanding.append(fut)
+            if self.dead:
+                self.slots.release()
+                fut.set_exception(self._error("exited"))
+                continue
             try:
-                self.tasks.send_bytes(pickle.dumps((source, members), protocol=pickle.HIGHEST_PROTOCOL))
+                self.pipe.send_bytes(pickle.dumps((source, members), protocol=pickle.HIGHEST_PROTOCOL))
+            except OSError:  # the collector fails the outstanding futures
+                pass
+
+    def _collect(self) -> None:
+        while True:
+            try:
                 kind, payload = pickle.loads(self.results.recv_bytes())
-            except (EOFError, OSError) as e:
-                code = self.proc.poll()
-                raise WorkerError(
-                    f"decode worker {self.index} (pid {self.proc.pid}) exited (code {code}); its error is "
-                    "on stderr above. Set data.num_workers=0 to build samples in the training process."
-                ) from e
-        if kind == "error":
-            raise WorkerError(f"decode worker {self.index} failed to build a sample:\n{payload}")
-        return kind, (from_wire(payload) if kind == "ok" else payload)
+            except (EOFError, OSError):
+                break
+            with self.lock:
+                fut = self.outstanding.popleft()
+            self.slots.release()
+            if kind == "error":
+                fut.set_exception(WorkerError(f"decode worker {self.index} failed to build a sample:\n{payload}"))
+            else:
+                fut.set_result((kind, from_wire(payload) if kind == "ok" else payload))
+        with self.lock:
+            self.dead = True
+            lost = list(self.outstanding)
+            self.outstanding.clear()
+        for fut in lost:
+            fut.set_exception(self._error("exited"))
+            self.slots.release()
 
     def close(self) -> None:
-        self.tasks.close()  # end-of-file: the worker's loop ends
+        self.threads[0].join()  # the feeder took its stop marker: nothing more is sent
+        self.pipe.close()  # end-of-file: the worker's loop ends
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:  # busy with a huge sample; it holds no state worth keeping
             self.proc.kill()
             self.proc.wait()
+        self.threads[1].join()
         self.results.close()
 
 
