@@ -13,7 +13,7 @@ process, and multiprocessing's `spawn` and `forkserver` both re-import the train
 only. Messages are pickles of plain Python values and numpy arrays (torch tensors travel as numpy
 and are turned back on arrival) on two dedicated pipes, so nothing a library prints on stdout can
 corrupt them. Arrays of `SHM_MIN_BYTES` or more (pixel values) go through a file in /dev/shm that
-the loader maps and unlinks at once: a 31 MiB array took ~180-360 ms through the pipe (most of it in
+the loader maps and unlinks at once: a 31 MiB array took ~180-270 ms through the pipe (most of it in
 the loader process, holding the GIL) against ~40 ms to write in the worker and ~30 ms to map and pack
 (benchmarks/RESULTS.md, loader section). Without a writable /dev/shm they are pickled. A worker exits when its task pipe reaches end-of-file: when the loader closes it,
 and also when the training process dies in any way (the kernel closes the pipe), so no worker
@@ -143,14 +143,17 @@ class DecodePool:
 
 
 def _close_workers(workers: list["_Worker"], tasks: queue.Queue) -> None:
+    while True:  # tasks no worker took yet are dropped, not built
+        try:
+            item = tasks.get_nowait()
+        except queue.Empty:
+            break
+        if item is not None:
+            item[0].cancel()
     for _ in workers:
         tasks.put(None)  # each feeder stops at one
     for w in workers:
         w.close()
-    while not tasks.empty():  # tasks no worker took
-        item = tasks.get_nowait()
-        if item is not None:
-            item[0].cancel()
     _sweep_shm(os.getpid())  # results nobody received (a worker killed while replying, a reply never read)
 
 
