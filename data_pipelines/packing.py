@@ -57,6 +57,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from data_pipelines.schema import DataConfig
+from data_pipelines.video import BadVideo, VideoMeta, VideoPlan, VideoSettings, video_plan
 from data_pipelines.vision import image_token_count, smart_resize
 
 STATE_VERSION = 1
@@ -155,10 +156,14 @@ BALANCE_MODES = ("compute", "tokens", "none")
 
 def sample_flops(
     model: ComputeModel, n_text_tokens: int, images: Sequence[Sequence[int]], *, patch_size: int, merge_size: int,
-    min_pixels: int, max_pixels: int, temporal: int = 2,
+    min_pixels: int, max_pixels: int, temporal: int = 2, video_grids: Sequence[Sequence[int]] = (),
 ) -> float:
-    """Estimated forward FLOPs of one sample: its images through the ViT, then all its tokens through the LLM."""
+    """Estimated forward FLOPs of one sample: its images and videos (grids `(t, h, w)` in patches)
+    through the ViT, then all its tokens through the LLM."""
     vit, tokens = 0.0, int(n_text_tokens)
+    for t, gh, gw in video_grids:
+        vit += model.image_flops(gh, gw, patch_size=patch_size, merge_size=merge_size, temporal=temporal, frames=t)
+        tokens += t * gh * gw // (merge_size * merge_size)
     for h, w in images:
         rh, rw = smart_resize(int(h), int(w), patch_size * merge_size, min_pixels, max_pixels)
         gh, gw = rh // patch_size, rw // patch_size
@@ -357,6 +362,12 @@ class GlobalPlanner:
                 except (ValueError, ZeroDivisionError):  # absurd aspect ratio / zero side
                     c = -1
                     break
+            if c >= 0 and entry.get("videos"):
+                try:
+                    c += sum(p.token_count(self.cfg.merge_size) + p.extra_text_tokens(self.cfg.generation)
+                             for p in self.video_plans(ref))
+                except BadVideo:  # e.g. frames under Qwen3-VL's 32-px minimum, too few frames
+                    c = -2
             if len(self._cost_cache) > 100_000:
                 self._cost_cache.clear()
             self._cost_cache[ref] = c
@@ -368,15 +379,27 @@ class GlobalPlanner:
         if f is None:
             e = self.entry(ref)
             cfg = self.cfg
+            plans = self.video_plans(ref) if e.get("videos") else []
             f = sample_flops(
-                self.compute_model, int(e["n_text_tokens"]), e["images"], patch_size=cfg.patch_size,
-                merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                temporal=cfg.temporal_patch_size,
+                self.compute_model, int(e["n_text_tokens"]) + sum(p.extra_text_tokens(cfg.generation) for p in plans),
+                e["images"], patch_size=cfg.patch_size, merge_size=cfg.merge_size, min_pixels=cfg.min_pixels,
+                max_pixels=cfg.max_pixels, temporal=cfg.temporal_patch_size, video_grids=[p.grid_thw for p in plans],
             )
             if len(self._flops_cache) > 100_000:
                 self._flops_cache.clear()
             self._flops_cache[ref] = f
         return f
+
+    def video_plans(self, ref: Ref) -> list[VideoPlan]:
+        """Frames and grids of a sample's videos under the run's `data.video_*` settings, from the index
+        (`videos: [[frames, fps, h, w]]`); raises BadVideo for a video these settings cannot sample."""
+        cfg = self.cfg
+        settings = VideoSettings.from_config(cfg)
+        return [
+            video_plan(VideoMeta.from_index(row), cfg.generation, settings, patch_size=cfg.patch_size,
+                       merge_size=cfg.merge_size, temporal_patch_size=cfg.temporal_patch_size)
+            for row in self.entry(ref).get("videos", ())
+        ]
 
     def next_step(self, n: int) -> list[list[Ref]]:
         """Plan one optimizer step of `n` micro-batches: packed by tokens, then balanced per `data.balance`.
@@ -407,7 +430,7 @@ class GlobalPlanner:
             ref = self._next_from_source(s)
             c = self.cost(ref)
             if c < 0:
-                self._count("bad_image_size")
+                self._count("bad_image_size" if c == -1 else "bad_video")
             elif c > self.cfg.max_tokens:
                 self._count("too_long")
             elif c == 0:

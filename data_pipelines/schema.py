@@ -66,6 +66,19 @@ class DataConfig:
     packing by tokens: `compute` evens out the estimated FLOPs (ViT + LLM, quadratic attention; see
     `data_pipelines.packing.ComputeModel`), `tokens` evens out token counts, `none` keeps the packing
     order. Never changes which samples form a step, nor the token budget; safe to change on resume."""
+    video_fps: float = 2.0
+    """Frames per second sampled from a video (the HF video processors' `fps`); with T = 2 frames per
+    temporal patch, Qwen2.5-VL's `second_per_grid` is `2 / video_fps`."""
+    video_min_frames: int = 4
+    """Fewest frames sampled from a video (short clips are sampled more densely, up to all frames)."""
+    video_max_frames: int = 768
+    """Most frames sampled from one video (caps its temporal patches at video_max_frames / 2)."""
+    video_min_pixels: Optional[int] = None
+    """Lower pixel bound of a video's resize; None = the generation's video default (Qwen2/2.5-VL:
+    128*28*28 per frame; Qwen3-VL: 128*32*32 over all frames together)."""
+    video_max_pixels: Optional[int] = None
+    """Upper pixel bound of a video's resize; None = the generation's video default (Qwen2/2.5-VL:
+    28*28*768 per frame; Qwen3-VL: 32*32*768 over all frames together, i.e. t*h*w)."""
 
     def __post_init__(self) -> None:
         if self.generation not in GENERATIONS:
@@ -84,6 +97,16 @@ class DataConfig:
             raise ValueError("data.pack_lookahead must be >= 1")
         if self.bad_window < 1:
             raise ValueError("data.bad_window must be >= 1")
+        if not self.video_fps > 0:
+            raise ValueError(f"data.video_fps={self.video_fps} must be > 0 (frames sampled per second)")
+        if not 1 <= self.video_min_frames <= self.video_max_frames:
+            raise ValueError(
+                f"data.video_min_frames={self.video_min_frames} and data.video_max_frames={self.video_max_frames} "
+                "must satisfy 1 <= min <= max"
+            )
+        if (self.video_min_pixels is not None and self.video_max_pixels is not None
+                and self.video_max_pixels < self.video_min_pixels):
+            raise ValueError("data.video_max_pixels must be >= data.video_min_pixels")
 
 
 @dataclass

@@ -98,6 +98,12 @@ class VideoSettings:
     min_pixels: Optional[int] = None
     max_pixels: Optional[int] = None
 
+    @classmethod
+    def from_config(cls, cfg) -> "VideoSettings":
+        """The `data.video_*` keys of a DataConfig."""
+        return cls(float(cfg.video_fps), int(cfg.video_min_frames), int(cfg.video_max_frames),
+                   cfg.video_min_pixels, cfg.video_max_pixels)
+
     def pixels(self, generation: str) -> tuple[int, int]:
         lo, hi = VIDEO_PIXELS[generation]
         return (lo if self.min_pixels is None else int(self.min_pixels),
@@ -115,8 +121,19 @@ class VideoPlan:
     second_per_grid: float  # seconds one temporal patch spans
 
     def token_count(self, merge_size: int) -> int:
+        """LLM tokens that carry the video (`<|video_pad|>`s)."""
         t, h, w = self.grid_thw
         return t * h * w // (merge_size * merge_size)
+
+    def extra_text_tokens(self, generation: str) -> int:
+        """Template tokens of the video beyond the `<|vision_start|><|vision_end|>` the shard index counts:
+        none for Qwen2/2.5-VL; for Qwen3-VL the `<t seconds>` text of every temporal patch (one token per
+        character of the number, plus `<`, ` seconds` and `>`: exact standalone, an upper bound next to
+        other text) and a start/end pair per further temporal patch."""
+        if generation not in QWEN3_GENERATIONS:
+            return 0
+        stamps = sum(len(f"{s:.1f}") + 3 for s in self.frame_timestamps)
+        return stamps + 2 * (len(self.frame_timestamps) - 1)
 
 
 @dataclass
