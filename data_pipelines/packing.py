@@ -172,6 +172,17 @@ def sample_flops(
     return vit + model.llm_flops(tokens)
 
 
+def entry_video_plans(cfg: DataConfig, entry: dict[str, Any]) -> list[VideoPlan]:
+    """Frames and grids of an index entry's videos (`videos: [[frames, fps, h, w]]`) under the run's
+    `data.video_*` settings; raises BadVideo for a video these settings cannot sample."""
+    settings = VideoSettings.from_config(cfg)
+    return [
+        video_plan(VideoMeta.from_index(row), cfg.generation, settings, patch_size=cfg.patch_size,
+                   merge_size=cfg.merge_size, temporal_patch_size=cfg.temporal_patch_size)
+        for row in entry.get("videos", ())
+    ]
+
+
 def _groups(items: list[Any], weight, tokens, pairs: bool) -> tuple[list[tuple[int, ...]], np.ndarray, np.ndarray]:
     """Exchangeable groups of one micro-batch: (), each sample, and (if `pairs`) each pair of samples."""
     k = len(items)
@@ -391,15 +402,8 @@ class GlobalPlanner:
         return f
 
     def video_plans(self, ref: Ref) -> list[VideoPlan]:
-        """Frames and grids of a sample's videos under the run's `data.video_*` settings, from the index
-        (`videos: [[frames, fps, h, w]]`); raises BadVideo for a video these settings cannot sample."""
-        cfg = self.cfg
-        settings = VideoSettings.from_config(cfg)
-        return [
-            video_plan(VideoMeta.from_index(row), cfg.generation, settings, patch_size=cfg.patch_size,
-                       merge_size=cfg.merge_size, temporal_patch_size=cfg.temporal_patch_size)
-            for row in self.entry(ref).get("videos", ())
-        ]
+        """Frames and grids of a sample's videos (`entry_video_plans`)."""
+        return entry_video_plans(self.cfg, self.entry(ref))
 
     def next_step(self, n: int) -> list[list[Ref]]:
         """Plan one optimizer step of `n` micro-batches: packed by tokens, then balanced per `data.balance`.

@@ -108,6 +108,15 @@ def test_loader_yields_video_batches_that_agree_with_the_index(shards, generatio
         assert sorted(set((t_ids - t_ids.min()).tolist())) == [2 * k for k in range(t)]
 
 
+def test_inspect_shows_videos(shards):
+    from data_pipelines.inspect import inspect
+
+    _, out = shards
+    text = inspect(out, "qwen3_vl", n=1)
+    assert "video 0: 8 frames at 4 fps, 64x48 px (w x h) → 4 frames of" in text
+    assert "<0.2 seconds><|vision_start|><|video_pad|>×" in text and "SKIPPED" not in text
+
+
 def test_planner_rejects_videos_its_settings_cannot_sample(tmp_path):
     # a 20-px-high video: fine for Qwen2-VL (resized up), under Qwen3-VL's 32-px minimum → counted, skipped
     cfg = DataConfig(sources=[DataSource(path=str(tmp_path))], generation="qwen3_vl", patch_size=16)
