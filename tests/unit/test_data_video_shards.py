@@ -128,3 +128,22 @@ def test_planner_rejects_videos_its_settings_cannot_sample(tmp_path):
     plan = planner.next_micro_batch()  # filled with "b" over several epochs; "a" skipped each epoch
     assert plan and all(r == (0, 0, 1) for r in plan)
     assert planner.skipped["bad_video"] == planner.epoch or planner.skipped["bad_video"] == planner.epoch + 1
+
+
+def test_synth_videos_stream_without_skips(tmp_path):
+    from data_pipelines.synth import generate
+
+    out = str(tmp_path / "synth")
+    summary = generate(out, 16, seed=2, samples_per_shard=8, min_side=32, max_side=80, video_fraction=0.4)
+    assert 0 < summary["kinds"]["video"] < 16
+    # the other samples are those of the image-only data set
+    generate(str(tmp_path / "plain"), 16, seed=2, samples_per_shard=8, min_side=32, max_side=80)
+    plain = {s["id"]: s for sh in read_index(str(tmp_path / "plain"))["shards"] for s in sh["samples"]}
+    mixed = {s["id"]: s for sh in read_index(out)["shards"] for s in sh["samples"]}
+    assert all(mixed[k] == plain[k] | {"key": mixed[k]["key"]} for k in mixed if "videos" not in mixed[k])
+    cfg = DataConfig(sources=[DataSource(path=out)], max_tokens=1024, generation="qwen3_vl", patch_size=16,
+                     video_min_pixels=32 * 32 * 4, video_max_pixels=32 * 32 * 24)
+    loader = StepLoader(cfg, micro_batches_per_step=2, dp_rank=0, dp_size=1)
+    batches = loader.next_step()
+    assert loader.stats()["data_skipped"] == 0
+    assert any(b.media_kind is not None and int(b.media_kind.sum()) > 0 for b in batches)
