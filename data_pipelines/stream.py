@@ -13,8 +13,8 @@ How a step is made
    sampled and patchified (video.py, `data.video_*`) in the order they appear in the messages; the
    template rendered with the real per-image / per-video token counts (text.py; Qwen3-VL's video
    timestamps); M-RoPE positions (positions.py; Qwen2.5-VL's absolute-time video ids). A micro-batch
-   with a video carries `media_kind` (0 image, 1 video per `grid_thw` row). Samples are concatenated into one `PackedBatch` of exactly
-   `data.max_tokens` slots.
+   with a video carries `media_kind` (0 image, 1 video per `grid_thw` row). Samples are
+   concatenated into one `PackedBatch` of exactly `data.max_tokens` slots.
 
 Bad data
 --------

@@ -204,6 +204,9 @@ class QwenTokenizer:
         )
         if n_images != len(image_token_counts):
             raise ValueError(f"conversation has {n_images} images, got {len(image_token_counts)} counts")
+        n_videos = sum(1 for m in messages for p in message_parts(m) if p.get("type") == "video")
+        if videos is not None and n_videos != len(videos):
+            raise ValueError(f"conversation has {n_videos} videos, got {len(videos)} grids")
         if not messages:
             raise ValueError("empty conversation")
 

@@ -187,20 +187,19 @@ def probe_video(src: VideoSource) -> VideoMeta:
 
 def decode_frames(src: VideoSource, indices: np.ndarray) -> np.ndarray:
     """Decode the frames at `indices` (sorted, may repeat) → uint8 [n, H, W, 3] RGB; stops after the last one."""
-    wanted = sorted(set(int(i) for i in indices))
+    wanted = set(int(i) for i in indices)
     got: dict[int, np.ndarray] = {}
     try:
         with _open(src) as container:
-            last = wanted[-1]
+            last = max(wanted)
             for i, frame in enumerate(container.decode(video=0)):
                 if i > last:
                     break
-                if i in got or i not in wanted:
-                    continue
-                got[i] = frame.to_ndarray(format="rgb24")
+                if i in wanted:
+                    got[i] = frame.to_ndarray(format="rgb24")
     except Exception as e:
         raise BadVideo(f"undecodable video: {type(e).__name__}: {e}") from e
-    missing = [i for i in wanted if i not in got]
+    missing = sorted(wanted - got.keys())
     if missing:
         raise BadVideo(f"video ended before frame {missing[0]} (header promised more frames)")
     return np.stack([got[int(i)] for i in indices])
