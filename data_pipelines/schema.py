@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 from urllib.parse import urlparse
 
@@ -132,6 +132,19 @@ class DataConfig:
     plan_ahead: bool = True
     """Plan step S+1 in a background thread while step S trains (the plan is identical to planning
     inline; it is not part of the loader state, so resume stays exact)."""
+    video_fps: float = 2.0
+    """Frames per second sampled from a video (the HF video processors' `fps`); with T = 2 frames per
+    temporal patch, Qwen2.5-VL's `second_per_grid` is `2 / video_fps`."""
+    video_min_frames: int = 4
+    """Fewest frames sampled from a video (short clips are sampled more densely, up to all frames)."""
+    video_max_frames: int = 768
+    """Most frames sampled from one video (caps its temporal patches at video_max_frames / 2)."""
+    video_min_pixels: Optional[int] = None
+    """Lower pixel bound of a video's resize; None = the generation's video default (Qwen2/2.5-VL:
+    128*28*28 per frame; Qwen3-VL: 128*32*32 over all frames together)."""
+    video_max_pixels: Optional[int] = None
+    """Upper pixel bound of a video's resize; None = the generation's video default (Qwen2/2.5-VL:
+    28*28*768 per frame; Qwen3-VL: 32*32*768 over all frames together, i.e. t*h*w)."""
 
     def __post_init__(self) -> None:
         if self.generation not in GENERATIONS:
@@ -150,7 +163,29 @@ class DataConfig:
             raise ValueError("data.pack_lookahead must be >= 1")
         if self.bad_window < 1:
             raise ValueError("data.bad_window must be >= 1")
+        if not self.video_fps > 0:
+            raise ValueError(f"data.video_fps={self.video_fps} must be > 0 (frames sampled per second)")
+        if not 1 <= self.video_min_frames <= self.video_max_frames:
+            raise ValueError(
+                f"data.video_min_frames={self.video_min_frames} and data.video_max_frames={self.video_max_frames} "
+                "must satisfy 1 <= min <= max"
+            )
+        if (self.video_min_pixels is not None and self.video_max_pixels is not None
+                and self.video_max_pixels < self.video_min_pixels):
+            raise ValueError("data.video_max_pixels must be >= data.video_min_pixels")
         self._check_source_caps()
+
+    def for_source(self, source: "DataSource") -> "DataConfig":
+        """The settings one source's samples are planned and built with: its `max_pixels` for images
+        and its `max_frames` capping the frames sampled from a video (planner and loader both use this,
+        so planned and built token counts agree)."""
+        out = self
+        if source.max_pixels is not None:
+            out = replace(out, max_pixels=source.max_pixels)
+        if source.max_frames is not None and source.max_frames < out.video_max_frames:
+            out = replace(out, video_max_frames=source.max_frames,
+                          video_min_frames=min(out.video_min_frames, source.max_frames))
+        return out
 
     def _check_source_caps(self) -> None:
         """Per-source caps must make sense next to the run-wide ones."""
