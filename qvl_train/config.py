@@ -106,6 +106,12 @@ class LLMConfig:
     mrope_interleaved: bool = False
     """Qwen3-VL M-RoPE: rotary pairs take t/h/w positions interleaved (t,h,w,t,h,w,…; HF
     `apply_interleaved_mrope`) instead of in contiguous t | h | w blocks (Qwen2/2.5-VL)."""
+    num_experts: int = 0
+    """Mixture of experts (Qwen3-VL MoE): routed experts per layer; 0 = dense SwiGLU MLP."""
+    moe_ffn_hidden_size: int = 0
+    """SwiGLU inner width of one expert."""
+    moe_router_topk: int = 0
+    """Experts each token is routed to."""
 
 
 @dataclass
@@ -181,16 +187,27 @@ class ParallelConfig:
     dp: Optional[int] = None
     """Data-parallel size; derived as world / (tp·pp·cp) when omitted."""
     cp: int = 1
-    """Context-parallel size (not yet available: must be 1)."""
+    """Context-parallel size (training: not yet available, must be 1; the planner models it)."""
+    ep: int = 1
+    """Expert-parallel size for MoE models (training: not yet available; the planner models it)."""
+    etp: int = 1
+    """Tensor-parallel size inside experts (training: not yet available; the planner models it)."""
+    vpp: int = 1
+    """Virtual pipeline stages per rank, interleaved 1F1B (training: not yet available; planner)."""
     first_stage_layers: Optional[int] = None
     """LLM layers on the first pipeline stage (it also carries the ViT); None = even split."""
 
     def __post_init__(self) -> None:
-        for key in ("tp", "pp", "cp"):
+        for key in ("tp", "pp", "cp", "ep", "etp", "vpp"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"parallel.{key} must be >= 1")
-        if self.cp != 1:
-            raise ConfigError("parallel.cp > 1 (context parallel) is not available yet; set parallel.cp=1")
+
+    def check_available(self) -> None:
+        """Layouts `launch/plan.py` can model but training cannot run yet (before any process group)."""
+        for key, what in (("cp", "context parallel"), ("ep", "expert parallel"), ("etp", "expert tensor parallel"),
+                          ("vpp", "the interleaved pipeline schedule")):
+            if getattr(self, key) != 1:
+                raise ConfigError(f"parallel.{key}={getattr(self, key)}: {what} is not available yet; set parallel.{key}=1")
 
 
 @dataclass
@@ -358,6 +375,12 @@ class ClusterConfig:
     """Cluster profile name."""
     data_root: str = "data"
     """Root that relative shard paths are resolved against."""
+    gpus: int = 0
+    """GPUs of the whole job (launch/plan.py); 0 = not given."""
+    gpus_per_node: int = 8
+    """GPUs per node: tensor parallelism beyond a node goes over the slower network (planner)."""
+    gpu: str = "h100"
+    """GPU kind for the planner's memory and speed figures: h100 | h200 | a100 | b200."""
 
 
 @dataclass
@@ -385,6 +408,7 @@ class TrainConfig:
     def validate(self, world_size: int) -> None:
         """Cross-component checks; run before any process group is created."""
         p, llm, vit = self.parallel, self.model.llm, self.model.vision
+        p.check_available()
         if self.model.generation not in IMPLEMENTED_GENERATIONS:
             raise ConfigError(
                 f"model.generation={self.model.generation!r} is not implemented yet; "
