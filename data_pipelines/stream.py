@@ -46,7 +46,7 @@ from data_pipelines.positions import mrope_position_ids
 from data_pipelines.schema import IGNORE_INDEX, DataConfig, PackedBatch
 from data_pipelines.shards import read_index
 from data_pipelines.text import PAD_ID, QwenTokenizer, get_tokenizer, message_parts
-from data_pipelines.vision import BadImage, decode_image, patchify_image, vision_spec
+from data_pipelines.vision import BadImage, decode_image, patchify_image, source_hw, vision_spec
 
 
 SUPPORTED_GENERATIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -123,7 +123,10 @@ class SampleBuilder:
             if blob is None:
                 raise SkipSample("missing_member", f"image member {name!r} absent")
             try:
-                img = decode_image(blob)
+                img = decode_image(
+                    blob, fast_decode=cfg.fast_decode, factor=cfg.patch_size * cfg.merge_size,
+                    min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                )
                 pv, grid = patchify_image(
                     img, patch_size=cfg.patch_size, temporal_patch_size=cfg.temporal_patch_size,
                     merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
@@ -133,7 +136,7 @@ class SampleBuilder:
                 raise SkipSample("bad_image", str(e)) from e
             pixel_values.append(pv)
             grids.append(grid)
-            sizes[name] = ((img.size[1], img.size[0]), (grid[1] * cfg.patch_size, grid[2] * cfg.patch_size))
+            sizes[name] = (source_hw(img), (grid[1] * cfg.patch_size, grid[2] * cfg.patch_size))
             counts.append(grid[0] * grid[1] * grid[2] // merge2)
         try:
             ids, labels = self.tok.encode_conversation(
