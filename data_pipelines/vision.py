@@ -275,57 +275,71 @@ def patchify_uint8(
         if f % t:
             frames = np.concatenate([frames, np.repeat(frames[-1:], t - f % t, axis=0)], axis=0)
         gt, tt = frames.shape[0] // t, t
-    x = frames.reshape(gt, tt, gh // m, m, p, gw // m, m, p, c)
-    # -> (t, h-block, w-block, mh, mw, C, T, ph, pw): reorder and convert to float32 in one copy
-    x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
-    vals = np.empty(x.shape, dtype=np.float32)
-    np.copyto(vals, x, casting="unsafe")
-    out = _normalise_values(torch.from_numpy(vals.reshape(gt * gh * gw, c, tt, p * p)), mean, std, t)
-    return out.numpy().reshape(gt * gh * gw, c * t * p * p), (gt, gh, gw)
+    # -> (t, h-block, w-block, mh, mw, C, T, ph, pw), a view; copied below one row of h-blocks at a time
+    x = frames.reshape(gt, tt, gh // m, m, p, gw // m, m, p, c).transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    per_row = gw * m  # patches in one row of merge blocks
+    out = np.empty((gt, gh // m, per_row, c, t, p * p), dtype=np.float32)
+    rows = max(1, _CHUNK_PATCHES // per_row)
+    buf = None if tt == t else np.empty((rows, per_row, c, tt, p * p), dtype=np.float32)
+    for g in range(gt):
+        for i in range(0, gh // m, rows):
+            src, dst = x[g, i:i + rows], out[g, i:i + rows]
+            k = src.shape[0]
+            vals = dst if buf is None else buf[:k]
+            np.copyto(vals.reshape(src.shape), src, casting="unsafe")  # reorder + uint8 -> float32, one copy
+            _normalise_values(vals.reshape(k * per_row, c, tt, p * p), mean, std, dst.reshape(k * per_row, c, t, p * p))
+    return out.reshape(gt * gh * gw, c * t * p * p), (gt, gh, gw)
+
+
+_CHUNK_PATCHES = 256
+"""Patches converted and normalised per step of `patchify_uint8` (~0.6 MB of float32 at patch 14):
+the intermediate stays in the CPU cache between the passes instead of going to memory and back."""
 
 
 def normalise_uint8(
     u8: np.ndarray, mean: tuple[float, float, float], std: tuple[float, float, float], repeat: int = 1
-) -> torch.Tensor:
-    """uint8 [N, C, T', K] → float32 torch [N, C, T, K], normalised exactly as HF does it.
+) -> np.ndarray:
+    """uint8 [N, C, T', K] → float32 [N, C, T, K], normalised exactly as HF does it.
 
     T = T' when T' > 1; a single frame (T' = 1) is repeated `repeat` times, so an image's T identical
     frames cost one normalisation. Values: `(v / 255 - mean[c]) / std[c]` computed in float32, which
     equals HF's "v * (1/255) in float64, cast to float32, minus/divide in float32" for every uint8 v.
     """
+    n, c, tt, k = u8.shape
     vals = np.empty(u8.shape, dtype=np.float32)
     np.copyto(vals, u8, casting="unsafe")
-    return _normalise_values(torch.from_numpy(vals), mean, std, repeat)
+    out = vals if tt > 1 or repeat == 1 else np.empty((n, c, repeat, k), dtype=np.float32)
+    _normalise_values(vals, mean, std, out)
+    return out
 
 
-def _normalise_values(f: torch.Tensor, mean: tuple, std: tuple, t: int) -> torch.Tensor:
-    """float32 [N, C, T', K] holding uint8 values → normalised [N, C, T, K] (see `normalise_uint8`).
+def _normalise_values(vals: np.ndarray, mean: tuple, std: tuple, out: np.ndarray) -> None:
+    """float32 [N, C, T', K] holding uint8 values → normalised into out [N, C, T, K] (T' = T, then
+    out may be vals itself, or T' = 1: the frame is written T times). See `normalise_uint8`.
 
     Divide, subtract, divide in place, then write the T copies of a single frame. The equality with
     HF's float64 rescale is checked once per (mean, std), exhaustively, against the 256-entry table
-    `_norm_lut` (`_float_path_exact`); should it ever fail (another torch build), the table is used.
-    Buffers come from numpy: its allocator reuses freed memory, while a fresh torch buffer of this
-    size costs page faults on every call."""
-    n, c, tt, k = f.shape
-    t = t if tt == 1 else tt
+    `_norm_lut` (`_float_path_exact`); should it ever fail (another numpy build), the table is used."""
     mean, std = tuple(mean), tuple(std)
-    if not _float_path_exact(mean, std):
-        lut = _norm_lut(mean, std)
-        vals = lut[np.arange(c)[None, :, None, None], f.numpy().astype(np.uint8)]
-        return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(vals, (n, c, t, k))))
-    return _normalise_float(f, mean, std, t)
+    if _float_path_exact(mean, std):
+        _normalise_float(vals, mean, std, out)
+    else:
+        c = vals.shape[1]
+        out[...] = _norm_lut(mean, std)[np.arange(c)[None, :, None, None], vals.astype(np.uint8)]
 
 
-def _normalise_float(f: torch.Tensor, mean: tuple, std: tuple, t: int) -> torch.Tensor:
-    """The float32 arithmetic of `_normalise_values` (in place on f, T copies written by `cat`)."""
-    n, c, tt, k = f.shape
-    f.div_(255)
-    f.sub_(torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1))
-    f.div_(torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1))
-    if tt == t:
-        return f
-    out = torch.from_numpy(np.empty((n, c, t, k), dtype=np.float32))
-    return torch.cat([f] * t, dim=2, out=out)
+def _normalise_float(f: np.ndarray, mean: tuple, std: tuple, out: np.ndarray) -> None:
+    """The float32 arithmetic of `_normalise_values`, in place on f, then broadcast into out.
+
+    numpy, single-threaded on purpose: the chunks are small, and a thread pool (torch's) costs more
+    than it saves on them, badly so on a busy machine."""
+    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    np.divide(f, np.float32(255), out=f)
+    np.subtract(f, m, out=f)
+    np.divide(f, s, out=f)
+    if not np.may_share_memory(f, out):  # disjoint buffers, or out is f (T' = T)
+        np.copyto(out, f)  # broadcasts a single frame to the T copies
 
 
 _EXACT: dict[tuple, bool] = {}
@@ -338,7 +352,8 @@ def _float_path_exact(mean: tuple, std: tuple) -> bool:
     if key not in _EXACT:
         v = (np.arange(3 * 259) % 256).astype(np.uint8).reshape(3, 1, 1, 259)
         x = np.ascontiguousarray(np.broadcast_to(v, (3, 3, 1, 259)))
-        got = _normalise_float(torch.from_numpy(x.astype(np.float32)), mean, std, 2).numpy()
+        got = np.empty((3, 3, 2, 259), dtype=np.float32)
+        _normalise_float(x.astype(np.float32), mean, std, got)
         want = _norm_lut(mean, std)[np.arange(3)[None, :, None, None], x]
         _EXACT[key] = bool(np.array_equal(got, np.broadcast_to(want, got.shape)))
     return _EXACT[key]
