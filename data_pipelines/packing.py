@@ -13,10 +13,18 @@ runs out, its epoch counter increases and it starts over with a new permutation.
 are blended per sample: draw number d picks a source with `Random((seed, d))` weighted by
 `DataSource.weight`, so the mixture depends only on the seed and the draw counter.
 
+A source that runs out is reported once per new epoch (`pop_epoch_events`, logged by the loader);
+the mixture draw does not depend on epochs, so the weights hold across them.
+
 Cost and packing
 ----------------
-A sample's cost is `n_text_tokens + sum(image_token_count(h, w))` under the run's pixel bounds.
-Samples costing more than `data.max_tokens` are dropped here and counted as `too_long`.
+A sample's cost is its text tokens under `data.generation` (`shards.text_tokens`) +
+`sum(image_token_count(h, w))` under the pixel bounds of its source (`DataSource.max_pixels`, else
+`data.max_pixels`), recomputed from the stored image sizes. Each source has a token limit
+(`token_budget`: `DataSource.max_tokens`, else `data.max_tokens`; see `capped_cost`): a text-only
+sample (no images or videos in the index) over it is planned at the limit and truncated when read
+(the loader keeps its first tokens, counted as `data_truncated`), so plan and loader agree on its
+length without decoding anything; a sample with media over it is dropped here and counted as `too_long`.
 Micro-batches are packed greedily with a small lookahead buffer (`data.pack_lookahead` candidates):
 a micro-batch starts with the oldest candidate (so no sample waits forever and the order stays
 close to the shuffled stream), then repeatedly takes the candidate with the largest cost that still
@@ -49,7 +57,6 @@ Everything here is deterministic and computed identically on every rank.
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -57,6 +64,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from data_pipelines.schema import DataConfig
+from data_pipelines.shards import text_tokens
+from data_pipelines.video import BadVideo, VideoMeta, VideoPlan, VideoSettings, video_plan
 from data_pipelines.vision import image_token_count, smart_resize
 
 STATE_VERSION = 1
@@ -155,10 +164,14 @@ BALANCE_MODES = ("compute", "tokens", "none")
 
 def sample_flops(
     model: ComputeModel, n_text_tokens: int, images: Sequence[Sequence[int]], *, patch_size: int, merge_size: int,
-    min_pixels: int, max_pixels: int, temporal: int = 2,
+    min_pixels: int, max_pixels: int, temporal: int = 2, video_grids: Sequence[Sequence[int]] = (),
 ) -> float:
-    """Estimated forward FLOPs of one sample: its images through the ViT, then all its tokens through the LLM."""
+    """Estimated forward FLOPs of one sample: its images and videos (grids `(t, h, w)` in patches)
+    through the ViT, then all its tokens through the LLM."""
     vit, tokens = 0.0, int(n_text_tokens)
+    for t, gh, gw in video_grids:
+        vit += model.image_flops(gh, gw, patch_size=patch_size, merge_size=merge_size, temporal=temporal, frames=t)
+        tokens += t * gh * gw // (merge_size * merge_size)
     for h, w in images:
         rh, rw = smart_resize(int(h), int(w), patch_size * merge_size, min_pixels, max_pixels)
         gh, gw = rh // patch_size, rw // patch_size
@@ -167,12 +180,44 @@ def sample_flops(
     return vit + model.llm_flops(tokens)
 
 
+def capped_cost(tokens: int, has_media: bool, limit: int) -> int:
+    """Planned tokens of a sample under a token limit (`DataSource.max_tokens` or `data.max_tokens`).
+
+    A text-only sample over the limit is truncated to it when read, so it costs the limit; a sample
+    with media is never cut (an image is never split), so its cost stays over the limit and the
+    planner rejects it. The loader truncates with `stream.truncate_text_sample` to the same limit.
+    """
+    return limit if tokens > limit and not has_media else tokens
+
+
+PAIR_POOL = 32
+"""Pairs are formed among at most this many samples of a micro-batch (its heaviest): the exchange
+matrices grow with the square of the group count, and micro-batches of many small samples (chat at a
+16k budget: hundreds) balance finely with single moves already."""
+
+
+def is_text_only(entry: dict[str, Any]) -> bool:
+    """An index entry without images or videos (the only kind of sample that may be truncated)."""
+    return not entry["images"] and not entry.get("videos")
+def entry_video_plans(cfg: DataConfig, entry: dict[str, Any]) -> list[VideoPlan]:
+    """Frames and grids of an index entry's videos (`videos: [[frames, fps, h, w]]`) under the run's
+    `data.video_*` settings; raises BadVideo for a video these settings cannot sample."""
+    settings = VideoSettings.from_config(cfg)
+    return [
+        video_plan(VideoMeta.from_index(row), cfg.generation, settings, patch_size=cfg.patch_size,
+                   merge_size=cfg.merge_size, temporal_patch_size=cfg.temporal_patch_size)
+        for row in entry.get("videos", ())
+    ]
+
+
 def _groups(items: list[Any], weight, tokens, pairs: bool) -> tuple[list[tuple[int, ...]], np.ndarray, np.ndarray]:
-    """Exchangeable groups of one micro-batch: (), each sample, and (if `pairs`) each pair of samples."""
+    """Exchangeable groups of one micro-batch: (), each sample, and (if `pairs`) each pair of samples
+    among its `PAIR_POOL` heaviest (all pairs when it holds no more samples than that)."""
     k = len(items)
     groups: list[tuple[int, ...]] = [()] + [(i,) for i in range(k)]
     if pairs:
-        groups += [(i, j) for i in range(k) for j in range(i + 1, k)]
+        pool = sorted(sorted(range(k), key=lambda i: (-weight[items[i]], i))[:PAIR_POOL])
+        groups += [(i, j) for a, i in enumerate(pool) for j in pool[a + 1 :]]
     w = np.array([weight[items[i]] for i in range(k)] + [0.0], dtype=np.float64)
     t = np.array([tokens[items[i]] for i in range(k)] + [0], dtype=np.int64)
     idx = np.array([(g + (k, k))[:2] for g in groups], dtype=np.int64)  # k = the zero entry
@@ -291,6 +336,13 @@ class GlobalPlanner:
         for i, idx in enumerate(indices):
             if self.weights[i] > 0 and not any(sh["samples"] for sh in idx["shards"]):
                 raise ValueError(f"data source {cfg.sources[i].path} has no samples")
+        self.source_cfgs = [cfg.for_source(s) for s in cfg.sources]
+        self.max_pixels = [c.max_pixels for c in self.source_cfgs]
+        self.limits = [min(s.max_tokens or cfg.max_tokens, cfg.max_tokens) for s in cfg.sources]
+        """Token limit of one sample per source (see `capped_cost`)."""
+        self.truncated = 0  # text-only samples planned at their source's limit (cut when read)
+        self._epoch_events: list[tuple[int, int]] = []  # (source, epoch started) since last pop
+        self._fingerprint = self._digest()
         self.lookahead = max(1, int(getattr(cfg, "pack_lookahead", 16)))
         self.cursors = [_Cursor() for _ in indices]
         self.draws = 0  # samples drawn from the mixture so far (incl. too_long ones)
@@ -326,6 +378,7 @@ class GlobalPlanner:
             shard_perm = self._perm(len(shards), "shards", s, cur.epoch)
             if cur.shard_pos >= len(shard_perm):
                 cur.epoch, cur.shard_pos, cur.sample_pos = cur.epoch + 1, 0, 0
+                self._epoch_events.append((s, cur.epoch))
                 continue
             sh = shard_perm[cur.shard_pos]
             n = len(shards[sh]["samples"])
@@ -341,26 +394,49 @@ class GlobalPlanner:
             return 0
         return _rng(self.cfg.seed, "mix", self.draws).choices(range(len(self.weights)), weights=self.weights)[0]
 
+    def pop_epoch_events(self) -> list[tuple[int, int]]:
+        """(source, epoch) for every source that started a new epoch since the last call."""
+        events, self._epoch_events = self._epoch_events, []
+        return events
+
+    def uncapped_cost(self, ref: Ref) -> int:
+        """LLM tokens of a sample (text + visual) under its source's pixel cap, before any token
+        limit; -1 when an image size is unusable, -2 when a video cannot be sampled. From the index only."""
+        s = ref[0]
+        entry = self.entry(ref)
+        c = text_tokens(entry, self.cfg.generation)
+        for h, w in entry["images"]:
+            try:
+                c += image_token_count(
+                    int(h), int(w), patch_size=self.cfg.patch_size, merge_size=self.cfg.merge_size,
+                    min_pixels=self.cfg.min_pixels, max_pixels=self.max_pixels[s],
+                )
+            except (ValueError, ZeroDivisionError):  # absurd aspect ratio / zero side
+                return -1
+        if entry.get("videos"):
+            try:
+                c += sum(p.token_count(self.cfg.merge_size) + p.extra_text_tokens(self.cfg.generation)
+                         for p in self.video_plans(ref))
+            except BadVideo:  # e.g. frames under Qwen3-VL's 32-px minimum, too few frames
+                return -2
+        return c
+
     def cost(self, ref: Ref) -> int:
-        """Planned LLM tokens of a sample (text + visual), from the index only."""
+        """Planned LLM tokens of a sample (text + visual; see `capped_cost`), from the index only."""
         c = self._cost_cache.get(ref)
         if c is None:
-            s, sh, i = ref
-            entry = self.indices[s]["shards"][sh]["samples"][i]
-            c = int(entry["n_text_tokens"])
-            for h, w in entry["images"]:
-                try:
-                    c += image_token_count(
-                        int(h), int(w), patch_size=self.cfg.patch_size, merge_size=self.cfg.merge_size,
-                        min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels,
-                    )
-                except (ValueError, ZeroDivisionError):  # absurd aspect ratio / zero side
-                    c = -1
-                    break
+            c = self.uncapped_cost(ref)
+            if c > 0:
+                c = capped_cost(c, not is_text_only(self.entry(ref)), self.token_budget(ref))
             if len(self._cost_cache) > 100_000:
                 self._cost_cache.clear()
             self._cost_cache[ref] = c
         return c
+
+    def token_budget(self, ref: Ref) -> int:
+        """Most tokens sample `ref` may occupy (its source's `max_tokens`, else `data.max_tokens`): over
+        it, a text-only sample is truncated to it and a sample with media is skipped (`too_long`)."""
+        return self.limits[ref[0]]
 
     def flops(self, ref: Ref) -> float:
         """Estimated forward FLOPs of a usable sample (ComputeModel), from the index only."""
@@ -368,15 +444,23 @@ class GlobalPlanner:
         if f is None:
             e = self.entry(ref)
             cfg = self.cfg
+            plans = self.video_plans(ref) if e.get("videos") else []
+            n_text = text_tokens(e, cfg.generation) + sum(p.extra_text_tokens(cfg.generation) for p in plans)
+            if is_text_only(e):
+                n_text = min(n_text, self.token_budget(ref))
             f = sample_flops(
-                self.compute_model, int(e["n_text_tokens"]), e["images"], patch_size=cfg.patch_size,
-                merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                temporal=cfg.temporal_patch_size,
+                self.compute_model, n_text, e["images"], patch_size=cfg.patch_size, merge_size=cfg.merge_size,
+                min_pixels=cfg.min_pixels, max_pixels=self.max_pixels[ref[0]], temporal=cfg.temporal_patch_size,
+                video_grids=[p.grid_thw for p in plans],
             )
             if len(self._flops_cache) > 100_000:
                 self._flops_cache.clear()
             self._flops_cache[ref] = f
         return f
+
+    def video_plans(self, ref: Ref) -> list[VideoPlan]:
+        """Frames and grids of a sample's videos (`entry_video_plans`)."""
+        return entry_video_plans(self.source_cfgs[ref[0]], self.entry(ref))
 
     def next_step(self, n: int) -> list[list[Ref]]:
         """Plan one optimizer step of `n` micro-batches: packed by tokens, then balanced per `data.balance`.
@@ -385,6 +469,7 @@ class GlobalPlanner:
         `next_micro_batch`, whatever the balance mode; only their arrangement differs.
         """
         plans = [self.next_micro_batch() for _ in range(n)]
+        self.truncated += sum(self.is_truncated(ref) for plan in plans for ref in plan)  # counted when placed
         if self.balance == "none":
             return plans
         refs = [r for p in plans for r in p]
@@ -407,14 +492,19 @@ class GlobalPlanner:
             ref = self._next_from_source(s)
             c = self.cost(ref)
             if c < 0:
-                self._count("bad_image_size")
-            elif c > self.cfg.max_tokens:
+                self._count("bad_image_size" if c == -1 else "bad_video")
+            elif c > self.limits[s]:
                 self._count("too_long")
             elif c == 0:
                 self._count("empty")
             else:
                 return ref
         raise RuntimeError(f"no sample fits data.max_tokens={self.cfg.max_tokens} in 1e6 draws")
+
+    def is_truncated(self, ref: Ref) -> bool:
+        """True when a (text-only) sample is planned at its source's limit and is cut when read."""
+        entry = self.entry(ref)
+        return is_text_only(entry) and text_tokens(entry, self.cfg.generation) > self.token_budget(ref)
 
     def _count(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -449,6 +539,9 @@ class GlobalPlanner:
     # ----------------------------------------------------------------------------- state
     def fingerprint(self) -> list[str]:
         """Short digest of each source's index, so a state is not applied to different data."""
+        return list(self._fingerprint)
+
+    def _digest(self) -> list[str]:
         out = []
         for idx in self.indices:
             h = hashlib.sha1()
@@ -466,6 +559,7 @@ class GlobalPlanner:
             "cursors": [[c.epoch, c.shard_pos, c.sample_pos] for c in self.cursors],
             "buffer": [list(r) for r in self.buffer],
             "skipped": dict(sorted(self.skipped.items())),
+            "truncated": self.truncated,
             "fingerprint": self.fingerprint(),
             "max_tokens": self.cfg.max_tokens,
         }
@@ -485,6 +579,8 @@ class GlobalPlanner:
         self.cursors = [_Cursor(*map(int, c)) for c in state["cursors"]]
         self.buffer = [tuple(int(v) for v in r) for r in state["buffer"]]
         self.skipped = {k: int(v) for k, v in state["skipped"].items()}
+        self.truncated = int(state.get("truncated", 0))  # absent in states of older versions
+        self._epoch_events = []
 
     @property
     def epoch(self) -> int:

@@ -10,8 +10,11 @@ boundary; the padding tail is its own segment and never influences a real token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import re
+from dataclasses import dataclass, field, replace
 from typing import Optional
+from urllib.parse import urlparse
 
 import torch
 
@@ -19,14 +22,74 @@ IGNORE_INDEX = -100
 GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
+SHARD_FIELD = "{shard}"
+"""Placeholder for the shard file name in a source template (`pipe:... s3://bucket/dir/{shard} -`)."""
+SHARD_NAME = re.compile(r"[^/\s'\"{}]+\.tar\b")
+_BRACES = re.compile(r"\{[^{}]*(,|\.\.)[^{}]*\}")
+
+
+def is_url(path: str) -> bool:
+    """True for `pipe:` commands and `scheme://` URLs (a Windows drive letter is not a scheme)."""
+    return path.startswith("pipe:") or len(urlparse(path).scheme) > 1
+
+
+def check_source_path(path: str) -> None:
+    """Config-time check of a source path (docs/data.md "Sources"); raises ValueError saying how to fix it.
+
+    Imports webdataset only for URLs, so configs without remote sources build without it."""
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError("data.sources[].path is empty; give a shard directory, brace pattern or URL")
+    if path.startswith("pipe:"):
+        if SHARD_FIELD not in path and not _BRACES.search(path) and not SHARD_NAME.search(path):
+            raise ValueError(
+                f"data source {path!r}: a pipe: source needs {SHARD_FIELD} where the shard file name goes "
+                "(e.g. 'pipe:aws s3 cp s3://bucket/data/{shard} -') or a brace pattern of shard names"
+            )
+        return
+    scheme = urlparse(path).scheme
+    if len(scheme) > 1 and scheme != "file":
+        from webdataset.gopen import gopen_schemes
+
+        if scheme not in gopen_schemes:
+            known = ", ".join(sorted(k for k in gopen_schemes if k not in ("__default__", "pipe")))
+            raise ValueError(
+                f"data source {path!r}: webdataset cannot open {scheme}:// URLs itself; read them through a "
+                f"command, e.g. 'pipe:aws s3 cp {scheme}://bucket/data/{SHARD_FIELD} -' (it opens: pipe, file, {known})"
+            )
+
+
 @dataclass
 class DataSource:
     """One weighted stream of WebDataset shards."""
 
     path: str = "data/synth"
-    """A shard directory holding `index.json` (written by the synth factory / make_shards)."""
+    """Where the shards are: a directory holding `index.json` (written by the synth factory /
+    make_shards), a brace pattern of shards (`dir/shard-{000000..000009}.tar`), a URL webdataset opens
+    (`http(s)://host/dir`), or a template with `{shard}` where the shard file name goes
+    (`pipe:aws s3 cp s3://bucket/dir/{shard} -`); see docs/data.md "Sources"."""
     weight: float = 1.0
     """Relative sampling weight when several sources are blended."""
+    index: Optional[str] = None
+    """Where this source's `index.json` is (local path or URL, `pipe:` included); default: next to
+    the shards, fetched the same way."""
+    max_pixels: Optional[int] = None
+    """Pixel cap of this source's images (overrides `data.max_pixels` for them; planning uses it too)."""
+    max_frames: Optional[int] = None
+    """Frame cap of this source's videos (passed to video decoding; default: the generation's)."""
+    max_tokens: Optional[int] = None
+    """Token cap of one sample of this source (<= data.max_tokens): a text-only sample over it is
+    truncated, a sample with media over it is skipped and counted (`too_long`)."""
+
+    def __post_init__(self) -> None:
+        check_source_path(self.path)
+        if not math.isfinite(float(self.weight)) or self.weight < 0:
+            raise ValueError(f"data source {self.path!r}: weight={self.weight} must be a finite number >= 0")
+        for key in ("max_pixels", "max_frames", "max_tokens"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(
+                    f"data source {self.path!r}: {key}={value!r} must be a positive integer (or omitted)"
+                )
 
 
 @dataclass
@@ -70,6 +133,22 @@ class DataConfig:
     packing by tokens: `compute` evens out the estimated FLOPs (ViT + LLM, quadratic attention; see
     `data_pipelines.packing.ComputeModel`), `tokens` evens out token counts, `none` keeps the packing
     order. Never changes which samples form a step, nor the token budget; safe to change on resume."""
+    plan_ahead: bool = True
+    """Plan step S+1 in a background thread while step S trains (the plan is identical to planning
+    inline; it is not part of the loader state, so resume stays exact)."""
+    video_fps: float = 2.0
+    """Frames per second sampled from a video (the HF video processors' `fps`); with T = 2 frames per
+    temporal patch, Qwen2.5-VL's `second_per_grid` is `2 / video_fps`."""
+    video_min_frames: int = 4
+    """Fewest frames sampled from a video (short clips are sampled more densely, up to all frames)."""
+    video_max_frames: int = 768
+    """Most frames sampled from one video (caps its temporal patches at video_max_frames / 2)."""
+    video_min_pixels: Optional[int] = None
+    """Lower pixel bound of a video's resize; None = the generation's video default (Qwen2/2.5-VL:
+    128*28*28 per frame; Qwen3-VL: 128*32*32 over all frames together)."""
+    video_max_pixels: Optional[int] = None
+    """Upper pixel bound of a video's resize; None = the generation's video default (Qwen2/2.5-VL:
+    28*28*768 per frame; Qwen3-VL: 32*32*768 over all frames together, i.e. t*h*w)."""
 
     def __post_init__(self) -> None:
         if self.generation not in GENERATIONS:
@@ -90,6 +169,43 @@ class DataConfig:
             raise ValueError("data.pack_lookahead must be >= 1")
         if self.bad_window < 1:
             raise ValueError("data.bad_window must be >= 1")
+        if not self.video_fps > 0:
+            raise ValueError(f"data.video_fps={self.video_fps} must be > 0 (frames sampled per second)")
+        if not 1 <= self.video_min_frames <= self.video_max_frames:
+            raise ValueError(
+                f"data.video_min_frames={self.video_min_frames} and data.video_max_frames={self.video_max_frames} "
+                "must satisfy 1 <= min <= max"
+            )
+        if (self.video_min_pixels is not None and self.video_max_pixels is not None
+                and self.video_max_pixels < self.video_min_pixels):
+            raise ValueError("data.video_max_pixels must be >= data.video_min_pixels")
+        self._check_source_caps()
+
+    def for_source(self, source: "DataSource") -> "DataConfig":
+        """The settings one source's samples are planned and built with: its `max_pixels` for images
+        and its `max_frames` capping the frames sampled from a video (planner and loader both use this,
+        so planned and built token counts agree)."""
+        out = self
+        if source.max_pixels is not None:
+            out = replace(out, max_pixels=source.max_pixels)
+        if source.max_frames is not None and source.max_frames < out.video_max_frames:
+            out = replace(out, video_max_frames=source.max_frames,
+                          video_min_frames=min(out.video_min_frames, source.max_frames))
+        return out
+
+    def _check_source_caps(self) -> None:
+        """Per-source caps must make sense next to the run-wide ones."""
+        for i, src in enumerate(self.sources):
+            if src.max_tokens is not None and src.max_tokens > self.max_tokens:
+                raise ValueError(
+                    f"data.sources[{i}].max_tokens={src.max_tokens} exceeds data.max_tokens={self.max_tokens} "
+                    "(one packed sequence); lower it or drop it"
+                )
+            if src.max_pixels is not None and src.max_pixels < self.min_pixels:
+                raise ValueError(
+                    f"data.sources[{i}].max_pixels={src.max_pixels} is below data.min_pixels={self.min_pixels}; "
+                    "raise it or lower data.min_pixels"
+                )
 
 
 @dataclass

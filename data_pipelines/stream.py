@@ -9,10 +9,12 @@ How a step is made
    different share). `last_step_stats()` reports packing efficiency and compute imbalance.
 2. The rank groups the samples it was dealt by shard and streams each needed shard once with
    WebDataset (raw bytes, no auto-decoding, never pickle), keeping only its samples' members.
-3. Each sample: JSON → messages; images decoded and patchified (vision.py) in the order they appear
-   in the messages; the template rendered with the real per-image token counts (text.py); M-RoPE
-   positions (positions.py). Samples are concatenated into one `PackedBatch` of exactly
-   `data.max_tokens` slots.
+3. Each sample: JSON → messages; images decoded and patchified (vision.py) and videos decoded,
+   sampled and patchified (video.py, `data.video_*`) in the order they appear in the messages; the
+   template rendered with the real per-image / per-video token counts (text.py; Qwen3-VL's video
+   timestamps); M-RoPE positions (positions.py; Qwen2.5-VL's absolute-time video ids). A micro-batch
+   with a video carries `media_kind` (0 image, 1 video per `grid_thw` row). Samples are
+   concatenated into one `PackedBatch` of exactly `data.max_tokens` slots.
 
 Bad data
 --------
@@ -22,6 +24,30 @@ micro-batch is still produced (less full, possibly empty: `num_samples == 0`, `n
 Skips never change the number of micro-batches, so ranks stay in lock-step. If more than
 `data.max_bad_fraction` of a rank's last `data.bad_window` read samples were bad, the loader raises:
 that is a broken data set, not noise.
+
+Sources, caps, epochs
+---------------------
+Each `data.sources` entry is resolved once (sources.py: local directory, brace pattern, URL,
+`pipe:` template; the index fetched the same way); shards are opened by their URL. Per-source caps:
+`max_pixels` is that source's pixel bound (planning and preprocessing), `max_tokens` its per-sample
+token limit (text-only samples over it are truncated by `truncate_text_sample`, samples with media
+are skipped at plan time), `max_frames` caps the frames sampled from its videos (`DataConfig.for_source`, planner and builder alike).
+When a source starts a new epoch, dp rank 0 logs it once.
+
+Planning ahead
+--------------
+With `data.plan_ahead` the plan of step S+1 is computed in one background thread while step S
+trains. Planning is a pure function of the planner state, so the plan equals the inline one; the
+loader's state is the planner state right after the step last returned (taken before the plan
+ahead), so the prefetched plan is never part of a checkpoint and `load_state_dict` discards it.
+
+Truncation
+----------
+A text-only sample longer than its token budget (`GlobalPlanner.token_budget`: its source's
+`max_tokens`, else `data.max_tokens`) keeps its first budget tokens (labels and positions cut alike;
+the end-of-turn may be cut off) and is counted as `data_truncated` (by the planner, so the count is
+global and survives a resume); the planner already planned it at exactly the budget from the index.
+A sample with media over the budget never gets here: the planner skips it as `too_long`.
 
 State
 -----
@@ -33,8 +59,10 @@ loader with any dp size continues exactly where the old one stopped (at a step b
 from __future__ import annotations
 
 import json
-import os
+import logging
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -42,16 +70,18 @@ import torch
 import webdataset as wds
 
 from data_pipelines.packing import GlobalPlanner, Ref
-from data_pipelines.positions import mrope_position_ids
-from data_pipelines.schema import IGNORE_INDEX, DataConfig, PackedBatch
-from data_pipelines.shards import read_index
+from data_pipelines.positions import position_ids_for
+from data_pipelines.schema import IGNORE_INDEX, DataConfig, DataSource, PackedBatch
+from data_pipelines.sources import resolve_source
 from data_pipelines.text import PAD_ID, QwenTokenizer, get_tokenizer, message_parts
+from data_pipelines.video import BadVideo, VideoSettings, preprocess_video_with
 from data_pipelines.vision import BadImage, decode_image, patchify_image, source_hw, vision_spec
 
+log = logging.getLogger(__name__)
 
 SUPPORTED_GENERATIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 """Qwen2.5-VL shares Qwen2-VL's tokenizer, chat template, image preprocessing and image position
-ids (only video positions differ, and videos are not produced yet); Qwen3-VL needs its own."""
+ids (only its video position ids differ: absolute time); Qwen3-VL needs its own."""
 
 
 class SkipSample(Exception):
@@ -91,10 +121,14 @@ def read_shard_members(path: str, keys: set[str]) -> tuple[dict[str, dict[str, b
 
 
 class SampleBuilder:
-    """Raw members of one sample → (input_ids, labels, positions, pixel_values, grids)."""
+    """Raw members of one sample → (input_ids, labels, positions, pixel_values, grids).
 
-    def __init__(self, cfg: DataConfig, tokenizer: QwenTokenizer):
-        self.cfg = cfg
+    With a `source`, its caps apply (`DataConfig.for_source`): its `max_pixels` for images, its
+    `max_frames` for videos.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer: QwenTokenizer, source: Optional[DataSource] = None):
+        self.cfg = cfg.for_source(source) if source is not None else cfg
         self.tok = tokenizer
 
     def build(self, members: dict[str, bytes]) -> dict[str, Any]:
@@ -111,17 +145,25 @@ class SampleBuilder:
         except Exception as e:
             raise SkipSample("bad_json", f"{type(e).__name__}: {e}") from e
 
-        pixel_values, grids, counts, sizes = [], [], [], {}
+        pixel_values, grids, counts, sizes, kinds = [], [], [], {}, []
+        videos: list[tuple] = []  # (grid, timestamps, second_per_grid) per video part, in order
         try:
-            image_parts = [p for m in messages for p in message_parts(m) if p.get("type") == "image"]
+            media_parts = [p for m in messages for p in message_parts(m) if p.get("type") in ("image", "video")]
         except Exception as e:
             raise SkipSample("bad_json", str(e)) from e
         merge2 = cfg.merge_size * cfg.merge_size
-        for part in image_parts:
+        for part in media_parts:
             name = str(part.get("name", "")).lower()
             blob = members.get(name)
             if blob is None:
-                raise SkipSample("missing_member", f"image member {name!r} absent")
+                raise SkipSample("missing_member", f"{part['type']} member {name!r} absent")
+            if part["type"] == "video":
+                feats = self._video(blob)
+                pixel_values.append(feats.pixel_values.numpy())
+                grids.append(feats.grid_thw)
+                kinds.append(1)
+                videos.append((feats.grid_thw, feats.frame_timestamps, feats.second_per_grid))
+                continue
             try:
                 img = decode_image(
                     blob, fast_decode=cfg.fast_decode, factor=cfg.patch_size * cfg.merge_size,
@@ -136,19 +178,50 @@ class SampleBuilder:
                 raise SkipSample("bad_image", str(e)) from e
             pixel_values.append(pv)
             grids.append(grid)
+            kinds.append(0)
             sizes[name] = (source_hw(img), (grid[1] * cfg.patch_size, grid[2] * cfg.patch_size))
             counts.append(grid[0] * grid[1] * grid[2] // merge2)
         try:
             ids, labels = self.tok.encode_conversation(
-                messages, counts, generation=cfg.generation, image_sizes=sizes
+                messages, counts, generation=cfg.generation, image_sizes=sizes,
+                videos=[(g, ts) for g, ts, _ in videos], merge_size=cfg.merge_size,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SkipSample("bad_json", f"template: {e}") from e
-        positions = mrope_position_ids(ids, grids, merge_size=cfg.merge_size)
+        positions = position_ids_for(
+            cfg.generation, ids, [g for g, k in zip(grids, kinds) if k == 0], [v[0] for v in videos],
+            cfg.merge_size, video_second_per_grid=[v[2] for v in videos],
+        )
         return {
             "id": sample_id, "input_ids": ids, "labels": labels, "positions": positions,
-            "pixel_values": pixel_values, "grids": grids, "visual_tokens": sum(counts),
+            "pixel_values": pixel_values, "grids": grids, "kinds": kinds,
+            "visual_tokens": sum(t * h * w for t, h, w in grids) // merge2,
         }
+
+    def _video(self, blob: bytes):
+        """One stored video → VideoFeatures under the run's `data.video_*` settings (SkipSample if bad)."""
+        cfg = self.cfg
+        try:
+            return preprocess_video_with(
+                blob, cfg.generation, VideoSettings.from_config(cfg), patch_size=cfg.patch_size,
+                merge_size=cfg.merge_size, temporal_patch_size=cfg.temporal_patch_size,
+            )
+        except (BadVideo, ValueError) as e:
+            raise SkipSample("bad_video", str(e)) from e
+
+
+def truncate_text_sample(sample: dict[str, Any], limit: int) -> dict[str, Any]:
+    """Cut a text-only built sample to its first `limit` tokens (ids, labels, positions).
+
+    The planner costs such a sample at `limit` (packing.capped_cost); samples with media are never
+    cut (they are rejected at plan time instead), so this is only called for text-only ones.
+    """
+    if len(sample["input_ids"]) <= limit or sample["grids"] or sample["visual_tokens"]:
+        return sample
+    return {
+        **sample, "input_ids": sample["input_ids"][:limit], "labels": sample["labels"][:limit],
+        "positions": sample["positions"][:, :limit],
+    }
 
 
 def pack(cfg: DataConfig, samples: list[dict[str, Any]]) -> PackedBatch:
@@ -163,7 +236,7 @@ def pack(cfg: DataConfig, samples: list[dict[str, Any]]) -> PackedBatch:
     labels = torch.full((L,), IGNORE_INDEX, dtype=torch.int64)
     position_ids = torch.zeros((3, L), dtype=torch.int64)
     cu = [0]
-    pvs, grids, ids_out = [], [], []
+    pvs, grids, ids_out, kinds = [], [], [], []
     n_vis = 0
     for s in samples:
         a, n = cu[-1], len(s["input_ids"])
@@ -176,6 +249,7 @@ def pack(cfg: DataConfig, samples: list[dict[str, Any]]) -> PackedBatch:
         cu.append(a + n)
         pvs.extend(s["pixel_values"])
         grids.extend(s["grids"])
+        kinds.extend(s.get("kinds", [0] * len(s["grids"])))
         ids_out.append(s["id"])
         n_vis += s["visual_tokens"]
     pixel_values = (
@@ -193,8 +267,18 @@ def pack(cfg: DataConfig, samples: list[dict[str, Any]]) -> PackedBatch:
         num_tokens=cu[-1],
         num_label_tokens=int((labels != IGNORE_INDEX).sum()),
         num_visual_tokens=n_vis,
-        media_kind=None,
+        media_kind=torch.tensor(kinds, dtype=torch.int64) if any(kinds) else None,
     )
+
+
+@dataclass
+class StepPlan:
+    """One planned step: its micro-batch plans, their stats, epoch starts, the planner state after it."""
+
+    plans: list[list[Ref]]
+    stats: dict[str, float]
+    epochs: list[tuple[int, int]]
+    state: dict[str, Any]
 
 
 class StepLoader:
@@ -215,18 +299,22 @@ class StepLoader:
         self.cfg = cfg
         self.micro_batches_per_step = micro_batches_per_step
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.dirs = [s.path if os.path.isabs(s.path) else os.path.join(root, s.path) for s in cfg.sources]
-        self.planner = GlobalPlanner(cfg, [read_index(d) for d in self.dirs])
-        self.builder = SampleBuilder(cfg, get_tokenizer())
+        self.sources = [resolve_source(s.path, s.index, root) for s in cfg.sources]
+        self.planner = GlobalPlanner(cfg, [src.index for src in self.sources])
+        tok = get_tokenizer()
+        self.builders = [SampleBuilder(cfg, tok, source) for source in cfg.sources]
+        self.builder = self.builders[0]
         self.read_skipped: dict[str, int] = {}
         self._recent: deque[bool] = deque(maxlen=cfg.bad_window)  # True = bad, over read samples
         self._last_stats: dict[str, float] = {}
+        self._state: Optional[dict[str, Any]] = None  # planner state after the last step returned
+        self._ahead: Optional[Future] = None  # the plan of the next step, being made
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="plan-ahead") if cfg.plan_ahead else None
 
     # ---------------------------------------------------------------------------------- API
     def next_step(self) -> list[PackedBatch]:
         """This rank's micro-batches of the next optimizer step (micro_batches_per_step // dp_size)."""
-        plans = self.planner.next_step(self.micro_batches_per_step)
-        self._last_stats = self._plan_stats(plans)
+        plans = self._take_plan()
         mine = plans[self.dp_rank :: self.dp_size]
         raw = self._read([ref for plan in mine for ref in plan])
         batches = []
@@ -236,6 +324,7 @@ class StepLoader:
                 sample = self._build_one(ref, raw)
                 if sample is None:
                     continue
+                sample = truncate_text_sample(sample, self.planner.token_budget(ref))
                 n = len(sample["input_ids"])
                 if used + n > self.cfg.max_tokens:  # index promised fewer tokens than the data has
                     self._recent.pop()  # recounted as bad below
@@ -270,32 +359,87 @@ class StepLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable, identical on all ranks, dp-size independent (taken between steps)."""
-        return self.planner.state_dict()
+        return json.loads(json.dumps(self._planner_state()))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where `state_dict()` was taken (any dp_size)."""
+        """Continue exactly where `state_dict()` was taken (any dp_size); a plan made ahead is dropped."""
+        self._drop_ahead()
         self.planner.load_state_dict(state)
+        self._state = None
+
+    def close(self) -> None:
+        """Stop the planning thread (waits for a plan in progress); the loader cannot plan ahead after."""
+        self._drop_ahead()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def stats(self) -> dict[str, int]:
-        """Cumulative skip counts of this rank: `data_skipped` and `data_skipped/<reason>`.
+        """Cumulative skip counts of this rank: `data_skipped` and `data_skipped/<reason>`, plus
+        `data_truncated` (text-only samples cut to their token budget; global, from dp rank 0; not a skip).
 
         Plan-time skips (too_long, ...) are global and restored by load_state_dict; they are reported
         by dp rank 0 only, so summing `stats()` over dp ranks gives global totals. Read-time skips
-        (bad_json, bad_image, missing_member, missing_sample, cost_mismatch) are this rank's own
+        (bad_json, bad_image, bad_video, missing_member, missing_sample, cost_mismatch) are this rank's own
         since this loader was created.
         """
         counts: dict[str, int] = {}
+        planned = self._planner_state()
         if self.dp_rank == 0:
-            counts.update(self.planner.skipped)
+            counts.update(planned["skipped"])
         for k, v in self.read_skipped.items():
             counts[k] = counts.get(k, 0) + v
         out = {"data_skipped": sum(counts.values())}
         out.update({f"data_skipped/{k}": v for k, v in sorted(counts.items())})
+        if self.dp_rank == 0 and planned.get("truncated"):
+            out["data_truncated"] = int(planned["truncated"])
         return out
 
     @property
     def epoch(self) -> int:
-        return self.planner.epoch
+        """Epoch of the first source at the step last returned."""
+        return int(self._planner_state()["cursors"][0][0])
+
+    # ------------------------------------------------------------------------- planning
+    def _plan_step(self) -> StepPlan:
+        """Plan the next step on the planner (inline or on the planning thread, never both at once)."""
+        plans = self.planner.next_step(self.micro_batches_per_step)
+        return StepPlan(plans, self._plan_stats(plans), self.planner.pop_epoch_events(), self.planner.state_dict())
+
+    def _take_plan(self) -> list[list[Ref]]:
+        """The next step's plans (made ahead if possible); starts planning the step after."""
+        step = self._ahead.result() if self._ahead is not None else self._plan_step()
+        self._ahead = None
+        self._state, self._last_stats = step.state, step.stats
+        if self._pool is not None:
+            self._ahead = self._pool.submit(self._plan_step)
+        if self.dp_rank == 0:
+            self._log_epochs(step.epochs)
+        return step.plans
+
+    def _log_epochs(self, events: list[tuple[int, int]]) -> None:
+        for s, epoch in events:
+            n = sum(len(sh["samples"]) for sh in self.planner.indices[s]["shards"])
+            log.info(
+                "data: source %d (%s) ran through its %d samples; epoch %d starts with a new shuffle",
+                s, self.sources[s].path, n, epoch,
+            )
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead.cancel()
+            try:
+                self._ahead.result()
+            except Exception:  # a plan that is thrown away may fail; the inline plan would say why
+                pass
+            self._ahead = None
+
+    def _planner_state(self) -> dict[str, Any]:
+        """The planner state after the step last returned (not the plan made ahead)."""
+        if self._state is None:
+            self._drop_ahead()
+            self._state = self.planner.state_dict()
+        return self._state
 
     # ----------------------------------------------------------------------------- internals
     def _read(self, refs: list[Ref]) -> dict[Ref, dict[str, bytes]]:
@@ -305,8 +449,7 @@ class StepLoader:
             by_shard.setdefault((ref[0], ref[1]), {})[self.planner.entry(ref)["key"]] = ref
         out: dict[Ref, dict[str, bytes]] = {}
         for (s, sh), key_to_ref in by_shard.items():
-            path = os.path.join(self.dirs[s], self.planner.indices[s]["shards"][sh]["name"])
-            found, _err = read_shard_members(path, set(key_to_ref))
+            found, _err = read_shard_members(self.sources[s].shard_urls[sh], set(key_to_ref))
             for key, members in found.items():
                 out[key_to_ref[key]] = members
         return out
@@ -316,7 +459,7 @@ class StepLoader:
         try:
             if members is None:
                 raise SkipSample("missing_sample", f"{self.planner.shard_name(ref)}:{self.planner.entry(ref)['key']}")
-            sample = self.builder.build(members)
+            sample = self.builders[ref[0]].build(members)
         except SkipSample as e:
             self._bad(e.reason)
             return None

@@ -10,21 +10,37 @@ table is larger (151,936 rows, padded); the data side emits ids up to `<|video_p
 
 Template
 --------
-`encode_conversation` renders exactly what Qwen2-VL's HF chat template renders::
+`encode_conversation` renders exactly what each generation's released HF chat template renders
+(Qwen2-VL-7B-Instruct, Qwen2.5-VL-7B-Instruct: one template; Qwen3-VL-8B-Instruct / -Thinking)::
 
-    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n      (when no system turn is given)
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n      (Qwen2-VL / Qwen2.5-VL only, when the
+                                                                    conversation has no system turn)
     <|im_start|>{role}\\n{content}<|im_end|>\\n                       (per turn)
 
 with an image inside `content` rendered as `<|vision_start|>` + N x `<|image_pad|>` + `<|vision_end|>`
-(N = t*h*w / merge^2 of the image's patch grid). Text between two special tokens is tokenised as one
-string (e.g. `"assistant\\nred"`), as the HF tokenizer does on the rendered template, so ids match
-HF's `apply_chat_template` + tokenisation.
+(N = t*h*w / merge^2 of the image's patch grid). Qwen3-VL's templates add no default system turn
+(`DEFAULT_SYSTEM_GENERATIONS`). Text between two special tokens is tokenised as one string (e.g.
+`"assistant\\nred"`), as the HF tokenizer does on the rendered template, so ids match HF's
+`apply_chat_template` + tokenisation.
 
-Qwen3-VL (`generation="qwen3_vl"`): the same ChatML and the same image wrapper
-`<|vision_start|><|image_pad|>…<|vision_end|>`; ids 0–151656 are Qwen2-VL's, and its tokenizer adds
-`QWEN3_SPECIAL_TOKENS` (151657–151668, `<think>` = 151667, `</think>` = 151668). Known difference
-not yet applied: Qwen3-VL's released chat template (like Qwen3's) inserts no default system turn;
-this renderer still inserts Qwen2-VL's "You are a helpful assistant." for every generation.
+Qwen3-VL (`generation="qwen3_vl"`): the same ChatML and the same image wrapper; ids 0–151656 are
+Qwen2-VL's, and its tokenizer adds `QWEN3_SPECIAL_TOKENS` (151657–151668, `<think>` = 151667,
+`</think>` = 151668). Known differences from Qwen3-VL-Instruct's template, kept on purpose so no data
+vanishes: it drops image parts of system/assistant turns and system turns after the first; we render
+them (as Qwen2-VL's and Qwen3-VL-Thinking's templates do, apart from the images).
+
+Thinking samples
+----------------
+An assistant turn may carry its chain of thought in a `reasoning` string (the shard format; content
+stays the answer). A conversation with at least one `reasoning` is a thinking sample and follows the
+Qwen3-VL-Thinking template's rule (`think_blocks`): every assistant turn AFTER the last user turn is
+rendered `<|im_start|>assistant\\n<think>\\n{reasoning}\\n</think>\\n\\n{content}<|im_end|>` when it has
+reasoning or is the last message (then with an empty block `<think>\\n\\n</think>\\n\\n`); assistant turns
+before the last user turn are rendered without their reasoning (the template drops it from history).
+Reasoning is `strip("\\n")`-ed and the content after the block `lstrip("\\n")`-ed, as in the template.
+A conversation without any reasoning renders no block for any generation (the Instruct templates).
+Qwen3-VL emits `<think>`/`</think>` as their added-token ids; Qwen2-VL / Qwen2.5-VL (whose tokenizers do
+not have them) get the same text as ordinary BPE tokens.
 
 Grounding
 ---------
@@ -46,12 +62,12 @@ largest digit count; Qwen's BPE splits numbers into single digits), so planning 
 
 Labels (loss mask)
 ------------------
-Only assistant turns are trained: their content tokens plus the closing `<|im_end|>` (the model must
-learn to stop). Everything else is IGNORE_INDEX (-100): system and user turns, the role header
-`<|im_start|>assistant\\n`, vision tokens even inside an assistant turn, and the `\\n` after
-`<|im_end|>`. We deliberately do not label that newline: generation stops at `<|im_end|>`, so the
-newline is never produced by the model and learning it only costs signal. (Qwen's original
-finetune script labels it; this is a conscious, documented difference.)
+Only assistant turns are trained: their content tokens (with their `<think>` block, tags included)
+plus the closing `<|im_end|>` (the model must learn to stop). Everything else is IGNORE_INDEX (-100):
+system and user turns, the role header `<|im_start|>assistant\\n`, vision tokens even inside an
+assistant turn, and the `\\n` after `<|im_end|>`. We deliberately do not label that newline:
+generation stops at `<|im_end|>`, so the newline is never produced by the model and learning it only
+costs signal. (Qwen's original finetune script labels it; this is a conscious, documented difference.)
 """
 
 from __future__ import annotations
@@ -97,7 +113,8 @@ VISION_END_ID = SPECIAL_TOKENS["<|vision_end|>"]
 IMAGE_PAD_ID = SPECIAL_TOKENS["<|image_pad|>"]
 VIDEO_PAD_ID = SPECIAL_TOKENS["<|video_pad|>"]
 MAX_TOKEN_ID = max(SPECIAL_TOKENS.values())
-"""Largest id the data side ever emits (the model's vocabulary must be larger than this)."""
+"""Largest id the data side emits for Qwen2-VL / Qwen2.5-VL (Qwen3-VL thinking samples also emit
+`<think>` / `</think>` = 151667 / 151668; every released vocabulary is larger)."""
 
 QWEN3_SPECIAL_TOKENS: dict[str, int] = {
     "<tool_call>": 151657,
@@ -119,6 +136,11 @@ Qwen2-VL encoder (its vocabulary stays 151,657); `QwenTokenizer.special` and `de
 THINK_START_ID = QWEN3_SPECIAL_TOKENS["<think>"]
 THINK_END_ID = QWEN3_SPECIAL_TOKENS["</think>"]
 DEFAULT_SYSTEM = "You are a helpful assistant."
+DEFAULT_SYSTEM_GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl")
+"""Generations whose chat template adds a `DEFAULT_SYSTEM` turn when a conversation has none
+(Qwen2-VL / Qwen2.5-VL's `{% if loop.first and message['role'] != 'system' %}`); Qwen3-VL adds none."""
+THINK_TOKEN_GENERATIONS = ("qwen3_vl", "qwen3_vl_moe")
+"""Generations whose tokenizer has `<think>` / `</think>` as added tokens (elsewhere they are plain text)."""
 ROLES = ("system", "user", "assistant")
 
 
@@ -185,37 +207,47 @@ class QwenTokenizer:
     def encode_conversation(
         self, messages: Sequence[dict[str, Any]], image_token_counts: Sequence[int], *,
         generation: str = "qwen2_vl", image_sizes: Optional[Mapping[str, tuple]] = None,
+        videos: Optional[Sequence[tuple]] = None, merge_size: int = 2,
     ) -> tuple[list[int], list[int]]:
-        """Render `messages` with the Qwen2-VL ChatML template → (input_ids, labels).
+        """Render `messages` with `generation`'s chat template (module docstring) → (input_ids, labels).
 
-        messages: `[{"role": "system"|"user"|"assistant", "content": str | [parts]}]` where a part is
-        `{"type": "text", "text": ...}` or `{"type": "image", ...}`.
+        messages: `[{"role": "system"|"user"|"assistant", "content": str | [parts], "reasoning"?: str}]`
+        where a part is `{"type": "text", "text": ...}`, `{"type": "image", ...}` or a box part;
+        `reasoning` only on assistant turns (thinking samples).
         image_token_counts: LLM tokens per image, in order of appearance (0 gives just
         `<|vision_start|><|vision_end|>`, which the shard index uses to count text tokens).
         generation / image_sizes: how `box` parts are rendered (module docstring); image_sizes maps an
         image name to ((h, w) original, (h', w') resized). Without image_sizes, boxes are rendered with
         worst-case digit counts (for token counting only).
+        videos: per `{"type": "video"}` part in order, `(grid_thw, frame_timestamps)` (see
+        `video_segments`); None renders each video as `<|vision_start|><|vision_end|>` (token counting).
         """
         n_images = sum(
             1 for m in messages for p in message_parts(m) if p.get("type") == "image"
         )
         if n_images != len(image_token_counts):
             raise ValueError(f"conversation has {n_images} images, got {len(image_token_counts)} counts")
+        n_videos = sum(1 for m in messages for p in message_parts(m) if p.get("type") == "video")
+        if videos is not None and n_videos != len(videos):
+            raise ValueError(f"conversation has {n_videos} videos, got {len(videos)} grids")
         if not messages:
             raise ValueError("empty conversation")
 
         ids: list[int] = []
         labels: list[int] = []
         img_i = 0
+        vid_i = 0
 
         def emit(tok_ids: list[int], train: bool) -> None:
             ids.extend(tok_ids)
             labels.extend(tok_ids if train else [IGNORE_INDEX] * len(tok_ids))
 
         turns = list(messages)
-        if turns[0].get("role") != "system":
+        thinks = think_blocks(turns)
+        if turns[0].get("role") != "system" and generation in DEFAULT_SYSTEM_GENERATIONS:
             turns.insert(0, {"role": "system", "content": DEFAULT_SYSTEM})
-        for turn in turns:
+            thinks.insert(0, None)
+        for turn, think in zip(turns, thinks):
             role = turn.get("role")
             if role not in ROLES:
                 raise ValueError(f"unknown role {role!r}")
@@ -227,6 +259,16 @@ class QwenTokenizer:
             pending = header
             pending_header = True
             parts = message_parts(turn)
+            if think is not None:
+                parts = _lstrip_newlines(parts)
+                if generation in THINK_TOKEN_GENERATIONS:
+                    self._flush(header, True, header, train, emit)
+                    emit([THINK_START_ID], train)
+                    self._flush(f"\n{think}\n", False, header, train, emit)
+                    emit([THINK_END_ID], train)
+                    pending, pending_header = "\n\n", False
+                else:
+                    pending += f"<think>\n{think}\n</think>\n\n"
             k = 0
             while k < len(parts):
                 part = parts[k]
@@ -252,6 +294,16 @@ class QwenTokenizer:
                     n = int(image_token_counts[img_i])
                     img_i += 1
                     emit([VISION_START_ID] + [IMAGE_PAD_ID] * n + [VISION_END_ID], False)
+                elif kind == "video":
+                    video = None if videos is None else videos[vid_i]
+                    vid_i += 1
+                    for seg in video_segments(generation, video, merge_size):
+                        if isinstance(seg, str):  # Qwen3-VL's timestamp text joins the running text
+                            pending += seg
+                        else:
+                            self._flush(pending, pending_header, header, train, emit)
+                            pending, pending_header = "", False
+                            emit(seg, False)
                 else:
                     raise ValueError(f"unknown content part type {kind!r}")
             self._flush(pending, pending_header, header, train, emit)
@@ -283,16 +335,24 @@ class QwenTokenizer:
         emit(toks[:k], False)
         emit(toks[k:], train)
 
-    def count_text_tokens(self, messages: Sequence[dict[str, Any]]) -> int:
-        """Template tokens without image pads (but with vision start/end), as stored in index.json.
-
-        With box parts: the maximum over the generations' renderings with worst-case coordinates."""
+    def text_token_counts(self, messages: Sequence[dict[str, Any]]) -> dict[str, int]:
+        """Template tokens without image pads (but with vision start/end) per generation, as stored
+        in index.json: each of `COUNT_GENERATIONS`, plus `qwen_vl` when the sample has box parts
+        (rendered with worst-case coordinates, so the counts are upper bounds)."""
         n_images = sum(1 for m in messages for p in message_parts(m) if p.get("type") == "image")
         has_box = any(p.get("type") == "box" for m in messages for p in message_parts(m))
-        gens = BOX_GENERATIONS if has_box else ("qwen2_vl",)
-        return max(len(self.encode_conversation(messages, [0] * n_images, generation=g)[0]) for g in gens)
+        gens = BOX_GENERATIONS if has_box else ("qwen2_vl", "qwen3_vl")
+        counts = {g: len(self.encode_conversation(messages, [0] * n_images, generation=g)[0]) for g in gens}
+        counts.setdefault("qwen2_5_vl", counts["qwen2_vl"])  # the same template; boxes are what differ
+        return counts
+
+    def count_text_tokens(self, messages: Sequence[dict[str, Any]]) -> int:
+        """The largest of `text_token_counts` (index.json's `n_text_tokens`: a bound for any generation)."""
+        return max(self.text_token_counts(messages).values())
 
 
+COUNT_GENERATIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+"""Generations whose text token count the shard index records when it differs from the largest."""
 BOX_GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _WORST = {"qwen_vl": 999, "qwen2_vl": 999, "qwen2_5_vl": 99999, "qwen3_vl": 1000}
 
@@ -353,6 +413,76 @@ def render_boxes(
         objs = ",\n\t".join(json.dumps({"bbox_2d": c, "label": ref}, ensure_ascii=False) for ref, c in rendered)
         out.append(("```json\n[\n\t" + objs + "\n]\n```", False))
     return [(t, sp) for t, sp in out if t]
+
+
+def think_blocks(messages: Sequence[Mapping[str, Any]]) -> list[Optional[str]]:
+    """Per message: the reasoning to render in a `<think>` block ("" = empty block), or None (no block).
+
+    The Qwen3-VL-Thinking template's rule (module docstring): only in a conversation with some
+    `reasoning`; only for assistant turns after the last user query (a user turn that is not a
+    `<tool_response>…</tool_response>`; without one, no turn), and there only when the turn has
+    reasoning or is the last message. ValueError for a malformed `reasoning`.
+    """
+    reasons = []
+    for m in messages:
+        r = m.get("reasoning")
+        if r is not None and (not isinstance(r, str) or m.get("role") != "assistant"):
+            raise ValueError(f"'reasoning' must be a string on an assistant turn, got {type(r).__name__} "
+                             f"on a {m.get('role')!r} turn")
+        reasons.append(r)
+    if all(r is None for r in reasons):
+        return [None] * len(messages)
+    last = len(messages) - 1
+    last_query = max((i for i, m in enumerate(messages) if _is_query(m)), default=last)
+    return [
+        (r or "").strip("\n") if m.get("role") == "assistant" and i > last_query and (r or i == last) else None
+        for i, (m, r) in enumerate(zip(messages, reasons))
+    ]
+
+
+def _is_query(message: Mapping[str, Any]) -> bool:
+    """A user turn that the Thinking template counts as a query (not a wrapped tool response)."""
+    if message.get("role") != "user":
+        return False
+    parts = message_parts(message)
+    text = "".join(str(p.get("text", "")) if p.get("type") == "text" else "\0" for p in parts)
+    return not (text.startswith("<tool_response>") and text.endswith("</tool_response>"))
+
+
+def _lstrip_newlines(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`parts` with the rendered content's leading newlines removed (the template's `lstrip('\\n')`)."""
+    out = list(parts)
+    while out and out[0].get("type") == "text":
+        text = str(out[0].get("text", "")).lstrip("\n")
+        if text:
+            out[0] = {**out[0], "text": text}
+            break
+        out.pop(0)
+    return out
+
+
+def video_segments(generation: str, video: Optional[tuple], merge_size: int = 2) -> list:
+    """One video part → segments: `str` (text that joins the surrounding text run) or `list[int]` (ids, no loss).
+
+    `video = (grid_thw, frame_timestamps)` with the grid in patches and one timestamp (seconds) per
+    temporal patch; None gives `[<|vision_start|>, <|vision_end|>]` (what the shard index counts).
+
+    * Qwen2-VL / Qwen2.5-VL: `<|vision_start|>` + `<|video_pad|>` x t*h*w/merge^2 + `<|vision_end|>`;
+    * Qwen3-VL: per temporal patch `<{t:.1f} seconds>` + `<|vision_start|>` + h*w/merge^2 pads +
+      `<|vision_end|>`, as `Qwen3VLProcessor` expands `<|vision_start|><|video_pad|><|vision_end|>`.
+    """
+    if video is None:
+        return [[VISION_START_ID, VISION_END_ID]]
+    (t, h, w), stamps = video
+    per_frame = int(h) * int(w) // (merge_size * merge_size)
+    if generation not in ("qwen3_vl", "qwen3_vl_moe"):
+        return [[VISION_START_ID] + [VIDEO_PAD_ID] * (int(t) * per_frame) + [VISION_END_ID]]
+    if len(stamps) != int(t):
+        raise ValueError(f"video grid has {t} temporal patches but {len(stamps)} timestamps")
+    out: list = []
+    for sec in stamps:
+        out += [f"<{sec:.1f} seconds>", [VISION_START_ID] + [VIDEO_PAD_ID] * per_frame + [VISION_END_ID]]
+    return out
 
 
 def message_parts(message: dict[str, Any]) -> list[dict[str, Any]]:

@@ -261,16 +261,38 @@ class TrainLoopConfig:
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU; 0 = look the GPU up (bf16 dense: H100/H200/A100),
     none on CPU (then `mfu` is not reported)."""
+    collective_timeout_s: int = 600
+    """A collective that waits longer fails the run (every rank first writes its stacks to
+    output_dir/stacks/); a step that runs longer has its stacks written by a watchdog."""
+    straggler_threshold: float = 1.25
+    """At each logged step, warn about ranks whose own step time (data + forward/backward) exceeds this
+    × the median over ranks; 0 = no warning (the `straggler/*` metrics are written anyway)."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise ConfigError("train.max_steps must be >= 1")
+        if self.collective_timeout_s < 10:
+            raise ConfigError("train.collective_timeout_s must be >= 10 seconds")
+        if self.straggler_threshold < 0 or 0 < self.straggler_threshold <= 1:
+            raise ConfigError("train.straggler_threshold must be > 1 (e.g. 1.25) or 0 (off)")
         if self.max_bad_steps < 0:
             raise ConfigError("train.max_bad_steps must be >= 0 (0 = never stop on skipped steps)")
         if self.peak_tflops < 0:
             raise ConfigError("train.peak_tflops must be >= 0 (0 = look up the GPU)")
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"train.dtype={self.dtype!r}; valid: fp32, bf16")
+
+
+@dataclass
+class ProfileConfig:
+    """torch profiler traces (config group key `profile`)."""
+
+    steps: list[int] = field(default_factory=list)
+    """`[A, B]`: trace steps A..B (1-based) on every rank into output_dir/profile/; [] = off."""
+
+    def __post_init__(self) -> None:
+        if self.steps and (len(self.steps) != 2 or not 1 <= self.steps[0] <= self.steps[1]):
+            raise ConfigError(f"profile.steps={list(self.steps)}; give [A, B] with 1 <= A <= B, e.g. profile.steps=[5,6]")
 
 
 @dataclass
@@ -285,6 +307,9 @@ class CheckpointConfig:
     keep_last: int = 0
     """Keep only the newest N complete step directories after each save; 0 = keep all. The one
     `latest` names and any that model.init_from points into are never removed."""
+    async_save: bool = False
+    """Write checkpoints in a background process while training goes on (tensors are staged first);
+    the checkpoint becomes `complete`/`latest` once every rank's files are on disk."""
 
     def __post_init__(self) -> None:
         if self.resume not in ("auto", "never"):
@@ -352,6 +377,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

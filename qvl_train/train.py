@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -72,6 +73,18 @@ def _global_data_stats(local: dict[str, int], dims) -> dict[str, int]:
     return total
 
 
+def _straggler_stats(own_s: float, hosts: list, threshold: float, dims) -> dict[str, float]:
+    """Every rank's own step time (data + forward/backward) → `straggler/*` metrics; warns on rank 0."""
+    from qvl_train.monitor.diagnose import straggler_report
+
+    times = [torch.zeros(1, dtype=torch.float64, device=dims.device) for _ in range(dims.world_size)]
+    torch.distributed.all_gather(times, torch.tensor([own_s], dtype=torch.float64, device=dims.device))
+    metrics, warning = straggler_report([float(t) for t in times], hosts, threshold)
+    if warning and dims.is_logging_rank:
+        log.warning(warning)
+    return metrics
+
+
 def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     from qvl_train.parallel.dims import ParallelDims
 
@@ -85,13 +98,14 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     from data_pipelines.stream import StepLoader
     from qvl_train.checkpoint.manager import CheckpointManager
     from qvl_train.engines.megatron import MegatronEngine
+    from qvl_train.monitor.diagnose import StackDumper, StepProfiler
     from qvl_train.monitor.flops import peak_tflops
     from qvl_train.monitor.metrics import MetricsWriter, Progress, train_record
     from qvl_train.monitor.trace import DataTrace
     from qvl_train.monitor.wandb import WandbLogger
     from qvl_train.signals import StopOnSignal
 
-    dims.initialize()
+    dims.initialize(timeout_s=cfg.train.collective_timeout_s)
     stopper = StopOnSignal()  # early: loading a large checkpoint can take much of a 120 s warning
     rank0 = dims.is_logging_rank
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format="%(message)s", stream=sys.stdout)
@@ -108,7 +122,8 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     micro = cfg.micro_batches_per_step()
     loader = StepLoader(cfg.data, micro_batches_per_step=micro, dp_rank=dims.dp_rank, dp_size=dims.dp)
     ckpt = CheckpointManager(
-        out / "checkpoints", dims, keep_last=cfg.checkpoint.keep_last, init_from=cfg.model.init_from
+        out / "checkpoints", dims, keep_last=cfg.checkpoint.keep_last, init_from=cfg.model.init_from,
+        async_save=cfg.checkpoint.async_save,
     )
     state, how = ckpt.restore(engine, resume=cfg.checkpoint.resume, init_from=cfg.model.init_from)
     if state.data:
@@ -124,68 +139,85 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     progress = Progress(cfg.train.max_steps, state.step)
     peak = peak_tflops(cfg.train.peak_tflops)
     bad_streak = 0  # consecutive skipped (non-finite) steps; every rank sees the same verdict
+    profiler = StepProfiler(cfg.profile.steps, out, dims.rank)
+    hosts: list = [None] * dims.world_size
+    torch.distributed.all_gather_object(hosts, socket.gethostname())
+    stacks = StackDumper(out, dims.rank, cfg.train.collective_timeout_s)
 
-    while state.step < cfg.train.max_steps:
-        t0 = time.perf_counter()
-        batches = loader.next_step()
-        plan = loader.last_step_stats()  # estimates from the shard index, identical on every rank
-        t_data = time.perf_counter() - t0
-        result = engine.train_step(batches, state.step)
-        state.step += 1
-        state.consumed_samples += result.samples
-        state.consumed_tokens += result.tokens
-        state.skipped_steps += int(result.skipped)
-        state.data = loader.state_dict()
-        step_time = time.perf_counter() - t0
-        if trace is not None:
-            trace.write(state.step, [b.sample_ids for b in batches])
-        bad_streak = bad_streak + 1 if result.skipped else 0
-        diverged = cfg.train.max_bad_steps > 0 and bad_streak >= cfg.train.max_bad_steps
-
-        # Checkpoint: never after the bad-step limit; no periodic save inside a bad streak, so
-        # `latest` stays a checkpoint written after a finite step.
-        stop = stopper.agreed()
-        every = cfg.checkpoint.every
-        periodic = every and state.step % every == 0 and bad_streak == 0
-        t_ckpt = 0.0
-        if not diverged and (stop or periodic or state.step == cfg.train.max_steps):
-            t1 = time.perf_counter()
-            step_dir = ckpt.save(engine, state)
-            t_ckpt = time.perf_counter() - t1
-            log.info("checkpoint %s", step_dir)
-
-        log_now = state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps or diverged
-        skipped = _global_data_stats(loader.stats(), dims) if log_now else {}
-        if rank0 and log_now:
-            record = train_record(
-                state.step, result, lr=engine.optimizer.param_groups[0]["lr"], step_time_s=step_time,
-                data_s=t_data, checkpoint_s=t_ckpt, world_size=dims.world_size, peak_tflops=peak,
-                skipped_steps=state.skipped_steps,
-            )
-            record.update(skipped)
-            record.update({f"data/plan_{k}": v for k, v in plan.items() if k != "est_flops"})
-            metrics.write(record)
-            wandb.log(record, step=state.step)
-            progress.update(state.step, result.loss, record["tokens_per_s"], step_time)
-        if diverged:
-            latest = out / "checkpoints" / "latest"
-            kept = (out / "checkpoints" / latest.read_text().strip()) if latest.exists() else None
-            message = (
-                f"stopping: {bad_streak} consecutive steps (up to step {state.step}) had a non-finite loss "
-                f"or gradient (train.max_bad_steps={cfg.train.max_bad_steps}); no checkpoint written. "
-                f"Last good checkpoint: {kept or 'none'}. Lower optim.lr or check the data, then rerun to resume."
-            )
-            if rank0:
-                metrics.close()
-                wandb.finish()
+    with stacks:  # SIGUSR2 / a stall / a collective timeout → output_dir/stacks/rank{R}.txt
+        while state.step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            profiler.before_step(state.step + 1)
+            batches = loader.next_step()
+            plan = loader.last_step_stats()  # estimates from the shard index, identical on every rank
+            t_data = time.perf_counter() - t0
+            result = engine.train_step(batches, state.step)
+            if (written := ckpt.poll()) is not None:
+                log.info("checkpoint %s complete", written)
+            state.step += 1
+            state.consumed_samples += result.samples
+            state.consumed_tokens += result.tokens
+            state.skipped_steps += int(result.skipped)
+            state.data = loader.state_dict()
+            step_time = time.perf_counter() - t0
             if trace is not None:
-                trace.close()
-            stopper.restore()
-            dims.destroy()
-            raise SystemExit(message if rank0 else 1)
-        if stop:
-            log.info("signal %d: stopped after step %d with a checkpoint; rerun the same command to resume", stop, state.step)
-            break
+                trace.write(state.step, [b.sample_ids for b in batches])
+            if (traced := profiler.after_step(state.step)) is not None and rank0:
+                log.info("profile     %s", traced)
+            stacks.heartbeat(state.step)
+            bad_streak = bad_streak + 1 if result.skipped else 0
+            diverged = cfg.train.max_bad_steps > 0 and bad_streak >= cfg.train.max_bad_steps
+
+            # Checkpoint: never after the bad-step limit; no periodic save inside a bad streak, so
+            # `latest` stays a checkpoint written after a finite step.
+            stop = stopper.agreed()
+            every = cfg.checkpoint.every
+            periodic = every and state.step % every == 0 and bad_streak == 0
+            t_ckpt = 0.0
+            if not diverged and (stop or periodic or state.step == cfg.train.max_steps):
+                t1 = time.perf_counter()
+                step_dir = ckpt.save(engine, state)
+                if stop or state.step == cfg.train.max_steps:
+                    ckpt.wait()  # the process is about to end: its last checkpoint must be complete
+                t_ckpt = time.perf_counter() - t1
+                log.info("checkpoint %s%s", step_dir, " (writing in the background)" if ckpt.pending else "")
+
+            log_now = state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps or diverged
+            skipped = _global_data_stats(loader.stats(), dims) if log_now else {}
+            own_s = t_data + result.timings["fwd_bwd_s"]
+            stragglers = _straggler_stats(own_s, hosts, cfg.train.straggler_threshold, dims) if log_now else {}
+            if rank0 and log_now:
+                record = train_record(
+                    state.step, result, lr=engine.optimizer.param_groups[0]["lr"], step_time_s=step_time,
+                    data_s=t_data, checkpoint_s=t_ckpt, world_size=dims.world_size, peak_tflops=peak,
+                    skipped_steps=state.skipped_steps,
+                )
+                record.update(skipped)
+                record.update(stragglers)
+                record.update({f"data/plan_{k}": v for k, v in plan.items() if k != "est_flops"})
+                metrics.write(record)
+                wandb.log(record, step=state.step)
+                progress.update(state.step, result.loss, record["tokens_per_s"], step_time)
+            if diverged:
+                ckpt.wait()  # a save of a good step still in flight becomes the checkpoint to fall back to
+                latest = out / "checkpoints" / "latest"
+                kept = (out / "checkpoints" / latest.read_text().strip()) if latest.exists() else None
+                message = (
+                    f"stopping: {bad_streak} consecutive steps (up to step {state.step}) had a non-finite loss "
+                    f"or gradient (train.max_bad_steps={cfg.train.max_bad_steps}); no checkpoint written. "
+                    f"Last good checkpoint: {kept or 'none'}. Lower optim.lr or check the data, then rerun to resume."
+                )
+                if rank0:
+                    metrics.close()
+                    wandb.finish()
+                if trace is not None:
+                    trace.close()
+                stopper.restore()
+                dims.destroy()
+                raise SystemExit(message if rank0 else 1)
+            if stop:
+                log.info("signal %d: stopped after step %d with a checkpoint; rerun the same command to resume", stop, state.step)
+                break
 
     if rank0:
         metrics.close()

@@ -28,13 +28,23 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
-def torchrun(nproc: int, *overrides: str, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
-    """Run launch/train.py under torchrun on CPU; returns the completed process."""
+def _torchrun_cmd(nproc: int, overrides) -> tuple[list[str], dict[str, str]]:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         f"--master_port={free_port()}", str(ROOT / "launch" / "train.py"), *overrides,
     ]
-    env = {**clean_env(), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    return cmd, {**clean_env(), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+
+
+def torchrun_popen(nproc: int, *overrides: str) -> subprocess.Popen:
+    """Start launch/train.py under torchrun on CPU without waiting (stdout+stderr in one text pipe)."""
+    cmd, env = _torchrun_cmd(nproc, overrides)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def torchrun(nproc: int, *overrides: str, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
+    """Run launch/train.py under torchrun on CPU; returns the completed process."""
+    cmd, env = _torchrun_cmd(nproc, overrides)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

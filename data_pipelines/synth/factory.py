@@ -11,6 +11,13 @@ reproducible byte for byte and any sample can be regenerated alone. Kinds:
 * `grounding`  — a quarter of the `shapes` samples: "Where is the red circle?" answered with one
                  canonical box part (pixel coordinates, rendered per generation by text.py).
 * `text_only`  — arithmetic or spelling with no image (keeps text-only packing exercised).
+* thinking     — a fifth of the `chart` and arithmetic `text_only` samples (~5% of all) carry a short
+                 chain of thought in the assistant turn's `reasoning` ("Bar heights: A 4, B 9, C 2.
+                 The tallest is B."), rendered as a `<think>` block by text.py. Decided by its own
+                 random stream, so every other sample is byte-identical with or without it.
+* `video`      — opt-in (`video_fraction`, default 0): a shape moving across 6–12 frames at 4 fps,
+                 stored as lossless H.264 MP4; "Which way does the red circle move?". The choice uses
+                 its own random stream, so the other samples are the same with or without videos.
 
 Image sides are drawn independently from [min_side, max_side], so aspect ratios vary and the
 dynamic-resolution path (different grids per image) is exercised. Images are stored as PNG
@@ -23,9 +30,11 @@ import random
 from collections import Counter
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from data_pipelines.shards import ShardWriter
+from data_pipelines.video import encode_video
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -44,6 +53,8 @@ WORDS = (
     "bird moon road book fish door star rain snow hill lamp ship"
 ).split()
 KIND_WEIGHTS = {"shapes": 0.35, "text": 0.2, "chart": 0.2, "two_images": 0.1, "text_only": 0.15}
+THINKING_FRACTION = 0.2
+"""Fraction of the chart and arithmetic samples whose answer comes with `reasoning`."""
 
 _FONTS: dict[int, Any] = {}
 
@@ -97,8 +108,11 @@ def _user(*parts: dict) -> dict:
     return {"role": "user", "content": list(parts)}
 
 
-def _assistant(text: str) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+def _assistant(text: str, reasoning: str | None = None) -> dict:
+    turn = {"role": "assistant", "content": [{"type": "text", "text": text}]}
+    if reasoning is not None:
+        turn["reasoning"] = reasoning
+    return turn
 
 
 def _text(s: str) -> dict:
@@ -109,8 +123,38 @@ def _image(name: str) -> dict:
     return {"type": "image", "name": name}
 
 
-def make_sample(seed: int, index: int, min_side: int = 56, max_side: int = 224) -> tuple[str, list, dict]:
-    """Sample `index` of the data set with `seed` → (kind, messages, {name: PIL image})."""
+def _video_sample(rng: random.Random, min_side: int, max_side: int) -> tuple[list, dict]:
+    """A shape moving in one direction → (messages, {"vid0.mp4": MP4 bytes})."""
+    lo = max(32, min_side)  # Qwen3-VL needs video frames of at least 32 px a side
+    w, h = rng.randint(lo, max(lo, max_side)), rng.randint(lo, max(lo, max_side))
+    n, shape, colour = rng.randint(6, 12), rng.choice(SHAPES), rng.choice([c for c in COLOURS if c != "black"])
+    direction = rng.choice(("to the right", "to the left", "down", "up"))
+    bg = rng.choice(BACKGROUNDS)
+    size = max(6, min(w, h) // 4)
+    frames = []
+    for k in range(n):
+        img = Image.new("RGB", (w, h), bg)
+        f = k / (n - 1)
+        along = {"to the right": f, "to the left": 1 - f, "down": f, "up": 1 - f}[direction]
+        if direction in ("to the right", "to the left"):
+            x, y = int(along * (w - size)), (h - size) // 2
+        else:
+            x, y = (w - size) // 2, int(along * (h - size))
+        _draw_shape(ImageDraw.Draw(img), shape, (x, y, x + size, y + size), COLOURS[colour])
+        frames.append(np.asarray(img))
+    messages = [_user({"type": "video", "name": "vid0.mp4"}, _text(f"Which way does the {colour} {shape} move?")),
+                _assistant(direction)]
+    return messages, {"vid0.mp4": encode_video(np.stack(frames), fps=4)}
+
+
+def make_sample(
+    seed: int, index: int, min_side: int = 56, max_side: int = 224, video_fraction: float = 0.0,
+) -> tuple[str, list, dict]:
+    """Sample `index` of the data set with `seed` → (kind, messages, {name: PIL image | video bytes})."""
+    vrng = random.Random(f"qvl-synth-video:{seed}:{index}")
+    if video_fraction > 0 and vrng.random() < video_fraction:
+        messages, media = _video_sample(vrng, min_side, max_side)
+        return "video", messages, media
     rng = random.Random(f"qvl-synth:{seed}:{index}")
     kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
     images: dict[str, Image.Image] = {}
@@ -121,6 +165,7 @@ def make_sample(seed: int, index: int, min_side: int = 56, max_side: int = 224) 
     # A quarter of the shapes samples ask for a box instead ("Where is the red circle?"); the choice
     # uses its own stream so every other sample is unchanged by its existence.
     grounding = kind == "shapes" and random.Random(f"qvl-synth-ground:{seed}:{index}").random() < 0.25
+    thinking = random.Random(f"qvl-synth-think:{seed}:{index}").random() < THINKING_FRACTION
     if grounding:
         boxes: list = []
         img, objs = _shapes_image(rng, min_side, max_side, rng.randint(1, 3), boxes)
@@ -173,7 +218,10 @@ def make_sample(seed: int, index: int, min_side: int = 56, max_side: int = 224) 
             draw.text((x0, base + 1), lab, fill=(0, 0, 0), font=font)
         images["img0.png"] = img
         tallest = labels[values.index(max(values))]
-        messages += [_user(_image("img0.png"), _text("Which bar is tallest?")), _assistant(tallest)]
+        why = f"Bar heights: {', '.join(f'{l} {v}' for l, v in zip(labels, values))}. The tallest is {tallest}."
+        messages += [
+            _user(_image("img0.png"), _text("Which bar is tallest?")), _assistant(tallest, why if thinking else None),
+        ]
     elif kind == "two_images":
         shape = rng.choice(SHAPES)
         first_has = rng.random() < 0.5
@@ -193,7 +241,8 @@ def make_sample(seed: int, index: int, min_side: int = 56, max_side: int = 224) 
     else:  # text_only
         if rng.random() < 0.5:
             a, b = rng.randint(0, 99), rng.randint(0, 99)
-            messages += [_user(_text(f"What is {a} + {b}?")), _assistant(str(a + b))]
+            why = f"{a} + {b}: {a} plus {b // 10 * 10} is {a + b // 10 * 10}, plus {b % 10} is {a + b}."
+            messages += [_user(_text(f"What is {a} + {b}?")), _assistant(str(a + b), why if thinking else None)]
         else:
             word = rng.choice(WORDS)
             messages += [_user(_text(f"Spell '{word}' backwards.")), _assistant(word[::-1])]
@@ -202,17 +251,23 @@ def make_sample(seed: int, index: int, min_side: int = 56, max_side: int = 224) 
 
 def generate(
     out_dir: str, num_samples: int, *, seed: int = 0, samples_per_shard: int = 500, min_side: int = 56,
-    max_side: int = 224,
+    max_side: int = 224, video_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """Write `num_samples` synthetic samples as shards + index.json into `out_dir`; returns a summary."""
     if not 1 <= min_side <= max_side:
         raise ValueError("need 1 <= min_side <= max_side")
+    if not 0.0 <= video_fraction <= 1.0:
+        raise ValueError(f"video_fraction={video_fraction} must be within [0, 1]")
     kinds: Counter = Counter()
-    n_images = 0
+    n_images = n_thinking = 0
     with ShardWriter(out_dir, samples_per_shard=samples_per_shard) as writer:
         for i in range(num_samples):
-            kind, messages, images = make_sample(seed, i, min_side, max_side)
-            writer.add(f"synth-{seed}-{i:07d}", messages, images)
+            kind, messages, media = make_sample(seed, i, min_side, max_side, video_fraction)
+            videos = {k: v for k, v in media.items() if isinstance(v, bytes)}
+            images = {k: v for k, v in media.items() if k not in videos}
+            writer.add(f"synth-{seed}-{i:07d}", messages, images, videos)
             kinds[kind] += 1
             n_images += len(images)
-    return {"samples": num_samples, "images": n_images, "shards": writer.shard_names, "kinds": dict(kinds)}
+            n_thinking += any("reasoning" in m for m in messages)
+    return {"samples": num_samples, "images": n_images, "shards": writer.shard_names, "kinds": dict(kinds),
+            "thinking": n_thinking}

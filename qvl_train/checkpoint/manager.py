@@ -200,12 +200,19 @@ class CheckpointManager:
     """Saves and restores `TrainState` + engine state under `root` (= output_dir/checkpoints)."""
 
     def __init__(
-        self, root: str | Path, dims: ParallelDims, *, keep_last: int = 0, init_from: Optional[str] = None
+        self, root: str | Path, dims: ParallelDims, *, keep_last: int = 0, init_from: Optional[str] = None,
+        async_save: bool = False,
     ) -> None:
         self.root = Path(root)
         self.dims = dims
         self.keep_last = keep_last
         self.init_from = init_from
+        self._async = None
+        if async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._async = AsyncCallsQueue()
+        self.pending: Optional[Path] = None  # an async save whose files are still being written
 
     def _layout(self) -> dict[str, int]:
         d = self.dims
@@ -222,8 +229,13 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------- save
     def save(self, engine, state: TrainState) -> Path:
+        """Save `state` (all ranks). Synchronous by default; with `async_save` the tensors are staged
+        (a fork's copy-on-write snapshot on CPU, a device-to-host copy on GPU), written by a background
+        process, and the checkpoint becomes `complete`/`latest` only in `poll()`/`wait()` once every rank's
+        files are on disk. At most one async save is in flight: a new one first waits for the previous."""
         from megatron.core import dist_checkpointing
 
+        self.wait()
         step_dir = self.root / step_dir_name(state.step)
         if dist.get_rank() == 0:
             if step_dir.exists():  # a stale or broken copy of this step (e.g. after a fallback): replace it
@@ -236,18 +248,47 @@ class CheckpointManager:
         sharded["train_state"] = asdict(state)
         sharded["optimizer_steps"] = engine.optimizer_step_count()
         sharded["rng"] = self._rng_object(_rng_state())
-        dist_checkpointing.save(sharded, str(step_dir))
+        if self._async is None:
+            dist_checkpointing.save(sharded, str(step_dir))
+            self._commit(step_dir, state.step)
+            return step_dir
+        request = dist_checkpointing.save(sharded, str(step_dir), async_sharded_save=True)
+        request.add_finalize_fn(lambda: self._commit(step_dir, state.step))
+        self._async.schedule_async_request(request)
+        self.pending = step_dir
+        return step_dir
+
+    def _commit(self, step_dir: Path, step: int) -> None:
+        """After every rank's files are written: manifest, `complete`, then `latest` (atomic), pruning."""
         dist.barrier()
         if dist.get_rank() == 0:
             write_manifest(step_dir)
-            (step_dir / COMPLETE).write_text(f"{state.step}\n")
+            (step_dir / COMPLETE).write_text(f"{step}\n")
             tmp = self.root / f".{LATEST}.tmp"
             tmp.write_text(step_dir.name + "\n")
             os.replace(tmp, self.root / LATEST)
             if self.keep_last > 0:
                 self.prune(step_dir)
         dist.barrier()
-        return step_dir
+        if self.pending == step_dir:
+            self.pending = None
+
+    def poll(self) -> Optional[Path]:
+        """Finish an async save whose files are all written (all ranks; cheap, call once per step).
+        Returns the step directory that became `latest`, if one did."""
+        if self._async is None or self.pending is None:
+            return None
+        done = self.pending
+        self._async.maybe_finalize_async_calls(blocking=False)
+        return done if self.pending is None else None
+
+    def wait(self) -> Optional[Path]:
+        """Block until an async save in flight is complete (all ranks); returns its directory."""
+        if self._async is None or self.pending is None:
+            return None
+        done = self.pending
+        self._async.maybe_finalize_async_calls(blocking=True)
+        return done
 
     def _protected(self, latest: Path) -> set[Path]:
         keep = {latest.resolve()}

@@ -49,7 +49,7 @@ class StepResult:
     skipped: bool = False  # non-finite loss or gradient: no update was applied
     flops: float = 0.0  # model FLOPs (forward + backward) of the step over all data-parallel ranks
     dp_imbalance: float = 1.0  # max / mean of real tokens over data-parallel ranks
-    timings: dict[str, float] = field(default_factory=dict)  # fwd_bwd_s, optimizer_s
+    timings: dict[str, float] = field(default_factory=dict)  # fwd_bwd_s (this rank's own), optimizer_s (incl. dp sync)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -173,9 +173,11 @@ class MegatronEngine:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         if dims.is_last_stage and dims.tp_rank == 0:
             loss_sum += sum(float(x["loss_sum"]) for x in losses)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()  # this rank's own forward/backward: before it waits on other dp ranks
         dist.all_reduce(loss_sum, group=dims.groups["world"])  # one contributor per dp rank
         loss = float(loss_sum) / denom
-        t1 = time.perf_counter()
 
         self._allreduce_grads()
         grad_norm, module_norms = self._grad_norms()

@@ -72,22 +72,17 @@ def test_stage_chaining_takes_weights_not_optimizer(tmp_path, data_root):
 def test_signal_saves_a_checkpoint_and_stops_then_resume_continues(tmp_path, data_root):
     """SIGUSR1 (SLURM's warning before a time limit) to the workers: checkpoint at the step boundary, clean exit."""
     import signal
-    import subprocess
-    import sys
     import time
 
     import psutil
 
-    from tests.conftest import ROOT, clean_env, free_port
+    from tests.conftest import torchrun_popen
 
     out = tmp_path / "sig"
     args = ["+experiment=tiny", f"cluster.data_root={data_root}", "data.max_tokens=512",
             "train.global_batch_tokens=1024", "wandb.mode=disabled", "checkpoint.every=1000",
             "train.max_steps=400", f"output_dir={out}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(ROOT / "launch" / "train.py"), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**clean_env(), "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = torchrun_popen(2, *args)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):

@@ -26,7 +26,7 @@ def media(tmp_path_factory):
     (d / "trunc.png").write_bytes(buf.getvalue()[:50])
     (d / "notimg.png").write_bytes(b"this is not an image")
     (d / "empty.mp4").write_bytes(b"")
-    (d / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    (d / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)  # header only: unreadable
     return str(d)
 
 
@@ -89,7 +89,7 @@ def test_qwen_finetune_every_rejection_reason(tmp_path, media):
         "id=bomb": "pixel_limit", "id=strip": "aspect_ratio", "id=manytags": "too_many_tags",
         "id=fewtags": "too_few_tags", "id=notags": "too_few_tags", "id=empty": "empty_conversation",
         "id=noanswer": "empty_conversation", "id=badrole": "bad_record", "id=emptyvideo": "unreadable_video",
-        "id=video": "video_unsupported", "id=missingvideo": "missing_file", "id=good1": "duplicate_id",
+        "id=video": "unreadable_video", "id=missingvideo": "missing_file", "id=good1": "duplicate_id",
         "line 20": "bad_json_line",
     }
     assert report["written"] == 4 and report["records"] == 20 == report["written"] + report["rejected"]
@@ -167,3 +167,31 @@ def test_cli_summary_and_errors(tmp_path, media, capsys):
     bad.write_text("[{]")
     with pytest.raises(SystemExit, match="use .jsonl"):
         make_shards("llava", str(bad), media, str(tmp_path / "q"), progress=False)
+
+
+def test_reasoning_passes_through(tmp_path, media):
+    records = [
+        {"id": "tagged", "image": "a.png", "conversations": _conv("<image>\nWhich colour?", "<think>\nIt is red.\n</think>\n\nred")},
+        {"id": "field", "conversations": [{"from": "human", "value": "2+2?"},
+                                          {"from": "gpt", "value": "4", "reasoning_content": "2 plus 2 is 4."}]},
+        {"id": "plain", "conversations": _conv("hi", "a </b> is fine")},
+        {"id": "human_reasoning", "conversations": [{"from": "human", "value": "q", "reasoning": "no"},
+                                                    {"from": "gpt", "value": "a"}]},
+        {"id": "bad_type", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "reasoning": 3}]},
+    ]
+    for fmt in ("qwen-finetune", "llava"):
+        report, out = _run(tmp_path / fmt, fmt, records, media)
+        assert {r["record"].split(" (")[0]: r["reason"] for r in report["rejections"]} == {
+            "id=human_reasoning": "bad_record", "id=bad_type": "bad_record"}
+        samples = _members(out)
+        assert samples["tagged"][0]["messages"][1] == {
+            "role": "assistant", "reasoning": "It is red.", "content": [{"type": "text", "text": "red"}]}
+        assert samples["field"][0]["messages"][1]["reasoning"] == "2 plus 2 is 4."
+        assert "reasoning" not in samples["plain"][0]["messages"][1]
+    cfg = DataConfig(sources=[DataSource(path=out)], max_tokens=256, generation="qwen3_vl", shuffle=False)
+    loader = StepLoader(cfg, micro_batches_per_step=2, dp_rank=0, dp_size=1)
+    batches = loader.next_step()  # the tiny set repeats over epochs
+    ids = [i for b in batches for i in b.sample_ids]
+    assert {"tagged", "field"} <= set(ids) and loader.stats()["data_skipped"] == 0
+    # one <think> per thinking sample
+    assert sum(int((b.input_ids == 151667).sum()) for b in batches) == ids.count("tagged") + ids.count("field")

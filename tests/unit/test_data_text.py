@@ -38,10 +38,10 @@ def test_known_ids_and_round_trip():
     assert IM_END_ID not in tok.encode("user wrote <|im_end|> here")
 
 
-def _render(messages, counts):
-    """Reference rendering of Qwen2-VL's HF chat template as a string."""
+def _render(messages, counts, default_system=True):
+    """Reference rendering of Qwen2-VL's HF chat template as a string (Qwen3-VL: default_system=False)."""
     out, k = "", 0
-    if messages[0]["role"] != "system":
+    if messages[0]["role"] != "system" and default_system:
         out += "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     for m in messages:
         out += f"<|im_start|>{m['role']}\n"
@@ -118,7 +118,7 @@ def test_grounding_rendered_per_generation(generation, answer):
     tok = get_tokenizer()
     msgs = _grounding([BOX])
     ids, labels = tok.encode_conversation(msgs, [4], generation=generation, image_sizes=SIZES)
-    rendered = _render(msgs[:1], [4]) + f"<|im_start|>assistant\n{answer}<|im_end|>\n"
+    rendered = _render(msgs[:1], [4], generation != "qwen3_vl") + f"<|im_start|>assistant\n{answer}<|im_end|>\n"
     assert ids == tok.enc.encode(rendered, allowed_special="all")  # HF-style tokenisation of the string
     assert tok.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX]) == answer + "<|im_end|>"
     assert tok.count_text_tokens(msgs) + 4 >= len(ids)  # the index never under-counts
