@@ -144,7 +144,7 @@ def decode_image(
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise BadImage(f"undecodable image: {type(e).__name__}: {e}") from e
-    img.info[_SOURCE_HW] = (h, w)
+    img.info[_SOURCE_HW] = ((h, w), img.size)
     return img
 
 
@@ -154,10 +154,13 @@ _SOURCE_HW = "source_hw"
 def source_hw(img: Image.Image) -> tuple[int, int]:
     """(height, width) of the image as stored: its size, or for an image that `decode_image` decoded
     at reduced scale (fast_decode), the size before that reduction. smart_resize targets and
-    grounding coordinates are computed from this size."""
-    hw = img.info.get(_SOURCE_HW)
-    if isinstance(hw, tuple) and len(hw) == 2 and all(isinstance(v, int) for v in hw):
-        return hw
+    grounding coordinates are computed from this size.
+
+    The record is trusted only while the image keeps the size it was decoded at: PIL copies `info`
+    into crops and resizes, which are new pictures of their own size."""
+    rec = img.info.get(_SOURCE_HW)
+    if isinstance(rec, tuple) and len(rec) == 2 and rec[1] == img.size:
+        return rec[0]
     return img.size[1], img.size[0]
 
 

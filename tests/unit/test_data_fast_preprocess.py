@@ -102,6 +102,8 @@ def test_fast_decode_on_large_jpeg_is_faster_and_close(large_jpeg):
     fast = decode_image(large_jpeg, fast_decode=True, **BOUNDS)
     # target 504x364 (w x h) is over 3x smaller on both sides: decoded at 1/2 scale (1/4 would be below it)
     assert fast.size == (800, 600) and source_hw(fast) == (1200, 1600) == source_hw(exact)
+    half = fast.resize((400, 300))  # a new picture (PIL copies info): its own size counts
+    assert source_hw(half) == (300, 400) and source_hw(fast.convert("L")) == (1200, 1600)
     pv_exact, grid_exact = patchify_image(exact, **_settings())
     pv_fast, grid_fast = patchify_image(fast, **_settings())
     assert grid_fast == grid_exact == (1, 26, 36)
