@@ -116,6 +116,10 @@ class DataConfig:
     """Lower pixel bound of `smart_resize`."""
     max_pixels: int = 28 * 28 * 1280
     """Upper pixel bound of `smart_resize` (caps the visual tokens of one image)."""
+    fast_decode: bool = False
+    """Decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg draft mode) when its smart_resize target is at
+    least that much smaller, then resize as usual. Faster on large photos; the pixels then differ
+    slightly from the HF reference (measured in benchmarks/RESULTS.md), so it is off by default."""
     trace: bool = False
     """Write `output_dir/data_trace/dp{R}.jsonl` with the sample ids of every micro-batch."""
     max_bad_fraction: float = 0.01
@@ -157,6 +161,8 @@ class DataConfig:
             raise ValueError("data.sources is empty; give at least one shard directory")
         if self.max_pixels < self.min_pixels:
             raise ValueError("data.max_pixels must be >= data.min_pixels")
+        if not isinstance(self.fast_decode, bool):
+            raise ValueError(f"data.fast_decode={self.fast_decode!r} must be true or false")
         if self.balance not in ("compute", "tokens", "none"):
             raise ValueError(f"data.balance={self.balance!r}; valid: compute, tokens, none")
         if self.pack_lookahead < 1:

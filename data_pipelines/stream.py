@@ -75,7 +75,7 @@ from data_pipelines.schema import IGNORE_INDEX, DataConfig, DataSource, PackedBa
 from data_pipelines.sources import resolve_source
 from data_pipelines.text import PAD_ID, QwenTokenizer, get_tokenizer, message_parts
 from data_pipelines.video import BadVideo, VideoSettings, preprocess_video_with
-from data_pipelines.vision import BadImage, decode_image, patchify_image, vision_spec
+from data_pipelines.vision import BadImage, decode_image, patchify_image, source_hw, vision_spec
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,10 @@ class SampleBuilder:
                 videos.append((feats.grid_thw, feats.frame_timestamps, feats.second_per_grid))
                 continue
             try:
-                img = decode_image(blob)
+                img = decode_image(
+                    blob, fast_decode=cfg.fast_decode, factor=cfg.patch_size * cfg.merge_size,
+                    min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                )
                 pv, grid = patchify_image(
                     img, patch_size=cfg.patch_size, temporal_patch_size=cfg.temporal_patch_size,
                     merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
@@ -176,7 +179,7 @@ class SampleBuilder:
             pixel_values.append(pv)
             grids.append(grid)
             kinds.append(0)
-            sizes[name] = ((img.size[1], img.size[0]), (grid[1] * cfg.patch_size, grid[2] * cfg.patch_size))
+            sizes[name] = (source_hw(img), (grid[1] * cfg.patch_size, grid[2] * cfg.patch_size))
             counts.append(grid[0] * grid[1] * grid[2] // merge2)
         try:
             ids, labels = self.tok.encode_conversation(
