@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     cpu = GPU("this CPU", 24, 1.0, 1.0, 1.0)
     work = Workload(args.tokens, args.tokens, visual_share=visual / batch.num_tokens,
                     label_share=batch.num_label_tokens / batch.num_tokens)
-    pred = predict(cfg, Layout(1, 1, 1, 1, 1, 1, 1, "none"), work, cpu, precision=FP32)
+    pred = predict(cfg, Layout(1, 1, 1, 1, 1, 1, 1, "none"), work, cpu, precision=FP32,
+                   expanded_kv=cfg.attention_backend == "sdpa_loop")
     m = {k: v * GiB for k, v in pred.memory_gib.items()}
     dynamic_pred = m["grads"] + m["activations"] + m["vision"] + m["logits"]
     static_pred = m["weights"] + m["optimizer"]

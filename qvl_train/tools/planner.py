@@ -13,12 +13,12 @@ micro-batches under 1F1B):
 * weights 2 B, gradients 4 B per parameter of this GPU's shard (dense parts / tp, experts / (ep·etp));
 * optimizer 12 B per parameter (fp32 master + two moments), divided by the data-parallel ranks that
   share that parameter (dp·cp for dense parts, the expert-data-parallel size for experts);
-* activations per token and layer, bytes (bf16; `_layer_activation_bytes`): layer inputs and norm
-  outputs, q/k/v, attention output, SwiGLU gate/up/product; MoE layers store the routed copies of
-  each token (top-k) and the dispatch buffers; divided by tp (sequence parallel) and cp. Full recompute
-  keeps only each layer's input plus one layer's working set; selective recompute drops the attention
-  internals (q/k/v) of the stored set. Times the micro-batches in flight on the first stage: pp under
-  1F1B, pp·(1 + (pp−1)/(pp·vpp)) interleaved;
+* activations: the tensors each LLM layer keeps for backward, per token (`_layer_activation_elements`:
+  norm inputs/outputs, q/k/v, unfused RoPE, attention output, SwiGLU; MoE layers keep each routed
+  copy), in the activation dtype, divided by tp (sequence parallel) and cp. Full recompute keeps only
+  each layer's input plus one layer's working set; selective recompute drops the RoPE and attention
+  internals. Times the micro-batches in flight on the first stage: pp under 1F1B,
+  pp·(1 + (pp−1)/(pp·vpp)) interleaved;
 * the ViT's activations for the micro-batch's visual tokens (4 patches per token), the loss' fp32
   logits at label positions on the last stage, and a fixed 4 GiB for the CUDA context, NCCL buffers
   and allocator fragmentation.
@@ -141,30 +141,44 @@ def _llm_parts(cfg: ModelConfig) -> dict[str, float]:
     return {"attn": attn, "dense_mlp": dense_mlp, "experts": experts, "embed": embed, "q": q, "kv": kv}
 
 
-def _layer_activation_bytes(cfg: ModelConfig, recompute: str) -> float:
-    """Stored bf16 bytes per token of one LLM layer before dividing by tp·cp (see module docstring)."""
+def _layer_activation_elements(cfg: ModelConfig, recompute: str, expanded_kv: bool = False) -> float:
+    """Stored activation elements per token of one LLM layer as this framework runs it (megatron-core
+    local layers, unfused RoPE), before dividing by tp·cp:
+
+    * two RMSNorm inputs and their outputs (the next matmul's input): 4h;
+    * the q/k/v projection output q + 2kv; unfused RoPE keeps rotate_half(q), rotate_half(k) and the
+      rotated q, k: 2(q + kv); the attention output (the output projection's input): q; flash/varlen
+      attention keeps no scores (`expanded_kv`: the CPU per-sample SDPA path also keeps GQA-expanded
+      k and v, 2q);
+    * SwiGLU: the fc1 output (gate and up) 2f and the product f; a MoE layer instead keeps, per routed
+      copy (top-k), the permuted token h, fc1 output 2f, product f and expert output h.
+    Full recompute keeps only the layer input (h); selective recompute drops the RoPE and attention
+    internals (recomputed from the q/k/v projection output).
+    """
     l = cfg.llm
     h, p = l.hidden_size, _llm_parts(cfg)
-    qkv = 2 * (p["q"] + 2 * p["kv"])
-    if l.num_experts:
-        k, f = l.moe_router_topk, l.moe_ffn_hidden_size
-        mlp = 2 * h + k * (2 * h + 6 * f)  # router input, routed (permuted) copies, gate/up/product per copy
-    else:
-        mlp = 2 * h + 6 * l.ffn_hidden_size
-    full = 4 * h + 2 * h + qkv + 2 * p["q"] + mlp  # two norm inputs, norm output, q/k/v, attention out, MLP
+    q, kv = p["q"], p["kv"]
     if recompute == "full":
-        return 2 * h
-    if recompute == "selective":
-        return full - qkv
-    return full
+        return h
+    if l.num_experts:
+        mlp = l.moe_router_topk * (2 * h + 3 * l.moe_ffn_hidden_size)
+    else:
+        mlp = 3 * l.ffn_hidden_size
+    attention_internals = 2 * (q + kv) + (2 * q if expanded_kv else 0)
+    full = 4 * h + (q + 2 * kv) + attention_internals + q + mlp
+    return full - attention_internals if recompute == "selective" else full
 
 
-def _vision_bytes_per_patch(cfg: ModelConfig) -> float:
+def _vision_elements_per_patch(cfg: ModelConfig) -> float:
+    """Stored ViT activation elements per patch (all blocks): per block the same items as an LLM layer
+    with q = k = v = hidden (4h norms, 3h q/k/v, 4h unfused 2-D RoPE, h attention output) and an MLP
+    keeping three inner-width tensors (fc1 output, activation internals, activation output); plus the
+    patch embedding's input row (C·T·P·P pixels)."""
     v = cfg.vision
     hv = v.hidden_size
     inner = v.intermediate_size or int(hv * v.mlp_ratio)
-    per_layer = 6 * hv + 2 * 3 * hv + 2 * hv + 2 * hv + (6 if v.mlp == "swiglu" else 4) * inner
-    return v.depth * per_layer
+    per_block = 12 * hv + 3 * inner
+    return v.depth * per_block + v.in_channels * v.temporal_patch_size * v.patch_size**2
 
 
 def _step_flops(cfg: ModelConfig, work: Workload) -> float:
@@ -183,9 +197,11 @@ def _step_flops(cfg: ModelConfig, work: Workload) -> float:
 
 # --------------------------------------------------------------------------- prediction
 def predict(
-    cfg: ModelConfig, layout: Layout, work: Workload, gpu: GPU, gpus_per_node: int = 8, precision: Precision = BF16_MIXED
+    cfg: ModelConfig, layout: Layout, work: Workload, gpu: GPU, gpus_per_node: int = 8, precision: Precision = BF16_MIXED,
+    expanded_kv: bool = False,
 ) -> Prediction:
-    """Memory per GPU (first pipeline stage) and step time of `layout`."""
+    """Memory per GPU (first pipeline stage) and step time of `layout` (`expanded_kv`: the CPU per-sample
+    SDPA attention path, which keeps GQA-expanded k/v; GPU backends do not)."""
     L, lo = cfg.llm.num_layers, layout
     counts, parts = count_parameters(cfg), _llm_parts(cfg)
     layers_first = math.ceil(L / lo.pp)
@@ -193,7 +209,7 @@ def predict(
     dense = (layers_first * (parts["attn"] + parts["dense_mlp"]) + parts["embed"] / (2 if lo.pp > 1 else 1)
              + counts["vision"] + counts["projector"]) / lo.tp
     experts = layers_first * parts["experts"] / (lo.ep * lo.etp)
-    pr, act = precision, precision.activation / 2  # activation formulas count bf16 bytes
+    pr, act = precision, precision.activation
     mem = {
         "weights": pr.weights * (dense + experts),
         "grads": pr.grads * (dense + experts),
@@ -202,12 +218,13 @@ def predict(
     tokens_per_rank = work.micro_tokens / lo.cp
     in_flight = lo.pp * (1 + (lo.pp - 1) / (lo.pp * lo.vpp)) if lo.vpp > 1 else lo.pp
     in_flight = min(in_flight, _micro_batches(work, lo))
-    per_layer = act * _layer_activation_bytes(cfg, lo.recompute) * tokens_per_rank / lo.tp
-    working = act * _layer_activation_bytes(cfg, "none") * tokens_per_rank / lo.tp if lo.recompute == "full" else 0.0
+    per_layer = act * _layer_activation_elements(cfg, lo.recompute, expanded_kv) * tokens_per_rank / lo.tp
+    working = act * _layer_activation_elements(cfg, "none", expanded_kv) * tokens_per_rank / lo.tp if lo.recompute == "full" else 0.0
     mem["activations"] = per_layer * layers_first * in_flight + working
     patches = 4 * work.visual_share * tokens_per_rank
-    mem["vision"] = act * _vision_bytes_per_patch(cfg) * patches / lo.tp * (in_flight if lo.recompute != "full" else 1)
-    mem["logits"] = 0.0 if lo.pp > 1 else 6 * work.label_share * tokens_per_rank * cfg.llm.vocab_size / lo.tp
+    mem["vision"] = act * _vision_elements_per_patch(cfg) * patches / lo.tp * (in_flight if lo.recompute != "full" else 1)
+    # the loss: the logits at label positions (activation dtype) and megatron's fp32 exp-logits
+    mem["logits"] = 0.0 if lo.pp > 1 else (act + 4) * work.label_share * tokens_per_rank * cfg.llm.vocab_size / lo.tp
     mem = {k: v / GiB for k, v in mem.items()}
     mem["fixed"] = FIXED_GIB
     mem["total"] = sum(mem.values())
