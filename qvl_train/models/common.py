@@ -54,9 +54,17 @@ def run_layer(layer, hidden_states: torch.Tensor, rotary_pos_emb: torch.Tensor, 
     def forward(h: torch.Tensor) -> torch.Tensor:
         return layer(hidden_states=h, attention_mask=None, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params)[0]
 
-    if layer.config.recompute_granularity == "full" and layer.training and torch.is_grad_enabled():
-        return tensor_parallel.checkpoint(forward, False, hidden_states)
-    return forward(hidden_states)
+    if not (layer.config.recompute_granularity == "full" and layer.training and torch.is_grad_enabled()):
+        return forward(hidden_states)
+    if layer.config.fp8:  # TE's checkpoint keeps the FP8 scaling state consistent across the recompute
+        from megatron.core import parallel_state
+        from megatron.core.extensions.transformer_engine import te_checkpoint  # noqa: PLC0415 (TE only with FP8)
+
+        return te_checkpoint(
+            forward, False, tensor_parallel.get_cuda_rng_tracker, parallel_state.get_tensor_model_parallel_group(),
+            hidden_states,
+        )
+    return tensor_parallel.checkpoint(forward, False, hidden_states)
 
 
 def make_transformer_config(

@@ -81,7 +81,7 @@ def resolve_fp8(mode: str) -> str | None:
         missing = fp8_missing()
         if missing:
             if not _FP8_OFF_LOGGED[0]:
-                log.info("train.fp8=auto: FP8 is off (no %s)", " and no ".join(missing))
+                log.info("train.fp8=auto: FP8 is off (missing: %s)", ", ".join(missing))
                 _FP8_OFF_LOGGED[0] = True
             return None
         return "hybrid"

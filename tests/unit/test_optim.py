@@ -124,7 +124,7 @@ def test_fp8_auto_decision(monkeypatch, caplog):
         assert specs.resolve_fp8("auto") is None
         assert specs.resolve_fp8("auto") is None
     notes = [r.getMessage() for r in caplog.records if "FP8 is off" in r.getMessage()]
-    assert notes == ["train.fp8=auto: FP8 is off (no Transformer Engine (pip install transformer-engine))"]
+    assert notes == ["train.fp8=auto: FP8 is off (missing: Transformer Engine (pip install transformer-engine))"]
 
 
 def test_execution_sets_transformer_config_fields():
@@ -169,9 +169,19 @@ def test_lr_vit_zero_keeps_the_vit_while_the_llm_moves():
     assert all(v for n, v in moved.items() if n.startswith(("llm.", "projector.")) and "embedding" not in n)
     assert result.lrs == {"vision": 0.0, "projector": 5e-4, "llm": 1e-3}
     assert {g["module"]: g["lr"] for g in engine.optimizer.param_groups} == result.lrs
-    # AdamW state is kept per parameter name: a checkpoint from a run with other groups loads
+    # AdamW state is kept per parameter name: a run with other groups (ViT frozen, one lr) resumes it
     state = engine.sharded_state_dict()["optimizer"]
     assert set(state) == {"steps"} | {f"{n}.{m}" for n in before for m in ("exp_avg", "exp_avg_sq")}
+    other = MegatronEngine(cfg, ParallelConfig(), OptimConfig(lr=1e-3), StageConfig("stage3_sft"), dims,
+                           seed=4, max_steps=5)
+    assert len(other.optimizer.param_groups) == 4 < len(engine.optimizer.param_groups) == 6
+    other.load_sharded({"model": engine.model.state_dict(), "optimizer": {k: v.data for k, v in state.items() if k != "steps"}},
+                       with_optimizer=True)
+    mine = dict(engine.model.named_parameters())
+    for name, p in other.model.named_parameters():
+        assert torch.equal(p, mine[name])
+        if p.requires_grad:
+            assert torch.equal(other.optimizer.state[p]["exp_avg_sq"], engine.optimizer.state[mine[name]]["exp_avg_sq"])
 
 
 def _saved_bytes_loss_grads(recompute: str, cfg):
