@@ -65,24 +65,20 @@ def fp8_missing() -> list[str]:
     return missing
 
 
-_FP8_OFF_LOGGED = [False]  # `auto` says once per process that FP8 is off, not once per tower
-
-
 def resolve_fp8(mode: str) -> str | None:
     """`train.fp8` → megatron's `TransformerConfig.fp8` ("hybrid" / "e4m3") or None (off).
 
     `auto` is "hybrid" where Transformer Engine and a GPU are present (then `resolve_spec_backend`
-    also picks the TE specs, whose linear layers run the FP8 GEMMs); elsewhere it logs once that FP8
-    is off and why. Explicit modes are checked by `TrainConfig.validate` before anything starts.
+    also picks the TE specs, whose linear layers run the FP8 GEMMs); elsewhere it logs that FP8 is
+    off and why (the engine resolves it once per run and hands the result to every tower).
+    Explicit modes are checked by `TrainConfig.validate` before anything starts.
     """
     if mode == "off":
         return None
     if mode == "auto":
         missing = fp8_missing()
         if missing:
-            if not _FP8_OFF_LOGGED[0]:
-                log.info("train.fp8=auto: FP8 is off (missing: %s)", ", ".join(missing))
-                _FP8_OFF_LOGGED[0] = True
+            log.info("train.fp8=auto: FP8 is off (missing: %s)", ", ".join(missing))
             return None
         return "hybrid"
     if mode in ("hybrid", "e4m3"):
