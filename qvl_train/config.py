@@ -15,6 +15,10 @@ from typing import Any, Optional
 from data_pipelines.schema import GENERATIONS, DataConfig, DataSource
 
 STAGES = ("stage1_align", "stage2_multitask", "stage3_sft")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+DECAY_STYLES = ("linear", "cosine", "sqrt")
+RECOMPUTE = ("none", "selective", "full")
+FP8_MODES = ("off", "auto", "hybrid", "e4m3")
 IMPLEMENTED_GENERATIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
@@ -235,9 +239,14 @@ class OptimConfig:
     """AdamW and the learning-rate schedule (config group `optim/`)."""
 
     lr: float = 1e-5
-    """Peak learning rate."""
+    """Peak learning rate (of the LLM, and of the ViT / projector unless lr_vit / lr_projector say otherwise)."""
+    lr_vit: Optional[float] = None
+    """Peak learning rate of the vision encoder (`vision.*`); None = optim.lr. 0 keeps it fixed
+    while it still gets gradients (unlike a frozen stage)."""
+    lr_projector: Optional[float] = None
+    """Peak learning rate of the projector / merger (`projector.*`); None = optim.lr."""
     min_lr: float = 0.0
-    """Floor of the decay."""
+    """Floor of the decay for optim.lr; a module with its own peak decays to min_lr · peak / lr."""
     weight_decay: float = 0.1
     """Decoupled weight decay (not applied to norms and biases)."""
     beta1: float = 0.9
@@ -249,15 +258,44 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warmup steps."""
     schedule: str = "cosine"
-    """cosine | linear | constant decay after warmup."""
+    """cosine | linear | constant decay after warmup, or wsd: warmup → stable at the peak → decay over
+    the last decay_fraction of train.max_steps (shape decay_style), reaching min_lr at the last step."""
+    decay_fraction: float = 0.1
+    """schedule=wsd: share of train.max_steps spent decaying (0 < f <= 1)."""
+    decay_style: str = "linear"
+    """schedule=wsd: shape of the decay: linear | cosine | sqrt (1 - sqrt(progress), as MiniCPM's WSD)."""
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 = off)."""
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"optim.schedule={self.schedule!r}; valid: cosine, linear, constant")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.decay_style not in DECAY_STYLES:
+            raise ConfigError(f"optim.decay_style={self.decay_style!r}; valid: {', '.join(DECAY_STYLES)}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1], e.g. 0.1")
         if self.lr <= 0:
             raise ConfigError("optim.lr must be > 0")
+        for key in ("lr_vit", "lr_projector"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ConfigError(f"optim.{key}={value} must be >= 0 (or null to use optim.lr)")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
+        if self.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps must be >= 0")
+
+    def peak_lrs(self) -> dict[str, float]:
+        """Peak learning rate per module (vision / projector / llm)."""
+        return {
+            "vision": self.lr if self.lr_vit is None else self.lr_vit,
+            "projector": self.lr if self.lr_projector is None else self.lr_projector,
+            "llm": self.lr,
+        }
+
+    def wsd_decay_steps(self, max_steps: int) -> int:
+        """schedule=wsd: number of final steps that decay (at least 1)."""
+        return max(1, round(self.decay_fraction * max_steps))
 
 
 @dataclass
@@ -284,6 +322,13 @@ class TrainLoopConfig:
     straggler_threshold: float = 1.25
     """At each logged step, warn about ranks whose own step time (data + forward/backward) exceeds this
     × the median over ranks; 0 = no warning (the `straggler/*` metrics are written anyway)."""
+    recompute: str = "none"
+    """Activation recomputation (ViT and LLM): none | selective (core attention is recomputed in the
+    backward: saves the attention inputs only) | full (each transformer layer keeps only its input
+    and is recomputed in the backward: least memory, ~1/3 more compute)."""
+    fp8: str = "off"
+    """Transformer Engine FP8 GEMMs: off | auto (on, as hybrid, when Transformer Engine imports and a GPU
+    is present; otherwise off, logged once) | hybrid (E4M3 forward, E5M2 gradients) | e4m3 (E4M3 both)."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -298,6 +343,10 @@ class TrainLoopConfig:
             raise ConfigError("train.peak_tflops must be >= 0 (0 = look up the GPU)")
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"train.dtype={self.dtype!r}; valid: fp32, bf16")
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError(f"train.recompute={self.recompute!r}; valid: {', '.join(RECOMPUTE)}")
+        if self.fp8 not in FP8_MODES:
+            raise ConfigError(f"train.fp8={self.fp8!r}; valid: {', '.join(FP8_MODES)}")
 
 
 @dataclass
@@ -472,6 +521,26 @@ class TrainConfig:
                 f"{micro} micro-batches per step (train.global_batch_tokens / data.max_tokens) are not "
                 f"divisible by the data-parallel size {dp}; change train.global_batch_tokens"
             )
+
+        self._validate_optim_and_precision()
+
+    def _validate_optim_and_precision(self) -> None:
+        """WSD phases fit in the run; an explicit FP8 mode has Transformer Engine and a GPU."""
+        o, t = self.optim, self.train
+        if o.schedule == "wsd" and o.warmup_steps > t.max_steps - o.wsd_decay_steps(t.max_steps):
+            raise ConfigError(
+                f"optim.warmup_steps={o.warmup_steps} overlaps the WSD decay (the last {o.wsd_decay_steps(t.max_steps)} "
+                f"of train.max_steps={t.max_steps}); lower optim.warmup_steps or optim.decay_fraction"
+            )
+        if t.fp8 in ("hybrid", "e4m3"):
+            from qvl_train.models.specs import fp8_missing
+
+            missing = fp8_missing()
+            if missing:
+                raise ConfigError(
+                    f"train.fp8={t.fp8} needs {' and '.join(missing)}; use train.fp8=off "
+                    "(or train.fp8=auto to use FP8 only where it is available)"
+                )
 
     def micro_batches_per_step(self) -> int:
         return self.train.global_batch_tokens // self.data.max_tokens

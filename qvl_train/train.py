@@ -117,7 +117,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
     engine = MegatronEngine(
         cfg.model, cfg.parallel, cfg.optim, cfg.stage, dims,
-        seed=cfg.seed, max_steps=cfg.train.max_steps, dtype=dtype,
+        seed=cfg.seed, max_steps=cfg.train.max_steps, dtype=dtype, recompute=cfg.train.recompute, fp8=cfg.train.fp8,
     )
     micro = cfg.micro_batches_per_step()
     loader = StepLoader(cfg.data, micro_batches_per_step=micro, dp_rank=dims.dp_rank, dp_size=dims.dp)
