@@ -169,16 +169,20 @@ def _layer_activation_elements(cfg: ModelConfig, recompute: str, expanded_kv: bo
     return full - attention_internals if recompute == "selective" else full
 
 
-def _vision_elements_per_patch(cfg: ModelConfig) -> float:
+def _vision_elements_per_patch(cfg: ModelConfig, recompute: str = "none", in_flight: float = 1.0) -> float:
     """Stored ViT activation elements per patch (all blocks): per block the same items as an LLM layer
     with q = k = v = hidden (4h norms, 3h q/k/v, 4h unfused 2-D RoPE, h attention output) and an MLP
     keeping three inner-width tensors (fc1 output, activation internals, activation output); plus the
-    patch embedding's input row (C·T·P·P pixels)."""
+    patch embedding's input row (C·T·P·P pixels); times the micro-batches in flight. Full recompute keeps
+    each block's input and one block's working set."""
     v = cfg.vision
     hv = v.hidden_size
     inner = v.intermediate_size or int(hv * v.mlp_ratio)
     per_block = 12 * hv + 3 * inner
-    return v.depth * per_block + v.in_channels * v.temporal_patch_size * v.patch_size**2
+    pixels = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    if recompute == "full":  # each block's input per micro-batch in flight, one block's working set
+        return in_flight * (v.depth * hv + pixels) + per_block
+    return in_flight * (v.depth * per_block + pixels)
 
 
 def _step_flops(cfg: ModelConfig, work: Workload) -> float:
@@ -222,7 +226,7 @@ def predict(
     working = act * _layer_activation_elements(cfg, "none", expanded_kv) * tokens_per_rank / lo.tp if lo.recompute == "full" else 0.0
     mem["activations"] = per_layer * layers_first * in_flight + working
     patches = 4 * work.visual_share * tokens_per_rank
-    mem["vision"] = act * _vision_elements_per_patch(cfg) * patches / lo.tp * (in_flight if lo.recompute != "full" else 1)
+    mem["vision"] = act * _vision_elements_per_patch(cfg, lo.recompute, in_flight) * patches / lo.tp
     # the loss: the logits at label positions (activation dtype) and megatron's fp32 exp-logits
     mem["logits"] = 0.0 if lo.pp > 1 else (act + 4) * work.label_share * tokens_per_rank * cfg.llm.vocab_size / lo.tp
     mem = {k: v / GiB for k, v in mem.items()}
