@@ -175,9 +175,10 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
                     if rank0:
                         metrics.write(record)
                         name = record["source"]
-                        wandb.log({f"eval/{name}/loss": record["loss"],
-                                   f"eval/{name}/label_tokens": record["label_tokens"]}, step=state.step)
-                        log.info("eval        step %d  %s  loss %.4f", state.step, name, record["loss"])
+                        wandb.log({f"eval/{name}/{k}": record[k] for k in ("loss", "accuracy", "label_tokens")},
+                                  step=state.step)
+                        log.info("eval        step %d  %s  loss %.4f  exact match %.1f%% of %d",
+                                 state.step, name, record["loss"], 100 * record["accuracy"], record["answers"])
 
             # Checkpoint: never after the bad-step limit; no periodic save inside a bad streak, so
             # `latest` stays a checkpoint written after a finite step.

@@ -1,6 +1,6 @@
 """Held-out evaluation during training (2 CPU processes): `"kind": "eval"` lines per `data.valid`
-source every `eval.every` steps, the same micro-batches each time, the same loss in another layout,
-and training itself unchanged by it."""
+source every `eval.every` steps, the same micro-batches each time, the same loss and greedy exact-match
+accuracy in another layout, and training itself unchanged by it."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def test_eval_lines_per_source_and_training_unchanged(tmp_path, data_root, valid
         at2, at4 = [r for r in evals if r["source"] == source]
         assert at2["label_tokens"] == at4["label_tokens"] > 0  # the same held-out batches each time
         assert 0 < at4["loss"] < 20 and at4["loss"] != at2["loss"]  # the weights moved in between
+        assert at2["answers"] == at4["answers"] > 0 and 0 <= at4["accuracy"] <= 1
     assert evals[0]["loss"] != evals[1]["loss"]  # each source on its own
 
     plain, none = _train(tmp_path, data_root, "plain")
@@ -56,7 +57,8 @@ def test_eval_lines_per_source_and_training_unchanged(tmp_path, data_root, valid
 
     _, tp_evals = _train(tmp_path, data_root, "tp2", "parallel.tp=2", *with_eval)
     for a, b in zip(evals, tp_evals):
-        assert (a["step"], a["source"], a["label_tokens"]) == (b["step"], b["source"], b["label_tokens"])
+        keys = ("step", "source", "label_tokens", "answers", "accuracy")
+        assert [a[k] for k in keys] == [b[k] for k in keys]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)  # layout-independent held-out loss
 
 
