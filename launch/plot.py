@@ -1,7 +1,8 @@
 """Training curves for people without wandb:  python launch/plot.py OUTPUT_DIR [--out PNG]
 
 Reads OUTPUT_DIR/metrics.jsonl and draws one PNG (default OUTPUT_DIR/metrics.png) with a panel each
-for loss (train, plus held-out loss per source from `"kind": "eval"` lines), tokens/s, MFU (when the
+for loss (train, plus held-out loss per source from `"kind": "eval"` lines), held-out exact-match
+accuracy (when evaluated), tokens/s, MFU (when the
 run reported it: on GPUs with a known peak or `train.peak_tflops`), learning rate and gradient norm
 (total and per module). Uses matplotlib's Agg backend, so it runs on a login node without a display.
 """
@@ -38,11 +39,13 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 def panels(train: list[dict], evals: list[dict]) -> list[tuple[str, list[tuple[str, list, list]]]]:
     """[(title, [(label, steps, values), ...]), ...]: what each panel draws; empty panels left out."""
     loss = [("train", *_series(train, "loss"))]
-    for source in sorted({r["source"] for r in evals}):
-        loss.append((f"eval {source}", *_series([r for r in evals if r["source"] == source], "loss")))
+    sources = sorted({r["source"] for r in evals})
+    by_source = {s: [r for r in evals if r["source"] == s] for s in sources}
+    loss += [(f"eval {s}", *_series(by_source[s], "loss")) for s in sources]
     modules = sorted(k for k in train[-1] if k.startswith("grad_norm/"))
     out = [
         ("loss", loss),
+        ("held-out exact match (greedy)", [(f"eval {s}", *_series(by_source[s], "accuracy")) for s in sources]),
         ("tokens / s", [("tokens/s", *_series(train, "tokens_per_s"))]),
         ("MFU", [("mfu", *_series(train, "mfu"))]),
         ("learning rate", [("lr", *_series(train, "lr"))]),
