@@ -98,6 +98,9 @@ class DataConfig:
 
     sources: list[DataSource] = field(default_factory=lambda: [DataSource()])
     """Shard sources; each a directory with an `index.json` (see README: shard format)."""
+    valid: list[DataSource] = field(default_factory=list)
+    """Held-out shard sources (same format as `sources`), each evaluated separately every `eval.every`
+    steps; never part of the training stream. Make one with the synth factory and another `--seed`."""
     max_tokens: int = 2048
     """Token budget of one packed micro-batch sequence (text + visual tokens, padding fills the rest)."""
     seed: int = 1234
@@ -195,17 +198,18 @@ class DataConfig:
 
     def _check_source_caps(self) -> None:
         """Per-source caps must make sense next to the run-wide ones."""
-        for i, src in enumerate(self.sources):
-            if src.max_tokens is not None and src.max_tokens > self.max_tokens:
-                raise ValueError(
-                    f"data.sources[{i}].max_tokens={src.max_tokens} exceeds data.max_tokens={self.max_tokens} "
-                    "(one packed sequence); lower it or drop it"
-                )
-            if src.max_pixels is not None and src.max_pixels < self.min_pixels:
-                raise ValueError(
-                    f"data.sources[{i}].max_pixels={src.max_pixels} is below data.min_pixels={self.min_pixels}; "
-                    "raise it or lower data.min_pixels"
-                )
+        for key, sources in (("sources", self.sources), ("valid", self.valid)):
+            for i, src in enumerate(sources):
+                if src.max_tokens is not None and src.max_tokens > self.max_tokens:
+                    raise ValueError(
+                        f"data.{key}[{i}].max_tokens={src.max_tokens} exceeds data.max_tokens={self.max_tokens} "
+                        "(one packed sequence); lower it or drop it"
+                    )
+                if src.max_pixels is not None and src.max_pixels < self.min_pixels:
+                    raise ValueError(
+                        f"data.{key}[{i}].max_pixels={src.max_pixels} is below data.min_pixels={self.min_pixels}; "
+                        "raise it or lower data.min_pixels"
+                    )
 
 
 @dataclass

@@ -385,6 +385,23 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation during training (config group key `eval`; sources: `data.valid`)."""
+
+    every: int = 0
+    """Evaluate every N steps (forward only, loss per `data.valid` source); 0 = off."""
+    max_batches: int = 8
+    """Packed micro-batches (of data.max_tokens) per source and evaluation, over all data-parallel
+    ranks; the same ones every time (a multiple of the data-parallel size)."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError("eval.every must be >= 0 (0 = no evaluation)")
+        if self.max_batches < 1:
+            raise ConfigError("eval.max_batches must be >= 1")
+
+
+@dataclass
 class WandbConfig:
     """Weights & Biases logging (config group key `wandb`)."""
 
@@ -450,6 +467,7 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -521,6 +539,19 @@ class TrainConfig:
                 f"{micro} micro-batches per step (train.global_batch_tokens / data.max_tokens) are not "
                 f"divisible by the data-parallel size {dp}; change train.global_batch_tokens"
             )
+        self._validate_eval(dp)
+
+    def _validate_eval(self, dp: int) -> None:
+        if self.eval.every and not self.data.valid:
+            raise ConfigError(
+                f"eval.every={self.eval.every} but data.valid is empty; add held-out sources "
+                "(data.valid=[{path: DIR}]) or set eval.every=0"
+            )
+        if self.eval.every and self.eval.max_batches % dp:
+            raise ConfigError(
+                f"eval.max_batches={self.eval.max_batches} is not divisible by the data-parallel size {dp}; "
+                "change eval.max_batches"
+            )
 
         self._validate_optim_and_precision()
 
@@ -577,6 +608,7 @@ __all__ = [
     "OptimConfig",
     "TrainLoopConfig",
     "CheckpointConfig",
+    "EvalConfig",
     "WandbConfig",
     "EngineConfig",
     "ClusterConfig",

@@ -246,6 +246,32 @@ class MegatronEngine:
             timings={"fwd_bwd_s": t1 - t0, "optimizer_s": t2 - t1}, lrs=lrs,
         )
 
+    def eval_step(self, batches: list[PackedBatch]) -> tuple[float, int]:
+        """Forward only over this rank's `batches` (megatron's forward_only schedule, no gradients,
+        optimizer untouched) → (Σ token cross-entropy, label tokens), both summed over every
+        data-parallel rank. Their ratio is the global per-label-token mean, as in `train_step`."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        dims, device = self.dims, self.dims.device
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # [Σ CE, label tokens]
+        self.model.eval()
+        with torch.no_grad():
+            losses = get_forward_backward_func()(
+                forward_step_func=partial(_forward_step, denom=1.0, device=device),
+                data_iterator=iter(batches),
+                model=[self.model],
+                num_microbatches=len(batches),
+                seq_length=batches[0].num_slots,
+                micro_batch_size=1,
+                forward_only=True,
+            )
+        self.model.train()
+        if dims.is_last_stage and dims.tp_rank == 0:  # one contributor per data-parallel rank
+            sums[0] = sum(float(x["loss_sum"]) for x in losses)
+            sums[1] = sum(b.num_label_tokens for b in batches)
+        dist.all_reduce(sums, group=dims.groups["world"])
+        return float(sums[0]), int(sums[1])
+
     def _allreduce_grads(self) -> None:
         """Sum gradients over data-parallel ranks in one flat buffer (grads already carry 1/G)."""
         if self.dims.dp == 1:
