@@ -73,16 +73,22 @@ def main(argv=None) -> int:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
+    saved = _saved_by_part(engine, batch)
     running = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
     peak = params + moments + max(running)
     dims.destroy()
 
     n = count_parameters(cfg)["total"]
     cpu = GPU("this CPU", 24, 1.0, 1.0, 1.0)
+    cu = batch.cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    grids = batch.grid_thw.reshape(-1, 3).prod(-1).tolist()
     work = Workload(args.tokens, args.tokens, visual_share=visual / batch.num_tokens,
-                    label_share=batch.num_label_tokens / batch.num_tokens)
-    pred = predict(cfg, Layout(1, 1, 1, 1, 1, 1, 1, "none"), work, cpu, precision=FP32,
-                   expanded_kv=cfg.attention_backend == "sdpa_loop")
+                    label_share=batch.num_label_tokens / batch.num_tokens,
+                    sample_tokens=sum(n * n for n in lengths) / sum(lengths),  # E[s²]/E[s]: attention per token
+                    image_patches=sum(n * n for n in grids) / sum(grids))
+    attention = "math" if cfg.attention_backend == "sdpa_loop" else "flash"
+    pred = predict(cfg, Layout(1, 1, 1, 1, 1, 1, 1, "none"), work, cpu, precision=FP32, attention=attention)
     m = {k: v * GiB for k, v in pred.memory_gib.items()}
     dynamic_pred = m["grads"] + m["activations"] + m["vision"] + m["logits"]
     static_pred = m["weights"] + m["optimizer"]
@@ -98,9 +104,67 @@ def main(argv=None) -> int:
     for name, p, q in rows:
         fmt = (lambda x: f"{x:,.0f}") if "count" in name else (lambda x: f"{x:.3f}")
         print(f"| {name} | {fmt(p)} | {fmt(q)} | {p / q:.3f} |")
+    from qvl_train.tools.planner import _layer_activation_elements, _vision_elements_per_patch
+
+    patches = int(batch.grid_thw.prod(-1).sum())
+    parts = [
+        ("one LLM layer, bytes per token",
+         4 * _layer_activation_elements(cfg, "none", attention, work.sample_tokens),
+         saved["llm_layer"] / cfg.llm.num_layers / args.tokens),
+        ("ViT, bytes per patch", 4 * _vision_elements_per_patch(cfg, attention=attention, image_patches=work.image_patches),
+         saved["vision"] / patches),
+        ("loss (output layer + cross-entropy), bytes per label token", 4 * cfg.llm.vocab_size,
+         saved["loss"] / batch.num_label_tokens),
+    ]
+    print("\nTensors saved for backward (saved_tensors_hooks, parameters excluded), by part:\n")
+    print("| part | predicted | measured | predicted / measured |\n|---|---|---|---|")
+    for name, p, q in parts:
+        print(f"| {name} | {p:,.0f} | {q:,.0f} | {p / q:.3f} |")
     within = abs((static_pred + dynamic_pred) / peak - 1) <= 0.15
     print(f"\npeak within 15%: {'yes' if within else 'NO'}")
     return 0 if within else 1
+
+
+def _saved_by_part(engine, batch) -> dict[str, int]:
+    """Bytes of the tensors autograd saves for backward in one forward, by part of the model: the ViT
+    (+ projector), the LLM decoder layers, the rest (the output layer and the loss); parameters and
+    tensors already counted (views of one storage) are skipped."""
+    import torch.nn as nn
+
+    params = {p.untyped_storage().data_ptr() for p in engine.model.parameters()}
+    seen: set[int] = set()
+    totals = {"vision": 0, "llm_layer": 0, "loss": 0}
+    where = ["loss"]
+
+    def tag(name):
+        def pre(module, args):
+            where.append(name)
+
+        def post(module, args, out):
+            where.pop()
+        return pre, post
+
+    handles = []
+    model = engine.model
+    targets: list[tuple[nn.Module, str]] = [(model.vision, "vision"), (model.projector, "vision")]
+    targets += [(layer, "llm_layer") for layer in model.llm.decoder.layers]
+    for module, name in targets:
+        pre, post = tag(name)
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen.add(ptr)
+            totals[where[-1]] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(batch).sum()
+    del loss
+    for h in handles:
+        h.remove()
+    return totals
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Iterable, Optional
 
 from qvl_train.config import ModelConfig
@@ -125,6 +126,8 @@ class Workload:
     global_tokens: int  # tokens of one optimizer step (train.global_batch_tokens)
     visual_share: float = 0.5  # share of LLM tokens that are visual (ViT work: 4 patches each)
     label_share: float = 0.5  # share of tokens carrying loss (logits computed only there)
+    sample_tokens: float = 1024  # mean tokens of one packed sample (attention memory of the CPU path)
+    image_patches: float = 1024  # mean ViT patches of one image (attention memory of the CPU path)
 
 
 # --------------------------------------------------------------------------- model arithmetic
@@ -141,46 +144,53 @@ def _llm_parts(cfg: ModelConfig) -> dict[str, float]:
     return {"attn": attn, "dense_mlp": dense_mlp, "experts": experts, "embed": embed, "q": q, "kv": kv}
 
 
-def _layer_activation_elements(cfg: ModelConfig, recompute: str, expanded_kv: bool = False) -> float:
-    """Stored activation elements per token of one LLM layer as this framework runs it (megatron-core
-    local layers, unfused RoPE), before dividing by tp·cp:
+def _layer_activation_elements(cfg: ModelConfig, recompute: str, attention: str = "flash", sample_tokens: float = 1024) -> float:
+    """Activation elements one LLM layer keeps for backward, per token, as this framework's layers
+    (megatron-core local spec, unfused RMSNorm / RoPE / SwiGLU) store them — itemised from the tensors
+    `benchmarks/plan_memory.py` sees autograd save — before dividing by tp·cp:
 
-    * two RMSNorm inputs and their outputs (the next matmul's input): 4h;
-    * the q/k/v projection output q + 2kv; unfused RoPE keeps rotate_half(q), rotate_half(k) and the
-      rotated q, k: 2(q + kv); the attention output (the output projection's input): q; flash/varlen
-      attention keeps no scores (`expanded_kv`: the CPU per-sample SDPA path also keeps GQA-expanded
-      k and v, 2q);
-    * SwiGLU: the fc1 output (gate and up) 2f and the product f; a MoE layer instead keeps, per routed
-      copy (top-k), the permuted token h, fc1 output 2f, product f and expert output h.
-    Full recompute keeps only the layer input (h); selective recompute drops the RoPE and attention
-    internals (recomputed from the q/k/v projection output).
+    * each RMSNorm keeps its input, the normalised tensor and its output (the next matmul's input): 6h;
+    * RoPE keeps cos and sin for q and k: 4·head_dim; the output projection keeps the attention output: q;
+    * attention: `flash` (GPU kernels) keeps q, k, v: q + 2kv; `math` (the CPU per-sample SDPA path)
+      keeps q, the GQA-expanded k and v and a transposed k copy (3q, the output counted above) and the
+      softmax probabilities, heads × the sample's length per token;
+    * SwiGLU keeps the fc1 output (2f) and three f-wide products of the unfused gate: 5f; a MoE layer
+      keeps, per routed copy (top-k), the permuted token (h), the same 5f of its expert and its output (h).
+    Full recompute keeps only the layer input (h); selective recompute drops the attention's own
+    tensors (recomputed from the q/k/v projection).
     """
     l = cfg.llm
     h, p = l.hidden_size, _llm_parts(cfg)
     q, kv = p["q"], p["kv"]
+    d = l.head_dim or h // l.num_attention_heads
     if recompute == "full":
         return h
     if l.num_experts:
-        mlp = l.moe_router_topk * (2 * h + 3 * l.moe_ffn_hidden_size)
+        mlp = l.moe_router_topk * (2 * h + 5 * l.moe_ffn_hidden_size)
     else:
-        mlp = 3 * l.ffn_hidden_size
-    attention_internals = 2 * (q + kv) + (2 * q if expanded_kv else 0)
-    full = 4 * h + (q + 2 * kv) + attention_internals + q + mlp
-    return full - attention_internals if recompute == "selective" else full
+        mlp = 5 * l.ffn_hidden_size
+    core = q + 2 * kv if attention == "flash" else 3 * q + l.num_attention_heads * sample_tokens
+    full = 6 * h + 4 * d + q + core + mlp
+    return full - core if recompute == "selective" else full
 
 
-def _vision_elements_per_patch(cfg: ModelConfig, recompute: str = "none", in_flight: float = 1.0) -> float:
-    """Stored ViT activation elements per patch (all blocks): per block the same items as an LLM layer
-    with q = k = v = hidden (4h norms, 3h q/k/v, 4h unfused 2-D RoPE, h attention output) and an MLP
-    keeping three inner-width tensors (fc1 output, activation internals, activation output); plus the
-    patch embedding's input row (C·T·P·P pixels); times the micro-batches in flight. Full recompute keeps
-    each block's input and one block's working set."""
+def _vision_elements_per_patch(
+    cfg: ModelConfig, recompute: str = "none", in_flight: float = 1.0, attention: str = "flash", image_patches: float = 1024
+) -> float:
+    """ViT activation elements per patch (all blocks), itemised like an LLM layer: two LayerNorms keep
+    input and output (4h, h = the ViT width) and the output projection its input (h); RoPE cos/sin
+    (4·head_dim); attention q, k, v (3h) with `flash`, or q, k, v, a transposed k (4h) and the
+    probabilities (heads × the image's patches) with `math`; the MLP its fc1 output and the activation
+    output (2 × inner; SwiGLU: 5 × inner); plus the patch embedding's input row (C·T·P·P pixels); times
+    the micro-batches in flight. Full recompute keeps each block's input and one block's working set."""
     v = cfg.vision
     hv = v.hidden_size
     inner = v.intermediate_size or int(hv * v.mlp_ratio)
-    per_block = 12 * hv + 3 * inner
+    d = hv // v.num_heads
+    core = 3 * hv if attention == "flash" else 4 * hv + v.num_heads * image_patches
+    per_block = 5 * hv + 4 * d + core + (5 if v.mlp == "swiglu" else 2) * inner
     pixels = v.in_channels * v.temporal_patch_size * v.patch_size**2
-    if recompute == "full":  # each block's input per micro-batch in flight, one block's working set
+    if recompute == "full":
         return in_flight * (v.depth * hv + pixels) + per_block
     return in_flight * (v.depth * per_block + pixels)
 
@@ -202,10 +212,10 @@ def _step_flops(cfg: ModelConfig, work: Workload) -> float:
 # --------------------------------------------------------------------------- prediction
 def predict(
     cfg: ModelConfig, layout: Layout, work: Workload, gpu: GPU, gpus_per_node: int = 8, precision: Precision = BF16_MIXED,
-    expanded_kv: bool = False,
+    attention: str = "flash",
 ) -> Prediction:
-    """Memory per GPU (first pipeline stage) and step time of `layout` (`expanded_kv`: the CPU per-sample
-    SDPA attention path, which keeps GQA-expanded k/v; GPU backends do not)."""
+    """Memory per GPU (first pipeline stage) and step time of `layout` (`attention="math"`: the CPU
+    per-sample SDPA path, which keeps the softmax probabilities; GPU kernels keep none)."""
     L, lo = cfg.llm.num_layers, layout
     counts, parts = count_parameters(cfg), _llm_parts(cfg)
     layers_first = math.ceil(L / lo.pp)
@@ -222,13 +232,15 @@ def predict(
     tokens_per_rank = work.micro_tokens / lo.cp
     in_flight = lo.pp * (1 + (lo.pp - 1) / (lo.pp * lo.vpp)) if lo.vpp > 1 else lo.pp
     in_flight = min(in_flight, _micro_batches(work, lo))
-    per_layer = act * _layer_activation_elements(cfg, lo.recompute, expanded_kv) * tokens_per_rank / lo.tp
-    working = act * _layer_activation_elements(cfg, "none", expanded_kv) * tokens_per_rank / lo.tp if lo.recompute == "full" else 0.0
+    elements = partial(_layer_activation_elements, cfg, attention=attention, sample_tokens=work.sample_tokens)
+    per_layer = act * elements(lo.recompute) * tokens_per_rank / lo.tp
+    working = act * elements("none") * tokens_per_rank / lo.tp if lo.recompute == "full" else 0.0
     mem["activations"] = per_layer * layers_first * in_flight + working
     patches = 4 * work.visual_share * tokens_per_rank
-    mem["vision"] = act * _vision_elements_per_patch(cfg, lo.recompute, in_flight) * patches / lo.tp
-    # the loss: the logits at label positions (activation dtype) and megatron's fp32 exp-logits
-    mem["logits"] = 0.0 if lo.pp > 1 else (act + 4) * work.label_share * tokens_per_rank * cfg.llm.vocab_size / lo.tp
+    vit = _vision_elements_per_patch(cfg, lo.recompute, in_flight, attention, work.image_patches)
+    mem["vision"] = act * vit * patches / lo.tp
+    # the loss keeps megatron's fp32 softmax of the logits at label positions for backward
+    mem["logits"] = 0.0 if lo.pp > 1 else 4 * work.label_share * tokens_per_rank * cfg.llm.vocab_size / lo.tp
     mem = {k: v / GiB for k, v in mem.items()}
     mem["fixed"] = FIXED_GIB
     mem["total"] = sum(mem.values())
