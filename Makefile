@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCHRUN := $(VENV)/bin/torchrun
 SYNTH := data/synth
+VALID := data/synth_valid
 DEMO_OUT ?= outputs/demo
 NPROC ?= 2
 
@@ -17,14 +18,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	@touch $@
 
-data: $(SYNTH)/index.json
+data: $(SYNTH)/index.json $(VALID)/index.json
 
 $(SYNTH)/index.json: | setup
 	$(PY) -m data_pipelines.synth --out $(SYNTH) --num-samples 2000 --seed 0
 
+# held-out questions of the same factory (another seed): the demo's evaluation
+$(VALID)/index.json: | setup
+	$(PY) -m data_pipelines.synth --out $(VALID) --num-samples 200 --seed 1
+
 demo: setup data
 	rm -rf $(DEMO_OUT)
-	$(TORCHRUN) --nproc_per_node=$(NPROC) launch/train.py +experiment=tiny output_dir=$(DEMO_OUT)
+	$(TORCHRUN) --nproc_per_node=$(NPROC) launch/train.py +experiment=tiny output_dir=$(DEMO_OUT) \
+	  eval.every=50 eval.max_batches=4 'data.valid=[{path:$${cluster.data_root}/synth_valid}]'
 	$(PY) -m qvl_train.monitor.summary $(DEMO_OUT)
 
 test: setup data
@@ -39,4 +45,4 @@ gpu-wheels: setup
 	  -d build/wheels $(GPU_WHEELS)
 
 clean:
-	rm -rf outputs $(SYNTH)
+	rm -rf outputs $(SYNTH) $(VALID)

@@ -140,7 +140,7 @@ def check_throughput(device: str, quick: bool, attention_backend: str = "auto") 
     from qvl_train.config import LLMConfig, ModelConfig, OptimConfig, ParallelConfig, StageConfig, VisionConfig
     from qvl_train.engines.megatron import MegatronEngine
     from qvl_train.parallel.dims import ParallelDims
-    from qvl_train.tools.hf_parity import _packed_batch, build_sample
+    from qvl_train.tools.hf_parity import synthetic_packed_batch
 
     if quick:
         vision = VisionConfig(depth=2, hidden_size=64, num_heads=4, mlp_ratio=2.0)
@@ -166,23 +166,10 @@ def check_throughput(device: str, quick: bool, attention_backend: str = "auto") 
                             seed=0, max_steps=steps, dtype=dtype)
     n_params = sum(p.numel() for p in engine.model.parameters())
 
-    gen = torch.Generator().manual_seed(0)
-    samples, used = [], 0
-    while True:  # pack random samples: text + one image each, ~1k tokens
-        segs = [("text", 300), ("image", (1, 28, 28)), ("text", 500)]
-        s = build_sample(segs, cfg, gen)
-        n = s["input_ids"].numel()
-        if used + n > max_tokens:
-            break
-        samples.append(s)
-        used += n
-    batch: PackedBatch = _packed_batch(samples, cfg)
-    pad = max_tokens - batch.input_ids.numel()
-    batch.input_ids = torch.cat([batch.input_ids, torch.full((pad,), 151643)])
-    batch.labels = torch.cat([batch.input_ids[1:used], torch.full((max_tokens - used + 1,), -100)])
-    batch.position_ids = torch.cat([batch.position_ids, torch.zeros(3, pad, dtype=torch.int64)], dim=1)
+    gen = torch.Generator().manual_seed(0)  # text + one image per sample, ~1k tokens each
+    batch: PackedBatch = synthetic_packed_batch(cfg, max_tokens, [("text", 300), ("image", (1, 28, 28)), ("text", 500)], gen)
     batch.pixel_values = batch.pixel_values.to(dtype)
-    batch.num_tokens, batch.num_label_tokens = used, int((batch.labels != -100).sum())
+    used = batch.num_tokens
     times = []
     for step in range(steps + 1):
         _sync(device)

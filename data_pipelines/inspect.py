@@ -6,7 +6,7 @@ For each of the first N samples: its id, shard and key; the rendered token seque
 special tokens, where every run of visual pad tokens is collapsed to ``<|image_pad|>×N``; the tokens
 that carry loss wrapped in ``⟦…⟧`` (before the next-token shift: ``⟦red<|im_end|>⟧`` means the model is
 trained to produce "red" and then stop); each image's source size, resized size, patch grid (t, h, w)
-and LLM token count; and the cost estimate the packer uses (text tokens + visual tokens, from the
+and LLM token count (each video's frame count, fps, size and sampled frames too); and the cost estimate the packer uses (text tokens + visual tokens, from the
 index) next to the real count.
 
 It uses the same code as training (`stream.SampleBuilder`), so what it prints is what a run packs.
@@ -20,10 +20,12 @@ import sys
 import tarfile
 from typing import Any, Iterator, Optional
 
+from data_pipelines.packing import entry_video_plans
 from data_pipelines.schema import IGNORE_INDEX, DataConfig
 from data_pipelines.shards import INDEX_NAME, read_index, text_tokens
 from data_pipelines.stream import SUPPORTED_GENERATIONS, SampleBuilder, SkipSample
 from data_pipelines.text import IMAGE_PAD_ID, VIDEO_PAD_ID, get_tokenizer
+from data_pipelines.video import BadVideo
 from data_pipelines.vision import image_token_count
 
 LOSS_OPEN, LOSS_CLOSE = "⟦", "⟧"
@@ -83,17 +85,34 @@ def describe_sample(builder: SampleBuilder, members: dict[str, bytes], entry: Op
         f"   tokens {len(ids)} = text {len(ids) - s['visual_tokens']} + visual {s['visual_tokens']}; "
         f"loss on {n_label} tokens"
     )
-    sizes = entry["images"] if entry else [None] * len(s["grids"])
-    for k, (grid, hw) in enumerate(zip(s["grids"], sizes)):
+    kinds = s.get("kinds", [0] * len(s["grids"]))
+    image_sizes = iter(entry["images"] if entry else [])
+    video_rows = iter(entry.get("videos", []) if entry else [])
+    n_img = n_vid = 0
+    for grid, kind in zip(s["grids"], kinds):
         t, gh, gw = grid
-        src = f"{hw[1]}x{hw[0]} px (w x h) → {gw * cfg.patch_size}x{gh * cfg.patch_size} px, " if hw else ""
-        lines.append(f"   image {k}: {src}grid (t,h,w)=({t},{gh},{gw}) patches, {t * gh * gw} ViT patches, "
+        size = f"{gw * cfg.patch_size}x{gh * cfg.patch_size} px"
+        if kind == 0:
+            hw = next(image_sizes, None)
+            src = f"{hw[1]}x{hw[0]} px (w x h) → {size}, " if hw else ""
+            label, n_img = f"image {n_img}", n_img + 1
+        else:
+            row = next(video_rows, None)
+            src = (f"{row[0]} frames at {row[1]:g} fps, {row[3]}x{row[2]} px (w x h) → {t * cfg.temporal_patch_size} "
+                   f"frames of {size}, " if row else "")
+            label, n_vid = f"video {n_vid}", n_vid + 1
+        lines.append(f"   {label}: {src}grid (t,h,w)=({t},{gh},{gw}) patches, {t * gh * gw} ViT patches, "
                      f"{t * gh * gw // merge2} LLM tokens")
     if entry is not None:
         n_text = text_tokens(entry, cfg.generation)
         planned = n_text + sum(
             image_token_count(h, w, patch_size=cfg.patch_size, merge_size=cfg.merge_size,
                               min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels) for h, w in entry["images"])
+        try:
+            planned += sum(p.token_count(cfg.merge_size) + p.extra_text_tokens(cfg.generation)
+                           for p in entry_video_plans(cfg, entry))
+        except BadVideo as e:
+            lines.append(f"   the planner skips this sample: {e}")
         lines.append(f"   cost estimate (index): {planned} tokens (text {n_text}); built: {len(ids)}")
     lines.append("   " + render_tokens(ids, labels).replace("\n", "\n   "))
     return "\n".join(lines)

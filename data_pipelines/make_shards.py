@@ -7,10 +7,12 @@
 Formats
 -------
 * ``qwen-finetune`` — the official Qwen-VL finetune JSON: a list (``.json``) or one record per line
-  (``.jsonl``) of ``{"id"?: ..., "image": path | [paths], "video"?: path,
+  (``.jsonl``) of ``{"id"?: ..., "image": path | [paths], "video"?: path | [paths],
   "conversations": [{"from": "human"|"gpt"|"system", "value": "<image>\\nWhat is ..."}]}``.
-  Every ``<image>`` tag becomes an image part at that place, in order; the text around the tag is
-  kept verbatim (the ``\\n`` after ``<image>`` too, as the official finetune script keeps it).
+  Every ``<image>`` tag becomes an image part at that place, in order, and every ``<video>`` tag a
+  video part; the text around the tags is kept verbatim (the ``\\n`` after ``<image>`` too, as the
+  official finetune script keeps it). A video is stored as its original file; its index row is the
+  container metadata (frames, fps, size), read without decoding more than its first frame.
   Thinking samples: a ``gpt`` turn's chain of thought is taken from its ``reasoning`` (or
   ``reasoning_content``) string field, else from a ``<think>…</think>`` block in its ``value``, split
   off as the Qwen3 chat template does (reasoning = the text before ``</think>`` after ``<think>``,
@@ -38,10 +40,9 @@ in the list (``.json``, 0-based), listed on screen and in ``OUT/report.json``. R
 ``pixel_limit``        the header claims more pixels than --max-source-pixels
                        (decompression bomb guard: checked before decoding)
 ``aspect_ratio``       longer side / shorter side over 200 (Qwen's smart_resize limit)
-``too_many_tags``      more ``<image>`` tags than images
-``too_few_tags``       fewer ``<image>`` tags than images
-``unreadable_video``   a video file that cannot be opened, or holds 0 frames
-``video_unsupported``  a readable video: videos are not converted yet
+``too_many_tags``      more ``<image>`` tags than images, or ``<video>`` tags than videos
+``too_few_tags``       fewer ``<image>`` tags than images, or ``<video>`` tags than videos
+``unreadable_video``   a video file that cannot be opened or decoded, or holds 0 frames
 ``duplicate_id``       the same ``id`` appeared earlier in the input (ids must be unique)
 =====================  =============================================================
 
@@ -55,6 +56,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -65,10 +67,13 @@ from typing import Any, Iterator, Optional
 from PIL import Image
 
 from data_pipelines.shards import ShardWriter
+from data_pipelines.video import BadVideo, decode_frames, probe_video
 from data_pipelines.vision import MAX_SOURCE_PIXELS
 
 FORMATS = ("qwen-finetune", "llava", "interleaved")
 IMAGE_TAG = "<image>"
+VIDEO_TAG = "<video>"
+_TAGS = re.compile("(<image>|<video>)")
 MAX_ASPECT_RATIO = 200
 REASONS = {
     "bad_json_line": "bad JSON line",
@@ -78,10 +83,9 @@ REASONS = {
     "undecodable_image": "undecodable image",
     "pixel_limit": "image over the pixel limit (decompression bomb guard)",
     "aspect_ratio": f"image aspect ratio over {MAX_ASPECT_RATIO}",
-    "too_many_tags": "more <image> tags than images",
-    "too_few_tags": "fewer <image> tags than images",
+    "too_many_tags": "more <image>/<video> tags than images/videos",
+    "too_few_tags": "fewer <image>/<video> tags than images/videos",
     "unreadable_video": "unreadable or 0-frame video",
-    "video_unsupported": "video not supported yet",
     "duplicate_id": "duplicate id",
 }
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -154,27 +158,30 @@ def _record(data: Any, where: str, default_id: str) -> Record:
 
 
 # ---------------------------------------------------------------------------------- converting
-def convert_conversations(data: dict, fmt: str) -> tuple[list[dict], list[str], Optional[str]]:
-    """qwen-finetune / llava record → (messages with image parts named img{i}, image paths, video path)."""
-    images = data.get("image", data.get("images"))
-    if images is None:
-        paths: list[str] = []
-    elif isinstance(images, str):
-        paths = [images]
-    elif isinstance(images, list) and all(isinstance(p, str) for p in images):
-        paths = list(images)
-    else:
-        raise Reject("bad_record", f"'image' must be a path or a list of paths, got {type(images).__name__}")
-    video = data.get("video")
-    if video is not None and not isinstance(video, str):
-        raise Reject("bad_record", "'video' must be a path")
+def _paths(data: dict, field: str) -> list[str]:
+    """A record's `image` / `video` field (a path or a list of paths; also `images` / `videos`)."""
+    value = data.get(field, data.get(field + "s"))
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(p, str) for p in value):
+        return list(value)
+    raise Reject("bad_record", f"'{field}' must be a path or a list of paths, got {type(value).__name__}")
+
+
+def convert_conversations(data: dict, fmt: str) -> tuple[list[dict], list[str], list[str]]:
+    """qwen-finetune / llava record → (messages with image parts named img{i} and video parts named
+    vid{i}, image paths, video paths)."""
+    paths = _paths(data, "image")
+    videos = _paths(data, "video")
     convs = data.get("conversations")
     if convs is None:
         raise Reject("empty_conversation", "no 'conversations' field")
     if not isinstance(convs, list):
         raise Reject("bad_record", "'conversations' must be a list of {from, value}")
     messages: list[dict] = []
-    n_tags = 0
+    n_tags = n_video_tags = 0
     for k, turn in enumerate(convs):
         if not isinstance(turn, dict) or not isinstance(turn.get("value", ""), str):
             raise Reject("bad_record", f"turn {k} must be {{'from': ..., 'value': str}}")
@@ -183,15 +190,18 @@ def convert_conversations(data: dict, fmt: str) -> tuple[list[dict], list[str], 
             raise Reject("bad_record", f"turn {k} has unknown 'from'={turn.get('from')!r}; use human, gpt or system")
         value, reasoning = turn_reasoning(turn, role, k)
         parts: list[dict] = []
-        pieces = value.split(IMAGE_TAG)
-        for j, piece in enumerate(pieces):
-            if j > 0:
+        pieces = _TAGS.split(value)  # text, tag, text, tag, ..., text
+        for piece in pieces:
+            if piece == IMAGE_TAG:
                 parts.append({"type": "image", "name": f"img{n_tags}"})  # extension added later
                 n_tags += 1
-            if piece:
+            elif piece == VIDEO_TAG:
+                parts.append({"type": "video", "name": f"vid{n_video_tags}"})
+                n_video_tags += 1
+            elif piece:
                 parts.append({"type": "text", "text": piece})
-        if role != "user" and j > 0:
-            raise Reject("bad_record", f"turn {k} ({turn.get('from')}) holds an <image> tag; only human turns may")
+        if role != "user" and len(pieces) > 1:
+            raise Reject("bad_record", f"turn {k} ({turn.get('from')}) holds an <image>/<video> tag; only human turns may")
         messages.append({"role": role, "content": parts})
         if reasoning is not None:
             messages[-1]["reasoning"] = reasoning
@@ -199,12 +209,10 @@ def convert_conversations(data: dict, fmt: str) -> tuple[list[dict], list[str], 
         raise Reject("empty_conversation", "no turns with text")
     if not any(m["role"] == "assistant" and (m["content"] or m.get("reasoning")) for m in messages):
         raise Reject("empty_conversation", "no assistant turn with text to train on")
-    if video is None:
-        if n_tags > len(paths):
-            raise Reject("too_many_tags", f"{n_tags} <image> tags, {len(paths)} images")
-        if n_tags < len(paths):
-            raise Reject("too_few_tags", f"{n_tags} <image> tags, {len(paths)} images")
-    return messages, paths, video
+    for tag, n, have, what in ((IMAGE_TAG, n_tags, len(paths), "images"), (VIDEO_TAG, n_video_tags, len(videos), "videos")):
+        if n != have:
+            raise Reject("too_many_tags" if n > have else "too_few_tags", f"{n} {tag} tags, {have} {what}")
+    return messages, paths, videos
 
 
 def turn_reasoning(turn: dict, role: str, k: int) -> tuple[str, Optional[str]]:
@@ -280,25 +288,22 @@ def load_image(path: str, max_source_pixels: int) -> tuple[bytes, str]:
     return blob, _EXT.get(fmt, fmt.lower())
 
 
-def probe_video(path: str) -> None:
-    """Classify a video: always raises (missing / unreadable or 0 frames / not supported yet)."""
+def load_video(path: str) -> tuple[bytes, str]:
+    """Read and check one video file → (encoded bytes, lower-case extension). The container metadata
+    must be readable (frames, fps, size) and the first frame decodable; the rest is decoded at read time."""
     if not os.path.isfile(path):
         raise Reject("missing_file", path)
-    if os.path.getsize(path) == 0:
+    with open(path, "rb") as f:
+        blob = f.read()
+    if not blob:
         raise Reject("unreadable_video", f"{path}: empty file (0 frames)")
     try:
-        import av  # optional; without PyAV a non-empty video is only reported as unsupported
-    except ImportError:
-        raise Reject("video_unsupported", path) from None
-    try:
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            got = next(iter(container.decode(stream)), None)
-    except Exception as e:
-        raise Reject("unreadable_video", f"{path}: {type(e).__name__}: {e}") from e
-    if got is None:
-        raise Reject("unreadable_video", f"{path}: 0 frames")
-    raise Reject("video_unsupported", path)
+        probe_video(blob)
+        decode_frames(blob, [0])
+    except BadVideo as e:
+        raise Reject("unreadable_video", f"{path}: {e}") from e
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    return blob, ext if re.fullmatch(r"[a-z0-9]{1,8}", ext) else "video"
 
 
 def process_record(args: tuple[Record, str, str, int]) -> dict[str, Any]:
@@ -309,22 +314,25 @@ def process_record(args: tuple[Record, str, str, int]) -> dict[str, Any]:
             raise Reject("bad_json_line", rec.error)
         if fmt == "interleaved":
             messages, paths = convert_interleaved(rec.data)
-            video = None
+            video_paths: list[str] = []
         else:
-            messages, paths, video = convert_conversations(rec.data, fmt)
-        if video is not None:
-            probe_video(_resolve(media_root, video))
-        images: dict[str, bytes] = {}
+            messages, paths, video_paths = convert_conversations(rec.data, fmt)
+        videos: dict[str, bytes] = {}
         names: dict[str, str] = {}
+        for i, p in enumerate(video_paths):
+            blob, ext = load_video(_resolve(media_root, p))
+            names[f"vid{i}"] = f"vid{i}.{ext}"
+            videos[names[f"vid{i}"]] = blob
+        images: dict[str, bytes] = {}
         for i, p in enumerate(paths):
             blob, ext = load_image(_resolve(media_root, p), max_px)
             names[f"img{i}"] = f"img{i}.{ext}"
             images[names[f"img{i}"]] = blob
         for m in messages:
             for part in m["content"]:
-                if part["type"] == "image":
+                if part["type"] in ("image", "video"):
                     part["name"] = names[part["name"]]
-        return {"ok": True, "messages": messages, "images": images}
+        return {"ok": True, "messages": messages, "images": images, "videos": videos}
     except Reject as e:
         return {"ok": False, "reason": e.reason, "detail": e.detail}
     except Exception as e:  # a bug or an input we did not foresee: still reported, never silent
@@ -378,7 +386,7 @@ def make_shards(
                                  "detail": res["detail"]})
                 continue
             seen.add(rec.sample_id)
-            writer.add(rec.sample_id, res["messages"], res["images"])
+            writer.add(rec.sample_id, res["messages"], res["images"], res["videos"])
         bar.close()
     counts: dict[str, int] = {}
     for r in rejected:

@@ -65,6 +65,7 @@ import numpy as np
 
 from data_pipelines.schema import DataConfig
 from data_pipelines.shards import text_tokens
+from data_pipelines.video import BadVideo, VideoMeta, VideoPlan, VideoSettings, video_plan
 from data_pipelines.vision import image_token_count, smart_resize
 
 STATE_VERSION = 1
@@ -163,10 +164,14 @@ BALANCE_MODES = ("compute", "tokens", "none")
 
 def sample_flops(
     model: ComputeModel, n_text_tokens: int, images: Sequence[Sequence[int]], *, patch_size: int, merge_size: int,
-    min_pixels: int, max_pixels: int, temporal: int = 2,
+    min_pixels: int, max_pixels: int, temporal: int = 2, video_grids: Sequence[Sequence[int]] = (),
 ) -> float:
-    """Estimated forward FLOPs of one sample: its images through the ViT, then all its tokens through the LLM."""
+    """Estimated forward FLOPs of one sample: its images and videos (grids `(t, h, w)` in patches)
+    through the ViT, then all its tokens through the LLM."""
     vit, tokens = 0.0, int(n_text_tokens)
+    for t, gh, gw in video_grids:
+        vit += model.image_flops(gh, gw, patch_size=patch_size, merge_size=merge_size, temporal=temporal, frames=t)
+        tokens += t * gh * gw // (merge_size * merge_size)
     for h, w in images:
         rh, rw = smart_resize(int(h), int(w), patch_size * merge_size, min_pixels, max_pixels)
         gh, gw = rh // patch_size, rw // patch_size
@@ -194,6 +199,15 @@ matrices grow with the square of the group count, and micro-batches of many smal
 def is_text_only(entry: dict[str, Any]) -> bool:
     """An index entry without images or videos (the only kind of sample that may be truncated)."""
     return not entry["images"] and not entry.get("videos")
+def entry_video_plans(cfg: DataConfig, entry: dict[str, Any]) -> list[VideoPlan]:
+    """Frames and grids of an index entry's videos (`videos: [[frames, fps, h, w]]`) under the run's
+    `data.video_*` settings; raises BadVideo for a video these settings cannot sample."""
+    settings = VideoSettings.from_config(cfg)
+    return [
+        video_plan(VideoMeta.from_index(row), cfg.generation, settings, patch_size=cfg.patch_size,
+                   merge_size=cfg.merge_size, temporal_patch_size=cfg.temporal_patch_size)
+        for row in entry.get("videos", ())
+    ]
 
 
 def _groups(items: list[Any], weight, tokens, pairs: bool) -> tuple[list[tuple[int, ...]], np.ndarray, np.ndarray]:
@@ -322,7 +336,8 @@ class GlobalPlanner:
         for i, idx in enumerate(indices):
             if self.weights[i] > 0 and not any(sh["samples"] for sh in idx["shards"]):
                 raise ValueError(f"data source {cfg.sources[i].path} has no samples")
-        self.max_pixels = [s.max_pixels or cfg.max_pixels for s in cfg.sources]
+        self.source_cfgs = [cfg.for_source(s) for s in cfg.sources]
+        self.max_pixels = [c.max_pixels for c in self.source_cfgs]
         self.limits = [min(s.max_tokens or cfg.max_tokens, cfg.max_tokens) for s in cfg.sources]
         """Token limit of one sample per source (see `capped_cost`)."""
         self.truncated = 0  # text-only samples planned at their source's limit (cut when read)
@@ -386,7 +401,7 @@ class GlobalPlanner:
 
     def uncapped_cost(self, ref: Ref) -> int:
         """LLM tokens of a sample (text + visual) under its source's pixel cap, before any token
-        limit; -1 when an image size is unusable. From the index only."""
+        limit; -1 when an image size is unusable, -2 when a video cannot be sampled. From the index only."""
         s = ref[0]
         entry = self.entry(ref)
         c = text_tokens(entry, self.cfg.generation)
@@ -398,6 +413,12 @@ class GlobalPlanner:
                 )
             except (ValueError, ZeroDivisionError):  # absurd aspect ratio / zero side
                 return -1
+        if entry.get("videos"):
+            try:
+                c += sum(p.token_count(self.cfg.merge_size) + p.extra_text_tokens(self.cfg.generation)
+                         for p in self.video_plans(ref))
+            except BadVideo:  # e.g. frames under Qwen3-VL's 32-px minimum, too few frames
+                return -2
         return c
 
     def cost(self, ref: Ref) -> int:
@@ -423,18 +444,23 @@ class GlobalPlanner:
         if f is None:
             e = self.entry(ref)
             cfg = self.cfg
-            n_text = text_tokens(e, cfg.generation)
+            plans = self.video_plans(ref) if e.get("videos") else []
+            n_text = text_tokens(e, cfg.generation) + sum(p.extra_text_tokens(cfg.generation) for p in plans)
             if is_text_only(e):
                 n_text = min(n_text, self.token_budget(ref))
             f = sample_flops(
-                self.compute_model, n_text, e["images"], patch_size=cfg.patch_size,
-                merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=self.max_pixels[ref[0]],
-                temporal=cfg.temporal_patch_size,
+                self.compute_model, n_text, e["images"], patch_size=cfg.patch_size, merge_size=cfg.merge_size,
+                min_pixels=cfg.min_pixels, max_pixels=self.max_pixels[ref[0]], temporal=cfg.temporal_patch_size,
+                video_grids=[p.grid_thw for p in plans],
             )
             if len(self._flops_cache) > 100_000:
                 self._flops_cache.clear()
             self._flops_cache[ref] = f
         return f
+
+    def video_plans(self, ref: Ref) -> list[VideoPlan]:
+        """Frames and grids of a sample's videos (`entry_video_plans`)."""
+        return entry_video_plans(self.source_cfgs[ref[0]], self.entry(ref))
 
     def next_step(self, n: int) -> list[list[Ref]]:
         """Plan one optimizer step of `n` micro-batches: packed by tokens, then balanced per `data.balance`.
@@ -466,7 +492,7 @@ class GlobalPlanner:
             ref = self._next_from_source(s)
             c = self.cost(ref)
             if c < 0:
-                self._count("bad_image_size")
+                self._count("bad_image_size" if c == -1 else "bad_video")
             elif c > self.limits[s]:
                 self._count("too_long")
             elif c == 0:

@@ -7,8 +7,12 @@ The `<|vision_start|>` and `<|vision_end|>` markers are ordinary text positions.
 
 This matches `transformers.Qwen2VLModel.get_rope_index` (4.57.x) for one unpadded sample; in a packed
 micro-batch each sample's ids restart at 0 (see PackedBatch). Videos (`<|video_pad|>`) are handled
-identically with their own grids; Qwen2.5-VL's time scaling of video t-ids is not applied here.
-Qwen3-VL: `qwen3_vl_position_ids` (images as Qwen2-VL; a video's grid split into one grid per frame).
+identically with their own grids. Qwen2.5-VL (`video_second_per_grid`): a video's temporal ids are
+absolute time, `t_idx * second_per_grid * tokens_per_second`, as `Qwen2_5_VLModel.get_rope_index`
+computes them — including its cast of `second_per_grid` to an integer (int64) before the product
+(transformers 4.57.6: 0.5 s per grid gives 0, 1.0 gives 1, 1.5 gives 1), so positions equal the
+reference. Qwen3-VL: `qwen3_vl_position_ids` (images as Qwen2-VL; a video's grid split into one grid
+per frame).
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ def mrope_position_ids(
     merge_size: int = 2,
     image_token_id: int = IMAGE_PAD_ID,
     video_token_id: int = VIDEO_PAD_ID,
+    video_second_per_grid: Sequence[float] | None = None,
+    tokens_per_second: int = 2,
 ) -> torch.Tensor:
     """Position ids [3, n] (int64) for one sample.
 
     Grids are in patches (as `grid_thw` in PackedBatch); each run of pad tokens must hold exactly
     t*h*w/merge^2 tokens of the next image (or video) in order — a mismatch raises ValueError.
+    `video_second_per_grid` (one per video; Qwen2.5-VL) turns video temporal ids into absolute time
+    (module docstring); None keeps Qwen2-VL's `t_idx`.
     """
     ids = np.asarray(input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64)
     n = ids.shape[0]
@@ -65,7 +73,10 @@ def mrope_position_ids(
         cnt = t * lh * lw
         if ed + cnt > n or not np.all(ids[ed : ed + cnt] == tok):
             raise ValueError(f"media run at {ed} shorter than its grid needs ({cnt} tokens)")
-        tt, hh, ww = np.meshgrid(np.arange(t), np.arange(lh), np.arange(lw), indexing="ij")
+        t_ids = np.arange(t)
+        if tok == video_token_id and video_second_per_grid is not None:
+            t_ids = t_ids * int(video_second_per_grid[used[tok] - 1]) * tokens_per_second
+        tt, hh, ww = np.meshgrid(t_ids, np.arange(lh), np.arange(lw), indexing="ij")
         out[0, ed : ed + cnt] = tt.reshape(-1) + st
         out[1, ed : ed + cnt] = hh.reshape(-1) + st
         out[2, ed : ed + cnt] = ww.reshape(-1) + st
@@ -98,10 +109,19 @@ def qwen3_vl_position_ids(
     return mrope_position_ids(input_ids, image_grid_thw, frames, merge_size, image_token_id, video_token_id)
 
 
-def position_ids_for(generation: str, input_ids, image_grid_thw=(), video_grid_thw=(), merge_size: int = 2) -> torch.Tensor:
-    """Position ids [3, n] of one sample for `generation` (qwen2_vl, qwen2_5_vl images, qwen3_vl)."""
+def position_ids_for(
+    generation: str, input_ids, image_grid_thw=(), video_grid_thw=(), merge_size: int = 2,
+    video_second_per_grid: Sequence[float] | None = None, tokens_per_second: int = 2,
+) -> torch.Tensor:
+    """Position ids [3, n] of one sample for `generation` (qwen2_vl, qwen2_5_vl, qwen3_vl).
+
+    `video_second_per_grid` (one per video) is used by Qwen2.5-VL only."""
     if generation in ("qwen3_vl", "qwen3_vl_moe"):
         return qwen3_vl_position_ids(input_ids, image_grid_thw, video_grid_thw, merge_size)
+    if generation == "qwen2_5_vl":
+        spg = [1.0] * len(_rows(video_grid_thw)) if video_second_per_grid is None else video_second_per_grid
+        return mrope_position_ids(input_ids, image_grid_thw, video_grid_thw, merge_size,
+                                  video_second_per_grid=spg, tokens_per_second=tokens_per_second)
     return mrope_position_ids(input_ids, image_grid_thw, video_grid_thw, merge_size)
 
 

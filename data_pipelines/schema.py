@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 from urllib.parse import urlparse
 
@@ -98,6 +98,9 @@ class DataConfig:
 
     sources: list[DataSource] = field(default_factory=lambda: [DataSource()])
     """Shard sources; each a directory with an `index.json` (see README: shard format)."""
+    valid: list[DataSource] = field(default_factory=list)
+    """Held-out shard sources (same format as `sources`), each evaluated separately every `eval.every`
+    steps; never part of the training stream. Make one with the synth factory and another `--seed`."""
     max_tokens: int = 2048
     """Token budget of one packed micro-batch sequence (text + visual tokens, padding fills the rest)."""
     seed: int = 1234
@@ -116,6 +119,10 @@ class DataConfig:
     """Lower pixel bound of `smart_resize`."""
     max_pixels: int = 28 * 28 * 1280
     """Upper pixel bound of `smart_resize` (caps the visual tokens of one image)."""
+    fast_decode: bool = False
+    """Decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg draft mode) when its smart_resize target is at
+    least that much smaller, then resize as usual. Faster on large photos; the pixels then differ
+    slightly from the HF reference (measured in benchmarks/RESULTS.md), so it is off by default."""
     trace: bool = False
     """Write `output_dir/data_trace/dp{R}.jsonl` with the sample ids of every micro-batch."""
     max_bad_fraction: float = 0.01
@@ -141,6 +148,19 @@ class DataConfig:
     """With `num_workers` > 0: how many steps beyond the current one are read and built ahead (each
     holds one step's samples of this rank in memory). Prefetched work is never part of the loader
     state; skips are counted when a step is consumed."""
+    video_fps: float = 2.0
+    """Frames per second sampled from a video (the HF video processors' `fps`); with T = 2 frames per
+    temporal patch, Qwen2.5-VL's `second_per_grid` is `2 / video_fps`."""
+    video_min_frames: int = 4
+    """Fewest frames sampled from a video (short clips are sampled more densely, up to all frames)."""
+    video_max_frames: int = 768
+    """Most frames sampled from one video (caps its temporal patches at video_max_frames / 2)."""
+    video_min_pixels: Optional[int] = None
+    """Lower pixel bound of a video's resize; None = the generation's video default (Qwen2/2.5-VL:
+    128*28*28 per frame; Qwen3-VL: 128*32*32 over all frames together)."""
+    video_max_pixels: Optional[int] = None
+    """Upper pixel bound of a video's resize; None = the generation's video default (Qwen2/2.5-VL:
+    28*28*768 per frame; Qwen3-VL: 32*32*768 over all frames together, i.e. t*h*w)."""
 
     def __post_init__(self) -> None:
         if self.generation not in GENERATIONS:
@@ -153,14 +173,38 @@ class DataConfig:
             raise ValueError("data.sources is empty; give at least one shard directory")
         if self.max_pixels < self.min_pixels:
             raise ValueError("data.max_pixels must be >= data.min_pixels")
+        if not isinstance(self.fast_decode, bool):
+            raise ValueError(f"data.fast_decode={self.fast_decode!r} must be true or false")
         if self.balance not in ("compute", "tokens", "none"):
             raise ValueError(f"data.balance={self.balance!r}; valid: compute, tokens, none")
         if self.pack_lookahead < 1:
             raise ValueError("data.pack_lookahead must be >= 1")
         if self.bad_window < 1:
             raise ValueError("data.bad_window must be >= 1")
+        if not self.video_fps > 0:
+            raise ValueError(f"data.video_fps={self.video_fps} must be > 0 (frames sampled per second)")
+        if not 1 <= self.video_min_frames <= self.video_max_frames:
+            raise ValueError(
+                f"data.video_min_frames={self.video_min_frames} and data.video_max_frames={self.video_max_frames} "
+                "must satisfy 1 <= min <= max"
+            )
+        if (self.video_min_pixels is not None and self.video_max_pixels is not None
+                and self.video_max_pixels < self.video_min_pixels):
+            raise ValueError("data.video_max_pixels must be >= data.video_min_pixels")
         self._check_workers()
         self._check_source_caps()
+
+    def for_source(self, source: "DataSource") -> "DataConfig":
+        """The settings one source's samples are planned and built with: its `max_pixels` for images
+        and its `max_frames` capping the frames sampled from a video (planner and loader both use this,
+        so planned and built token counts agree)."""
+        out = self
+        if source.max_pixels is not None:
+            out = replace(out, max_pixels=source.max_pixels)
+        if source.max_frames is not None and source.max_frames < out.video_max_frames:
+            out = replace(out, video_max_frames=source.max_frames,
+                          video_min_frames=min(out.video_min_frames, source.max_frames))
+        return out
 
     def _check_workers(self) -> None:
         """Decode-worker keys: whole numbers in range (a bool is not a count)."""
@@ -176,17 +220,18 @@ class DataConfig:
 
     def _check_source_caps(self) -> None:
         """Per-source caps must make sense next to the run-wide ones."""
-        for i, src in enumerate(self.sources):
-            if src.max_tokens is not None and src.max_tokens > self.max_tokens:
-                raise ValueError(
-                    f"data.sources[{i}].max_tokens={src.max_tokens} exceeds data.max_tokens={self.max_tokens} "
-                    "(one packed sequence); lower it or drop it"
-                )
-            if src.max_pixels is not None and src.max_pixels < self.min_pixels:
-                raise ValueError(
-                    f"data.sources[{i}].max_pixels={src.max_pixels} is below data.min_pixels={self.min_pixels}; "
-                    "raise it or lower data.min_pixels"
-                )
+        for key, sources in (("sources", self.sources), ("valid", self.valid)):
+            for i, src in enumerate(sources):
+                if src.max_tokens is not None and src.max_tokens > self.max_tokens:
+                    raise ValueError(
+                        f"data.{key}[{i}].max_tokens={src.max_tokens} exceeds data.max_tokens={self.max_tokens} "
+                        "(one packed sequence); lower it or drop it"
+                    )
+                if src.max_pixels is not None and src.max_pixels < self.min_pixels:
+                    raise ValueError(
+                        f"data.{key}[{i}].max_pixels={src.max_pixels} is below data.min_pixels={self.min_pixels}; "
+                        "raise it or lower data.min_pixels"
+                    )
 
 
 @dataclass

@@ -15,6 +15,7 @@ A sample with key `K` (digits only: WebDataset splits keys at the first dot) is 
        "messages": [{"role": "system"|"user"|"assistant",
                      "content": [{"type": "text", "text": "..."},
                                  {"type": "image", "name": "img0.png"},
+                                 {"type": "video", "name": "vid0.mp4"},
                                  {"type": "box", "ref": "the red circle", "box": [x1, y1, x2, y2],
                                   "image": "img0.png"}]},    # grounding: pixels of the original image
                     {"role": "assistant", "reasoning": "...", "content": [...]}]}   # thinking sample
@@ -24,6 +25,8 @@ A sample with key `K` (digits only: WebDataset splits keys at the first dot) is 
 
 * `K.img0.png`, `K.img1.jpg`, ... — the encoded images named by the `image` parts (lower-case
   names; PNG/JPEG/anything Pillow decodes). Never pickles: the reader only parses JSON and images.
+* `K.vid0.mp4`, ... — the encoded videos named by the `video` parts, stored as they came (any
+  container/codec PyAV decodes); frames are sampled and resized at read time (video.py).
 
 `index.json` lets the stream plan and pack without opening any tar::
 
@@ -33,13 +36,17 @@ A sample with key `K` (digits only: WebDataset splits keys at the first dot) is 
                               "n_text_tokens": int,   # template tokens, no image pads,
                                                       # with <|vision_start|>/<|vision_end|>
                               "n_text_tokens_by_generation"?: {"qwen3_vl": int, ...},
-                              "images": [[h, w], ...]}]}]}
+                              "images": [[h, w], ...],
+                              "videos": [[frames, fps, h, w], ...]}]}]}   # only when it has videos
 
 `n_text_tokens` is the largest count over the generations' chat templates; the optional
 `n_text_tokens_by_generation` holds the generations whose count is smaller (e.g. Qwen3-VL, which adds
-no default system turn). `text_tokens(entry, generation)` picks the right one. A sample's planned
-token cost is `text_tokens + sum(image_token_count(h, w))` under the run's `min_pixels`/`max_pixels`,
-so the same shards serve any generation and resolution setting.
+no default system turn). `text_tokens(entry, generation)` picks the right one. Video rows are the
+container metadata (`video.probe_video`, no frame decoded); the planner derives the sampled frames,
+grid and tokens from them under the run's `data.video_*` settings. A sample's planned token cost is
+`text_tokens + sum(image_token_count(h, w))` under the run's `min_pixels`/`max_pixels` (plus each
+video's tokens, `packing.GlobalPlanner.video_plans`), so the same shards serve any generation and
+resolution setting.
 
 Writing is atomic: each tar and the index are written to a temporary name and renamed, so a crash
 never leaves a truncated shard under a final name; the index is written last (a directory with
@@ -66,6 +73,7 @@ from data_pipelines.text import (
     think_blocks,
     validate_box,
 )
+from data_pipelines.video import probe_video
 
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
@@ -120,9 +128,13 @@ class ShardWriter:
     def shard_names(self) -> list[str]:
         return [s["name"] for s in self._shards]
 
-    def add(self, sample_id: str, messages: list[dict[str, Any]], images: dict[str, bytes | Image.Image]) -> str:
+    def add(
+        self, sample_id: str, messages: list[dict[str, Any]], images: dict[str, bytes | Image.Image],
+        videos: Optional[dict[str, bytes]] = None,
+    ) -> str:
         """Add one sample; `images` maps each image part's `name` to encoded bytes or a PIL image
-        (PIL images are stored as PNG). Returns the sample's key."""
+        (PIL images are stored as PNG), `videos` each video part's `name` to its encoded file (its
+        metadata must be readable: video.BadVideo otherwise). Returns the sample's key."""
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
         names = [p["name"] for m in messages for p in message_parts(m) if p.get("type") == "image"]
@@ -144,6 +156,7 @@ class ShardWriter:
                     w, h = probe.size
             blobs[name] = blob
             sizes.append([h, w])
+        video_rows = self._videos(sample_id, messages, videos or {})
 
         try:
             think_blocks(messages)
@@ -169,7 +182,12 @@ class ShardWriter:
         self._put(f"{key}.json", json.dumps(doc, ensure_ascii=False).encode("utf-8"))
         for name in names:
             self._put(f"{key}.{name}", blobs[name])
-        self._open.samples.append(index_entry(sample_id, key, self.tok.text_token_counts(messages), sizes))
+        for name in video_rows:
+            self._put(f"{key}.{name}", bytes(videos[name]))
+        entry = index_entry(sample_id, key, self.tok.text_token_counts(messages), sizes)
+        if video_rows:
+            entry["videos"] = list(video_rows.values())
+        self._open.samples.append(entry)
         self._count += 1
         if len(self._open.samples) >= self.samples_per_shard:
             self._finish_shard()
@@ -186,6 +204,19 @@ class ShardWriter:
         return path
 
     # ------------------------------------------------------------------------------- internals
+    @staticmethod
+    def _videos(sample_id: str, messages: list[dict[str, Any]], videos: dict[str, bytes]) -> dict[str, list]:
+        """Video part name → index row `[frames, fps, h, w]`, in order of appearance (header only)."""
+        names = [p["name"] for m in messages for p in message_parts(m) if p.get("type") == "video"]
+        if sorted(names) != sorted(videos) or len(set(names)) != len(names):
+            raise ValueError(f"sample {sample_id}: video parts {names} do not match videos {sorted(videos)}")
+        rows = {}
+        for name in names:
+            if not _IMAGE_NAME.match(name):
+                raise ValueError(f"video name {name!r} must be lower-case like 'vid0.mp4'")
+            rows[name] = probe_video(bytes(videos[name])).as_index()
+        return rows
+
     def _start_shard(self) -> None:
         name = shard_name(len(self._shards))
         tmp = os.path.join(self.out_dir, f".{name}.tmp")

@@ -9,10 +9,12 @@ How a step is made
    different share). `last_step_stats()` reports packing efficiency and compute imbalance.
 2. The rank groups the samples it was dealt by shard and streams each needed shard once with
    WebDataset (raw bytes, no auto-decoding, never pickle), keeping only its samples' members.
-3. Each sample: JSON → messages; images decoded and patchified (vision.py) in the order they appear
-   in the messages; the template rendered with the real per-image token counts (text.py); M-RoPE
-   positions (positions.py). Samples are concatenated into one `PackedBatch` of exactly
-   `data.max_tokens` slots.
+3. Each sample: JSON → messages; images decoded and patchified (vision.py) and videos decoded,
+   sampled and patchified (video.py, `data.video_*`) in the order they appear in the messages; the
+   template rendered with the real per-image / per-video token counts (text.py; Qwen3-VL's video
+   timestamps); M-RoPE positions (positions.py; Qwen2.5-VL's absolute-time video ids). A micro-batch
+   with a video carries `media_kind` (0 image, 1 video per `grid_thw` row). Samples are
+   concatenated into one `PackedBatch` of exactly `data.max_tokens` slots.
 
 Bad data
 --------
@@ -29,7 +31,7 @@ Each `data.sources` entry is resolved once (sources.py: local directory, brace p
 `pipe:` template; the index fetched the same way); shards are opened by their URL. Per-source caps:
 `max_pixels` is that source's pixel bound (planning and preprocessing), `max_tokens` its per-sample
 token limit (text-only samples over it are truncated by `truncate_text_sample`, samples with media
-are skipped at plan time), `max_frames` is handed to video decoding (`SampleBuilder.max_frames`).
+are skipped at plan time), `max_frames` caps the frames sampled from its videos (`DataConfig.for_source`, planner and builder alike).
 When a source starts a new epoch, dp rank 0 logs it once.
 
 Planning ahead
@@ -70,7 +72,7 @@ import json
 import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -78,18 +80,19 @@ import torch
 import webdataset as wds
 
 from data_pipelines.packing import GlobalPlanner, Ref
-from data_pipelines.positions import mrope_position_ids
+from data_pipelines.positions import position_ids_for
 from data_pipelines.schema import IGNORE_INDEX, DataConfig, DataSource, PackedBatch
 from data_pipelines.sources import resolve_source
 from data_pipelines.text import PAD_ID, QwenTokenizer, get_tokenizer, message_parts
-from data_pipelines.vision import BadImage, decode_image, patchify_image, vision_spec
+from data_pipelines.video import BadVideo, VideoSettings, preprocess_video_with
+from data_pipelines.vision import BadImage, decode_image, patchify_image, source_hw, vision_spec
 from data_pipelines.workers import DecodePool
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_GENERATIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 """Qwen2.5-VL shares Qwen2-VL's tokenizer, chat template, image preprocessing and image position
-ids (only video positions differ, and videos are not produced yet); Qwen3-VL needs its own."""
+ids (only its video position ids differ: absolute time); Qwen3-VL needs its own."""
 
 
 class SkipSample(Exception):
@@ -131,16 +134,13 @@ def read_shard_members(path: str, keys: set[str]) -> tuple[dict[str, dict[str, b
 class SampleBuilder:
     """Raw members of one sample → (input_ids, labels, positions, pixel_values, grids).
 
-    With a `source`, its caps apply: `max_pixels` replaces `data.max_pixels` for its images and
-    `max_frames` (None = the generation's default) is what video decoding may use.
+    With a `source`, its caps apply (`DataConfig.for_source`): its `max_pixels` for images, its
+    `max_frames` for videos.
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: QwenTokenizer, source: Optional[DataSource] = None):
-        if source is not None and source.max_pixels is not None:
-            cfg = replace(cfg, max_pixels=source.max_pixels)
-        self.cfg = cfg
+        self.cfg = cfg.for_source(source) if source is not None else cfg
         self.tok = tokenizer
-        self.max_frames: Optional[int] = source.max_frames if source is not None else None
 
     def build(self, members: dict[str, bytes]) -> dict[str, Any]:
         cfg = self.cfg
@@ -156,19 +156,30 @@ class SampleBuilder:
         except Exception as e:
             raise SkipSample("bad_json", f"{type(e).__name__}: {e}") from e
 
-        pixel_values, grids, counts, sizes = [], [], [], {}
+        pixel_values, grids, counts, sizes, kinds = [], [], [], {}, []
+        videos: list[tuple] = []  # (grid, timestamps, second_per_grid) per video part, in order
         try:
-            image_parts = [p for m in messages for p in message_parts(m) if p.get("type") == "image"]
+            media_parts = [p for m in messages for p in message_parts(m) if p.get("type") in ("image", "video")]
         except Exception as e:
             raise SkipSample("bad_json", str(e)) from e
         merge2 = cfg.merge_size * cfg.merge_size
-        for part in image_parts:
+        for part in media_parts:
             name = str(part.get("name", "")).lower()
             blob = members.get(name)
             if blob is None:
-                raise SkipSample("missing_member", f"image member {name!r} absent")
+                raise SkipSample("missing_member", f"{part['type']} member {name!r} absent")
+            if part["type"] == "video":
+                feats = self._video(blob)
+                pixel_values.append(feats.pixel_values.numpy())
+                grids.append(feats.grid_thw)
+                kinds.append(1)
+                videos.append((feats.grid_thw, feats.frame_timestamps, feats.second_per_grid))
+                continue
             try:
-                img = decode_image(blob)
+                img = decode_image(
+                    blob, fast_decode=cfg.fast_decode, factor=cfg.patch_size * cfg.merge_size,
+                    min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                )
                 pv, grid = patchify_image(
                     img, patch_size=cfg.patch_size, temporal_patch_size=cfg.temporal_patch_size,
                     merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
@@ -178,19 +189,36 @@ class SampleBuilder:
                 raise SkipSample("bad_image", str(e)) from e
             pixel_values.append(pv)
             grids.append(grid)
-            sizes[name] = ((img.size[1], img.size[0]), (grid[1] * cfg.patch_size, grid[2] * cfg.patch_size))
+            kinds.append(0)
+            sizes[name] = (source_hw(img), (grid[1] * cfg.patch_size, grid[2] * cfg.patch_size))
             counts.append(grid[0] * grid[1] * grid[2] // merge2)
         try:
             ids, labels = self.tok.encode_conversation(
-                messages, counts, generation=cfg.generation, image_sizes=sizes
+                messages, counts, generation=cfg.generation, image_sizes=sizes,
+                videos=[(g, ts) for g, ts, _ in videos], merge_size=cfg.merge_size,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SkipSample("bad_json", f"template: {e}") from e
-        positions = mrope_position_ids(ids, grids, merge_size=cfg.merge_size)
+        positions = position_ids_for(
+            cfg.generation, ids, [g for g, k in zip(grids, kinds) if k == 0], [v[0] for v in videos],
+            cfg.merge_size, video_second_per_grid=[v[2] for v in videos],
+        )
         return {
             "id": sample_id, "input_ids": ids, "labels": labels, "positions": positions,
-            "pixel_values": pixel_values, "grids": grids, "visual_tokens": sum(counts),
+            "pixel_values": pixel_values, "grids": grids, "kinds": kinds,
+            "visual_tokens": sum(t * h * w for t, h, w in grids) // merge2,
         }
+
+    def _video(self, blob: bytes):
+        """One stored video → VideoFeatures under the run's `data.video_*` settings (SkipSample if bad)."""
+        cfg = self.cfg
+        try:
+            return preprocess_video_with(
+                blob, cfg.generation, VideoSettings.from_config(cfg), patch_size=cfg.patch_size,
+                merge_size=cfg.merge_size, temporal_patch_size=cfg.temporal_patch_size,
+            )
+        except (BadVideo, ValueError) as e:
+            raise SkipSample("bad_video", str(e)) from e
 
 
 def make_builders(cfg: DataConfig) -> list[SampleBuilder]:
@@ -226,7 +254,7 @@ def pack(cfg: DataConfig, samples: list[dict[str, Any]]) -> PackedBatch:
     labels = torch.full((L,), IGNORE_INDEX, dtype=torch.int64)
     position_ids = torch.zeros((3, L), dtype=torch.int64)
     cu = [0]
-    pvs, grids, ids_out = [], [], []
+    pvs, grids, ids_out, kinds = [], [], [], []
     n_vis = 0
     for s in samples:
         a, n = cu[-1], len(s["input_ids"])
@@ -239,6 +267,7 @@ def pack(cfg: DataConfig, samples: list[dict[str, Any]]) -> PackedBatch:
         cu.append(a + n)
         pvs.extend(s["pixel_values"])
         grids.extend(s["grids"])
+        kinds.extend(s.get("kinds", [0] * len(s["grids"])))
         ids_out.append(s["id"])
         n_vis += s["visual_tokens"]
     pixel_values = (
@@ -256,7 +285,7 @@ def pack(cfg: DataConfig, samples: list[dict[str, Any]]) -> PackedBatch:
         num_tokens=cu[-1],
         num_label_tokens=int((labels != IGNORE_INDEX).sum()),
         num_visual_tokens=n_vis,
-        media_kind=None,
+        media_kind=torch.tensor(kinds, dtype=torch.int64) if any(kinds) else None,
     )
 
 
@@ -415,7 +444,7 @@ class StepLoader:
 
         Plan-time skips (too_long, ...) are global and restored by load_state_dict; they are reported
         by dp rank 0 only, so summing `stats()` over dp ranks gives global totals. Read-time skips
-        (bad_json, bad_image, missing_member, missing_sample, cost_mismatch) are this rank's own
+        (bad_json, bad_image, bad_video, missing_member, missing_sample, cost_mismatch) are this rank's own
         since this loader was created.
         """
         counts: dict[str, int] = {}

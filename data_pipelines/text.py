@@ -207,6 +207,7 @@ class QwenTokenizer:
     def encode_conversation(
         self, messages: Sequence[dict[str, Any]], image_token_counts: Sequence[int], *,
         generation: str = "qwen2_vl", image_sizes: Optional[Mapping[str, tuple]] = None,
+        videos: Optional[Sequence[tuple]] = None, merge_size: int = 2,
     ) -> tuple[list[int], list[int]]:
         """Render `messages` with `generation`'s chat template (module docstring) → (input_ids, labels).
 
@@ -218,18 +219,24 @@ class QwenTokenizer:
         generation / image_sizes: how `box` parts are rendered (module docstring); image_sizes maps an
         image name to ((h, w) original, (h', w') resized). Without image_sizes, boxes are rendered with
         worst-case digit counts (for token counting only).
+        videos: per `{"type": "video"}` part in order, `(grid_thw, frame_timestamps)` (see
+        `video_segments`); None renders each video as `<|vision_start|><|vision_end|>` (token counting).
         """
         n_images = sum(
             1 for m in messages for p in message_parts(m) if p.get("type") == "image"
         )
         if n_images != len(image_token_counts):
             raise ValueError(f"conversation has {n_images} images, got {len(image_token_counts)} counts")
+        n_videos = sum(1 for m in messages for p in message_parts(m) if p.get("type") == "video")
+        if videos is not None and n_videos != len(videos):
+            raise ValueError(f"conversation has {n_videos} videos, got {len(videos)} grids")
         if not messages:
             raise ValueError("empty conversation")
 
         ids: list[int] = []
         labels: list[int] = []
         img_i = 0
+        vid_i = 0
 
         def emit(tok_ids: list[int], train: bool) -> None:
             ids.extend(tok_ids)
@@ -287,6 +294,16 @@ class QwenTokenizer:
                     n = int(image_token_counts[img_i])
                     img_i += 1
                     emit([VISION_START_ID] + [IMAGE_PAD_ID] * n + [VISION_END_ID], False)
+                elif kind == "video":
+                    video = None if videos is None else videos[vid_i]
+                    vid_i += 1
+                    for seg in video_segments(generation, video, merge_size):
+                        if isinstance(seg, str):  # Qwen3-VL's timestamp text joins the running text
+                            pending += seg
+                        else:
+                            self._flush(pending, pending_header, header, train, emit)
+                            pending, pending_header = "", False
+                            emit(seg, False)
                 else:
                     raise ValueError(f"unknown content part type {kind!r}")
             self._flush(pending, pending_header, header, train, emit)
@@ -441,6 +458,30 @@ def _lstrip_newlines(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out[0] = {**out[0], "text": text}
             break
         out.pop(0)
+    return out
+
+
+def video_segments(generation: str, video: Optional[tuple], merge_size: int = 2) -> list:
+    """One video part → segments: `str` (text that joins the surrounding text run) or `list[int]` (ids, no loss).
+
+    `video = (grid_thw, frame_timestamps)` with the grid in patches and one timestamp (seconds) per
+    temporal patch; None gives `[<|vision_start|>, <|vision_end|>]` (what the shard index counts).
+
+    * Qwen2-VL / Qwen2.5-VL: `<|vision_start|>` + `<|video_pad|>` x t*h*w/merge^2 + `<|vision_end|>`;
+    * Qwen3-VL: per temporal patch `<{t:.1f} seconds>` + `<|vision_start|>` + h*w/merge^2 pads +
+      `<|vision_end|>`, as `Qwen3VLProcessor` expands `<|vision_start|><|video_pad|><|vision_end|>`.
+    """
+    if video is None:
+        return [[VISION_START_ID, VISION_END_ID]]
+    (t, h, w), stamps = video
+    per_frame = int(h) * int(w) // (merge_size * merge_size)
+    if generation not in ("qwen3_vl", "qwen3_vl_moe"):
+        return [[VISION_START_ID] + [VIDEO_PAD_ID] * (int(t) * per_frame) + [VISION_END_ID]]
+    if len(stamps) != int(t):
+        raise ValueError(f"video grid has {t} temporal patches but {len(stamps)} timestamps")
+    out: list = []
+    for sec in stamps:
+        out += [f"<{sec:.1f} seconds>", [VISION_START_ID] + [VIDEO_PAD_ID] * per_frame + [VISION_END_ID]]
     return out
 
 

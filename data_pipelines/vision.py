@@ -26,6 +26,13 @@ step by step, so the pixels the model sees in training are the pixels it sees at
 The visual token cost of an image is known from its stored (h, w) alone (`image_token_count`),
 which lets the stream plan and pack without decoding.
 
+Speed (benchmarks/preprocess.py): after PIL's decode and resize, which the parity requires, the only
+work left is one copy that reorders the uint8 pixels into patch order while converting them to
+float32, three in-place float32 passes that give exactly HF's values (checked exhaustively per
+mean/std), and one copy writing the T identical frames (`patchify_uint8`). Opt-in
+`decode_image(..., fast_decode=True)` (`data.fast_decode`) decodes large JPEGs at reduced scale
+(libjpeg draft mode): faster, not bit-identical.
+
 Per-generation settings (`VISION_SPECS`)
 ----------------------------------------
 * `qwen2_vl`, `qwen2_5_vl`: patch 14, merge 2, T 2, OpenAI CLIP mean/std, pixels 56*56 .. 28*28*1280
@@ -100,25 +107,70 @@ def image_token_count(
     return (rh // patch_size) * (rw // patch_size) // (merge_size * merge_size)
 
 
-def decode_image(data: bytes, max_source_pixels: int = MAX_SOURCE_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes,
+    max_source_pixels: int = MAX_SOURCE_PIXELS,
+    *,
+    fast_decode: bool = False,
+    factor: int = 28,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280,
+) -> Image.Image:
     """Bytes → RGB PIL image. Raises BadImage for undecodable data or oversized headers.
 
     The pixel check happens on the header before any pixel is decoded, so a tiny file claiming a
-    gigapixel image cannot exhaust memory.
+    gigapixel image cannot exhaust memory. The source size is kept in `info` (`source_hw`), also
+    when the pixels come at reduced scale.
+
+    `fast_decode=True` (opt-in, `data.fast_decode`): a JPEG whose `smart_resize(factor, min_pixels,
+    max_pixels)` target is at least 2x, 4x or 8x smaller on both sides is decoded at 1/2, 1/4 or 1/8
+    scale (libjpeg's scaled IDCT through PIL's `Image.draft`, never below the target); the resize to
+    the target then starts from those pixels. Faster on large photos, close to but not equal to the
+    reference (benchmarks/RESULTS.md gives the measured difference). Other formats decode as usual.
     """
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
         if w <= 0 or h <= 0 or w * h > max_source_pixels:
             raise BadImage(f"image of {w}x{h} pixels exceeds the limit of {max_source_pixels}")
+        if fast_decode and img.format == "JPEG":
+            target = _safe_target(h, w, factor, min_pixels, max_pixels)
+            if target is not None:
+                img.draft(None, (target[1], target[0]))
         img.load()
         if img.mode != "RGB":
             img = img.convert("RGB")
-        return img
     except BadImage:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise BadImage(f"undecodable image: {type(e).__name__}: {e}") from e
+    img.info[_SOURCE_HW] = ((h, w), img.size)
+    return img
+
+
+_SOURCE_HW = "source_hw"
+
+
+def source_hw(img: Image.Image) -> tuple[int, int]:
+    """(height, width) of the image as stored: its size, or for an image that `decode_image` decoded
+    at reduced scale (fast_decode), the size before that reduction. smart_resize targets and
+    grounding coordinates are computed from this size.
+
+    The record is trusted only while the image keeps the size it was decoded at: PIL copies `info`
+    into crops and resizes, which are new pictures of their own size."""
+    rec = img.info.get(_SOURCE_HW)
+    if isinstance(rec, tuple) and len(rec) == 2 and rec[1] == img.size:
+        return rec[0]
+    return img.size[1], img.size[0]
+
+
+def _safe_target(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> Optional[tuple[int, int]]:
+    """smart_resize target, or None where smart_resize refuses the image (the error is raised later,
+    where the image is preprocessed, as without fast_decode)."""
+    try:
+        return smart_resize(height, width, factor, min_pixels, max_pixels)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -192,28 +244,122 @@ def patchify_image(
         raise ValueError(f"max_pixels={max_pixels} must be >= min_pixels={min_pixels}")
     if img.mode != "RGB":
         img = img.convert("RGB")
-    width, height = img.size
+    height, width = source_hw(img)
     rh, rw = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
     if (rw, rh) != img.size:
         img = img.resize((rw, rh), resample=Image.BICUBIC)
-    arr = np.asarray(img)  # [H, W, C] uint8
-    # Fast path, bit-identical to "rescale (float64) -> float32 -> normalise -> patchify": the pixels
-    # are uint8, so the whole float pipeline is a 256-entry table per channel (`_norm_lut`, computed
-    # with exactly those float ops). The patch reordering is done on the uint8 bytes (4x less memory
-    # traffic than on float32), the table lookup writes straight into the output, and the T identical
-    # frames are one copy of the first.
-    m, p, t = merge_size, patch_size, temporal_patch_size
-    gh, gw = rh // p, rw // p
-    # [H, W, C] -> (h-block, mh, ph, w-block, mw, pw, C) -> (h-block, w-block, mh, mw, C, ph, pw)
-    u8 = arr.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
-    u8 = np.ascontiguousarray(u8).reshape(gh * gw, 3, p * p)
-    lut = _norm_lut(tuple(mean), tuple(std))
-    out = np.empty((gh * gw, 3, t, p * p), dtype=np.float32)
-    for c in range(3):
-        np.take(lut[c], u8[:, c], out=out[:, c, 0])
-    if t > 1:
-        out[:, :, 1:] = out[:, :, :1]
-    return out.reshape(gh * gw, 3 * t * p * p), (1, gh, gw)
+    frame = np.asarray(img)[None]  # [1, H, W, C] uint8
+    return patchify_uint8(frame, patch_size, temporal_patch_size, merge_size, mean, std)
+
+
+def patchify_uint8(
+    frames: np.ndarray,
+    patch_size: int,
+    temporal_patch_size: int,
+    merge_size: int,
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
+    std: tuple[float, float, float] = OPENAI_CLIP_STD,
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """uint8 frames [F, H, W, C] (already resized to multiples of patch*merge) → normalised
+    pixel_values float32 [t*h*w, C*T*p*p] and grid (t, h, w), bit-identical to HF's float pipeline
+    "rescale 1/255 in float64 → float32 → (x - mean) / std in float32 → patchify" (see `patchify` for
+    the layout; the last frame is repeated up to a multiple of T).
+
+    Fast because the patch reordering and the conversion to float32 are one copy, the arithmetic is
+    three in-place float32 passes, and a single frame (an image) is reordered and normalised once,
+    its T copies written by one last copy (`_normalise_values`).
+    """
+    f, hh, ww, c = frames.shape
+    p, m, t = patch_size, merge_size, temporal_patch_size
+    gh, gw = hh // p, ww // p
+    if f == 1:  # one image: T identical frames
+        gt, tt = 1, 1
+    else:
+        if f % t:
+            frames = np.concatenate([frames, np.repeat(frames[-1:], t - f % t, axis=0)], axis=0)
+        gt, tt = frames.shape[0] // t, t
+    # -> (t, h-block, w-block, mh, mw, C, T, ph, pw), a view; copied below one row of h-blocks at a time
+    x = frames.reshape(gt, tt, gh // m, m, p, gw // m, m, p, c).transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    per_row = gw * m  # patches in one row of merge blocks
+    out = np.empty((gt, gh // m, per_row, c, t, p * p), dtype=np.float32)
+    rows = max(1, _CHUNK_PATCHES // per_row)
+    buf = None if tt == t else np.empty((rows, per_row, c, tt, p * p), dtype=np.float32)
+    for g in range(gt):
+        for i in range(0, gh // m, rows):
+            src, dst = x[g, i:i + rows], out[g, i:i + rows]
+            k = src.shape[0]
+            vals = dst if buf is None else buf[:k]
+            np.copyto(vals.reshape(src.shape), src, casting="unsafe")  # reorder + uint8 -> float32, one copy
+            _normalise_values(vals.reshape(k * per_row, c, tt, p * p), mean, std, dst.reshape(k * per_row, c, t, p * p))
+    return out.reshape(gt * gh * gw, c * t * p * p), (gt, gh, gw)
+
+
+_CHUNK_PATCHES = 256
+"""Patches converted and normalised per step of `patchify_uint8` (~0.6 MB of float32 at patch 14):
+the intermediate stays in the CPU cache between the passes instead of going to memory and back."""
+
+
+def normalise_uint8(
+    u8: np.ndarray, mean: tuple[float, float, float], std: tuple[float, float, float], repeat: int = 1
+) -> np.ndarray:
+    """uint8 [N, C, T', K] → float32 [N, C, T, K], normalised exactly as HF does it.
+
+    T = T' when T' > 1; a single frame (T' = 1) is repeated `repeat` times, so an image's T identical
+    frames cost one normalisation. Values: `(v / 255 - mean[c]) / std[c]` computed in float32, which
+    equals HF's "v * (1/255) in float64, cast to float32, minus/divide in float32" for every uint8 v.
+    """
+    n, c, tt, k = u8.shape
+    vals = np.empty(u8.shape, dtype=np.float32)
+    np.copyto(vals, u8, casting="unsafe")
+    out = vals if tt > 1 or repeat == 1 else np.empty((n, c, repeat, k), dtype=np.float32)
+    _normalise_values(vals, mean, std, out)
+    return out
+
+
+def _normalise_values(vals: np.ndarray, mean: tuple, std: tuple, out: np.ndarray) -> None:
+    """float32 [N, C, T', K] holding uint8 values → normalised into out [N, C, T, K] (T' = T, then
+    out may be vals itself, or T' = 1: the frame is written T times). See `normalise_uint8`.
+
+    Divide, subtract, divide in place, then write the T copies of a single frame. The equality with
+    HF's float64 rescale is checked once per (mean, std), exhaustively, against the 256-entry table
+    `_norm_lut` (`_float_path_exact`); should it ever fail (another numpy build), the table is used."""
+    mean, std = tuple(mean), tuple(std)
+    if _float_path_exact(mean, std):
+        _normalise_float(vals, mean, std, out)
+    else:
+        c = vals.shape[1]
+        out[...] = _norm_lut(mean, std)[np.arange(c)[None, :, None, None], vals.astype(np.uint8)]
+
+
+def _normalise_float(f: np.ndarray, mean: tuple, std: tuple, out: np.ndarray) -> None:
+    """The float32 arithmetic of `_normalise_values`, in place on f, then broadcast into out.
+
+    numpy, single-threaded on purpose: the chunks are small, and a thread pool (torch's) costs more
+    than it saves on them, badly so on a busy machine."""
+    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    np.divide(f, np.float32(255), out=f)
+    np.subtract(f, m, out=f)
+    np.divide(f, s, out=f)
+    if not np.may_share_memory(f, out):  # disjoint buffers, or out is f (T' = T)
+        np.copyto(out, f)  # broadcasts a single frame to the T copies
+
+
+_EXACT: dict[tuple, bool] = {}
+
+
+def _float_path_exact(mean: tuple, std: tuple) -> bool:
+    """Whether `_normalise_float` equals the table `_norm_lut` for all 256 values of every channel
+    (odd lengths included, so vectorised loops and their scalar tails are both covered)."""
+    key = (mean, std)
+    if key not in _EXACT:
+        v = (np.arange(3 * 259) % 256).astype(np.uint8).reshape(3, 1, 1, 259)
+        x = np.ascontiguousarray(np.broadcast_to(v, (3, 3, 1, 259)))
+        got = np.empty((3, 3, 2, 259), dtype=np.float32)
+        _normalise_float(x.astype(np.float32), mean, std, got)
+        want = _norm_lut(mean, std)[np.arange(3)[None, :, None, None], x]
+        _EXACT[key] = bool(np.array_equal(got, np.broadcast_to(want, got.shape)))
+    return _EXACT[key]
 
 
 _LUTS: dict[tuple, np.ndarray] = {}

@@ -15,6 +15,10 @@ from typing import Any, Optional
 from data_pipelines.schema import GENERATIONS, DataConfig, DataSource
 
 STAGES = ("stage1_align", "stage2_multitask", "stage3_sft")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+DECAY_STYLES = ("linear", "cosine", "sqrt")
+RECOMPUTE = ("none", "selective", "full")
+FP8_MODES = ("off", "auto", "hybrid", "e4m3")
 IMPLEMENTED_GENERATIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
@@ -106,6 +110,12 @@ class LLMConfig:
     mrope_interleaved: bool = False
     """Qwen3-VL M-RoPE: rotary pairs take t/h/w positions interleaved (t,h,w,t,h,w,…; HF
     `apply_interleaved_mrope`) instead of in contiguous t | h | w blocks (Qwen2/2.5-VL)."""
+    num_experts: int = 0
+    """Mixture of experts (Qwen3-VL MoE): routed experts per layer; 0 = dense SwiGLU MLP."""
+    moe_ffn_hidden_size: int = 0
+    """SwiGLU inner width of one expert."""
+    moe_router_topk: int = 0
+    """Experts each token is routed to."""
 
 
 @dataclass
@@ -181,16 +191,27 @@ class ParallelConfig:
     dp: Optional[int] = None
     """Data-parallel size; derived as world / (tp·pp·cp) when omitted."""
     cp: int = 1
-    """Context-parallel size (not yet available: must be 1)."""
+    """Context-parallel size (training: not yet available, must be 1; the planner models it)."""
+    ep: int = 1
+    """Expert-parallel size for MoE models (training: not yet available; the planner models it)."""
+    etp: int = 1
+    """Tensor-parallel size inside experts (training: not yet available; the planner models it)."""
+    vpp: int = 1
+    """Virtual pipeline stages per rank, interleaved 1F1B (training: not yet available; planner)."""
     first_stage_layers: Optional[int] = None
     """LLM layers on the first pipeline stage (it also carries the ViT); None = even split."""
 
     def __post_init__(self) -> None:
-        for key in ("tp", "pp", "cp"):
+        for key in ("tp", "pp", "cp", "ep", "etp", "vpp"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"parallel.{key} must be >= 1")
-        if self.cp != 1:
-            raise ConfigError("parallel.cp > 1 (context parallel) is not available yet; set parallel.cp=1")
+
+    def check_available(self) -> None:
+        """Layouts `launch/plan.py` can model but training cannot run yet (before any process group)."""
+        for key, what in (("cp", "context parallel"), ("ep", "expert parallel"), ("etp", "expert tensor parallel"),
+                          ("vpp", "the interleaved pipeline schedule")):
+            if getattr(self, key) != 1:
+                raise ConfigError(f"parallel.{key}={getattr(self, key)}: {what} is not available yet; set parallel.{key}=1")
 
 
 @dataclass
@@ -218,9 +239,14 @@ class OptimConfig:
     """AdamW and the learning-rate schedule (config group `optim/`)."""
 
     lr: float = 1e-5
-    """Peak learning rate."""
+    """Peak learning rate (of the LLM, and of the ViT / projector unless lr_vit / lr_projector say otherwise)."""
+    lr_vit: Optional[float] = None
+    """Peak learning rate of the vision encoder (`vision.*`); None = optim.lr. 0 keeps it fixed
+    while it still gets gradients (unlike a frozen stage)."""
+    lr_projector: Optional[float] = None
+    """Peak learning rate of the projector / merger (`projector.*`); None = optim.lr."""
     min_lr: float = 0.0
-    """Floor of the decay."""
+    """Floor of the decay for optim.lr; a module with its own peak decays to min_lr · peak / lr."""
     weight_decay: float = 0.1
     """Decoupled weight decay (not applied to norms and biases)."""
     beta1: float = 0.9
@@ -232,15 +258,44 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warmup steps."""
     schedule: str = "cosine"
-    """cosine | linear | constant decay after warmup."""
+    """cosine | linear | constant decay after warmup, or wsd: warmup → stable at the peak → decay over
+    the last decay_fraction of train.max_steps (shape decay_style), reaching min_lr at the last step."""
+    decay_fraction: float = 0.1
+    """schedule=wsd: share of train.max_steps spent decaying (0 < f <= 1)."""
+    decay_style: str = "linear"
+    """schedule=wsd: shape of the decay: linear | cosine | sqrt (1 - sqrt(progress), as MiniCPM's WSD)."""
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 = off)."""
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"optim.schedule={self.schedule!r}; valid: cosine, linear, constant")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.decay_style not in DECAY_STYLES:
+            raise ConfigError(f"optim.decay_style={self.decay_style!r}; valid: {', '.join(DECAY_STYLES)}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1], e.g. 0.1")
         if self.lr <= 0:
             raise ConfigError("optim.lr must be > 0")
+        for key in ("lr_vit", "lr_projector"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ConfigError(f"optim.{key}={value} must be >= 0 (or null to use optim.lr)")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
+        if self.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps must be >= 0")
+
+    def peak_lrs(self) -> dict[str, float]:
+        """Peak learning rate per module (vision / projector / llm)."""
+        return {
+            "vision": self.lr if self.lr_vit is None else self.lr_vit,
+            "projector": self.lr if self.lr_projector is None else self.lr_projector,
+            "llm": self.lr,
+        }
+
+    def wsd_decay_steps(self, max_steps: int) -> int:
+        """schedule=wsd: number of final steps that decay (at least 1)."""
+        return max(1, round(self.decay_fraction * max_steps))
 
 
 @dataclass
@@ -267,6 +322,13 @@ class TrainLoopConfig:
     straggler_threshold: float = 1.25
     """At each logged step, warn about ranks whose own step time (data + forward/backward) exceeds this
     × the median over ranks; 0 = no warning (the `straggler/*` metrics are written anyway)."""
+    recompute: str = "none"
+    """Activation recomputation (ViT and LLM): none | selective (core attention is recomputed in the
+    backward: saves the attention inputs only) | full (each transformer layer keeps only its input
+    and is recomputed in the backward: least memory, ~1/3 more compute)."""
+    fp8: str = "off"
+    """Transformer Engine FP8 GEMMs: off | auto (on, as hybrid, when Transformer Engine imports and a GPU
+    is present; otherwise off, logged once) | hybrid (E4M3 forward, E5M2 gradients) | e4m3 (E4M3 both)."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -281,6 +343,10 @@ class TrainLoopConfig:
             raise ConfigError("train.peak_tflops must be >= 0 (0 = look up the GPU)")
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"train.dtype={self.dtype!r}; valid: fp32, bf16")
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError(f"train.recompute={self.recompute!r}; valid: {', '.join(RECOMPUTE)}")
+        if self.fp8 not in FP8_MODES:
+            raise ConfigError(f"train.fp8={self.fp8!r}; valid: {', '.join(FP8_MODES)}")
 
 
 @dataclass
@@ -316,6 +382,23 @@ class CheckpointConfig:
             raise ConfigError(f"checkpoint.resume={self.resume!r}; valid: auto, never")
         if self.keep_last < 0:
             raise ConfigError("checkpoint.keep_last must be >= 0 (0 = keep all)")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during training (config group key `eval`; sources: `data.valid`)."""
+
+    every: int = 0
+    """Evaluate every N steps (forward only, loss per `data.valid` source); 0 = off."""
+    max_batches: int = 8
+    """Packed micro-batches (of data.max_tokens) per source and evaluation, over all data-parallel
+    ranks; the same ones every time (a multiple of the data-parallel size)."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError("eval.every must be >= 0 (0 = no evaluation)")
+        if self.max_batches < 1:
+            raise ConfigError("eval.max_batches must be >= 1")
 
 
 @dataclass
@@ -358,6 +441,12 @@ class ClusterConfig:
     """Cluster profile name."""
     data_root: str = "data"
     """Root that relative shard paths are resolved against."""
+    gpus: int = 0
+    """GPUs of the whole job (launch/plan.py); 0 = not given."""
+    gpus_per_node: int = 8
+    """GPUs per node: tensor parallelism beyond a node goes over the slower network (planner)."""
+    gpu: str = "h100"
+    """GPU kind for the planner's memory and speed figures: h100 | h200 | a100 | b200."""
 
 
 @dataclass
@@ -378,6 +467,7 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -385,6 +475,7 @@ class TrainConfig:
     def validate(self, world_size: int) -> None:
         """Cross-component checks; run before any process group is created."""
         p, llm, vit = self.parallel, self.model.llm, self.model.vision
+        p.check_available()
         if self.model.generation not in IMPLEMENTED_GENERATIONS:
             raise ConfigError(
                 f"model.generation={self.model.generation!r} is not implemented yet; "
@@ -448,6 +539,39 @@ class TrainConfig:
                 f"{micro} micro-batches per step (train.global_batch_tokens / data.max_tokens) are not "
                 f"divisible by the data-parallel size {dp}; change train.global_batch_tokens"
             )
+        self._validate_eval(dp)
+
+    def _validate_eval(self, dp: int) -> None:
+        if self.eval.every and not self.data.valid:
+            raise ConfigError(
+                f"eval.every={self.eval.every} but data.valid is empty; add held-out sources "
+                "(data.valid=[{path: DIR}]) or set eval.every=0"
+            )
+        if self.eval.every and self.eval.max_batches % dp:
+            raise ConfigError(
+                f"eval.max_batches={self.eval.max_batches} is not divisible by the data-parallel size {dp}; "
+                "change eval.max_batches"
+            )
+
+        self._validate_optim_and_precision()
+
+    def _validate_optim_and_precision(self) -> None:
+        """WSD phases fit in the run; an explicit FP8 mode has Transformer Engine and a GPU."""
+        o, t = self.optim, self.train
+        if o.schedule == "wsd" and o.warmup_steps > t.max_steps - o.wsd_decay_steps(t.max_steps):
+            raise ConfigError(
+                f"optim.warmup_steps={o.warmup_steps} overlaps the WSD decay (the last {o.wsd_decay_steps(t.max_steps)} "
+                f"of train.max_steps={t.max_steps}); lower optim.warmup_steps or optim.decay_fraction"
+            )
+        if t.fp8 in ("hybrid", "e4m3"):
+            from qvl_train.models.specs import fp8_missing
+
+            missing = fp8_missing()
+            if missing:
+                raise ConfigError(
+                    f"train.fp8={t.fp8} needs {' and '.join(missing)}; use train.fp8=off "
+                    "(or train.fp8=auto to use FP8 only where it is available)"
+                )
 
     def micro_batches_per_step(self) -> int:
         return self.train.global_batch_tokens // self.data.max_tokens
@@ -484,6 +608,7 @@ __all__ = [
     "OptimConfig",
     "TrainLoopConfig",
     "CheckpointConfig",
+    "EvalConfig",
     "WandbConfig",
     "EngineConfig",
     "ClusterConfig",

@@ -98,6 +98,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     from data_pipelines.stream import StepLoader
     from qvl_train.checkpoint.manager import CheckpointManager
     from qvl_train.engines.megatron import MegatronEngine
+    from qvl_train.evaluate import Evaluator
     from qvl_train.monitor.diagnose import StackDumper, StepProfiler
     from qvl_train.monitor.flops import peak_tflops
     from qvl_train.monitor.metrics import MetricsWriter, Progress, train_record
@@ -117,7 +118,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
     engine = MegatronEngine(
         cfg.model, cfg.parallel, cfg.optim, cfg.stage, dims,
-        seed=cfg.seed, max_steps=cfg.train.max_steps, dtype=dtype,
+        seed=cfg.seed, max_steps=cfg.train.max_steps, dtype=dtype, recompute=cfg.train.recompute, fp8=cfg.train.fp8,
     )
     micro = cfg.micro_batches_per_step()
     loader = StepLoader(cfg.data, micro_batches_per_step=micro, dp_rank=dims.dp_rank, dp_size=dims.dp)
@@ -125,6 +126,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
         out / "checkpoints", dims, keep_last=cfg.checkpoint.keep_last, init_from=cfg.model.init_from,
         async_save=cfg.checkpoint.async_save,
     )
+    evaluator = Evaluator(cfg, dims)
     state, how = ckpt.restore(engine, resume=cfg.checkpoint.resume, init_from=cfg.model.init_from)
     if state.data:
         loader.load_state_dict(state.data)
@@ -167,6 +169,16 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
             stacks.heartbeat(state.step)
             bad_streak = bad_streak + 1 if result.skipped else 0
             diverged = cfg.train.max_bad_steps > 0 and bad_streak >= cfg.train.max_bad_steps
+
+            if evaluator.due(state.step) and not diverged:  # before the checkpoint: a resume keeps its lines
+                for record in evaluator.run(engine, state.step):
+                    if rank0:
+                        metrics.write(record)
+                        name = record["source"]
+                        wandb.log({f"eval/{name}/{k}": record[k] for k in ("loss", "accuracy", "label_tokens")},
+                                  step=state.step)
+                        log.info("eval        step %d  %s  loss %.4f  exact match %.1f%% of %d",
+                                 state.step, name, record["loss"], 100 * record["accuracy"], record["answers"])
 
             # Checkpoint: never after the bad-step limit; no periodic save inside a bad streak, so
             # `latest` stays a checkpoint written after a finite step.
@@ -228,5 +240,6 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
             log.info("wandb       %s  (upload: wandb sync %s)", wandb.run_dir, wandb.run_dir)
     if trace is not None:
         trace.close()
+    evaluator.close()
     stopper.restore()
     dims.destroy()

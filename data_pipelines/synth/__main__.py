@@ -1,5 +1,5 @@
 """CLI: `python -m data_pipelines.synth --out DIR --num-samples N [--seed S] [--samples-per-shard K]
-[--min-side A --max-side B]`."""
+[--min-side A --max-side B] [--video-fraction F]`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples-per-shard", type=int, default=500)
     ap.add_argument("--min-side", type=int, default=56, help="smallest image side in pixels")
     ap.add_argument("--max-side", type=int, default=224, help="largest image side in pixels")
+    ap.add_argument("--video-fraction", type=float, default=0.0,
+                    help="fraction of samples that are short synthetic videos (default 0: images and text only)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     summary = generate(
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         samples_per_shard=args.samples_per_shard,
         min_side=args.min_side,
         max_side=args.max_side,
+        video_fraction=args.video_fraction,
     )
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     print(

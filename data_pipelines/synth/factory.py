@@ -15,6 +15,9 @@ reproducible byte for byte and any sample can be regenerated alone. Kinds:
                  chain of thought in the assistant turn's `reasoning` ("Bar heights: A 4, B 9, C 2.
                  The tallest is B."), rendered as a `<think>` block by text.py. Decided by its own
                  random stream, so every other sample is byte-identical with or without it.
+* `video`      — opt-in (`video_fraction`, default 0): a shape moving across 6–12 frames at 4 fps,
+                 stored as lossless H.264 MP4; "Which way does the red circle move?". The choice uses
+                 its own random stream, so the other samples are the same with or without videos.
 
 Image sides are drawn independently from [min_side, max_side], so aspect ratios vary and the
 dynamic-resolution path (different grids per image) is exercised. Images are stored as PNG
@@ -27,9 +30,11 @@ import random
 from collections import Counter
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from data_pipelines.shards import ShardWriter
+from data_pipelines.video import encode_video
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -118,8 +123,38 @@ def _image(name: str) -> dict:
     return {"type": "image", "name": name}
 
 
-def make_sample(seed: int, index: int, min_side: int = 56, max_side: int = 224) -> tuple[str, list, dict]:
-    """Sample `index` of the data set with `seed` → (kind, messages, {name: PIL image})."""
+def _video_sample(rng: random.Random, min_side: int, max_side: int) -> tuple[list, dict]:
+    """A shape moving in one direction → (messages, {"vid0.mp4": MP4 bytes})."""
+    lo = max(32, min_side)  # Qwen3-VL needs video frames of at least 32 px a side
+    w, h = rng.randint(lo, max(lo, max_side)), rng.randint(lo, max(lo, max_side))
+    n, shape, colour = rng.randint(6, 12), rng.choice(SHAPES), rng.choice([c for c in COLOURS if c != "black"])
+    direction = rng.choice(("to the right", "to the left", "down", "up"))
+    bg = rng.choice(BACKGROUNDS)
+    size = max(6, min(w, h) // 4)
+    frames = []
+    for k in range(n):
+        img = Image.new("RGB", (w, h), bg)
+        f = k / (n - 1)
+        along = {"to the right": f, "to the left": 1 - f, "down": f, "up": 1 - f}[direction]
+        if direction in ("to the right", "to the left"):
+            x, y = int(along * (w - size)), (h - size) // 2
+        else:
+            x, y = (w - size) // 2, int(along * (h - size))
+        _draw_shape(ImageDraw.Draw(img), shape, (x, y, x + size, y + size), COLOURS[colour])
+        frames.append(np.asarray(img))
+    messages = [_user({"type": "video", "name": "vid0.mp4"}, _text(f"Which way does the {colour} {shape} move?")),
+                _assistant(direction)]
+    return messages, {"vid0.mp4": encode_video(np.stack(frames), fps=4)}
+
+
+def make_sample(
+    seed: int, index: int, min_side: int = 56, max_side: int = 224, video_fraction: float = 0.0,
+) -> tuple[str, list, dict]:
+    """Sample `index` of the data set with `seed` → (kind, messages, {name: PIL image | video bytes})."""
+    vrng = random.Random(f"qvl-synth-video:{seed}:{index}")
+    if video_fraction > 0 and vrng.random() < video_fraction:
+        messages, media = _video_sample(vrng, min_side, max_side)
+        return "video", messages, media
     rng = random.Random(f"qvl-synth:{seed}:{index}")
     kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
     images: dict[str, Image.Image] = {}
@@ -216,17 +251,21 @@ def make_sample(seed: int, index: int, min_side: int = 56, max_side: int = 224) 
 
 def generate(
     out_dir: str, num_samples: int, *, seed: int = 0, samples_per_shard: int = 500, min_side: int = 56,
-    max_side: int = 224,
+    max_side: int = 224, video_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """Write `num_samples` synthetic samples as shards + index.json into `out_dir`; returns a summary."""
     if not 1 <= min_side <= max_side:
         raise ValueError("need 1 <= min_side <= max_side")
+    if not 0.0 <= video_fraction <= 1.0:
+        raise ValueError(f"video_fraction={video_fraction} must be within [0, 1]")
     kinds: Counter = Counter()
     n_images = n_thinking = 0
     with ShardWriter(out_dir, samples_per_shard=samples_per_shard) as writer:
         for i in range(num_samples):
-            kind, messages, images = make_sample(seed, i, min_side, max_side)
-            writer.add(f"synth-{seed}-{i:07d}", messages, images)
+            kind, messages, media = make_sample(seed, i, min_side, max_side, video_fraction)
+            videos = {k: v for k, v in media.items() if isinstance(v, bytes)}
+            images = {k: v for k, v in media.items() if k not in videos}
+            writer.add(f"synth-{seed}-{i:07d}", messages, images, videos)
             kinds[kind] += 1
             n_images += len(images)
             n_thinking += any("reasoning" in m for m in messages)

@@ -12,6 +12,11 @@ How a step works (every layout computes the same step as one process):
      is computed per module (vit / projector / llm) counting tensor-parallel duplicates once, summed
      over the model-parallel group, then clipped; AdamW steps.
 
+The optimizer has one pair of parameter groups (decayed / not decayed: norms and biases) per module,
+each with its own peak learning rate (`optim.lr_vit`, `optim.lr_projector`, `optim.lr`) and the same
+schedule shape. AdamW state is checkpointed per parameter *name*, never per group index, so a run may
+change the grouping (e.g. give the ViT its own rate) and still resume an older checkpoint.
+
 For the monitor, step 1 is an all-gather rather than an all-reduce: the same few numbers per
 data-parallel rank (plus the rank's model FLOPs from `monitor/flops.py`) arrive at every rank, so
 the sums and the data-parallel token imbalance come from one small collective.
@@ -50,21 +55,62 @@ class StepResult:
     flops: float = 0.0  # model FLOPs (forward + backward) of the step over all data-parallel ranks
     dp_imbalance: float = 1.0  # max / mean of real tokens over data-parallel ranks
     timings: dict[str, float] = field(default_factory=dict)  # fwd_bwd_s (this rank's own), optimizer_s (incl. dp sync)
+    lrs: dict[str, float] = field(default_factory=dict)  # learning rate of the step per module (vision / projector / llm)
 
 
-def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then the decay schedule."""
+def _decay_scale(style: str, progress: float) -> float:
+    """1 → 0 as progress goes 0 → 1: linear, cosine (half period) or 1 - sqrt (WSD's sqrt decay)."""
+    if style == "linear":
+        return 1.0 - progress
+    if style == "sqrt":
+        return 1.0 - math.sqrt(progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int, peak: float | None = None) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the decay schedule.
+
+    `peak` (default `cfg.lr`) gives a module its own rate with the same shape: warmup to `peak`,
+    decay to `cfg.min_lr · peak / cfg.lr`. `wsd` holds the peak until the last
+    `cfg.wsd_decay_steps(max_steps)` steps, which decay (`cfg.decay_style`) to the floor, reached at
+    the last step (`max_steps - 1`).
+    """
+    peak = cfg.lr if peak is None else peak
+    floor = cfg.min_lr * peak / cfg.lr
     if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return peak * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
-        return cfg.lr
+        return peak
+    if cfg.schedule == "wsd":
+        decay = cfg.wsd_decay_steps(max_steps)
+        progress = min(1.0, max(0.0, (step - (max_steps - decay) + 1) / decay))
+        return floor + (peak - floor) * _decay_scale(cfg.decay_style, progress)
     span = max(1, max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
-    if cfg.schedule == "linear":
-        scale = 1.0 - progress
-    else:
-        scale = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * scale
+    return floor + (peak - floor) * _decay_scale(cfg.schedule, progress)
+
+
+def module_lrs(step: int, cfg: OptimConfig, max_steps: int) -> dict[str, float]:
+    """Learning rate of each module (vision / projector / llm) at `step`."""
+    return {m: lr_at(step, cfg, max_steps, peak) for m, peak in cfg.peak_lrs().items()}
+
+
+def param_groups(named_params, cfg: OptimConfig) -> list[dict]:
+    """AdamW groups: per module, decayed weights and (weight_decay=0) norms / biases; empty groups dropped.
+
+    Each group carries `module` so the step can set its learning rate; the LLM's groups come first
+    (`param_groups[0]["lr"]` is the LLM's rate whenever the LLM trains).
+    """
+    groups = {(m, d): [] for m in ("llm", "projector", "vision") for d in (True, False)}
+    for name, param in named_params:
+        if param.requires_grad:
+            decays = not (param.ndim < 2 or name.endswith(".bias"))
+            groups[(_module_of(name), decays)].append(param)
+    peaks = cfg.peak_lrs()
+    return [
+        {"params": ps, "module": m, "lr": peaks[m], "weight_decay": cfg.weight_decay if d else 0.0}
+        for (m, d), ps in groups.items() if ps
+    ]
 
 
 def apply_stage(model: torch.nn.Module, stage: StageConfig) -> None:
@@ -92,10 +138,13 @@ class MegatronEngine:
         seed: int,
         max_steps: int,
         dtype: torch.dtype = torch.float32,
+        recompute: str = "none",
+        fp8: str = "off",
     ) -> None:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-        from qvl_train.models import build_model, init_weights
+        from qvl_train.models import Execution, build_model, init_weights
+        from qvl_train.models.specs import resolve_fp8
 
         self.dims, self.optim_cfg, self.max_steps = dims, optim_cfg, max_steps
         self.model_cfg = model_cfg
@@ -104,6 +153,7 @@ class MegatronEngine:
         self.model = build_model(
             model_cfg, parallel_cfg,
             pre_process=dims.is_first_stage, post_process=dims.is_last_stage, dtype=dtype,
+            execution=Execution(recompute=recompute, fp8=resolve_fp8(fp8)),
         ).to(dims.device)
         init_weights(self.model, seed, model_cfg.init_std)
         apply_stage(self.model, stage_cfg)
@@ -114,15 +164,8 @@ class MegatronEngine:
         config.finalize_model_grads_func = None
         config.grad_scale_func = None
 
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
         self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": optim_cfg.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
+            param_groups(self.model.named_parameters(), optim_cfg),
             lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
             foreach=True,  # one fused pass over all tensors (PyTorch only picks it by default on CUDA)
         )
@@ -182,6 +225,7 @@ class MegatronEngine:
         self._allreduce_grads()
         grad_norm, module_norms = self._grad_norms()
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        lrs = module_lrs(step, self.optim_cfg, self.max_steps)
         if finite:
             clip = self.optim_cfg.clip_grad
             if clip > 0 and grad_norm > clip:
@@ -189,9 +233,8 @@ class MegatronEngine:
                 for _, p in self._params:
                     if p.grad is not None:
                         p.grad.mul_(scale)
-            lr = lr_at(step, self.optim_cfg, self.max_steps)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lrs[group["module"]]
             self.optimizer.step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the optimizer's kernels are asynchronous
@@ -200,8 +243,34 @@ class MegatronEngine:
             loss=loss, grad_norm=grad_norm, module_grad_norms=module_norms, tokens=tokens,
             label_tokens=label_tokens, samples=samples, visual_tokens=visual, slots=slots,
             skipped=not finite, flops=flops, dp_imbalance=dp_imbalance,
-            timings={"fwd_bwd_s": t1 - t0, "optimizer_s": t2 - t1},
+            timings={"fwd_bwd_s": t1 - t0, "optimizer_s": t2 - t1}, lrs=lrs,
         )
+
+    def eval_step(self, batches: list[PackedBatch]) -> tuple[float, int]:
+        """Forward only over this rank's `batches` (megatron's forward_only schedule, no gradients,
+        optimizer untouched) → (Σ token cross-entropy, label tokens), both summed over every
+        data-parallel rank. Their ratio is the global per-label-token mean, as in `train_step`."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        dims, device = self.dims, self.dims.device
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # [Σ CE, label tokens]
+        self.model.eval()
+        with torch.no_grad():
+            losses = get_forward_backward_func()(
+                forward_step_func=partial(_forward_step, denom=1.0, device=device),
+                data_iterator=iter(batches),
+                model=[self.model],
+                num_microbatches=len(batches),
+                seq_length=batches[0].num_slots,
+                micro_batch_size=1,
+                forward_only=True,
+            )
+        self.model.train()
+        if dims.is_last_stage and dims.tp_rank == 0:  # one contributor per data-parallel rank
+            sums[0] = sum(float(x["loss_sum"]) for x in losses)
+            sums[1] = sum(b.num_label_tokens for b in batches)
+        dist.all_reduce(sums, group=dims.groups["world"])
+        return float(sums[0]), int(sums[1])
 
     def _allreduce_grads(self) -> None:
         """Sum gradients over data-parallel ranks in one flat buffer (grads already carry 1/G)."""

@@ -23,32 +23,39 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from qvl_train.config import ModelConfig, ParallelConfig
+from qvl_train.models.common import Execution
 from qvl_train.models.specs import resolve_spec_backend
 from qvl_train.models.vlm import VLM
 
-__all__ = ["build_model", "init_weights", "VLM", "IMPLEMENTED", "MODULE_PREFIXES"]
+__all__ = ["build_model", "init_weights", "VLM", "IMPLEMENTED", "MODULE_PREFIXES", "Execution"]
 
 MODULE_PREFIXES = ("vision.", "projector.", "llm.")
 """Every parameter name starts with one of these (stage freezing and per-module metrics use them)."""
 
 
-def _build_qwen2_vl(cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype) -> VLM:
-    return VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=resolve_spec_backend())
+def _build_qwen2_vl(
+    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution
+) -> VLM:
+    return VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=resolve_spec_backend(), execution=execution)
 
 
-def _build_qwen2_5_vl(cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype) -> VLM:
+def _build_qwen2_5_vl(
+    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution
+) -> VLM:
     from qvl_train.models.vision.qwen2_5_vl import Qwen2_5VisionTransformer
 
     return VLM(
         cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype,
-        spec_backend=resolve_spec_backend(), vision_cls=Qwen2_5VisionTransformer,
+        spec_backend=resolve_spec_backend(), vision_cls=Qwen2_5VisionTransformer, execution=execution,
     )
 
 
-def _build_qwen3_vl(cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype) -> VLM:
+def _build_qwen3_vl(
+    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution
+) -> VLM:
     from qvl_train.models.vlm import Qwen3VLM
 
-    return Qwen3VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=resolve_spec_backend())
+    return Qwen3VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=resolve_spec_backend(), execution=execution)
 
 
 _BUILDERS: dict[str, Callable[..., VLM]] = {
@@ -59,11 +66,15 @@ _BUILDERS: dict[str, Callable[..., VLM]] = {
 IMPLEMENTED = tuple(_BUILDERS)
 
 
-def build_model(cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype = torch.float32) -> VLM:
+def build_model(
+    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype = torch.float32,
+    execution: Execution = Execution(),
+) -> VLM:
     """This pipeline stage's part of the model (single-device modules; TP/PP from `parallel_state`).
 
     Weights are allocated but not initialised: call `init_weights` or load a checkpoint. Every
     parameter has `dtype` (megatron's local norms are created fp32 whatever `params_dtype` says).
+    `execution` (activation recomputation, FP8) goes into every tower's `TransformerConfig`.
     """
     try:
         builder = _BUILDERS[cfg.generation]
@@ -71,7 +82,7 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool
         raise NotImplementedError(
             f"model.generation={cfg.generation!r} is not implemented; implemented: {', '.join(IMPLEMENTED)}"
         ) from None
-    model = builder(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype)
+    model = builder(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, execution=execution)
     for param in model.parameters():
         param.data = param.data.to(dtype)
     mark_tensor_parallel_params(model)

@@ -6,18 +6,71 @@ and `VarlenAttention` has none). Weights are allocated on the CPU first
 (`use_cpu_initialization=True`: megatron then moves nothing to a GPU itself; the engine moves the
 model) and not initialised by megatron (`perform_initialization=False`): `init_weights` does it,
 independently of the parallel layout, or a checkpoint is loaded.
+
+`Execution` carries the two run-time choices that are not architecture (train.recompute and the
+resolved train.fp8) into every tower's config; `run_layer` applies full recomputation where a tower
+runs its layers one by one (window attention, DeepStack) instead of through `TransformerBlock`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-__all__ = ["make_transformer_config"]
+__all__ = ["make_transformer_config", "Execution", "run_layer"]
 
 
-def make_transformer_config(*, dtype: torch.dtype, tp: int, pp: int, **arch) -> TransformerConfig:
-    """`TransformerConfig` from architecture fields (`arch`) plus the shared runtime settings."""
+@dataclass(frozen=True)
+class Execution:
+    """How the towers run, independent of the architecture: activation recomputation and FP8."""
+
+    recompute: str = "none"
+    """none | selective (core attention recomputed in the backward) | full (whole layers)."""
+    fp8: Optional[str] = None
+    """megatron's `TransformerConfig.fp8` ("hybrid" / "e4m3") or None; see `specs.resolve_fp8`."""
+
+    def transformer_kwargs(self) -> dict:
+        """The `TransformerConfig` fields these choices set."""
+        kw: dict = {}
+        if self.recompute == "selective":
+            kw.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+        elif self.recompute == "full":
+            kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        elif self.recompute != "none":
+            raise ValueError(f"recompute={self.recompute!r}; valid: none, selective, full")
+        if self.fp8:
+            kw.update(fp8=self.fp8)
+        return kw
+
+
+def run_layer(layer, hidden_states: torch.Tensor, rotary_pos_emb: torch.Tensor, packed_seq_params) -> torch.Tensor:
+    """One `TransformerLayer` on `[s, 1, h]` (no mask, packed segments), fully recomputed in the backward
+    when its config asks for `recompute_granularity="full"` (what `TransformerBlock` does for its own loop)."""
+
+    def forward(h: torch.Tensor) -> torch.Tensor:
+        return layer(hidden_states=h, attention_mask=None, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params)[0]
+
+    if not (layer.config.recompute_granularity == "full" and layer.training and torch.is_grad_enabled()):
+        return forward(hidden_states)
+    if layer.config.fp8:  # TE's checkpoint keeps the FP8 scaling state consistent across the recompute
+        from megatron.core import parallel_state
+        from megatron.core.extensions.transformer_engine import te_checkpoint  # noqa: PLC0415 (TE only with FP8)
+
+        return te_checkpoint(
+            forward, False, tensor_parallel.get_cuda_rng_tracker, parallel_state.get_tensor_model_parallel_group(),
+            hidden_states,
+        )
+    return tensor_parallel.checkpoint(forward, False, hidden_states)
+
+
+def make_transformer_config(
+    *, dtype: torch.dtype, tp: int, pp: int, execution: Execution = Execution(), **arch
+) -> TransformerConfig:
+    """`TransformerConfig` from architecture fields (`arch`), the shared runtime settings and `execution`."""
     fused = torch.cuda.is_available()
     return TransformerConfig(
         tensor_model_parallel_size=tp,
@@ -38,5 +91,6 @@ def make_transformer_config(*, dtype: torch.dtype, tp: int, pp: int, **arch) -> 
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **execution.transformer_kwargs(),
         **arch,
     )

@@ -21,7 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from qvl_train.config import LLMConfig, ParallelConfig
-from qvl_train.models.common import make_transformer_config
+from qvl_train.models.common import Execution, make_transformer_config, run_layer
 from qvl_train.models.specs import layer_spec
 
 __all__ = ["Qwen2LanguageModel", "llm_transformer_config"]
@@ -31,12 +31,13 @@ def _no_init(w: torch.Tensor) -> None:
     """megatron needs an init_method; `init_weights` initialises for real (layout-independent)."""
 
 
-def llm_transformer_config(cfg: LLMConfig, parallel: ParallelConfig, *, dtype: torch.dtype):
-    """The LLM's megatron config: the full parallel layout (tp, pp, uneven first stage)."""
+def llm_transformer_config(cfg: LLMConfig, parallel: ParallelConfig, *, dtype: torch.dtype, execution: Execution = Execution()):
+    """The LLM's megatron config: the full parallel layout (tp, pp, uneven first stage), recompute / FP8."""
     first = parallel.first_stage_layers if parallel.pp > 1 else None
     last = cfg.num_layers - first if (first is not None and parallel.pp == 2) else None
     return make_transformer_config(
         dtype=dtype,
+        execution=execution,
         tp=parallel.tp,
         pp=parallel.pp,
         num_layers=cfg.num_layers,
@@ -70,8 +71,9 @@ class Qwen2LanguageModel(MegatronModule):
         dtype: torch.dtype,
         attention_backend: str = "auto",
         spec_backend: str = "local",
+        execution: Execution = Execution(),
     ):
-        config = llm_transformer_config(cfg, parallel, dtype=dtype)
+        config = llm_transformer_config(cfg, parallel, dtype=dtype, execution=execution)
         super().__init__(config=config)
         self.cfg = cfg
         self.pre_process = pre_process
@@ -151,7 +153,7 @@ class Qwen2LanguageModel(MegatronModule):
                 "on the first pipeline stage; raise parallel.first_stage_layers"
             )
         for layer in self.decoder.layers:
-            h, _ = layer(hidden_states=h, attention_mask=None, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params)
+            h = run_layer(layer, h, rotary_pos_emb, packed_seq_params)
             i = layer.layer_number - 1
             if i < len(features):
                 h = h.index_add(0, positions, features[i].to(h.dtype).unsqueeze(1))

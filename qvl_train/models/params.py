@@ -12,7 +12,8 @@ __all__ = ["count_parameters"]
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
-    """`{"vision", "projector", "llm", "total"}` parameter counts of the model `cfg` describes."""
+    """`{"vision", "projector", "llm", "total", "active"}` parameter counts of the model `cfg` describes
+    (`active`: what one token passes through; = `total` for dense models)."""
     v, l = cfg.vision, cfg.llm
     hv = v.hidden_size
     patch = v.in_channels * v.temporal_patch_size * v.patch_size**2 * hv + (hv if v.patch_bias else 0)
@@ -35,8 +36,14 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     kv = l.num_query_groups * d
     q = l.num_attention_heads * d
     attn_l = h * q + 2 * h * kv + (q + 2 * kv if l.qkv_bias else 0) + q * h + (2 * d if l.qk_norm else 0)
-    mlp_l = 3 * h * l.ffn_hidden_size
+    if l.num_experts:  # router + routed SwiGLU experts (Qwen3 MoE has no shared expert)
+        mlp_l = h * l.num_experts + l.num_experts * 3 * h * l.moe_ffn_hidden_size
+        active_mlp_l = h * l.num_experts + l.moe_router_topk * 3 * h * l.moe_ffn_hidden_size
+    else:
+        mlp_l = active_mlp_l = 3 * h * l.ffn_hidden_size
     layer = attn_l + mlp_l + 2 * h
     embed = l.vocab_size * h
-    llm = embed + l.num_layers * layer + h + (0 if l.tie_word_embeddings else embed)
-    return {"vision": vision, "projector": projector, "llm": llm, "total": vision + projector + llm}
+    outside = embed + h + (0 if l.tie_word_embeddings else embed)
+    llm = outside + l.num_layers * layer
+    active = vision + projector + outside + l.num_layers * (attn_l + active_mlp_l + 2 * h)
+    return {"vision": vision, "projector": projector, "llm": llm, "total": vision + projector + llm, "active": active}

@@ -20,6 +20,7 @@ GPT specs do, so a checkpoint saved with one backend loads into the other.
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -33,7 +34,9 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from qvl_train.models.attention import VarlenAttention
 
-__all__ = ["te_available", "resolve_spec_backend", "layer_spec", "norm_module"]
+__all__ = ["te_available", "resolve_spec_backend", "layer_spec", "norm_module", "fp8_missing", "resolve_fp8"]
+
+log = logging.getLogger(__name__)
 
 
 def te_available() -> bool:
@@ -50,6 +53,37 @@ def resolve_spec_backend(backend: str = "auto") -> str:
     if backend not in ("local", "te"):
         raise ValueError(f"spec backend {backend!r}; valid: auto, local, te")
     return backend
+
+
+def fp8_missing() -> list[str]:
+    """What FP8 training lacks on this machine: [] or e.g. ["Transformer Engine", "a CUDA GPU"]."""
+    import torch
+
+    missing = [] if te_available() else ["Transformer Engine (pip install transformer-engine)"]
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU")
+    return missing
+
+
+def resolve_fp8(mode: str) -> str | None:
+    """`train.fp8` → megatron's `TransformerConfig.fp8` ("hybrid" / "e4m3") or None (off).
+
+    `auto` is "hybrid" where Transformer Engine and a GPU are present (then `resolve_spec_backend`
+    also picks the TE specs, whose linear layers run the FP8 GEMMs); elsewhere it logs that FP8 is
+    off and why (the engine resolves it once per run and hands the result to every tower).
+    Explicit modes are checked by `TrainConfig.validate` before anything starts.
+    """
+    if mode == "off":
+        return None
+    if mode == "auto":
+        missing = fp8_missing()
+        if missing:
+            log.info("train.fp8=auto: FP8 is off (missing: %s)", ", ".join(missing))
+            return None
+        return "hybrid"
+    if mode in ("hybrid", "e4m3"):
+        return mode
+    raise ValueError(f"train.fp8={mode!r}; valid: off, auto, hybrid, e4m3")
 
 
 def norm_module():

@@ -30,6 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from data_pipelines.schema import IGNORE_INDEX, PackedBatch
 from qvl_train.config import ModelConfig, ParallelConfig
+from qvl_train.models.common import Execution
 from qvl_train.models.language import Qwen2LanguageModel
 from qvl_train.models.projector import DeepStackProjector, PatchMerger
 from qvl_train.models.rope import mrope_freqs
@@ -61,6 +62,7 @@ class VLM(MegatronModule):
         spec_backend: str = "local",
         vision_cls: type = Qwen2VisionTransformer,
         projector_cls: type = PatchMerger,
+        execution: Execution = Execution(),
     ):
         llm = Qwen2LanguageModel(
             cfg.llm,
@@ -70,6 +72,7 @@ class VLM(MegatronModule):
             dtype=dtype,
             attention_backend=cfg.attention_backend,
             spec_backend=spec_backend,
+            execution=execution,
         )
         super().__init__(config=llm.config)  # the schedules read `config` (hidden size, pipeline dtype)
         self.model_type = ModelType.encoder_or_decoder  # the schedules read it too
@@ -79,7 +82,8 @@ class VLM(MegatronModule):
         self.head_dim = cfg.llm.head_dim or cfg.llm.hidden_size // cfg.llm.num_attention_heads
         if pre_process:
             self.vision = vision_cls(
-                cfg.vision, tp=parallel.tp, dtype=dtype, attention_backend=cfg.attention_backend, spec_backend=spec_backend
+                cfg.vision, tp=parallel.tp, dtype=dtype, attention_backend=cfg.attention_backend, spec_backend=spec_backend,
+                execution=execution,
             )
             self.projector = projector_cls(self.vision.config, cfg.vision, cfg.llm.hidden_size)
         self.llm = llm
@@ -165,7 +169,10 @@ class Qwen3VLM(VLM):
     parallelism), so the addition is local.
     """
 
-    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype=torch.float32, spec_backend: str = "local"):
+    def __init__(
+        self, cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype=torch.float32,
+        spec_backend: str = "local", execution: Execution = Execution(),
+    ):
         from qvl_train.models.vision.qwen3_vl import Qwen3VisionTransformer
 
         n_deep = len(cfg.vision.deepstack_visual_indexes)
@@ -178,7 +185,7 @@ class Qwen3VLM(VLM):
                 )
         super().__init__(
             cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=spec_backend,
-            vision_cls=Qwen3VisionTransformer, projector_cls=DeepStackProjector,
+            vision_cls=Qwen3VisionTransformer, projector_cls=DeepStackProjector, execution=execution,
         )
 
     def embed_with_deepstack(self, batch: PackedBatch):

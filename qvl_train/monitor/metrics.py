@@ -31,7 +31,11 @@ def train_record(
     step: int, result, *, lr: float, step_time_s: float, data_s: float, checkpoint_s: float,
     world_size: int, peak_tflops: Optional[float], skipped_steps: int,
 ) -> dict[str, Any]:
-    """One `"kind": "train"` line of metrics.jsonl from the engine's `StepResult` (schema: README)."""
+    """One `"kind": "train"` line of metrics.jsonl from the engine's `StepResult` (schema: README).
+
+    `lr` is the rate the caller read from the optimizer; the step's per-module rates
+    (`result.lrs`) replace it with the LLM's and add the ViT's / projector's where they differ.
+    """
     tflops = result.flops / max(step_time_s, 1e-9) / world_size / 1e12  # model TFLOP/s per device
     record: dict[str, Any] = {
         "kind": "train", "step": step, "loss": result.loss, "lm_loss": result.loss,
@@ -51,7 +55,18 @@ def train_record(
     }
     if peak_tflops:
         record["mfu"] = tflops / peak_tflops
+    record.update(lr_record(lr, getattr(result, "lrs", None) or {}))
     return record
+
+
+def lr_record(lr: float, module_lrs: dict[str, float]) -> dict[str, float]:
+    """`lr` (the LLM's) plus `lr/vision`, `lr/projector` where a module's rate differs from it."""
+    llm = module_lrs.get("llm", lr)
+    out = {"lr": llm}
+    for module in ("vision", "projector"):
+        if module in module_lrs and module_lrs[module] != llm:
+            out[f"lr/{module}"] = module_lrs[module]
+    return out
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:

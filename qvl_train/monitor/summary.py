@@ -23,6 +23,14 @@ def summarize(output_dir: str | Path, window: int = 10) -> str:
         f"packing          {mean(train, 'packing_efficiency'):.1%} of token slots hold real tokens",
         f"metrics          {out / 'metrics.jsonl'}",
     ]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    for source in dict.fromkeys(r["source"] for r in evals):
+        mine = [r for r in evals if r["source"] == source]
+        first, last = mine[0], mine[-1]
+        acc = (f", exact match {first['accuracy']:.1%} -> {last['accuracy']:.1%}"
+               if first.get("accuracy") is not None and last.get("accuracy") is not None else "")
+        lines.insert(2, f"held-out {source:<8}loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} "
+                        f"(step {last['step']}){acc}")
     if latest.exists():
         lines.append(f"checkpoint       {out / 'checkpoints' / latest.read_text().strip()}")
     wandb_runs = sorted((out / "wandb").glob("offline-run-*")) if (out / "wandb").exists() else []

@@ -247,7 +247,7 @@ def read_model_config(step_dir: Path) -> tuple[ModelConfig, Optional[str]]:
 
 def _import_root(step_dir: Path, seen: int = 0) -> Optional[Path]:
     """The root of the imported checkpoint this one descends from (holds `hf_import.json`)."""
-    from qvl_train.checkpoint.manager import resolve_checkpoint, verify_checkpoint
+    from qvl_train.checkpoint.manager import resolve_checkpoint
 
     if seen > 16:
         return None

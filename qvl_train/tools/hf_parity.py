@@ -117,6 +117,26 @@ def _packed_batch(samples, cfg):
     )
 
 
+def synthetic_packed_batch(cfg, max_tokens: int, segments, gen: torch.Generator):
+    """A `PackedBatch` of `max_tokens` slots filled with random samples of `segments` (whole samples;
+    the padding tail has no labels), for benchmarks that need realistic shapes without data."""
+    samples, used = [], 0
+    while True:
+        s = build_sample(segments, cfg, gen)
+        n = s["input_ids"].numel()
+        if used + n > max_tokens:
+            break
+        samples.append(s)
+        used += n
+    batch = _packed_batch(samples, cfg)
+    pad = max_tokens - used
+    batch.input_ids = torch.cat([batch.input_ids, torch.full((pad,), 151643)])
+    batch.labels = torch.cat([batch.input_ids[1:used], torch.full((pad + 1,), -100)])
+    batch.position_ids = torch.cat([batch.position_ids, torch.zeros(3, pad, dtype=torch.int64)], dim=1)
+    batch.num_tokens, batch.num_label_tokens = used, int((batch.labels != -100).sum())
+    return batch
+
+
 def _hf_inputs(samples, packed: bool) -> dict:
     ids = torch.cat([s["input_ids"] for s in samples])
     kw: dict = {"input_ids": ids[None], "attention_mask": None, "use_cache": False}

@@ -26,7 +26,7 @@ def media(tmp_path_factory):
     (d / "trunc.png").write_bytes(buf.getvalue()[:50])
     (d / "notimg.png").write_bytes(b"this is not an image")
     (d / "empty.mp4").write_bytes(b"")
-    (d / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    (d / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)  # header only: unreadable
     return str(d)
 
 
@@ -89,7 +89,7 @@ def test_qwen_finetune_every_rejection_reason(tmp_path, media):
         "id=bomb": "pixel_limit", "id=strip": "aspect_ratio", "id=manytags": "too_many_tags",
         "id=fewtags": "too_few_tags", "id=notags": "too_few_tags", "id=empty": "empty_conversation",
         "id=noanswer": "empty_conversation", "id=badrole": "bad_record", "id=emptyvideo": "unreadable_video",
-        "id=video": "video_unsupported", "id=missingvideo": "missing_file", "id=good1": "duplicate_id",
+        "id=video": "unreadable_video", "id=missingvideo": "missing_file", "id=good1": "duplicate_id",
         "line 20": "bad_json_line",
     }
     assert report["written"] == 4 and report["records"] == 20 == report["written"] + report["rejected"]

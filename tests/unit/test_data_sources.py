@@ -121,7 +121,7 @@ def test_per_source_max_pixels_caps_plan_and_pixels(synth_dir):
     refs = [(0, sh, i) for sh in range(3) for i in range(20) if capped.planner.entry((0, sh, i))["images"]]
     lower = [r for r in refs if capped.planner.cost(r) < plain.planner.cost(r)]
     assert len(lower) > len(refs) // 4  # the index's costs are recomputed under the cap
-    assert capped.builders[0].max_frames == 8 and capped.builders[0].cfg.max_pixels == cap
+    assert capped.builders[0].cfg.video_max_frames == 8 and capped.builders[0].cfg.max_pixels == cap
     n = 0
     for b in capped.next_step() + capped.next_step():
         pixels = b.grid_thw[:, 1] * b.grid_thw[:, 2] * 14 * 14
@@ -193,3 +193,14 @@ def test_plan_ahead_equals_inline_and_resumes_exactly(synth_dir):
         assert _run(resumed, 3) == expected
         resumed.close()
     ahead.close()
+
+
+def test_source_caps_reach_planner_and_builder_alike():
+    """A source's max_frames / max_pixels give one DataConfig that planner and loader both use."""
+    from data_pipelines.schema import DataConfig, DataSource
+
+    src = DataSource("x", max_frames=6, max_pixels=100_000)
+    cfg = DataConfig(sources=[src, DataSource("y")], video_min_frames=8, video_max_frames=64).for_source(src)
+    assert (cfg.video_max_frames, cfg.video_min_frames, cfg.max_pixels) == (6, 6, 100_000)
+    other = DataConfig(sources=[src], video_max_frames=4).for_source(src)
+    assert other.video_max_frames == 4  # a looser source cap does not raise the run's

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from qvl_train.models.common import Execution, run_layer
 from qvl_train.models.rope import vision_rope_freqs
 from qvl_train.models.vision.qwen2_vl import Qwen2VisionTransformer, frame_cu_seqlens
 
@@ -67,10 +68,13 @@ def _packed(cu: torch.Tensor) -> PackedSeqParams:
 class Qwen2_5VisionTransformer(Qwen2VisionTransformer):
     """pixel_values `[P, C·T·p·p]`, grid_thw `[k, 3]` → patch features `[P, Hv]` (row order kept)."""
 
-    def __init__(self, cfg, *, tp: int, dtype: torch.dtype, attention_backend: str = "auto", spec_backend: str = "local"):
+    def __init__(
+        self, cfg, *, tp: int, dtype: torch.dtype, attention_backend: str = "auto", spec_backend: str = "local",
+        execution: Execution = Execution(),
+    ):
         if cfg.window_size is None:
             raise ValueError("Qwen2.5-VL's ViT needs model.vision.window_size (112 for the released models)")
-        super().__init__(cfg, tp=tp, dtype=dtype, attention_backend=attention_backend, spec_backend=spec_backend)
+        super().__init__(cfg, tp=tp, dtype=dtype, attention_backend=attention_backend, spec_backend=spec_backend, execution=execution)
         self.window = cfg.window_size // cfg.patch_size // cfg.spatial_merge_size
         self.full_blocks = frozenset(cfg.fullatt_block_indexes)
 
@@ -90,6 +94,6 @@ class Qwen2_5VisionTransformer(Qwen2VisionTransformer):
         h = h_PD.unsqueeze(1)  # [P, 1, D]
         for i, layer in enumerate(self.decoder.layers):
             packed = frames if i in self.full_blocks else windows
-            h, _ = layer(hidden_states=h, attention_mask=None, rotary_pos_emb=rope, packed_seq_params=packed)
+            h = run_layer(layer, h, rope, packed)
         inverse = torch.argsort(order)
         return h.squeeze(1).reshape(P // unit, unit, D)[inverse].reshape(P, D)

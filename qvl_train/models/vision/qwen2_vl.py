@@ -19,14 +19,14 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from qvl_train.config import VisionConfig
-from qvl_train.models.common import make_transformer_config
+from qvl_train.models.common import Execution, make_transformer_config
 from qvl_train.models.rope import vision_rope_freqs
 from qvl_train.models.specs import layer_spec
 
 __all__ = ["Qwen2VisionTransformer", "vision_transformer_config", "frame_cu_seqlens"]
 
 
-def vision_transformer_config(cfg: VisionConfig, *, tp: int, dtype: torch.dtype):
+def vision_transformer_config(cfg: VisionConfig, *, tp: int, dtype: torch.dtype, execution: Execution = Execution()):
     """The ViT's megatron config (pp = 1: the tower is never split across pipeline stages).
 
     Norm and MLP follow `cfg.norm` / `cfg.mlp` (LayerNorm + QuickGELU for Qwen2-VL, RMSNorm +
@@ -34,6 +34,7 @@ def vision_transformer_config(cfg: VisionConfig, *, tp: int, dtype: torch.dtype)
     """
     return make_transformer_config(
         dtype=dtype,
+        execution=execution,
         tp=tp,
         pp=1,
         num_layers=cfg.depth,
@@ -77,8 +78,11 @@ class PatchEmbed(MegatronModule):
 class Qwen2VisionTransformer(MegatronModule):
     """pixel_values `[P, C·T·p·p]`, grid_thw `[k, 3]` → patch features `[P, Hv]` (before merging)."""
 
-    def __init__(self, cfg: VisionConfig, *, tp: int, dtype: torch.dtype, attention_backend: str = "auto", spec_backend: str = "local"):
-        config = vision_transformer_config(cfg, tp=tp, dtype=dtype)
+    def __init__(
+        self, cfg: VisionConfig, *, tp: int, dtype: torch.dtype, attention_backend: str = "auto", spec_backend: str = "local",
+        execution: Execution = Execution(),
+    ):
+        config = vision_transformer_config(cfg, tp=tp, dtype=dtype, execution=execution)
         super().__init__(config=config)
         self.cfg = cfg
         self.head_dim = cfg.hidden_size // cfg.num_heads

@@ -28,7 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from qvl_train.config import VisionConfig
-from qvl_train.models.common import make_transformer_config
+from qvl_train.models.common import Execution, make_transformer_config, run_layer
 from qvl_train.models.rope import vision_rope_freqs
 from qvl_train.models.specs import layer_spec
 from qvl_train.models.vision.qwen2_vl import frame_cu_seqlens
@@ -36,10 +36,11 @@ from qvl_train.models.vision.qwen2_vl import frame_cu_seqlens
 __all__ = ["Qwen3VisionTransformer", "qwen3_vision_transformer_config", "interpolated_pos_index"]
 
 
-def qwen3_vision_transformer_config(cfg: VisionConfig, *, tp: int, dtype: torch.dtype):
+def qwen3_vision_transformer_config(cfg: VisionConfig, *, tp: int, dtype: torch.dtype, execution: Execution = Execution()):
     """LayerNorm, non-gated MLP (`intermediate_size`) with tanh-GELU, biases everywhere, pp = 1."""
     return make_transformer_config(
         dtype=dtype,
+        execution=execution,
         tp=tp,
         pp=1,
         num_layers=cfg.depth,
@@ -101,10 +102,13 @@ class Qwen3VisionTransformer(MegatronModule):
 
     returns_deepstack = True
 
-    def __init__(self, cfg: VisionConfig, *, tp: int, dtype: torch.dtype, attention_backend: str = "auto", spec_backend: str = "local"):
+    def __init__(
+        self, cfg: VisionConfig, *, tp: int, dtype: torch.dtype, attention_backend: str = "auto", spec_backend: str = "local",
+        execution: Execution = Execution(),
+    ):
         if not cfg.num_position_embeddings:
             raise ValueError("Qwen3-VL's ViT needs model.vision.num_position_embeddings (2304 for the released models)")
-        config = qwen3_vision_transformer_config(cfg, tp=tp, dtype=dtype)
+        config = qwen3_vision_transformer_config(cfg, tp=tp, dtype=dtype, execution=execution)
         super().__init__(config=config)
         self.cfg = cfg
         self.head_dim = cfg.hidden_size // cfg.num_heads
@@ -138,7 +142,7 @@ class Qwen3VisionTransformer(MegatronModule):
         h = h_PD.unsqueeze(1)
         deep = []
         for i, layer in enumerate(self.decoder.layers):
-            h, _ = layer(hidden_states=h, attention_mask=None, rotary_pos_emb=rope, packed_seq_params=packed)
+            h = run_layer(layer, h, rope, packed)
             if i in self.deepstack_indexes:
                 deep.append(h.squeeze(1))
         return h.squeeze(1), deep  # in block order = config order (validated increasing)
