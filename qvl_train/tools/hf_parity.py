@@ -155,6 +155,17 @@ def _hf_inputs(samples, packed: bool) -> dict:
     return kw
 
 
+def packed_pair(cfg, sample_segments, gen: torch.Generator) -> tuple[dict, "PackedBatch"]:
+    """The same samples packed into one sequence, for both sides: (HF `forward` kwargs, our `PackedBatch`).
+
+    `sample_segments` lists one segment list per sample (see `_segments`). HF gets the packed form
+    of `_hf_inputs` (block-causal through restarting text positions), ours the `PackedBatch`
+    (labels all -100: callers set their own). Used by the gradient parity test and the timing benchmark.
+    """
+    samples = [build_sample(segs, cfg, gen) for segs in sample_segments]
+    return _hf_inputs(samples, packed=True), _packed_batch(samples, cfg)
+
+
 def run(hf_dir: str, kinds=KINDS, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Relative max logit error per input kind (see module docstring), both models on `device` in `dtype`."""
     import transformers
