@@ -48,6 +48,11 @@ def _segments(kind: str) -> list:
     }[kind]
 
 
+def packed_sample_segments() -> list:
+    """Segment lists of the `packed` kind's samples: one of each single kind, in `KINDS` order."""
+    return [_segments(k) for k in KINDS if k != "packed"]
+
+
 def mrope_ids(segments, merge: int, video_scale: int) -> torch.Tensor:
     """3-D M-RoPE ids `[3, n]` of one sample (Qwen2-VL / Qwen2.5-VL `get_rope_index`, 4.57).
 

@@ -1,12 +1,12 @@
 """Gradient parity in fp32: the framework model's parameter gradients match the HF model's.
 
-One packed sequence of four samples — an image, two images of different sizes, a video (two
-temporal patches) and text only — goes through a tiny random HF model of each generation and
-through our model with the same weights (`hf_to_ours`). Both sides backpropagate the same scalar:
-the sum of token cross-entropies over the label positions (HF: its logits with our labels; ours:
-the sum of its per-token loss). HF's gradients are mapped to our parameter names with the same
-`hf_to_ours` (a pure re-layout: the qkv / gate-up fusions and splits are linear), and every
-parameter must agree within `max|Δgrad| / max|grad_ref| ≤ 1e-5`.
+One packed sequence of four samples (the parity tool's `packed` kind: an image, two images of
+different sizes, a video of two temporal patches, text only) goes through a tiny random HF model of
+each generation and through our model with the same weights (`hf_to_ours`). Both sides
+backpropagate the same scalar: the sum of token cross-entropies over the label positions (HF: its
+logits with our labels; ours: the sum of its per-token loss). HF's gradients are mapped to our
+parameter names with the same `hf_to_ours` (a pure re-layout: the qkv / gate-up fusions and splits
+are linear), and every parameter must agree within `max|Δgrad| / max|grad_ref| ≤ 1e-5`.
 """
 
 from __future__ import annotations
@@ -22,16 +22,10 @@ from qvl_train.models import build_model  # noqa: E402
 from qvl_train.models.hf_convert import hf_to_ours  # noqa: E402
 from qvl_train.models.tiny import tiny_model_config, tiny_qwen2_5_vl_config, tiny_qwen3_vl_config  # noqa: E402
 from qvl_train.models.vlm import IMAGE_PAD_ID, VIDEO_PAD_ID  # noqa: E402
-from qvl_train.tools.hf_parity import packed_pair  # noqa: E402
+from qvl_train.tools.hf_parity import packed_pair, packed_sample_segments  # noqa: E402
 from tests.conftest import megatron_one_rank_world  # noqa: E402
 
 TOLERANCE = 1e-5
-SAMPLES = [
-    [("text", 6), ("image", (1, 12, 20)), ("text", 9)],
-    [("text", 3), ("image", (1, 10, 6)), ("text", 4), ("image", (1, 8, 12)), ("text", 7)],
-    [("text", 4), ("video", (2, 8, 12)), ("text", 8)],
-    [("text", 23)],
-]
 
 
 def _hf_model(generation: str):
@@ -67,7 +61,7 @@ def test_gradients_match_hf(generation):
     ours.eval()
 
     gen = torch.Generator().manual_seed(1)
-    hf_kw, batch = packed_pair(cfg, SAMPLES, gen)
+    hf_kw, batch = packed_pair(cfg, packed_sample_segments(), gen)
     if generation == "qwen3_vl":  # Qwen3-VL times videos by text timestamps, not this argument
         hf_kw.pop("second_per_grid_ts", None)
     batch.labels = _labels(batch.input_ids, gen)
