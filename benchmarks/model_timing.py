@@ -9,8 +9,9 @@ is forward, the sum of token cross-entropies over the label positions (text toke
 carry no label), and backward. Repetitions interleave the sides (rotating which one goes first) after
 two warm-up steps each; the table shows medians and ours / HF. HF by default computes logits at every
 position, ours only at label positions (`VLM.forward`); at these tiny widths the 151,936-word output
-layer is a large share of the step, so HF is also timed with `logits_to_keep` = the label positions
-(the same work as ours). Copy the table into
+layer is a large share of the step, so HF is also timed with its output layer applied to the label
+positions only (`hf.model` then `hf.lm_head`: the same work as ours; Qwen2-VL's class in 4.57 has
+no `logits_to_keep`). Copy the table into
 benchmarks/RESULTS.md with the machine and its load.
 """
 
@@ -80,8 +81,9 @@ def _steps(generation: str):
 
     keep = torch.nonzero(labels != -100).squeeze(1)
 
-    def hf_kept_step() -> float:  # HF's `logits_to_keep`: the output layer only where a label is, as ours
-        logits = hf(**hf_kw, logits_to_keep=keep).logits[0].float()
+    def hf_kept_step() -> float:  # HF's decoder, then its output layer only where a label is, as ours
+        hidden = hf.model(**hf_kw).last_hidden_state[0, keep]
+        logits = hf.lm_head(hidden).float()
         loss = F.cross_entropy(logits, labels[keep], reduction="sum")
         loss.backward()
         hf.zero_grad(set_to_none=True)
