@@ -48,6 +48,11 @@ def _segments(kind: str) -> list:
     }[kind]
 
 
+def packed_sample_segments() -> list:
+    """Segment lists of the `packed` kind's samples: one of each single kind, in `KINDS` order."""
+    return [_segments(k) for k in KINDS if k != "packed"]
+
+
 def mrope_ids(segments, merge: int, video_scale: int) -> torch.Tensor:
     """3-D M-RoPE ids `[3, n]` of one sample (Qwen2-VL / Qwen2.5-VL `get_rope_index`, 4.57).
 
@@ -153,6 +158,17 @@ def _hf_inputs(samples, packed: bool) -> dict:
         pos3 = torch.cat([s["position_ids"] for s in samples], dim=1)
         kw["position_ids"] = torch.cat([text[None], pos3])[:, None, :]
     return kw
+
+
+def packed_pair(cfg, sample_segments, gen: torch.Generator) -> tuple[dict, "PackedBatch"]:
+    """The same samples packed into one sequence, for both sides: (HF `forward` kwargs, our `PackedBatch`).
+
+    `sample_segments` lists one segment list per sample (see `_segments`). HF gets the packed form
+    of `_hf_inputs` (block-causal through restarting text positions), ours the `PackedBatch`
+    (labels all -100: callers set their own). Used by the gradient parity test and the timing benchmark.
+    """
+    samples = [build_sample(segs, cfg, gen) for segs in sample_segments]
+    return _hf_inputs(samples, packed=True), _packed_batch(samples, cfg)
 
 
 def run(hf_dir: str, kinds=KINDS, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, float]:

@@ -96,3 +96,61 @@ def test_peak_table():
     assert peak_tflops(0, "NVIDIA H200") == 989.0
     assert peak_tflops(0, "NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_tflops(0, "Tesla T4") is None
+
+
+def _tiny_qwen3() -> ModelConfig:
+    v = VisionConfig(depth=2, hidden_size=8, num_heads=2, intermediate_size=12, norm="layernorm", mlp="gelu_tanh",
+                     patch_size=16, temporal_patch_size=2, spatial_merge_size=2, in_channels=1, patch_bias=True,
+                     num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    llm = LLMConfig(num_layers=2, hidden_size=8, ffn_hidden_size=16, num_attention_heads=2, num_query_groups=1,
+                    head_dim=8, vocab_size=10, mrope_section=[2, 1, 1], mrope_interleaved=True, qkv_bias=False,
+                    qk_norm=True, tie_word_embeddings=True)
+    return ModelConfig(generation="qwen3_vl", vision=v, llm=llm)
+
+
+def test_qwen3_vl_by_hand():
+    """Patch-16 ViT with a tanh-GELU MLP, a main merger + one DeepStack merger per tapped block, and a
+    Qwen3 LLM whose head_dim (8) is not hidden / heads (4); q/k norms, the position-embedding
+    interpolation and RoPE are not matmul FLOPs."""
+    cfg = _tiny_qwen3()
+    # One image, grid (1, 2, 4): P = 8 patches, 2 merged tokens; samples of 5 and 3 tokens; 4 labels.
+    f = batch_flops(cfg, [(1, 2, 4)], [5, 3], label_tokens=4)
+    # ViT, Hv = 8, I = 12, patch features C·T·p·p = 1·2·16·16 = 512:
+    #   patch embed 2·P·512·Hv = 2·8·512·8 = 65536
+    #   block: 2·P·Hv·(3Hv + Hv + 2I) = 2·8·8·(24 + 8 + 24) = 7168, 2 blocks → 14336
+    #   attention over the frame (s = 8): 4·s²·Hv = 2048 per block → 4096
+    assert (f.vision_linear, f.vision_attention) == (65536 + 14336, 4096)
+    # Mergers: main + DeepStack from blocks 0 and 1 = 3, each 2 tokens of width W = 4·8 = 32:
+    #   2·2·32·32 + 2·2·32·8 = 5120 each → 15360
+    assert f.projector == 15360
+    # LLM, H = 8, 2 heads of d = 8 → q width 16, 1 kv group → kv width 8, F = 16, T = 8:
+    #   2·T·(H·16 + 2·H·8 + 16·H + 3·H·F) = 16·(128 + 128 + 128 + 384) = 12288 per layer → 24576
+    #   causal attention: 2 layers · 2·(5² + 3²)·(2 heads · 8) = 2·2·34·16 = 2176
+    #   output at 4 labels: 2·4·H·V = 640
+    assert (f.llm_linear, f.llm_attention, f.output) == (24576, 2176, 640)
+    assert f.forward == 65536 + 14336 + 4096 + 15360 + 24576 + 2176 + 640
+
+
+def test_qwen3_vl_linear_parts_match_the_built_model():
+    """Independent count: 2·tokens·(weight elements) over every matmul weight of the real tiny Qwen3-VL
+    model (ViT blocks and patch embed at P patches, mergers at P/m² tokens, LLM layers at T tokens)."""
+    from qvl_train.config import ParallelConfig
+    from qvl_train.models import build_model
+    from qvl_train.models.tiny import tiny_qwen3_vl_config
+    from tests.conftest import megatron_one_rank_world
+
+    megatron_one_rank_world()
+    cfg = tiny_qwen3_vl_config()
+    model = build_model(cfg, ParallelConfig(), pre_process=True, post_process=True)
+    grids, seq_lens = [(1, 12, 20), (2, 8, 12)], [150, 60, 7]
+    patches = sum(t * h * w for t, h, w in grids)
+    tokens = {"vision.": patches, "projector.": patches // cfg.vision.spatial_merge_size**2, "llm.decoder.": sum(seq_lens)}
+    want = {part: 0 for part in tokens}
+    for name, p in model.named_parameters():
+        part = next((k for k in tokens if name.startswith(k)), None)
+        if part is None or p.dim() != 2 or name == "vision.pos_embed":  # embedding / position table: lookups
+            continue
+        want[part] += 2 * tokens[part] * p.numel()
+    assert want["projector."] > 0 and len(cfg.vision.deepstack_visual_indexes) == 2
+    f = batch_flops(cfg, grids, seq_lens, label_tokens=0)
+    assert (f.vision_linear, f.projector, f.llm_linear) == (want["vision."], want["projector."], want["llm.decoder."])
