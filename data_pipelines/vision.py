@@ -378,6 +378,18 @@ def _norm_lut(mean: tuple, std: tuple) -> np.ndarray:
     return lut
 
 
+def unpatchify(
+    pixel_values: np.ndarray, grid_thw: tuple[int, int, int], patch_size: int, temporal_patch_size: int, merge_size: int
+) -> np.ndarray:
+    """The inverse of `patchify`: pixel_values [t*h*w, C*T*p*p] → frames [t*T, C, h*p, w*p]."""
+    gt, gh, gw = (int(x) for x in grid_thw)
+    p, t, m = patch_size, temporal_patch_size, merge_size
+    c = pixel_values.shape[1] // (t * p * p)
+    x = pixel_values.reshape(gt, gh // m, gw // m, m, m, c, t, p, p)
+    x = x.transpose(0, 6, 5, 1, 3, 7, 2, 4, 8)  # -> (t, T, C, h-block, mh, ph, w-block, mw, pw)
+    return np.ascontiguousarray(x.reshape(gt * t, c, gh * p, gw * p))
+
+
 def patchify(
     frames: np.ndarray, patch_size: int, temporal_patch_size: int, merge_size: int
 ) -> tuple[np.ndarray, tuple[int, int, int]]:

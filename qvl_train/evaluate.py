@@ -1,7 +1,8 @@
 """Held-out evaluation during training: `data.valid` sources, every `eval.every` steps.
 
 Per source: `loss` (global per-label-token mean cross-entropy) and `accuracy`, the exact-match rate
-of greedy generation over the evaluated samples (see `GreedyMatch`). Each source gets its own
+of greedy generation over the evaluated samples (see `GreedyMatch`), and `examples`: a few samples
+with their image, prompt, answer and the model's greedy answer (a wandb table; text in metrics.jsonl). Each source gets its own
 `StepLoader` (the same data config, that source alone, no planning thread);
 its start state is kept and restored before every evaluation, so each evaluation reads the same
 `eval.max_batches` micro-batches, dealt to data-parallel ranks like a training step. The loss is the
@@ -78,6 +79,54 @@ class GreedyMatch:
         return exact, answered
 
 
+def examples(batch, pred: torch.Tensor, generation: str, limit: int = 4) -> list[dict[str, Any]]:
+    """The first `limit` samples of a micro-batch as a person reads them: its first image (uint8
+    H×W×3, un-normalised from the pixel rows), the prompt up to the answer (each image's pad run shown
+    as `<image>`), the answer and the model's greedy answer at the same positions (`pred`: the argmax at
+    every label position of the batch, as `GreedyMatch` keeps it)."""
+    import numpy as np
+
+    from data_pipelines.schema import IGNORE_INDEX
+    from data_pipelines.text import IMAGE_PAD_ID, VIDEO_PAD_ID, get_tokenizer
+    from data_pipelines.vision import unpatchify, vision_spec
+
+    tok, spec = get_tokenizer(), vision_spec(generation)
+    targets = torch.nonzero(batch.labels != IGNORE_INDEX).squeeze(1)
+    cu = batch.cu_seqlens.tolist()
+    media_rows = batch.grid_thw.reshape(-1, 3).prod(-1).tolist()
+    row_start = [0] + list(np.cumsum(media_rows))
+    ids = batch.input_ids.tolist()
+    out = []
+    for j in range(min(limit, batch.num_samples)):
+        mine = (targets >= cu[j]) & (targets < cu[j + 1])
+        if not bool(mine.any()):
+            continue
+        first = int(targets[mine][0])
+        prompt, prev = [], None
+        for i in ids[cu[j]:first + 1]:
+            if i in (IMAGE_PAD_ID, VIDEO_PAD_ID):
+                if prev != i:
+                    prompt.append("<image>" if i == IMAGE_PAD_ID else "<video>")
+            else:
+                prompt.append(tok.decode([i]))
+            prev = i
+        image = None
+        media_before = sum(1 for a, b in zip(ids[:cu[j]], ids[1:cu[j] + 1]) if b in (IMAGE_PAD_ID, VIDEO_PAD_ID) and a != b)
+        if any(i in (IMAGE_PAD_ID, VIDEO_PAD_ID) for i in ids[cu[j]:cu[j + 1]]) and media_before < len(media_rows):
+            k = media_before
+            rows = batch.pixel_values[row_start[k]:row_start[k + 1]].float().cpu().numpy()
+            frames = unpatchify(rows, batch.grid_thw.reshape(-1, 3)[k].tolist(), spec.patch_size,
+                                spec.temporal_patch_size, spec.merge_size)
+            mean, std = np.array(spec.mean).reshape(3, 1, 1), np.array(spec.std).reshape(3, 1, 1)
+            image = np.clip((frames[0] * std + mean) * 255 + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        out.append({
+            "sample_id": batch.sample_ids[j], "image": image, "prompt": "".join(prompt),
+            "answer": tok.decode(batch.labels[targets[mine]].tolist()),
+            "model_answer": tok.decode(pred[mine.nonzero().squeeze(1)].tolist()),
+        })
+    return out
+
+
 def source_names(sources: list[DataSource]) -> list[str]:
     """A short, unique name per source for metrics (`eval/<name>/loss`): the last part of its path."""
     names: list[str] = []
@@ -91,10 +140,11 @@ def source_names(sources: list[DataSource]) -> list[str]:
 class Evaluator:
     """`due(step)` says when; `run(engine, step)` returns one `"kind": "eval"` record per source."""
 
-    def __init__(self, cfg: TrainConfig, dims) -> None:
+    def __init__(self, cfg: TrainConfig, dims, num_examples: int = 4) -> None:
         from data_pipelines.stream import StepLoader
 
         self.dims = dims
+        self.generation, self.num_examples = cfg.data.generation, num_examples
         self.every = cfg.eval.every if cfg.data.valid else 0
         self.names = source_names(cfg.data.valid)
         self.loaders = [
@@ -121,8 +171,20 @@ class Evaluator:
                 exact, answered = self._global_counts(probe.count(batches))
                 records.append({"kind": "eval", "step": step, "source": name,
                                 "loss": loss_sum / max(labels, 1), "label_tokens": labels,
-                                "accuracy": exact / max(answered, 1), "answers": answered})
+                                "accuracy": exact / max(answered, 1), "answers": answered,
+                                "examples": self._examples(batches, probe.preds)})
         return records
+
+    def _examples(self, batches: list, preds: list) -> list[dict[str, Any]]:
+        """`examples` of this evaluation's first micro-batch, made where the logits are (data-parallel
+        rank 0, last stage, tensor rank 0) and gathered to every rank (global rank 0 writes them)."""
+        dims = self.dims
+        mine = None
+        if self.num_examples and dims.dp_rank == 0 and dims.is_last_stage and dims.tp_rank == 0 and preds:
+            mine = examples(batches[0], preds[0], self.generation, self.num_examples)
+        gathered: list = [None] * dims.world_size
+        torch.distributed.all_gather_object(gathered, mine)
+        return next((g for g in gathered if g is not None), [])
 
     def _global_counts(self, local: tuple[int, int]) -> tuple[int, int]:
         """Sum over data-parallel ranks (counted where the logits are: last stage, tensor rank 0)."""

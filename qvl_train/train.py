@@ -173,10 +173,12 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
             if evaluator.due(state.step) and not diverged:  # before the checkpoint: a resume keeps its lines
                 for record in evaluator.run(engine, state.step):
                     if rank0:
-                        metrics.write(record)
+                        shown = record.pop("examples")
+                        metrics.write({**record, "examples": [{k: v for k, v in e.items() if k != "image"} for e in shown]})
                         name = record["source"]
                         wandb.log({f"eval/{name}/{k}": record[k] for k in ("loss", "accuracy", "label_tokens")},
                                   step=state.step)
+                        wandb.log_examples(f"eval/{name}/examples", shown, step=state.step)
                         log.info("eval        step %d  %s  loss %.4f  exact match %.1f%% of %d",
                                  state.step, name, record["loss"], 100 * record["accuracy"], record["answers"])
 

@@ -39,6 +39,18 @@ class WandbLogger:
         if self.run is not None:
             self.run.log({k: v for k, v in record.items() if k not in ("kind", "step")}, step=step)
 
+    def log_examples(self, key: str, rows: list[dict[str, Any]], step: int) -> None:
+        """A table of image, question, answer and model answer (evaluation examples)."""
+        if self.run is None or not rows:
+            return
+        import wandb
+
+        table = wandb.Table(columns=["sample_id", "image", "question", "answer", "model answer"])
+        for r in rows:
+            image = wandb.Image(r["image"]) if r.get("image") is not None else None
+            table.add_data(r["sample_id"], image, r["prompt"], r["answer"], r["model_answer"])
+        self.run.log({key: table}, step=step)
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()

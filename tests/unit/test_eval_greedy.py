@@ -46,3 +46,33 @@ def test_source_names_are_short_and_unique():
     paths = ["/data/synth_valid", "/other/synth_valid/", "pipe:aws s3 cp s3://b/heldout/{shard} -"]
     names = source_names([DataSource(path=p) for p in paths])
     assert names[:2] == ["synth_valid", "synth_valid_1"] and len(set(names)) == 3
+
+
+def test_examples_show_the_image_prompt_answer_and_model_answer(data_root):
+    """A loader micro-batch of the synthetic shards: the image comes back as the resized picture (un-patchified,
+    un-normalised), the prompt ends where the answer starts, and the model answer reads the argmax."""
+    import numpy as np
+    from data_pipelines.schema import IGNORE_INDEX, DataConfig, DataSource
+    from data_pipelines.stream import StepLoader
+    from data_pipelines.vision import patchify, vision_spec
+    from qvl_train.evaluate import examples
+
+    cfg = DataConfig(sources=[DataSource(str(data_root / "synth"))], max_tokens=1024, plan_ahead=False)
+    batch = StepLoader(cfg, micro_batches_per_step=1, dp_rank=0, dp_size=1).next_step()[0]
+    targets = torch.nonzero(batch.labels != IGNORE_INDEX).squeeze(1)
+    pred = batch.labels[targets].clone()
+    pred[-1] = 0  # the last sample's last answer token is wrong
+    rows = examples(batch, pred, cfg.generation, limit=batch.num_samples)
+    assert [r["sample_id"] for r in rows] == batch.sample_ids
+    with_image = [r for r in rows if r["image"] is not None]
+    assert with_image and all(r["image"].dtype == np.uint8 and r["image"].shape[2] == 3 for r in with_image)
+    assert all("<image>" in r["prompt"] for r in with_image)
+    assert all(r["prompt"].rstrip().endswith("assistant") for r in rows)
+    assert all(r["model_answer"] == r["answer"] for r in rows[:-1]) and rows[-1]["model_answer"] != rows[-1]["answer"]
+    # the picture, normalised and patchified again, is the batch's pixel rows up to uint8 rounding
+    spec = vision_spec(cfg.generation)
+    first = with_image[0]["image"].astype(np.float32).transpose(2, 0, 1)[None] / 255.0
+    norm = (first - np.array(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)) / np.array(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    rows, grid = patchify(norm, spec.patch_size, spec.temporal_patch_size, spec.merge_size)
+    assert list(grid) == batch.grid_thw.reshape(-1, 3)[0].tolist()
+    assert np.abs(rows - batch.pixel_values[: rows.shape[0]].numpy()).max() < 0.6 / 255 / min(spec.std)
