@@ -243,5 +243,6 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     if trace is not None:
         trace.close()
     evaluator.close()
+    loader.close()
     stopper.restore()
     dims.destroy()
