@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from qvl_train.config import ConfigError, register_configs, to_train_config
+from qvl_train.config import IMPLEMENTED_GENERATIONS, ConfigError, register_configs, to_train_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -32,6 +32,16 @@ def _world(cfg) -> int:
     return cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp * (cfg.parallel.dp or 1)
 
 
+def _validate(cfg) -> None:
+    """Trainable configs validate; planner-only ones (a generation or layout training does not have yet:
+    Qwen3-VL MoE, ep/cp/vpp > 1) are refused before any process group with a message that says so."""
+    if cfg.model.generation in IMPLEMENTED_GENERATIONS:
+        cfg.validate(_world(cfg))
+    else:
+        with pytest.raises(ConfigError, match="not implemented yet|not available yet"):
+            cfg.validate(_world(cfg))
+
+
 @pytest.mark.parametrize(
     "group", ["model", "data", "parallel", "stage", "optim", "engine", "cluster"]
 )
@@ -42,13 +52,13 @@ def test_every_group_option_composes(group):
         cfg = _compose(f"{group}={option}")
         if group == "model":
             cfg.parallel.tp = 1
-        cfg.validate(_world(cfg))
+        _validate(cfg)
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))
 def test_every_experiment_composes_and_validates(experiment):
     cfg = _compose(f"+experiment={experiment}")
-    cfg.validate(_world(cfg))
+    _validate(cfg)
     for stage in _options("stage"):
         assert _compose(f"+experiment={experiment}", f"stage={stage}").stage.name == stage
 
