@@ -46,7 +46,7 @@ def _compose(overrides: list[str]) -> TrainConfig:
 def _own_layout(cfg: TrainConfig, world: int) -> Layout:
     p = cfg.parallel
     dp = max(1, world // (p.tp * p.pp * p.cp))
-    return Layout(p.tp, p.pp, p.vpp, p.ep, p.etp, p.cp, dp, getattr(cfg.train, "recompute", "none"))
+    return Layout(p.tp, p.pp, p.vpp, p.ep, p.etp, p.cp, dp, cfg.train.recompute)
 
 
 def _workload(cfg: TrainConfig, args) -> Workload:
