@@ -71,7 +71,8 @@ class ParallelDims:
         )
 
     def initialize(self, timeout_s: int = 600) -> None:
-        """Create the default process group and megatron-core's groups (once per process)."""
+        """Create the default process group and megatron-core's groups (once per process); every group
+        gives up on a collective after `timeout_s` (`train.collective_timeout_s`)."""
         from megatron.core import parallel_state as ps
 
         if torch.cuda.is_available():
@@ -94,6 +95,7 @@ class ParallelDims:
             tensor_model_parallel_size=self.tp,
             pipeline_model_parallel_size=self.pp,
             context_parallel_size=self.cp,
+            distributed_timeout_minutes=timeout_s / 60,  # its subgroups (dp, tp, pp) time out like the world
         )
         self.rank = dist.get_rank()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
