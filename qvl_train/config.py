@@ -186,6 +186,10 @@ class ParallelConfig:
 
     tp: int = 1
     """Tensor-parallel size (heads, MLP and vocabulary split across ranks)."""
+    sp: bool = False
+    """Sequence parallelism with tp > 1 (megatron's): norms, residuals and dropout-free activations
+    between the attention and MLP blocks are split along the sequence over the TP ranks, in the LLM
+    and in the ViT, cutting their activation memory by tp. No effect at tp = 1."""
     pp: int = 1
     """Pipeline-parallel stages (ViT + projector on the first stage)."""
     dp: Optional[int] = None
@@ -507,6 +511,11 @@ class TrainConfig:
                 raise ConfigError(f"{name}={heads} is not divisible by parallel.tp={p.tp}; change parallel.tp")
         if llm.vocab_size % p.tp:
             raise ConfigError(f"model.llm.vocab_size={llm.vocab_size} is not divisible by parallel.tp={p.tp}")
+        if p.sp and p.tp > 1 and self.data.max_tokens % p.tp:
+            raise ConfigError(
+                f"parallel.sp splits each packed sequence of data.max_tokens={self.data.max_tokens} slots over "
+                f"parallel.tp={p.tp} ranks; set data.max_tokens to a multiple of {p.tp}"
+            )
         if p.pp > llm.num_layers:
             raise ConfigError(
                 f"parallel.pp={p.pp} pipeline stages but only model.llm.num_layers={llm.num_layers}; "

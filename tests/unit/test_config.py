@@ -86,6 +86,8 @@ def test_user_keys_reach_the_typed_config():
         (["parallel.pp=2", "parallel.first_stage_layers=2"], 2, "parallel.first_stage_layers"),
         (["train.global_batch_tokens=3072"], 2, "train.global_batch_tokens"),  # 3 micro-batches over dp=2
         (["train.global_batch_tokens=1000"], 1, "data.max_tokens"),  # not a multiple
+        (["parallel.tp=2", "parallel.sp=true", "data.max_tokens=1023", "train.global_batch_tokens=1023"], 2,
+         "data.max_tokens"),  # sequence parallelism splits the packed length over tp
         (["model.generation=qwen3_vl_moe"], 1, "model.generation"),  # known, not implemented yet
     ],
 )

@@ -19,7 +19,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from qvl_train.config import VisionConfig
-from qvl_train.models.common import Execution, make_transformer_config
+from qvl_train.models.common import Execution, SequenceShards, make_transformer_config
 from qvl_train.models.rope import vision_rope_freqs
 from qvl_train.models.specs import layer_spec
 
@@ -107,5 +107,8 @@ class Qwen2VisionTransformer(MegatronModule):
             max_seqlen_q=longest,
             max_seqlen_kv=longest,
         )
-        h_P1D = self.decoder(hidden_states=h_P1D, attention_mask=None, rotary_pos_emb=rope, packed_seq_params=packed)
-        return h_P1D.squeeze(1)
+        shards = SequenceShards(self.config, h_P1D.shape[0])  # parallel.sp: rows split over TP ranks
+        h = self.decoder(
+            hidden_states=shards.scatter(h_P1D), attention_mask=None, rotary_pos_emb=shards.pad_rows(rope), packed_seq_params=packed
+        )
+        return shards.gather(h).squeeze(1)
