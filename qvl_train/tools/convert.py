@@ -272,8 +272,12 @@ def hf_config_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict:
     }
 
 
-def _generation_config() -> dict:
-    """The sampling-free defaults of the released Instruct models' generation_config.json."""
+def _generation_config(generation: str = "qwen2_vl") -> dict:
+    """The sampling-free defaults of the released Instruct models' generation_config.json (Qwen-VL-Chat's
+    remote `chat()` also reads `chat_format` and `max_window_size`)."""
+    if generation == "qwen_vl":
+        return {"chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643, "max_window_size": 6144,
+                "max_new_tokens": 512, "do_sample": False}
     return {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643], "do_sample": False}
 
 
@@ -500,5 +504,5 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None) ->
         torch_dtype = str(_DTYPES[dtype or "bf16"]).removeprefix("torch.")
         (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, torch_dtype), indent=2) + "\n")
     if not (out / "generation_config.json").exists():
-        (out / "generation_config.json").write_text(json.dumps(_generation_config(), indent=2) + "\n")
+        (out / "generation_config.json").write_text(json.dumps(_generation_config(cfg.generation), indent=2) + "\n")
     return out
