@@ -59,6 +59,10 @@ SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
     "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja",
     "preprocessor_config.json", "video_preprocessor_config.json",
+    # Qwen-VL: remote code and tiktoken ranks of the released repository (AutoModelForCausalLM / AutoTokenizer
+    # with trust_remote_code=True)
+    "qwen.tiktoken", "configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py", "tokenization_qwen.py",
+    "visual.py",
 )
 _HF_MODEL_TYPES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
