@@ -13,5 +13,5 @@ def test_tiny_qwen_vl_learns(tmp_path, data_root):
     rows = [r for r in read_metrics(out) if r["kind"] == "train"]
     assert [r["step"] for r in rows] == list(range(1, 11))
     first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
-    assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert last < first - 0.4, f"loss did not fall: {first:.3f} -> {last:.3f}"
     assert (out / "checkpoints" / "step_0000010" / "complete").exists()
