@@ -560,10 +560,6 @@ class TrainConfig:
                 f"model.llm.num_layers={llm.num_layers} does not split evenly over parallel.pp={p.pp}; "
                 "change parallel.pp or set parallel.first_stage_layers"
             )
-        if p.pp > 1 and llm.tie_word_embeddings:
-            raise ConfigError(
-                "model.llm.tie_word_embeddings=true with parallel.pp>1 is not supported yet; use parallel.pp=1"
-            )
         micro, rem = divmod(self.train.global_batch_tokens, self.data.max_tokens)
         if rem or micro < 1:
             raise ConfigError(

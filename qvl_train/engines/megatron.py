@@ -224,6 +224,7 @@ class MegatronEngine:
         loss = float(loss_sum) / denom
 
         self._sum_tp_partial_grads()
+        self._sum_tied_embedding_grads()
         self._allreduce_grads()
         grad_norm, module_norms = self._grad_norms()
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -288,6 +289,17 @@ class MegatronEngine:
             for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 g.copy_(synced)
 
+    def _sum_tied_embedding_grads(self) -> None:
+        """Tied embeddings across pipeline stages: the first stage's embedding and the last stage's copy
+        (its output weight) each hold part of the gradient; summed over megatron's embedding group,
+        both copies take the same optimizer steps and stay equal."""
+        from megatron.core import parallel_state
+
+        for p in (p for _, p in self._params if getattr(p, "shared_embedding", False)):
+            if p.grad is None:  # e.g. a step without label tokens: the other stage still waits for this one
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=parallel_state.get_embedding_group())
+
     def _allreduce_grads(self) -> None:
         """Sum gradients over data-parallel ranks in one flat buffer (grads already carry 1/G)."""
         if self.dims.dp == 1:
@@ -306,7 +318,8 @@ class MegatronEngine:
 
         sq = torch.zeros(len(MODULES), dtype=torch.float64, device=self.dims.device)
         for name, p in self._params:
-            if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
+            tied_copy = getattr(p, "shared_embedding", False) and not self.dims.is_first_stage  # counted on stage 0
+            if p.grad is not None and param_is_not_tensor_parallel_duplicate(p) and not tied_copy:
                 sq[MODULES.index(_module_of(name))] += torch.linalg.vector_norm(p.grad.detach()).double() ** 2
         dist.all_reduce(sq, group=self.dims.groups["mp"])
         norms = {m: math.sqrt(v) for m, v in zip(MODULES, sq.tolist())}

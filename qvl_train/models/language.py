@@ -79,12 +79,16 @@ class Qwen2LanguageModel(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         self.tie = cfg.tie_word_embeddings
-        if self.tie and not (pre_process and post_process):
-            raise NotImplementedError("tie_word_embeddings needs the embedding and output on one stage (pp=1)")
+        # Tied embeddings over several pipeline stages: the last stage keeps a copy of the first stage's
+        # embedding as its output weight (same checkpoint key, same init; the engine sums the two
+        # gradients over megatron's embedding group, so both copies take the same steps).
+        self.tied_copy = self.tie and post_process and not pre_process
         if pre_process:
             self.embedding = tensor_parallel.VocabParallelEmbedding(
                 cfg.vocab_size, cfg.hidden_size, init_method=_no_init, config=config
             )
+            if self.tie and not post_process:
+                self.embedding.weight.shared_embedding = True
         layer = layer_spec(causal=True, attention_backend=attention_backend, spec_backend=spec_backend, qk_norm=cfg.qk_norm)
         self.decoder = TransformerBlock(
             config=config,
@@ -101,8 +105,10 @@ class Qwen2LanguageModel(MegatronModule):
                 init_method=_no_init,
                 bias=False,
                 gather_output=False,
-                skip_weight_param_allocation=self.tie,
+                skip_weight_param_allocation=self.tie and pre_process,
             )
+            if self.tied_copy:
+                self.output_layer.weight.shared_embedding = True
 
     def set_input_tensor(self, input_tensor: Optional[torch.Tensor]) -> None:
         self.decoder.set_input_tensor(input_tensor)
@@ -145,7 +151,7 @@ class Qwen2LanguageModel(MegatronModule):
         h = shards.gather(h)
         if output_positions is not None:
             h = h.index_select(0, output_positions)
-        weight = self.embedding.weight if self.tie else None
+        weight = self.embedding.weight if self.tie and self.pre_process else None
         logits, _ = self.output_layer(h, weight=weight)
         return logits
 
@@ -173,8 +179,17 @@ class Qwen2LanguageModel(MegatronModule):
         return h
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        """Default megatron sharding; a tied output layer has no weight of its own to save."""
+        """Default megatron sharding. A tied output layer has no weight of its own to save; the last
+        stage's copy under pipeline parallelism is the embedding's tensor (its key and sharding) as a
+        secondary replica: never written, loaded (and initialised) from the embedding."""
+        from dataclasses import replace
+
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        if self.post_process and self.tie:
+        if self.post_process and self.tie and self.pre_process:
             sd.pop(f"{prefix}output_layer.weight", None)
+        elif self.tied_copy:
+            key = f"{prefix}output_layer.weight"
+            own = sd[key]
+            replica = own.replica_id if isinstance(own.replica_id, tuple) else (own.replica_id,)
+            sd[key] = replace(own, key=f"{prefix}embedding.weight", replica_id=(1, *replica[1:]))
         return sd
