@@ -1,6 +1,6 @@
 """Checkpoint conversion between Hugging Face and the framework (Qwen2-VL, Qwen2.5-VL).
 
-    python launch/convert.py import-hf --hf-dir SRC --out DST     # then: launch/train.py ... model.init_from=DST
+    python launch/convert.py import-hf --hf-dir SRC --out DST [--tp N --pp N]   # then: launch/train.py ... model.init_from=DST
     python launch/convert.py export-hf --ckpt SRC --out DST [--dtype bf16|fp16|fp32]
 
 See `qvl_train/tools/convert.py` for what is written and how configs are found.
@@ -23,6 +23,8 @@ def main(argv=None) -> int:
     imp = sub.add_parser("import-hf", help="HF checkpoint dir → framework checkpoint (dist_checkpointing)")
     imp.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
     imp.add_argument("--out", required=True, help="checkpoint root to write (use it as model.init_from)")
+    imp.add_argument("--tp", type=int, default=1, help="convert through a model built at this tensor-parallel size")
+    imp.add_argument("--pp", type=int, default=1, help="… and this many pipeline stages (starts tp·pp processes)")
     exp = sub.add_parser("export-hf", help="framework checkpoint → HF directory")
     exp.add_argument("--ckpt", required=True, help="checkpoint root, step directory or training output_dir")
     exp.add_argument("--out", required=True, help="HF directory to write")
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
 
     try:
         if args.cmd == "import-hf":
-            step = convert.import_hf(args.hf_dir, args.out)
+            step = convert.import_hf(args.hf_dir, args.out, tp=args.tp, pp=args.pp)
             print(f"imported {args.hf_dir} -> {step}")
         else:
             out = convert.export_hf(args.ckpt, args.out, dtype=args.dtype)

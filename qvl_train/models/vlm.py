@@ -130,8 +130,9 @@ class VLM(MegatronModule):
         )
         return rope, packed
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Per-token loss `[L]` float32 on the last stage, else hidden states `[L, 1, H]`."""
+    def forward(self, batch: PackedBatch, return_logits: bool = False) -> torch.Tensor:
+        """Per-token loss `[L]` float32 on the last stage (vocab-parallel logits `[L, V/tp]` of every
+        slot with `return_logits`: the parity tools under pipeline parallelism), else hidden states `[L, 1, H]`."""
         cu = batch.cu_seqlens.to(torch.int32)
         longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
         packed = PackedSeqParams(
@@ -150,6 +151,8 @@ class VLM(MegatronModule):
         hidden: Optional[torch.Tensor] = self.embed(batch) if self.pre_process else None
         if not self.post_process:
             return self.llm(hidden, rope, packed)
+        if return_logits:
+            return self.llm(hidden, rope, packed).squeeze(1)
         # Logits only where a label is: the same per-token losses at a fraction of the output-layer cost.
         targets = torch.nonzero(batch.labels != IGNORE_INDEX).squeeze(1)
         logits_n1V = self.llm(hidden, rope, packed, output_positions=targets)
@@ -215,12 +218,14 @@ class Qwen3VLM(VLM):
         hidden, deepstack = self.embed_with_deepstack(batch)
         return self.llm(hidden, rope, packed, deepstack=deepstack).squeeze(1)
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Per-token loss `[L]` float32 on the last stage, else hidden states `[L, 1, H]`."""
+    def forward(self, batch: PackedBatch, return_logits: bool = False) -> torch.Tensor:
+        """As `VLM.forward`, with DeepStack."""
         rope, packed = self._rope_and_packing(batch)
         hidden, deepstack = self.embed_with_deepstack(batch) if self.pre_process else (None, None)
         if not self.post_process:
             return self.llm(hidden, rope, packed, deepstack=deepstack)
+        if return_logits:
+            return self.llm(hidden, rope, packed, deepstack=deepstack).squeeze(1)
         targets = torch.nonzero(batch.labels != IGNORE_INDEX).squeeze(1)
         logits_n1V = self.llm(hidden, rope, packed, output_positions=targets, deepstack=deepstack)
         loss_n1 = tensor_parallel.vocab_parallel_cross_entropy(logits_n1V.float(), batch.labels[targets].unsqueeze(1))

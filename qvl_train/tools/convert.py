@@ -405,8 +405,12 @@ def _build(cfg: ModelConfig):
 
 
 # ------------------------------------------------------------------------------------------ import
-def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
-    """HF checkpoint directory → framework checkpoint root `out` (see module docstring); returns the step dir."""
+def import_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1) -> Path:
+    """HF checkpoint directory → framework checkpoint root `out` (see module docstring); returns the step dir.
+
+    With tp·pp > 1 the weights go through a model built in that layout on tp·pp processes started here
+    (`tools/layout.py`): each rank saves its own shards, as a training run does. The checkpoint is the
+    same as a one-process import (the format does not depend on the layout)."""
     from megatron.core import dist_checkpointing
 
     from qvl_train.checkpoint.manager import COMPLETE, LATEST, TrainState, step_dir_name, write_manifest
@@ -416,21 +420,24 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     hf_cfg = json.loads((hf_dir / "config.json").read_text())
     cfg = model_config_from_hf(hf_cfg)
     hf_sd = load_hf_state_dict(hf_dir)
-    ours_sd = hf_to_ours(hf_sd, cfg)
-
-    _single_process_world()
-    model = _build(cfg)
-    missing, unexpected = model.load_state_dict(ours_sd, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise RuntimeError(f"converted weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-
     step_dir = out / step_dir_name(0)
     step_dir.mkdir(parents=True, exist_ok=True)
     (step_dir / COMPLETE).unlink(missing_ok=True)
-    sharded = {"model": model.sharded_state_dict(), "train_state": asdict(TrainState())}
-    dist_checkpointing.save(sharded, str(step_dir))
-    torch.distributed.barrier()
+
+    if tp * pp > 1:
+        from qvl_train.tools.layout import launch
+
+        launch("import", tp, pp, "--hf-dir", str(hf_dir), "--step-dir", str(step_dir))
+    else:
+        _single_process_world()
+        model = _build(cfg)
+        missing, unexpected = model.load_state_dict(hf_to_ours(hf_sd, cfg), strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"converted weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        sharded = {"model": model.sharded_state_dict(), "train_state": asdict(TrainState())}
+        dist_checkpointing.save(sharded, str(step_dir))
+        torch.distributed.barrier()
 
     (out / MODEL_CONFIG).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     meta = {

@@ -1,6 +1,6 @@
 """Logits parity of the framework model against the HF reference, for a Qwen2-VL / Qwen2.5-VL checkpoint.
 
-    python -m qvl_train.tools.hf_parity --hf-dir SRC [--kinds one_image,video,...] [--seed 0]
+    python -m qvl_train.tools.hf_parity --hf-dir SRC [--kinds one_image,video,...] [--seed 0] [--tp N --pp N]
 
 Builds inputs of every kind — `one_image`, `multi_image` (two images of different sizes in one
 sample), `video` (two temporal patches), `text_only`, and `packed` (those four samples packed into
@@ -16,8 +16,9 @@ position restarting per sample), which makes it attend block-causally (HF needs 
 Image sizes are chosen so Qwen2.5-VL's 112-px windows are partial at the edges. Videos take
 `second_per_grid_ts = 1` (transformers 4.57 truncates it to an integer before scaling by
 `tokens_per_second`; we follow 4.57). Pixels are random: this checks the model, not the image
-processor (the data side has its own HF test). Layout flags (tp/pp) are not implemented yet: the
-framework model runs at tp = pp = 1.
+processor (the data side has its own HF test). With `--tp N --pp N` the framework model runs in that
+layout on tp·pp processes the tool starts (`tools/layout.py`: sharded weights, megatron's pipeline
+schedule, gathered vocabulary shards); the HF model stays in this process.
 """
 
 from __future__ import annotations
@@ -175,8 +176,11 @@ def packed_pair(cfg, sample_segments, gen: torch.Generator) -> tuple[dict, "Pack
     return _hf_inputs(samples, packed=True), _packed_batch(samples, cfg)
 
 
-def run(hf_dir: str, kinds=KINDS, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """Relative max logit error per input kind (see module docstring), both models on `device` in `dtype`."""
+def run(
+    hf_dir: str, kinds=KINDS, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, tp: int = 1, pp: int = 1,
+) -> dict[str, float]:
+    """Relative max logit error per input kind (see module docstring), both models on `device` in `dtype`;
+    the framework model in the (tp, pp) layout on tp·pp processes it starts (`tools/layout.py`)."""
     import transformers
 
     from qvl_train.models import build_model
@@ -189,29 +193,51 @@ def run(hf_dir: str, kinds=KINDS, seed: int = 0, device: str = "cpu", dtype: tor
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
     cfg.attention_backend = "sdpa_loop" if not torch.cuda.is_available() else "auto"
-    _single_process_world()
-    ours = build_model(cfg, ParallelConfig(), pre_process=True, post_process=True, dtype=dtype)
-    sd = {k: v.to(dtype) for k, v in hf_to_ours(load_hf_state_dict(hf_dir), cfg).items()}
-    missing, unexpected = ours.load_state_dict(sd, strict=False)
-    assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
-    ours.to(device).eval()
-    cls = getattr(transformers, json.loads((hf_dir / "config.json").read_text())["architectures"][0])
-    hf = cls.from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-
     gen = torch.Generator().manual_seed(seed)
     singles = {k: build_sample(_segments(k), cfg, gen) for k in KINDS if k != "packed"}
+    per_kind = {k: list(singles.values()) if k == "packed" else [singles[k]] for k in kinds}
+    batches = {k: _packed_batch(samples, cfg) for k, samples in per_kind.items()}
+    if tp * pp > 1:
+        ours_logits = _layout_logits(hf_dir, batches, cfg.attention_backend, dtype, tp, pp)
+    else:
+        _single_process_world()
+        ours = build_model(cfg, ParallelConfig(), pre_process=True, post_process=True, dtype=dtype)
+        sd = {k: v.to(dtype) for k, v in hf_to_ours(load_hf_state_dict(hf_dir), cfg).items()}
+        missing, unexpected = ours.load_state_dict(sd, strict=False)
+        assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+        ours.to(device).eval()
+        ours_logits = {}
+        with torch.no_grad():
+            for kind, batch in batches.items():
+                batch = batch.to(device)
+                batch.pixel_values = batch.pixel_values.to(dtype)
+                ours_logits[kind] = ours.logits(batch).float()
+    cls = getattr(transformers, json.loads((hf_dir / "config.json").read_text())["architectures"][0])
+    hf = cls.from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     results = {}
     with torch.no_grad():
-        for kind in kinds:
-            samples = list(singles.values()) if kind == "packed" else [singles[kind]]
+        for kind, samples in per_kind.items():
             inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in _hf_inputs(samples, packed=kind == "packed").items()}
             inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
             ref = hf(**inputs).logits[0].float()
-            batch = _packed_batch(samples, cfg).to(device)
-            batch.pixel_values = batch.pixel_values.to(dtype)
-            got = ours.logits(batch).float()
+            got = ours_logits[kind].to(ref.device)
             results[kind] = float((got - ref).abs().max() / ref.abs().max())
     return results
+
+
+def _layout_logits(hf_dir: Path, batches: dict, attention_backend: str, dtype: torch.dtype, tp: int, pp: int) -> dict:
+    """The framework's logits per kind from a (tp, pp) layout run in its own processes."""
+    import tempfile
+
+    from qvl_train.tools.layout import launch
+
+    with tempfile.TemporaryDirectory(prefix="qvl_parity_") as tmp:
+        torch.save(batches, f"{tmp}/batches.pt")
+        launch(
+            "logits", tp, pp, "--hf-dir", str(hf_dir), "--batches", f"{tmp}/batches.pt", "--out", f"{tmp}/logits.pt",
+            "--dtype", str(dtype).removeprefix("torch."), "--attention-backend", attention_backend,
+        )
+        return torch.load(f"{tmp}/logits.pt", weights_only=True)
 
 
 def main(argv=None) -> int:
@@ -222,19 +248,21 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the random tokens and pixels")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="fp32 (the parity check) | bf16 (reported, loose bound)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the framework model (starts tp·pp processes)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages of the framework model")
     args = p.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         p.error(f"unknown kinds {bad}; valid: {', '.join(KINDS)}")
-    results = run(args.hf_dir, kinds, args.seed, device=args.device, dtype=DTYPES[args.dtype])
+    results = run(args.hf_dir, kinds, args.seed, device=args.device, dtype=DTYPES[args.dtype], tp=args.tp, pp=args.pp)
     tolerance = TOLERANCE if args.dtype == "fp32" else BF16_TOLERANCE
     for kind, err in results.items():
         print(f"{kind:12s} max|Δlogits|/max|ref| = {err:.3e}")
     worst_kind = max(results, key=results.get)
     worst = results[worst_kind]
     verdict = "PASS" if worst <= tolerance else "FAIL"
-    print(f"{verdict} worst {worst:.3e} ({worst_kind}, tolerance {tolerance:g}, {args.dtype}, {args.device})")
+    print(f"{verdict} worst {worst:.3e} ({worst_kind}, tolerance {tolerance:g}, {args.dtype}, {args.device}, tp={args.tp} pp={args.pp})")
     return 0 if verdict == "PASS" else 1
 
 

@@ -75,12 +75,20 @@ def test_config_json_round_trip(generation):
         assert model_config_from_hf(hf_config_dict(full)).vision == full.vision
 
 
-@pytest.mark.parametrize("generation", ["qwen2_vl", "qwen2_5_vl"])
-def test_import_export_bit_identical(generation, tmp_path):
+@pytest.mark.parametrize(
+    "generation, layout",
+    [
+        ("qwen2_vl", []),
+        ("qwen2_5_vl", []),
+        # through a model built at tp=2 × pp=2 (4 processes saving their shards; tied embeddings across stages)
+        ("qwen2_vl", ["--tp", "2", "--pp", "2"]),
+    ],
+)
+def test_import_export_bit_identical(generation, layout, tmp_path):
     cfg = _cfg(generation)
     src, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
     _hf_model(cfg).to(torch.bfloat16).save_pretrained(src, safe_serialization=True)
-    _convert("import-hf", "--hf-dir", src, "--out", ckpt)
+    _convert("import-hf", "--hf-dir", src, "--out", ckpt, *layout)
     assert (ckpt / "latest").read_text().strip() == "step_0000000"
     assert (ckpt / "step_0000000" / "complete").exists()
     _convert("export-hf", "--ckpt", ckpt, "--out", out)

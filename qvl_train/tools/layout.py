@@ -1,0 +1,206 @@
+"""Run the conversion and parity tools through a model built in a parallel layout.
+
+`launch/convert.py import-hf --tp N --pp N` and `python -m qvl_train.tools.hf_parity --tp N --pp N`
+start `tp·pp` processes of this module themselves (torchrun, gloo on CPU / NCCL on GPUs):
+
+* ``import`` — every rank builds its pipeline stage in the layout, fills its tensor-parallel shards
+  from the HF weights (`fill_from_full`), and megatron's `dist_checkpointing.save` writes the
+  checkpoint from all ranks: the sharded save path of a real run, and the same checkpoint as a
+  one-process import (the format is layout-independent).
+* ``logits`` — the same model runs the parity inputs through megatron's forward-only pipeline
+  schedule; the last stage gathers the vocabulary shards and writes the logits for the parent
+  process, which compares them with the HF model it ran itself (the framework side never calls
+  into transformers).
+
+Every rank reads the HF safetensors whole and keeps only its shards: simple and exact, but the
+host needs the memory of one full copy per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def launch(command: str, tp: int, pp: int, *args: str) -> None:
+    """Run `command` of this module on tp·pp local processes; raises with their output on failure."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp * pp}", f"--master_port={port}",
+        "-m", "qvl_train.tools.layout", command, "--tp", str(tp), "--pp", str(pp), *args,
+    ]
+    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"layout run (tp={tp}, pp={pp}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+def _global_names(model: torch.nn.Module) -> dict[int, str]:
+    """Parameter storage → its name in a one-process model (pipeline stages number layers from 0;
+    megatron's `layer_number` is global)."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    renames = {}
+    for name, module in model.named_modules():
+        if isinstance(module, TransformerLayer):
+            head, _, local = name.rpartition(".")
+            renames[f"{name}."] = f"{head}.{module.layer_number - 1}."
+    names = {}
+    for name, p in model.named_parameters():
+        for old, new in renames.items():
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        names[p.untyped_storage().data_ptr()] = name
+    return names
+
+
+@torch.no_grad()
+def fill_from_full(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Copy into this rank's parameters their slices of the one-process state dict `full`.
+
+    The model's own `sharded_state_dict` says where each local tensor sits in the global one (tensor
+    parallel offsets, SwiGLU gate/up halves); the pipeline stage's layer numbers map local names to
+    global ones. A tied output weight on the last stage reads the embedding (its checkpoint key)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    names = _global_names(model)
+    filled = set()
+    for item in nested_values(model.sharded_state_dict()):
+        for st in (nested_values(item.build()) if isinstance(item, ShardedTensorFactory) else [item]):
+            if not isinstance(st, ShardedTensor) or st.data is None:
+                continue
+            name = names.get(st.data.untyped_storage().data_ptr())
+            if name is None:
+                continue  # a buffer, not a parameter
+            source = full[name] if name in full else full[st.key]
+            lead = st.prepend_axis_num
+            index = tuple(slice(o, o + n) for o, n in zip(st.global_offset[lead:], st.data.shape))
+            st.data.copy_(source[index].to(st.data.dtype))
+            filled.add(st.data.untyped_storage().data_ptr())
+    missing = [n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in filled]
+    if missing:
+        raise RuntimeError(f"no HF tensor reached parameters {missing[:5]}")
+
+
+def stage_logits(model, batch) -> torch.Tensor | None:
+    """Full-vocabulary logits `[L, V]` of `batch` through the pipeline (forward only), on the last
+    stage; None on the other stages."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    def forward_step(data_iterator, m):
+        out = m(next(data_iterator), return_logits=True)
+        return out, lambda o: (o.sum() * 0.0, {"logits": o.detach()})
+
+    with torch.no_grad():
+        collected = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([batch]), model=[model], num_microbatches=1,
+            seq_length=batch.num_slots, micro_batch_size=1, forward_only=True,
+        )
+    if not ps.is_pipeline_last_stage():
+        return None
+    return gather_from_tensor_model_parallel_region(collected[0]["logits"]).float()
+
+
+def _world(tp: int, pp: int):
+    from qvl_train.config import ParallelConfig
+    from qvl_train.parallel.dims import ParallelDims
+
+    parallel = ParallelConfig(tp=tp, pp=pp)
+    dims = ParallelDims.from_config(parallel, int(os.environ["WORLD_SIZE"]))
+    dims.initialize()
+    return parallel, dims
+
+
+def _stage_model(cfg, parallel, dims, hf_dir: Path, dtype: torch.dtype):
+    from qvl_train.models import build_model
+    from qvl_train.models.hf_convert import hf_to_ours
+    from qvl_train.tools.convert import load_hf_state_dict
+
+    model = build_model(cfg, parallel, pre_process=dims.is_first_stage, post_process=dims.is_last_stage, dtype=dtype)
+    fill_from_full(model, hf_to_ours(load_hf_state_dict(hf_dir), cfg))
+    return model
+
+
+def _import(args) -> None:
+    import json
+
+    from megatron.core import dist_checkpointing
+
+    from qvl_train.tools.convert import model_config_from_hf
+
+    parallel, dims = _world(args.tp, args.pp)
+    hf_dir = Path(args.hf_dir)
+    cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    model = _stage_model(cfg, parallel, dims, hf_dir, torch.float32)
+    from dataclasses import asdict
+
+    from qvl_train.checkpoint.manager import TrainState
+
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "train_state": asdict(TrainState())}, args.step_dir)
+    torch.distributed.barrier()
+    dims.destroy()
+
+
+def _logits(args) -> None:
+    import json
+
+    from qvl_train.tools.convert import model_config_from_hf
+
+    parallel, dims = _world(args.tp, args.pp)
+    hf_dir = Path(args.hf_dir)
+    cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    cfg.attention_backend = args.attention_backend
+    dtype = getattr(torch, args.dtype)
+    model = _stage_model(cfg, parallel, dims, hf_dir, dtype).to(dims.device).eval()
+    model.config.pipeline_dtype = dtype
+    batches = torch.load(args.batches, weights_only=False)  # written by the parent hf_parity process
+    out = {}
+    for kind, batch in batches.items():
+        batch = batch.to(dims.device)
+        batch.pixel_values = batch.pixel_values.to(dtype)
+        logits = stage_logits(model, batch)
+        if logits is not None:
+            out[kind] = logits.cpu()
+    if dims.is_last_stage and dims.tp_rank == 0 and dims.dp_rank == 0:
+        torch.save(out, args.out)
+    dims.destroy()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import")
+    imp.add_argument("--hf-dir", required=True)
+    imp.add_argument("--step-dir", required=True)
+    lg = sub.add_parser("logits")
+    lg.add_argument("--hf-dir", required=True)
+    lg.add_argument("--batches", required=True)
+    lg.add_argument("--out", required=True)
+    lg.add_argument("--dtype", default="float32")
+    lg.add_argument("--attention-backend", default="auto")
+    for s in (imp, lg):
+        s.add_argument("--tp", type=int, default=1)
+        s.add_argument("--pp", type=int, default=1)
+    args = p.parse_args(argv)
+    {"import": _import, "logits": _logits}[args.cmd](args)
+
+
+if __name__ == "__main__":  # dist_checkpointing saves through worker processes
+    main()
