@@ -120,6 +120,10 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
         cfg.model, cfg.parallel, cfg.optim, cfg.stage, dims,
         seed=cfg.seed, max_steps=cfg.train.max_steps, dtype=dtype, recompute=cfg.train.recompute, fp8=cfg.train.fp8,
     )
+    trainable, total = engine.parameter_counts()
+    lora = cfg.model.lora
+    log.info("parameters  %s trainable of %s (%.2f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
+             f"; LoRA rank {lora.rank} on {'/'.join(lora.targets)} of {'/'.join(lora.modules)}" if lora.enabled else "")
     micro = cfg.micro_batches_per_step()
     loader = StepLoader(cfg.data, micro_batches_per_step=micro, dp_rank=dims.dp_rank, dp_size=dims.dp)
     ckpt = CheckpointManager(

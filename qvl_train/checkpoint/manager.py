@@ -383,6 +383,12 @@ class CheckpointManager:
         saved = TrainState(**common["train_state"])
         same_layout = saved.layout == self._layout()
         request = engine.sharded_state_dict(with_optimizer=full)
+        if not full:  # weights only (init_from): a full checkpoint has no LoRA adapters for a LoRA run
+            from qvl_train.models.lora import absent_adapter_keys
+
+            present = set(dist_checkpointing.load_tensors_metadata(str(step_dir)))
+            for key in absent_adapter_keys(request["model"], present):
+                del request["model"][key]
         if full and same_layout:
             request["rng"] = self._rng_object(None)
         loaded = dist_checkpointing.load(request, str(step_dir))
