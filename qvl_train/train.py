@@ -34,13 +34,21 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
             f"layout      {dims.describe()}",
             f"model       {cfg.model.generation}: ViT {cfg.model.vision.depth}×{cfg.model.vision.hidden_size}, "
             f"LLM {cfg.model.llm.num_layers}×{cfg.model.llm.hidden_size}",
-            f"stage       {cfg.stage.name} (trains: {', '.join(cfg.stage.trainable)})",
+            f"stage       {cfg.stage.name} (trains: {_trains(cfg)})",
             f"batch       {cfg.train.global_batch_tokens} tokens/step = {micro} micro-batches × "
             f"{cfg.data.max_tokens} tokens ({micro // dims.dp} per data-parallel rank)",
             f"steps       {cfg.train.max_steps}, checkpoint every {cfg.checkpoint.every}",
             f"output_dir  {cfg.output_dir}",
         ]
     )
+
+
+def _trains(cfg: TrainConfig) -> str:
+    """The modules that train; with LoRA, only their adapters."""
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return ", ".join(cfg.stage.trainable)
+    return "LoRA adapters of " + ", ".join(m for m in cfg.stage.trainable if m in lora.modules)
 
 
 def _git_commit() -> str:

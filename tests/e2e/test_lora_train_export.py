@@ -14,6 +14,7 @@ peft = pytest.importorskip("peft")
 
 from tests.conftest import read_metrics, torchrun  # noqa: E402
 from tests.unit.test_convert import _cfg, _hf_model  # noqa: E402
+from tests.unit.test_lora import hf_kwargs  # noqa: E402
 
 
 def test_lora_train_then_export_merged_and_adapter(tmp_path, data_root):
@@ -37,12 +38,7 @@ def test_lora_train_then_export_merged_and_adapter(tmp_path, data_root):
     adapter_cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == str((tmp_path / "hf").resolve())
 
-    batch = packed_batch(tiny_model_config())
-    n, cu = batch.num_tokens, batch.cu_seqlens.tolist()
-    text_pos = torch.cat([torch.arange(b - a) for a, b in zip(cu[:-1], cu[1:])])
-    kw = dict(input_ids=batch.input_ids[None, :n], attention_mask=None, use_cache=False,
-              position_ids=torch.cat([text_pos[None], batch.position_ids[:, :n]])[:, None, :],
-              pixel_values=batch.pixel_values, image_grid_thw=batch.grid_thw)
+    kw = hf_kwargs(packed_batch(tiny_model_config()))
     load = transformers.Qwen2VLForConditionalGeneration.from_pretrained
     with torch.no_grad():
         base = load(tmp_path / "hf", dtype=torch.float32).eval()

@@ -37,6 +37,15 @@ def _fill_b(model, seed: int = 11, std: float = 0.05) -> None:
                 _init_sharded(replace(st, key=st.key + ".test"), seed, std)
 
 
+def hf_kwargs(batch) -> dict:
+    """HF `forward` arguments for the real tokens of a `PackedBatch` (4-row positions: packed samples)."""
+    n, cu = batch.num_tokens, batch.cu_seqlens.tolist()
+    text_pos = torch.cat([torch.arange(b - a) for a, b in zip(cu[:-1], cu[1:])])
+    return dict(input_ids=batch.input_ids[None, :n], attention_mask=None, use_cache=False,
+                position_ids=torch.cat([text_pos[None], batch.position_ids[:, :n]])[:, None, :],
+                pixel_values=batch.pixel_values, image_grid_thw=batch.grid_thw)
+
+
 # ------------------------------------------------------------------------------------------ config
 def test_lora_config_is_checked():
     assert not LoRAConfig().enabled and LORA.scale == 2.0
@@ -169,12 +178,7 @@ def test_merged_and_peft_exports_match_the_lora_model(trained):
         return transformers.Qwen2VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
 
     with_peft = peft.PeftModel.from_pretrained(hf(tmp / "hf_base"), tmp / "adapter").eval()
-    n = batch.num_tokens
-    cu = batch.cu_seqlens.tolist()
-    text_pos = torch.cat([torch.arange(b - a) for a, b in zip(cu[:-1], cu[1:])])
-    kw = dict(input_ids=batch.input_ids[None, :n], attention_mask=None, use_cache=False,
-              position_ids=torch.cat([text_pos[None], batch.position_ids[:, :n]])[:, None, :],
-              pixel_values=batch.pixel_values, image_grid_thw=batch.grid_thw)
+    kw = hf_kwargs(batch)
     want = trained["logits"]
     with torch.no_grad():
         got_merged = hf(tmp / "hf_merged")(**kw).logits[0]
@@ -183,6 +187,42 @@ def test_merged_and_peft_exports_match_the_lora_model(trained):
     torch.testing.assert_close(got_merged, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_peft, want, rtol=1e-5, atol=1e-5)
     assert (got_base - want).abs().max() > 1e-3  # the adapters changed the logits: the check is sharp
+
+
+def test_qwen3_vl_merged_and_peft_match(tmp_path):
+    """Qwen3-VL (DeepStack mergers, tied embeddings, no qkv bias), adapters in all towers, in memory."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from qvl_train.models import build_model, init_weights
+    from qvl_train.models.hf_convert import ours_to_hf
+    from qvl_train.models.lora import merged_state_dict
+    from qvl_train.models.tiny import tiny_qwen3_vl_config
+    from qvl_train.tools.convert import _write_peft_adapter, hf_config_dict
+    from tests.conftest import megatron_one_rank_world
+
+    megatron_one_rank_world()
+    cfg = tiny_qwen3_vl_config(lora=replace(LORA, **ALL))
+    ours = build_model(cfg, ParallelConfig(), pre_process=True, post_process=True).eval()
+    init_weights(ours, seed=5, std=0.05)
+    _fill_b(ours, std=0.2)
+    _write_peft_adapter(ours, cfg, tmp_path, None, None)
+    assert "model.visual.deepstack_merger_list.1.linear_fc2" in json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+
+    def hf_model(sd):
+        model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**hf_config_dict(cfg, "float32")))
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        assert not unexpected and missing == ["lm_head.weight"], (missing, unexpected)  # tied
+        model.tie_weights()
+        return model.float().eval()
+
+    base_sd = ours_to_hf({k: v for k, v in ours.state_dict().items() if "lora" not in k and "extra" not in k}, cfg, style="runtime")
+    batch = packed_batch(cfg)
+    with torch.no_grad():
+        want = ours.logits(batch)[: batch.num_tokens]
+        got_merged = hf_model(ours_to_hf(merged_state_dict(ours), cfg, style="runtime"))(**hf_kwargs(batch)).logits[0]
+        got_peft = peft.PeftModel.from_pretrained(hf_model(base_sd), tmp_path).eval()(**hf_kwargs(batch)).logits[0]
+    torch.testing.assert_close(got_merged, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_peft, want, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- tp = 2 against tp = 1
