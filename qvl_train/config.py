@@ -583,11 +583,16 @@ class TrainConfig:
                 f"{micro} micro-batches per step (train.global_batch_tokens / data.max_tokens) are not "
                 f"divisible by the data-parallel size {dp}; change train.global_batch_tokens"
             )
-        self._validate_eval(dp)
         self._validate_lora()
+        self._validate_eval(dp)
 
     def _validate_lora(self) -> None:
         lora = self.model.lora
+        if lora.enabled and self.train.fp8 in ("hybrid", "e4m3"):
+            raise ConfigError(
+                f"train.fp8={self.train.fp8} with model.lora: adapters run on megatron's local layers, without FP8; "
+                "set train.fp8=off (train.fp8=auto turns FP8 off for LoRA runs)"
+            )
         if lora.enabled and not set(lora.modules) & set(self.stage.trainable):
             raise ConfigError(
                 f"model.lora.modules={list(lora.modules)} has no module that stage={self.stage.name} trains "

@@ -156,7 +156,7 @@ class MegatronEngine:
         self.model = build_model(
             model_cfg, parallel_cfg,
             pre_process=dims.is_first_stage, post_process=dims.is_last_stage, dtype=dtype,
-            execution=Execution(recompute=recompute, fp8=resolve_fp8(fp8)),
+            execution=Execution(recompute=recompute, fp8=resolve_fp8("off" if model_cfg.lora.enabled else fp8)),
         ).to(dims.device)
         init_weights(self.model, seed, model_cfg.init_std)
         apply_stage(self.model, stage_cfg, lora=model_cfg.lora.enabled)

@@ -39,7 +39,7 @@ from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
 from qvl_train.config import LoRAConfig
 
-__all__ = ["apply_lora", "is_lora_param", "lora_layers", "merged_state_dict", "adapter_factors", "absent_adapter_keys"]
+__all__ = ["apply_lora", "is_lora_param", "lora_layers", "merged_state_dict", "adapter_factors", "fit_to_checkpoint"]
 
 LORA_PARAMS = ("lora_A", "lora_B")
 
@@ -172,8 +172,11 @@ def adapter_factors(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, tor
     return {f"{n}.weight": (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in lora_layers(model).items()}
 
 
-def absent_adapter_keys(sharded_sd: dict, present: set[str]) -> list[str]:
-    """Entries of a (flat, top-level) model sharded state dict that are adapter factors the checkpoint
-    lacks — a full checkpoint given as `model.init_from` to a LoRA run; the caller drops them and the
-    adapters keep their initialisation (B = 0)."""
-    return [k for k, sh in sharded_sd.items() if is_lora_param(k) and getattr(sh, "key", k) not in present]
+def fit_to_checkpoint(model_request: dict, present: set[str]) -> bool:
+    """Taking weights only (`model.init_from`): drop from a (flat) model sharded state dict the adapter
+    factors the checkpoint lacks — a full checkpoint given to a LoRA run; they keep their initialisation
+    (B = 0). Returns whether the checkpoint holds adapters the model does not ask for (a LoRA run's
+    checkpoint given to a run without LoRA)."""
+    for k in [k for k, sh in model_request.items() if is_lora_param(k) and getattr(sh, "key", k) not in present]:
+        del model_request[k]
+    return not any(map(is_lora_param, model_request)) and any(map(is_lora_param, present))

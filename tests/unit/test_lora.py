@@ -63,6 +63,11 @@ def test_lora_config_is_checked():
     cfg.data.generation = cfg.model.generation
     with pytest.raises(ConfigError, match="nothing would train"):
         cfg.validate(1)
+    cfg.stage = StageConfig("stage3_sft")
+    cfg.validate(1)
+    cfg.train.fp8 = "hybrid"
+    with pytest.raises(ConfigError, match="train.fp8=hybrid with model.lora"):
+        cfg.validate(1)
 
 
 # ------------------------------------------------------------------ one process: freezing, checkpoints
@@ -136,7 +141,7 @@ def test_only_adapters_train(trained):
     assert set(sharded_opt) == {"steps"} | {f"{n}.{m}" for n in trainable for m in ("exp_avg", "exp_avg_sq")}
 
 
-def test_init_from_a_full_checkpoint_then_resume(trained):
+def test_init_from_a_full_checkpoint_then_resume(trained, caplog):
     from qvl_train.checkpoint.manager import CheckpointManager
 
     tmp, batch, engine = trained["tmp"], trained["batch"], trained["engine"]
@@ -153,6 +158,10 @@ def test_init_from_a_full_checkpoint_then_resume(trained):
         if p.requires_grad:
             assert torch.equal(fresh.optimizer.state[p]["exp_avg_sq"], engine.optimizer.state[mine[n]]["exp_avg_sq"])
     assert fresh.optimizer_step_count() == 1
+    # a LoRA checkpoint as init_from of a run without LoRA: base weights only, and a warning that says so
+    with caplog.at_level("WARNING"):
+        CheckpointManager(tmp / "run2", _one_rank_dims()).restore(trained["base"], resume="never", init_from=str(tmp / "lora"))
+    assert "holds LoRA adapters that this run (model.lora.rank=0) does not load" in caplog.text
     assert fresh.train_step([batch], 1).loss == engine.train_step([batch], 1).loss
 
 
