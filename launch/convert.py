@@ -2,6 +2,7 @@
 
     python launch/convert.py import-hf --hf-dir SRC --out DST [--tp N --pp N]   # then: launch/train.py ... model.init_from=DST
     python launch/convert.py export-hf --ckpt SRC --out DST [--dtype bf16|fp16|fp32]
+    python launch/convert.py export-hf --ckpt LORA_RUN --out DST --lora-adapter   # PEFT adapter, not merged
 
 See `qvl_train/tools/convert.py` for what is written and how configs are found.
 """
@@ -29,7 +30,10 @@ def main(argv=None) -> int:
     exp.add_argument("--ckpt", required=True, help="checkpoint root, step directory or training output_dir")
     exp.add_argument("--out", required=True, help="HF directory to write")
     exp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
-                     help="tensor dtype (default: the imported source's dtypes, else bf16)")
+                     help="tensor dtype (default: the imported source's dtypes, else bf16; adapters fp32)")
+    exp.add_argument("--lora-adapter", action="store_true",
+                     help="LoRA run: write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) "
+                          "instead of the merged model")
     args = p.parse_args(argv)
 
     from qvl_train.tools import convert
@@ -39,7 +43,7 @@ def main(argv=None) -> int:
             step = convert.import_hf(args.hf_dir, args.out, tp=args.tp, pp=args.pp)
             print(f"imported {args.hf_dir} -> {step}")
         else:
-            out = convert.export_hf(args.ckpt, args.out, dtype=args.dtype)
+            out = convert.export_hf(args.ckpt, args.out, dtype=args.dtype, lora_adapter=args.lora_adapter)
             print(f"exported {args.ckpt} -> {out}")
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"convert: {err}", file=sys.stderr)

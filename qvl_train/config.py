@@ -20,6 +20,8 @@ DECAY_STYLES = ("linear", "cosine", "sqrt")
 RECOMPUTE = ("none", "selective", "full")
 FP8_MODES = ("off", "auto", "hybrid", "e4m3")
 IMPLEMENTED_GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+LORA_MODULES = ("llm", "projector", "vision")
 
 
 class ConfigError(ValueError):
@@ -127,6 +129,46 @@ class LLMConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (`models/lora.py`): `W x + (alpha / rank) · B A x` on the chosen linear layers,
+    base weights frozen. Off while rank = 0; `model.lora.rank=8` turns it on."""
+
+    rank: int = 0
+    """Adapter rank r (A: `[r, in]`, B: `[out, r]`); 0 = no adapters (full-parameter training)."""
+    alpha: float = 16.0
+    """Scaling numerator: the adapter's output is multiplied by alpha / rank (as PEFT's `lora_alpha`)."""
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Linear layers that get adapters, by megatron name: linear_qkv, linear_proj (attention), linear_fc1,
+    linear_fc2 (MLP; in the projector its two layers)."""
+    modules: list[str] = field(default_factory=lambda: ["llm", "projector"])
+    """Towers whose target layers get adapters: llm, projector, vision. Everything else is frozen, the ViT
+    included unless listed here."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"model.lora.rank={self.rank} must be > 0 to train adapters (or 0 for none)")
+        if not self.enabled:
+            return
+        if self.alpha <= 0:
+            raise ConfigError(f"model.lora.alpha={self.alpha} must be > 0 (the adapter scale is alpha / rank)")
+        for key, given, valid in (("targets", self.targets, LORA_TARGETS), ("modules", self.modules, LORA_MODULES)):
+            unknown = [x for x in given if x not in valid]
+            if unknown or not given or len(set(given)) != len(given):
+                raise ConfigError(
+                    f"model.lora.{key}={list(given)}: give a non-empty list without repeats of {', '.join(valid)}"
+                    + (f" ({', '.join(map(repr, unknown))} unknown)" if unknown else "")
+                )
+
+
+@dataclass
 class ModelConfig:
     """Which model to build and how to initialise it (config group `model/`)."""
 
@@ -142,6 +184,8 @@ class ModelConfig:
     """Checkpoint step directory or checkpoint root to take weights from when the run has none yet."""
     attention_backend: str = "auto"
     """Core attention for packed sequences: auto | sdpa_loop (CPU) | flex | varlen (CUDA, PyTorch flash varlen)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Low-rank adapters (off by default); with them only the adapters train."""
 
     def __post_init__(self) -> None:
         if self.generation not in GENERATIONS:
@@ -571,7 +615,21 @@ class TrainConfig:
                 f"{micro} micro-batches per step (train.global_batch_tokens / data.max_tokens) are not "
                 f"divisible by the data-parallel size {dp}; change train.global_batch_tokens"
             )
+        self._validate_lora()
         self._validate_eval(dp)
+
+    def _validate_lora(self) -> None:
+        lora = self.model.lora
+        if lora.enabled and self.train.fp8 in ("hybrid", "e4m3"):
+            raise ConfigError(
+                f"train.fp8={self.train.fp8} with model.lora: adapters run on megatron's local layers, without FP8; "
+                "set train.fp8=off (train.fp8=auto turns FP8 off for LoRA runs)"
+            )
+        if lora.enabled and not set(lora.modules) & set(self.stage.trainable):
+            raise ConfigError(
+                f"model.lora.modules={list(lora.modules)} has no module that stage={self.stage.name} trains "
+                f"({', '.join(self.stage.trainable)}): nothing would train; change model.lora.modules or the stage"
+            )
 
     def _validate_eval(self, dp: int) -> None:
         if self.eval.every and not self.data.valid:
@@ -633,6 +691,7 @@ __all__ = [
     "DataSource",
     "TrainConfig",
     "ModelConfig",
+    "LoRAConfig",
     "VisionConfig",
     "LLMConfig",
     "ParallelConfig",

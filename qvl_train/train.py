@@ -34,13 +34,21 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
             f"layout      {dims.describe()}",
             f"model       {cfg.model.generation}: ViT {cfg.model.vision.depth}×{cfg.model.vision.hidden_size}, "
             f"LLM {cfg.model.llm.num_layers}×{cfg.model.llm.hidden_size}",
-            f"stage       {cfg.stage.name} (trains: {', '.join(cfg.stage.trainable)})",
+            f"stage       {cfg.stage.name} (trains: {_trains(cfg)})",
             f"batch       {cfg.train.global_batch_tokens} tokens/step = {micro} micro-batches × "
             f"{cfg.data.max_tokens} tokens ({micro // dims.dp} per data-parallel rank)",
             f"steps       {cfg.train.max_steps}, checkpoint every {cfg.checkpoint.every}",
             f"output_dir  {cfg.output_dir}",
         ]
     )
+
+
+def _trains(cfg: TrainConfig) -> str:
+    """The modules that train; with LoRA, only their adapters."""
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return ", ".join(cfg.stage.trainable)
+    return "LoRA adapters of " + ", ".join(m for m in cfg.stage.trainable if m in lora.modules)
 
 
 def _git_commit() -> str:
@@ -120,6 +128,10 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
         cfg.model, cfg.parallel, cfg.optim, cfg.stage, dims,
         seed=cfg.seed, max_steps=cfg.train.max_steps, dtype=dtype, recompute=cfg.train.recompute, fp8=cfg.train.fp8,
     )
+    trainable, total = engine.parameter_counts()
+    lora = cfg.model.lora
+    log.info("parameters  %s trainable of %s (%.2f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
+             f"; LoRA rank {lora.rank} on {'/'.join(lora.targets)} of {'/'.join(lora.modules)}" if lora.enabled else "")
     micro = cfg.micro_batches_per_step()
     loader = StepLoader(cfg.data, micro_batches_per_step=micro, dp_rank=dims.dp_rank, dp_size=dims.dp)
     ckpt = CheckpointManager(

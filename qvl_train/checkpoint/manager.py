@@ -383,6 +383,13 @@ class CheckpointManager:
         saved = TrainState(**common["train_state"])
         same_layout = saved.layout == self._layout()
         request = engine.sharded_state_dict(with_optimizer=full)
+        if not full:  # weights only (init_from): LoRA adapters may be on one side only
+            from qvl_train.models.lora import fit_to_checkpoint
+
+            if fit_to_checkpoint(request["model"], set(dist_checkpointing.load_tensors_metadata(str(step_dir)))):
+                log.warning("%s holds LoRA adapters that this run (model.lora.rank=0) does not load: only the base "
+                            "weights are taken. To start from the adapted model, export it merged (export-hf) and "
+                            "import-hf that, or set model.lora as in that run", step_dir)
         if full and same_layout:
             request["rng"] = self._rng_object(None)
         loaded = dist_checkpointing.load(request, str(step_dir))

@@ -113,10 +113,13 @@ def param_groups(named_params, cfg: OptimConfig) -> list[dict]:
     ]
 
 
-def apply_stage(model: torch.nn.Module, stage: StageConfig) -> None:
-    """Only the stage's modules receive gradients (names start with vision. / projector. / llm.)."""
+def apply_stage(model: torch.nn.Module, stage: StageConfig, lora: bool = False) -> None:
+    """Only the stage's modules receive gradients (names start with vision. / projector. / llm.);
+    with `lora`, only their adapter factors (base weights frozen: no gradient, no optimizer state)."""
+    from qvl_train.models.lora import is_lora_param
+
     for name, param in model.named_parameters():
-        param.requires_grad_(name.split(".", 1)[0] in stage.trainable)
+        param.requires_grad_(name.split(".", 1)[0] in stage.trainable and (not lora or is_lora_param(name)))
 
 
 def _module_of(name: str) -> str:
@@ -153,10 +156,12 @@ class MegatronEngine:
         self.model = build_model(
             model_cfg, parallel_cfg,
             pre_process=dims.is_first_stage, post_process=dims.is_last_stage, dtype=dtype,
-            execution=Execution(recompute=recompute, fp8=resolve_fp8(fp8), sequence_parallel=parallel_cfg.sp),
+            execution=Execution(
+                recompute=recompute, fp8=resolve_fp8("off" if model_cfg.lora.enabled else fp8), sequence_parallel=parallel_cfg.sp,
+            ),
         ).to(dims.device)
         init_weights(self.model, seed, model_cfg.init_std)
-        apply_stage(self.model, stage_cfg)
+        apply_stage(self.model, stage_cfg, lora=model_cfg.lora.enabled)
 
         config = self.model.config
         config.calculate_per_token_loss = True  # the loss is normalised by the global label count
@@ -171,6 +176,19 @@ class MegatronEngine:
         )
         self._params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self._tp_partial = [p for n, p in self._params if _tp_partial_grad(n, p)]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters of the whole model: summed over pipeline stages, each
+        tensor-parallel shard once and replicated tensors once."""
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        counts = torch.zeros(2, dtype=torch.float64, device=self.dims.device)
+        for p in self.model.parameters():
+            tied_copy = getattr(p, "shared_embedding", False) and not self.dims.is_first_stage
+            if param_is_not_tensor_parallel_duplicate(p) and not tied_copy:
+                counts += torch.tensor([p.numel() if p.requires_grad else 0, p.numel()], dtype=torch.float64, device=counts.device)
+        dist.all_reduce(counts, group=self.dims.groups["mp"])
+        return int(counts[0]), int(counts[1])
 
     # ------------------------------------------------------------------ step
     def train_step(self, batches: list[PackedBatch], step: int) -> StepResult:
@@ -370,9 +388,13 @@ class MegatronEngine:
             self.optimizer.state.setdefault(p, {})["step"] = torch.tensor(float(n))
 
     def load_sharded(self, loaded: dict, with_optimizer: bool) -> None:
+        """Weights (and AdamW moments); taking weights only (`model.init_from`), LoRA adapters the
+        checkpoint lacks keep their initialisation."""
+        from qvl_train.models.lora import is_lora_param
+
         model_sd = loaded["model"]
         missing, unexpected = self.model.load_state_dict(model_sd, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
+        missing = [k for k in missing if not (k.endswith("_extra_state") or (not with_optimizer and is_lora_param(k)))]
         if missing:
             raise RuntimeError(f"checkpoint lacks model tensors: {missing[:8]}")
         if with_optimizer:

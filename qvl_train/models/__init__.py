@@ -33,10 +33,15 @@ MODULE_PREFIXES = ("vision.", "projector.", "llm.")
 """Every parameter name starts with one of these (stage freezing and per-module metrics use them)."""
 
 
+def _spec_backend(cfg: ModelConfig) -> str:
+    """LoRA wraps megatron's local parallel linears (TE's fuse the norm into the GEMM): local spec then."""
+    return "local" if cfg.lora.enabled else resolve_spec_backend()
+
+
 def _build_qwen2_vl(
     cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution
 ) -> VLM:
-    return VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=resolve_spec_backend(), execution=execution)
+    return VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=_spec_backend(cfg), execution=execution)
 
 
 def _build_qwen2_5_vl(
@@ -46,7 +51,7 @@ def _build_qwen2_5_vl(
 
     return VLM(
         cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype,
-        spec_backend=resolve_spec_backend(), vision_cls=Qwen2_5VisionTransformer, execution=execution,
+        spec_backend=_spec_backend(cfg), vision_cls=Qwen2_5VisionTransformer, execution=execution,
     )
 
 
@@ -55,7 +60,7 @@ def _build_qwen3_vl(
 ) -> VLM:
     from qvl_train.models.vlm import Qwen3VLM
 
-    return Qwen3VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=resolve_spec_backend(), execution=execution)
+    return Qwen3VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=_spec_backend(cfg), execution=execution)
 
 
 def _build_qwen_vl(
@@ -84,6 +89,7 @@ def build_model(
     Weights are allocated but not initialised: call `init_weights` or load a checkpoint. Every
     parameter has `dtype` (megatron's local norms are created fp32 whatever `params_dtype` says).
     `execution` (activation recomputation, FP8) goes into every tower's `TransformerConfig`.
+    With `cfg.lora` on, the target layers carry adapters (`models/lora.py`).
     """
     try:
         builder = _BUILDERS[cfg.generation]
@@ -95,6 +101,10 @@ def build_model(
     for param in model.parameters():
         param.data = param.data.to(dtype)
     mark_tensor_parallel_params(model)
+    if cfg.lora.enabled:
+        from qvl_train.models.lora import apply_lora
+
+        apply_lora(model, cfg.lora)
     return model
 
 
@@ -138,7 +148,7 @@ def _init_sharded(st: ShardedTensor, seed: int, std: float) -> None:
     p = st.prepend_axis_num
     shape, offset = st.global_shape[p:], st.global_offset[p:]
     data = st.data
-    if st.key.endswith("bias"):
+    if st.key.endswith(("bias", "lora_B")):  # LoRA's B starts at zero: step 0 is the base model
         data.zero_()
         return
     if data.dim() == 1:  # the only 1-D weights are norm scales
@@ -162,7 +172,7 @@ def init_weights(model: VLM, seed: int, std: float) -> None:
     For every tensor of `model.sharded_state_dict()` (global key, global shape, this rank's
     offsets) the global tensor is defined by generators seeded from (seed, crc32(global key,
     layer index, row block)) — normal(0, std) for matrices and embeddings, ones for norm weights,
-    zeros for biases — and this rank copies its slice. Only the row blocks a rank holds are drawn.
+    zeros for biases and LoRA B factors — and this rank copies its slice. Only the row blocks a rank holds are drawn.
     """
     covered = set()
     for item in nested_values(model.sharded_state_dict()):

@@ -28,7 +28,7 @@ import torch
 
 from qvl_train.config import ModelConfig
 
-__all__ = ["hf_to_ours", "ours_to_hf", "detect_style", "fuse_qkv", "split_qkv", "SUPPORTED"]
+__all__ = ["hf_to_ours", "ours_to_hf", "lora_to_hf", "detect_style", "fuse_qkv", "split_qkv", "SUPPORTED"]
 
 SUPPORTED = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -246,6 +246,45 @@ def hf_to_ours(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def _to_hf_parts(t: torch.Tensor, kind: str, cfg: ModelConfig) -> list[torch.Tensor]:
+    """Our tensor → its HF tensor(s), by the rule's transform (row splits act on any `[out, …]` tensor)."""
+    vit, llm = cfg.vision, cfg.llm
+    if kind == "id":
+        return [t]
+    if kind == "patch":
+        return [t.reshape(t.shape[0], vit.in_channels, vit.temporal_patch_size, vit.patch_size, vit.patch_size)]
+    if kind == "qkv_vit":
+        return [torch.cat(list(split_qkv(t, vit.num_heads, vit.num_heads)))]
+    if kind == "qkv_llm":
+        return list(split_qkv(t, llm.num_attention_heads, llm.num_query_groups))
+    if kind == "patch2d":
+        return [t.reshape(t.shape[0], vit.in_channels, vit.patch_size, vit.patch_size)]
+    if kind == "qkv_packed_llm":
+        return [torch.cat(list(split_qkv(t, llm.num_attention_heads, llm.num_query_groups)))]
+    if kind == "cat":
+        return list(t.chunk(2, dim=0))
+    raise AssertionError(kind)  # pragma: no cover
+
+
+def lora_to_hf(
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: ModelConfig
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """LoRA factors per our weight key (`….linear_qkv.weight` → (A `[r, in]`, B `[out, r]`)) → per HF
+    module name in the transformers runtime spelling (`model.language_model.layers.0.self_attn.q_proj`),
+    as PEFT names the modules it adapts.
+
+    A fused weight that HF keeps as several modules (q / k / v, gate / up) has `W + s·B A` split on its
+    rows, so each HF module gets the same A and its rows of B — the same row transform as the weight.
+    """
+    rules = {ours: (hf_keys, kind) for ours, hf_keys, kind in _rules(cfg)}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for ours, (a, b) in factors.items():
+        hf_keys, kind = rules[ours]
+        for key, part in zip(hf_keys, _to_hf_parts(b, kind, cfg)):
+            out[_from_canonical(key, "runtime").removesuffix(".weight")] = (a.contiguous(), part.contiguous())
+    return out
+
+
 def ours_to_hf(
     state_dict: dict[str, torch.Tensor], cfg: ModelConfig, *, style: str = "hub", write_tied_lm_head: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -256,27 +295,10 @@ def ours_to_hf(
     """
     if style not in ("hub", "runtime"):
         raise ValueError(f"style={style!r}; valid: hub, runtime")
-    vit, llm = cfg.vision, cfg.llm
+    llm = cfg.llm
     out: dict[str, torch.Tensor] = {}
     for ours, hf_keys, kind in _rules(cfg):
-        t = state_dict[ours]
-        if kind == "id":
-            parts = [t]
-        elif kind == "patch":
-            parts = [t.reshape(t.shape[0], vit.in_channels, vit.temporal_patch_size, vit.patch_size, vit.patch_size)]
-        elif kind == "qkv_vit":
-            parts = [torch.cat(list(split_qkv(t, vit.num_heads, vit.num_heads)))]
-        elif kind == "qkv_llm":
-            parts = list(split_qkv(t, llm.num_attention_heads, llm.num_query_groups))
-        elif kind == "patch2d":
-            parts = [t.reshape(t.shape[0], vit.in_channels, vit.patch_size, vit.patch_size)]
-        elif kind == "qkv_packed_llm":
-            parts = [torch.cat(list(split_qkv(t, llm.num_attention_heads, llm.num_query_groups)))]
-        elif kind == "cat":
-            parts = list(t.chunk(2, dim=0))
-        else:  # pragma: no cover
-            raise AssertionError(kind)
-        for key, part in zip(hf_keys, parts):
+        for key, part in zip(hf_keys, _to_hf_parts(state_dict[ours], kind, cfg)):
             out[_from_canonical(key, style)] = part.contiguous()
     if llm.tie_word_embeddings and write_tied_lm_head:
         out["lm_head.weight"] = state_dict["llm.embedding.weight"].clone()

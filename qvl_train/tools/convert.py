@@ -1,7 +1,7 @@
 """Hugging Face ⇄ framework checkpoints for Qwen2-VL and Qwen2.5-VL (`launch/convert.py` is the CLI).
 
     python launch/convert.py import-hf --hf-dir SRC --out DST
-    python launch/convert.py export-hf --ckpt SRC --out DST [--dtype bf16|fp16|fp32]
+    python launch/convert.py export-hf --ckpt SRC --out DST [--dtype bf16|fp16|fp32] [--lora-adapter]
 
 **import-hf** reads `SRC/config.json` and SRC's safetensors only (no transformers import), builds
 the `ModelConfig`, converts the weights (`models/hf_convert.py`) into a tp = pp = 1 model in fp32
@@ -29,6 +29,8 @@ checkpoint, found through `model.init_from` of training runs); without one, conf
 generation_config.json are generated from the ModelConfig and no tokenizer files are written.
 Import then export reproduces every source tensor bit for bit: names (hub or runtime spelling, as
 the source), dtypes, and a tied `lm_head` copy if the source had one.
+A LoRA run exports merged (W + alpha/r · B A: a plain HF model), or with `--lora-adapter` as a PEFT
+adapter directory for the base model (`_write_peft_adapter`).
 
 Both commands run in one process with a one-rank gloo group (dist_checkpointing needs a process
 group, and saves through worker processes: callers need an `if __name__ == "__main__":` guard).
@@ -46,7 +48,7 @@ from typing import Optional
 
 import torch
 
-from qvl_train.config import LLMConfig, ModelConfig, VisionConfig
+from qvl_train.config import LLMConfig, LoRAConfig, ModelConfig, VisionConfig
 
 __all__ = [
     "import_hf", "export_hf", "model_config_from_hf", "hf_config_dict", "read_model_config", "load_hf_state_dict",
@@ -290,7 +292,8 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     d = dict(d)
     vision = VisionConfig(**d.pop("vision", {}))
     llm = LLMConfig(**d.pop("llm", {}))
-    return ModelConfig(vision=vision, llm=llm, **d)
+    lora = LoRAConfig(**d.pop("lora", {}))
+    return ModelConfig(vision=vision, llm=llm, lora=lora, **d)
 
 
 def read_model_config(step_dir: Path) -> tuple[ModelConfig, Optional[str]]:
@@ -462,21 +465,26 @@ def import_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1) -> 
 
 
 # ------------------------------------------------------------------------------------------ export
-def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None) -> Path:
+def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, lora_adapter: bool = False) -> Path:
     """Framework checkpoint (root, step dir or training output_dir) → HF directory `out`.
 
     `dtype` (bf16 | fp16 | fp32) overrides the tensor dtype; by default every tensor gets the dtype
     it had in the imported HF source, or bf16 when the checkpoint does not descend from an import.
+    A LoRA run's checkpoint is written with the adapters merged (W + alpha/r · B A), or with
+    `lora_adapter` as a PEFT adapter directory instead (see `_write_peft_adapter`).
     """
     from megatron.core import dist_checkpointing
 
     from qvl_train.checkpoint.manager import resolve_checkpoint, verify_checkpoint
     from qvl_train.models.hf_convert import ours_to_hf
+    from qvl_train.models.lora import merged_state_dict
 
     step_dir = resolve_checkpoint(ckpt)
     if step_dir is None:
         raise FileNotFoundError(f"{ckpt} holds no complete checkpoint (step dir with 'complete', or a root with 'latest')")
-    cfg, _ = read_model_config(step_dir)
+    cfg, init_from = read_model_config(step_dir)
+    if lora_adapter and not cfg.lora.enabled:
+        raise ValueError(f"{step_dir} is not a LoRA run (model.lora.rank=0): export it without --lora-adapter")
     root = _import_root(step_dir)
     meta = json.loads((root / IMPORT_META).read_text()) if root is not None else {}
     if meta and meta.get("generation") != cfg.generation:
@@ -490,7 +498,9 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None) ->
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:
         raise RuntimeError(f"checkpoint lacks model tensors: {missing[:8]}")
-    ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    if lora_adapter:
+        return _write_peft_adapter(model, cfg, Path(out), dtype, _direct_import_source(init_from))
+    ours = merged_state_dict(model)  # the plain state dict when the model has no adapters
     hf_sd = ours_to_hf(
         ours, cfg, style=meta.get("style", "hub"), write_tied_lm_head=bool(meta.get("tied_lm_head_stored", False))
     )
@@ -516,4 +526,49 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None) ->
         (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, torch_dtype), indent=2) + "\n")
     if not (out / "generation_config.json").exists():
         (out / "generation_config.json").write_text(json.dumps(_generation_config(cfg.generation), indent=2) + "\n")
+    return out
+
+
+def _direct_import_source(init_from: Optional[str]) -> Optional[str]:
+    """The HF directory a run's `model.init_from` was imported from, if init_from is an import."""
+    from qvl_train.checkpoint.manager import resolve_checkpoint
+
+    src = resolve_checkpoint(init_from) if init_from else None
+    for d in (src, src.parent) if src is not None else ():
+        if (d / IMPORT_META).exists():
+            return json.loads((d / IMPORT_META).read_text()).get("source")
+    return None
+
+
+def _write_peft_adapter(model, cfg: ModelConfig, out: Path, dtype: Optional[str], base: Optional[str]) -> Path:
+    """A PEFT LoRA adapter directory (`PeftModel.from_pretrained(hf_model, out)` loads it).
+
+    `adapter_model.safetensors` holds `base_model.model.<HF module>.lora_A.weight` / `.lora_B.weight`
+    with the transformers runtime module names (`hf_convert.lora_to_hf`: our fused qkv and gate/up
+    layers become q/k/v_proj and gate/up_proj sharing A, each with its rows of B). `adapter_config.json`
+    has r, lora_alpha (PEFT scales by lora_alpha / r, as we do) and the exact module names. The base
+    model is the checkpoint's frozen weights: `base_model_name_or_path` names the HF directory that
+    `model.init_from` was imported from when it was one; otherwise export the base with
+    `export-hf --ckpt <init_from>`. Tensors are fp32 unless `dtype` says otherwise.
+    """
+    from safetensors.torch import save_file
+
+    from qvl_train.models.hf_convert import lora_to_hf
+    from qvl_train.models.lora import adapter_factors
+
+    want = _DTYPES[dtype or "fp32"]
+    tensors = {}
+    hf = lora_to_hf(adapter_factors(model), cfg)
+    for name, (a, b) in hf.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(want).clone()  # A shared by q/k/v: own copies
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.to(want).clone()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "r": cfg.lora.rank,
+        "lora_alpha": cfg.lora.alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "target_modules": sorted(hf),
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out

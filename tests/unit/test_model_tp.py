@@ -80,6 +80,12 @@ def _worker(rank: int, world_size: int) -> None:
     loss2, shards, grads = _run(2)
     torch.testing.assert_close(loss2, loss1, rtol=1e-5, atol=1e-5)
     assert all(grads.values()), [n for n, g in grads.items() if not g]
+    assert _check_shards(shards, full, rtol=0, atol=0) > 10, "nothing was sharded?"
+
+
+def _check_shards(shards: dict, full: dict, **tol) -> int:
+    """Each tp=2 shard (`_entries` keys) equals its slice of the tp=1 tensor; returns how many are real
+    slices (smaller than the full tensor)."""
     by_key = {}  # (key, layer) → [(offsets, data)]; at tp=1 only the SwiGLU fc1 has 2 pieces
     for (key, layer, off), data in full.items():
         by_key.setdefault((key, layer), []).append((off, data))
@@ -93,8 +99,8 @@ def _worker(rank: int, world_size: int) -> None:
             raise AssertionError(f"{key}{layer}{off}: no tp=1 tensor covers this shard")
         sharded += data.shape != ref.shape
         idx = tuple(slice(x, x + n) for x, n in zip(rel, data.shape))
-        torch.testing.assert_close(data, ref[idx], rtol=0, atol=0, msg=lambda m: f"{key}{layer}{off}: {m}")
-    assert sharded > 10, "nothing was sharded?"
+        torch.testing.assert_close(data, ref[idx], **tol, msg=lambda m: f"{key}{layer}{off}: {m}")
+    return sharded
 
 
 def test_tp2_matches_tp1():
