@@ -1,0 +1,165 @@
+"""megatron-core DistributedDataParallel + DistributedOptimizer (ZeRO-1) for the megatron engine.
+
+`optim.distributed=true` replaces the engine's own AdamW and flat all-reduce with megatron-core's:
+
+* `DistributedDataParallel` gives every trainable parameter a `main_grad` view into contiguous fp32
+  gradient buffers (bucketed; backward hooks accumulate into them). `finish_grad_sync` reduce-scatters
+  each bucket over the data-parallel group, so rank r ends up with the summed gradient of its 1/dp
+  slice only. Overlap with the backward is off (gloo on CPU has no streams; on a GPU it is a later
+  speed-up). With `calculate_per_token_loss` the buffers are summed, not averaged: our loss already
+  carries 1/G (the global label count), so the sum is the gradient of the global per-token mean.
+* `DistributedOptimizer` (built through `get_megatron_optimizer`) keeps AdamW's moments, and for bf16
+  parameters an fp32 master copy, only for this rank's slice; after the update the parameter buffers
+  are all-gathered. Optimizer memory per rank is 1/dp of the non-distributed optimizer's.
+
+Per-module learning rates and weight-decay exclusions are megatron `config_overrides`: every
+parameter is matched to its module (vision / projector / llm), which becomes a `module` key of its
+parameter group, and norms / biases get `wd_mult=0`. The engine sets each group's `lr` from
+`lr_at`/`module_lrs` at every step, exactly as for its own AdamW; megatron's scheduler is not used.
+Clipping is megatron's (`clip_grad_norm`, the global norm over all ranks' slices); the per-module norms
+that the engine reports are computed from the same fp32 slices and summed over all ranks.
+
+Checkpoints go through the optimizer's `sharded_state_dict` in megatron's `fully_sharded_model_space`
+format: each moment (and fp32 master) is a flattened slice of a tensor named after the model's own
+sharded tensor, so a checkpoint written at dp=2 loads at dp=1 or dp=4 (and other tp/pp).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+SHARDING = "fully_sharded_model_space"
+
+
+def _module_override(module: str, peak: float, strip: Callable[[str], str], module_of):
+    from megatron.core.optimizer import ParamKey
+    from megatron.core.optimizer.optimizer_config import ParamWithNamePredicate
+
+    match = ParamWithNamePredicate(name=f"module_{module}", fn=lambda p, name: module_of(strip(name)) == module)
+    return ParamKey(with_name_predicate=match), {"module": module, "max_lr": peak}
+
+
+def _no_decay_override():
+    from megatron.core.optimizer import ParamKey
+    from megatron.core.optimizer.optimizer_config import ParamWithNamePredicate
+
+    match = ParamWithNamePredicate(name="no_decay", fn=lambda p, name: p.ndim < 2 or name.endswith(".bias"))
+    return ParamKey(with_name_predicate=match), {"wd_mult": 0.0}
+
+
+class ShardedAdamW:
+    """This rank's DDP wrapper and distributed optimizer for `model` (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, optim_cfg, dtype: torch.dtype, module_of, modules: tuple) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        self.cfg, self.module_of, self.modules = optim_cfg, module_of, modules
+        self.ddp = DistributedDataParallel(
+            config=model.config,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
+                use_distributed_optimizer=True,
+            ),
+            module=model,
+        )
+        config = OptimizerConfig(
+            optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, weight_decay=optim_cfg.weight_decay,
+            adam_beta1=optim_cfg.beta1, adam_beta2=optim_cfg.beta2, adam_eps=optim_cfg.eps,
+            clip_grad=optim_cfg.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+            use_distributed_optimizer=True,
+        )
+        strip = lambda name: name.removeprefix("module.")  # DDP's named_parameters add "module."
+        overrides = dict(_module_override(m, peak, strip, module_of) for m, peak in optim_cfg.peak_lrs().items())
+        overrides.update([_no_decay_override()])
+        self.optimizer = get_megatron_optimizer(config, [self.ddp], config_overrides=overrides,
+                                                use_gloo_process_groups=False)
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = optim_cfg.weight_decay * group["wd_mult"]
+        # load_state_dict matches groups by megatron's identifier keys (wd_mult, lr_mult, ...), which
+        # do not tell modules apart: what is ours is put back after every load.
+        self._group_meta = [(g["module"], g["weight_decay"]) for g in self.optimizer.param_groups]
+        names = {p: n for n, p in model.named_parameters()}
+        self._shards = [  # (module index, model param, this rank's fp32 slice of it)
+            (modules.index(module_of(names[p])), p, main)
+            for opt in self.optimizer.chained_optimizers  # one per kind of parameter (dense; MoE experts)
+            for model_group, main_group in (
+                (opt.model_float16_groups, opt.shard_fp32_from_float16_groups),
+                (opt.model_fp32_groups, opt.shard_fp32_groups),
+            )
+            for ps, mains in zip(model_group, main_group)
+            for p, main in zip(ps, mains)
+        ]
+
+    # ------------------------------------------------------------------ step
+    def zero_grad(self) -> None:
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def sync_grads(self) -> None:
+        """Reduce-scatter the gradient buckets over dp; copy this rank's slices to the fp32 main grads."""
+        self.ddp.finish_grad_sync()
+        self.optimizer.prepare_grads()
+
+    def module_grad_sq(self, device) -> torch.Tensor:
+        """Σ grad² per module over this rank's slices (tensor-parallel duplicates counted once); the
+        caller sums it over every rank (each element of a gradient lives in exactly one dp slice)."""
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        sq = torch.zeros(len(self.modules), dtype=torch.float64, device=device)
+        for index, param, main in self._shards:
+            if main.grad is not None and param_is_not_tensor_parallel_duplicate(param):
+                sq[index] += torch.linalg.vector_norm(main.grad.detach()).double() ** 2
+        return sq
+
+    def step(self, lrs: dict[str, float], grad_norm: float) -> None:
+        """Clip the fp32 slices by the global `grad_norm` (megatron's clip, as its ChainedOptimizer.step
+        does), update them with each module's rate and all-gather the parameters."""
+        from megatron.core.optimizer import clip_grads
+
+        for group in self.optimizer.param_groups:
+            group["lr"] = lrs[group["module"]]
+        for opt in self.optimizer.chained_optimizers:
+            params = opt.get_parameters()
+            if params and self.cfg.clip_grad > 0:
+                clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=self.cfg.clip_grad, total_norm=grad_norm)
+        self.optimizer.step_with_ready_grads()
+
+    # ------------------------------------------------------------ state
+    def _inner_states(self):
+        """(fp32 slice, its torch AdamW state dict) for every slice this rank updates."""
+        return [(p, opt.optimizer.state[p]) for opt in self.optimizer.chained_optimizers
+                if opt.optimizer is not None for g in opt.optimizer.param_groups for p in g["params"]]
+
+    def materialize(self) -> None:
+        """Zero moments and step 0 before the first step, so a save or a load request has tensors."""
+        for p, st in self._inner_states():
+            if not st:
+                st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+
+    def sharded_state(self, model_sd: dict) -> dict:
+        self.materialize()
+        return self.optimizer.sharded_state_dict(model_sd, metadata={"distrib_optim_sharding_type": SHARDING})
+
+    def load(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+        for group, (module, wd) in zip(self.optimizer.param_groups, self._group_meta):
+            group["module"], group["weight_decay"] = module, wd
+
+    def step_count(self) -> int:
+        return next((int(st["step"]) for _, st in self._inner_states() if "step" in st), 0)
+
+    def set_step_count(self, n: int) -> None:
+        self.materialize()
+        for _, st in self._inner_states():
+            st["step"] = torch.tensor(float(n))
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds: AdamW moments plus fp32 master copies of 16-bit
+        parameters (fp32 parameters are updated in place, their slices are views, not copies)."""
+        moments = sum(t.numel() * t.element_size() for _, st in self._inner_states()
+                      for k, t in st.items() if k != "step")
+        masters = sum(main.numel() * main.element_size() for _, p, main in self._shards if p.dtype != torch.float32)
+        return moments + masters
