@@ -387,7 +387,7 @@ class CheckpointManager:
         same_layout = saved.layout == self._layout()
         if full:  # before any tensor is read: the optimizer state must be in a format this engine reads
             engine.check_optimizer_format(common.get("optimizer_format", "per_param"))
-        request = engine.sharded_state_dict(with_optimizer=full)
+        request = engine.sharded_state_dict(with_optimizer=full, is_loading=True)
         if full and same_layout:
             request["rng"] = self._rng_object(None)
         loaded = dist_checkpointing.load(request, str(step_dir))

@@ -19,9 +19,13 @@ parameter group, and norms / biases get `wd_mult=0`. The engine sets each group'
 Clipping is megatron's (`clip_grad_norm`, the global norm over all ranks' slices); the per-module norms
 that the engine reports are computed from the same fp32 slices and summed over all ranks.
 
-Checkpoints go through the optimizer's `sharded_state_dict` in megatron's `fully_sharded_model_space`
-format: each moment (and fp32 master) is a flattened slice of a tensor named after the model's own
-sharded tensor, so a checkpoint written at dp=2 loads at dp=1 or dp=4 (and other tp/pp).
+Checkpoints go through the optimizer's `sharded_state_dict` in megatron's `fully_reshardable` format
+(memory-efficient variant): on save the data-parallel slices are gathered over the gloo dp group to
+dp rank 0 and reshaped into tensors of each parameter's shape, named after the model's own sharded
+tensor (`optimizer.state.exp_avg.<key>`, `.exp_avg_sq.`, `.param.` = fp32 master); on load every rank
+reads what covers its slice. So a checkpoint written at dp=2 loads at dp=1 or dp=4 and at another
+tp/pp. (`fully_sharded_model_space`, the fully parallel one, needs flattened ShardedTensors, which
+megatron-core 0.16 no longer supports; `dp_reshardable` cannot change tp/pp.)
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Callable
 
 import torch
 
-SHARDING = "fully_sharded_model_space"
+SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
 def _module_override(module: str, peak: float, strip: Callable[[str], str], module_of):
@@ -74,8 +78,7 @@ class ShardedAdamW:
         strip = lambda name: name.removeprefix("module.")  # DDP's named_parameters add "module."
         overrides = dict(_module_override(m, peak, strip, module_of) for m, peak in optim_cfg.peak_lrs().items())
         overrides.update([_no_decay_override()])
-        self.optimizer = get_megatron_optimizer(config, [self.ddp], config_overrides=overrides,
-                                                use_gloo_process_groups=False)
+        self.optimizer = get_megatron_optimizer(config, [self.ddp], config_overrides=overrides)
         for group in self.optimizer.param_groups:
             group["weight_decay"] = optim_cfg.weight_decay * group["wd_mult"]
         # load_state_dict matches groups by megatron's identifier keys (wd_mult, lr_mult, ...), which
@@ -139,12 +142,16 @@ class ShardedAdamW:
             if not st:
                 st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
 
-    def sharded_state(self, model_sd: dict) -> dict:
+    def sharded_state(self, model_sd: dict, is_loading: bool) -> dict:
+        """The optimizer's part of a checkpoint (`is_loading`: a request to load into, no gather)."""
         self.materialize()
-        return self.optimizer.sharded_state_dict(model_sd, metadata={"distrib_optim_sharding_type": SHARDING})
+        return self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=dict(SHARDING))
 
     def load(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+        chained = self.optimizer.chained_optimizers
+        per_optimizer = [state] if len(chained) == 1 else [state[i] for i in range(len(chained))]
+        for opt, opt_state in zip(chained, per_optimizer):
+            _load_distributed(opt, opt_state)
         for group, (module, wd) in zip(self.optimizer.param_groups, self._group_meta):
             group["module"], group["weight_decay"] = module, wd
 
@@ -163,3 +170,18 @@ class ShardedAdamW:
                       for k, t in st.items() if k != "step")
         masters = sum(main.numel() * main.element_size() for _, p, main in self._shards if p.dtype != torch.float32)
         return moments + masters
+
+
+def _load_distributed(opt, state: dict) -> None:
+    """`DistributedOptimizer.load_state_dict` for torch's AdamW: megatron copies every key of a slice's
+    state from the checkpoint, but torch's per-slice `step` is not in it (it comes from the param
+    groups). So the groups and steps load first, then the slices with `step` held aside."""
+    param_state = state.pop("param_state")
+    sharding = state.pop("param_state_sharding_type")
+    assert sharding == SHARDING["distrib_optim_sharding_type"], sharding
+    opt.load_state_dict(state)
+    inner = opt.optimizer.state
+    steps = {p: st.pop("step") for p, st in inner.items() if "step" in st}
+    opt.load_parameter_state_from_fully_reshardable(param_state)
+    for p, step in steps.items():
+        inner[p]["step"] = step

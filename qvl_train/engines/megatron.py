@@ -351,13 +351,14 @@ class MegatronEngine:
         return math.sqrt(float(sq.sum())), norms
 
     # ------------------------------------------------------------ checkpoint
-    def sharded_state_dict(self, with_optimizer: bool = True) -> dict:
-        """Model (and AdamW moments) as layout-independent ShardedTensors for dist_checkpointing."""
+    def sharded_state_dict(self, with_optimizer: bool = True, is_loading: bool = False) -> dict:
+        """Model (and AdamW moments) as layout-independent ShardedTensors for dist_checkpointing
+        (`is_loading`: a request to load into; the distributed optimizer then gathers nothing)."""
         model_sd = self.model.sharded_state_dict()  # keys = local state-dict names
         out: dict = {"model": model_sd}
         if with_optimizer:
             out["optimizer"] = (self._optimizer_sharded_state(model_sd) if self.sharded is None
-                                else self.sharded.sharded_state(model_sd))
+                                else self.sharded.sharded_state(model_sd, is_loading))
         return out
 
     def _optimizer_sharded_state(self, model_sd: dict) -> dict:
