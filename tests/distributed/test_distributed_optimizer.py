@@ -8,7 +8,8 @@ global batch (its own one-rank groups, the engine's own AdamW):
   * the AdamW state really is sharded: each rank holds about half of the moments, both halves
     together exactly one moment pair per trainable element;
   * train.dtype=bf16 keeps bf16 parameters in the model and fp32 master weights in the optimizer;
-  * a frozen module (stage3_sft: ViT) gets no gradient buffer and no optimizer state.
+  * a frozen module (stage3_sft: ViT) gets no gradient buffer and no optimizer state;
+  * a step with a non-finite loss is skipped (no parameter moves, the optimizer's step count stays).
 Checkpoint save / resume through launch/train.py is in test_layouts.py.
 """
 
@@ -100,6 +101,17 @@ def _check(rank: int, world_size: int) -> None:
     assert int(total) == trainable and 0.45 < mine / trainable < 0.55, (mine, trainable)
     assert dist_engine.sharded.state_bytes() == 2 * 4 * mine  # fp32 params: no separate master copy
 
+    # A non-finite step is skipped on every rank: no parameter moves, the step count stays.
+    poisoned = "projector.linear_fc1.weight"
+    with torch.no_grad():
+        theirs = dict(dist_engine.model.named_parameters())
+        theirs[poisoned][0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in theirs.items() if n != poisoned}
+    count = dist_engine.optimizer_step_count()
+    assert count == STEPS and dist_engine.train_step(_batches(cfg, STEPS, rank), STEPS).skipped
+    assert all(torch.equal(before[n], p) for n, p in theirs.items() if n != poisoned)
+    assert dist_engine.optimizer_step_count() == count
+
     # bf16 parameters, fp32 masters; the frozen ViT has no gradient buffer and no optimizer state.
     bf16 = _engine(_real_dims(), True, stage="stage3_sft", dtype=torch.bfloat16)
     vit = [p for n, p in bf16.model.named_parameters() if n.startswith("vision.")]
@@ -120,3 +132,15 @@ def test_distributed_optimizer_matches_single_process_and_shards_state():
     from qvl_train.parallel.cpu import spawn_gloo
 
     spawn_gloo(_check, 2)
+
+
+def test_cuda_type_names_only_inside_the_wrapped_calls():
+    """The compat layer's `tensor.type()` renaming (for megatron's dtype asserts) is scoped."""
+    from qvl_train.parallel.cpu import _cuda_type_names, install_cpu_compat
+
+    install_cpu_compat()
+    t = torch.zeros(2)
+    with _cuda_type_names():
+        assert (t.type(), t.bfloat16().type()) == ("torch.cuda.FloatTensor", "torch.cuda.BFloat16Tensor")
+        assert t.type(torch.float64).dtype == torch.float64  # conversions untouched
+    assert t.type() == "torch.FloatTensor"
