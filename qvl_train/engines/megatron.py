@@ -406,8 +406,10 @@ class MegatronEngine:
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing:
             raise RuntimeError(f"checkpoint lacks model tensors: {missing[:8]}")
-        if with_optimizer and self.sharded is not None:
-            self.sharded.load(loaded["optimizer"])
+        if self.sharded is not None and with_optimizer:
+            self.sharded.load(loaded["optimizer"])  # moments, steps and the checkpoint's fp32 masters
+        elif self.sharded is not None:
+            self.sharded.optimizer.reload_model_params()  # weights only: the masters become copies of them
         elif with_optimizer:
             opt = loaded["optimizer"]
             for name, p in self._params:

@@ -7,7 +7,8 @@ global batch (its own one-rank groups, the engine's own AdamW):
     after the first step, within 1e-5 relative;
   * the AdamW state really is sharded: each rank holds about half of the moments, both halves
     together exactly one moment pair per trainable element;
-  * train.dtype=bf16 keeps bf16 parameters in the model and fp32 master weights in the optimizer;
+  * train.dtype=bf16 keeps bf16 parameters in the model and fp32 master weights in the optimizer,
+    and weights loaded without optimizer state (model.init_from) become the masters;
   * a frozen module (stage3_sft: ViT) gets no gradient buffer and no optimizer state;
   * a step with a non-finite loss is skipped (no parameter moves, the optimizer's step count stays).
 Checkpoint save / resume through launch/train.py is in test_layouts.py.
@@ -126,6 +127,11 @@ def _check(rank: int, world_size: int) -> None:
     assert not any(hasattr(p, "main_grad") for p in vit)
     assert not any(p in bf16.sharded.ddp.param_to_bucket_group for p in vit)
     assert bf16.sharded.state_bytes() == 3 * 4 * sum(m.numel() for m in masters)  # 2 moments + master
+    # Weights loaded without optimizer state (model.init_from) replace the masters too.
+    halved = {k: v * 0.5 if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in bf16.model.state_dict().items()}
+    bf16.load_sharded({"model": halved}, with_optimizer=False)
+    assert all(torch.equal(m, m.bfloat16().float()) for m in masters)
 
 
 def test_distributed_optimizer_matches_single_process_and_shards_state():
