@@ -341,6 +341,12 @@ class OptimConfig:
     """schedule=wsd: shape of the decay: linear | cosine | sqrt (1 - sqrt(progress), as MiniCPM's WSD)."""
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 = off)."""
+    distributed: bool = False
+    """megatron-core DistributedDataParallel (bucketed fp32 grad buffers, reduce-scatter) and its
+    DistributedOptimizer: AdamW moments (and, with train.dtype=bf16, the fp32 master weights) sharded
+    over data-parallel ranks (ZeRO-1), 1/dp of the optimizer memory per rank. Off by default because a
+    checkpoint's optimizer state is written in the format of the optimizer that wrote it: runs resume
+    only with the setting they started with (the weights load either way through model.init_from)."""
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:

@@ -214,7 +214,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
             stragglers = _straggler_stats(own_s, hosts, cfg.train.straggler_threshold, dims) if log_now else {}
             if rank0 and log_now:
                 record = train_record(
-                    state.step, result, lr=engine.optimizer.param_groups[0]["lr"], step_time_s=step_time,
+                    state.step, result, lr=engine.current_lr(), step_time_s=step_time,
                     data_s=t_data, checkpoint_s=t_ckpt, world_size=dims.world_size, peak_tflops=peak,
                     skipped_steps=state.skipped_steps,
                 )

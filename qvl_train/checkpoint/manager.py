@@ -14,7 +14,9 @@ With `checkpoint.resume=auto` the manager then falls back to the previous comple
 logs why). `checkpoint.keep_last=N` prunes older step directories after each successful save, never
 the one `latest` names nor one that `model.init_from` points into.
 
-What a checkpoint holds: model weights, AdamW moments and step count, the `TrainState` (step,
+What a checkpoint holds: model weights, AdamW moments and step count (per parameter name, or with
+`optim.distributed` the distributed optimizer's slices and fp32 masters; `optimizer_format` says which,
+and a run refuses the other format), the `TrainState` (step,
 consumed samples/tokens, data-loader cursor, wandb run id, layout it was written with) and the RNG
 state of every rank. Tensors are sharded by global names and offsets, so a checkpoint written at
 tp=2 loads at pp=2 or dp=4. The per-rank RNG state is restored only when the layout is unchanged.
@@ -247,6 +249,7 @@ class CheckpointManager:
         sharded = engine.sharded_state_dict(with_optimizer=True)
         sharded["train_state"] = asdict(state)
         sharded["optimizer_steps"] = engine.optimizer_step_count()
+        sharded["optimizer_format"] = engine.optimizer_format
         sharded["rng"] = self._rng_object(_rng_state())
         if self._async is None:
             dist_checkpointing.save(sharded, str(step_dir))
@@ -382,7 +385,9 @@ class CheckpointManager:
         common = dist_checkpointing.load_common_state_dict(str(step_dir))
         saved = TrainState(**common["train_state"])
         same_layout = saved.layout == self._layout()
-        request = engine.sharded_state_dict(with_optimizer=full)
+        if full:  # before any tensor is read: the optimizer state must be in a format this engine reads
+            engine.check_optimizer_format(common.get("optimizer_format", "per_param"))
+        request = engine.sharded_state_dict(with_optimizer=full, is_loading=True)
         if not full:  # weights only (init_from): LoRA adapters may be on one side only
             from qvl_train.models.lora import fit_to_checkpoint
 

@@ -10,7 +10,10 @@ How a step works (every layout computes the same step as one process):
      dividing by the micro-batch count: our loss is already normalised.
   3. Gradients are summed over data-parallel ranks (one flat all-reduce per dtype); the global norm
      is computed per module (vit / projector / llm) counting tensor-parallel duplicates once, summed
-     over the model-parallel group, then clipped; AdamW steps.
+     over the model-parallel group, then clipped; AdamW steps. With `optim.distributed=true` step 3
+     is megatron-core's DistributedDataParallel + DistributedOptimizer instead (reduce-scatter, AdamW
+     state and fp32 masters sharded over dp; see `engines/distributed_optimizer.py`); the step result
+     is the same.
 
 The optimizer has one pair of parameter groups (decayed / not decayed: norms and biases) per module,
 each with its own peak learning rate (`optim.lr_vit`, `optim.lr_projector`, `optim.lr`) and the same
@@ -169,26 +172,52 @@ class MegatronEngine:
         config.finalize_model_grads_func = None
         config.grad_scale_func = None
 
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model.named_parameters(), optim_cfg),
-            lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
-            foreach=True,  # one fused pass over all tensors (PyTorch only picks it by default on CUDA)
-        )
         self._params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.sharded = None  # ShardedAdamW with optim.distributed, else the engine's own AdamW below
+        if optim_cfg.distributed:
+            from qvl_train.engines.distributed_optimizer import ShardedAdamW
+
+            self.sharded = ShardedAdamW(self.model, optim_cfg, dtype, _module_of, MODULES)
+            self.optimizer = self.sharded.optimizer
+        else:
+            self.optimizer = torch.optim.AdamW(
+                param_groups(self.model.named_parameters(), optim_cfg),
+                lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
+                foreach=True,  # one fused pass over all tensors (PyTorch only picks it by default on CUDA)
+            )
+
         self._tp_partial = [p for n, p in self._params if _tp_partial_grad(n, p)]
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters of the whole model: summed over pipeline stages, each
         tensor-parallel shard once and replicated tensors once."""
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
         counts = torch.zeros(2, dtype=torch.float64, device=self.dims.device)
         for p in self.model.parameters():
-            tied_copy = getattr(p, "shared_embedding", False) and not self.dims.is_first_stage
-            if param_is_not_tensor_parallel_duplicate(p) and not tied_copy:
+            if self._counted(p):
                 counts += torch.tensor([p.numel() if p.requires_grad else 0, p.numel()], dtype=torch.float64, device=counts.device)
         dist.all_reduce(counts, group=self.dims.groups["mp"])
         return int(counts[0]), int(counts[1])
+
+    @property
+    def optimizer_format(self) -> str:
+        """How checkpoints hold the optimizer state: `per_param` (own AdamW) or `distributed`."""
+        return "per_param" if self.sharded is None else "distributed"
+
+    def check_optimizer_format(self, saved: str) -> None:
+        """Refuse a checkpoint whose optimizer state this engine cannot read, saying what to do."""
+        if saved != self.optimizer_format:
+            setting = {"per_param": "false", "distributed": "true"}
+            raise RuntimeError(
+                f"the checkpoint's optimizer state was written with optim.distributed={setting[saved]}, this run "
+                f"has optim.distributed={setting[self.optimizer_format]}: resume with "
+                f"optim.distributed={setting[saved]}, or start a new output_dir with model.init_from=<checkpoint> "
+                "to take its weights with a fresh optimizer"
+            )
+
+    def current_lr(self) -> float:
+        """The LLM's learning rate (the first group's when the LLM is frozen), for the metrics line."""
+        groups = self.optimizer.param_groups
+        return next((g["lr"] for g in groups if g["module"] == "llm"), groups[0]["lr"])
 
     # ------------------------------------------------------------------ step
     def train_step(self, batches: list[PackedBatch], step: int) -> StepResult:
@@ -220,13 +249,12 @@ class MegatronEngine:
         t0 = time.perf_counter()
 
         self.model.train()
-        for p in self.model.parameters():
-            p.grad = None
+        self._zero_grads()
         seq_length = batches[0].num_slots
         losses = get_forward_backward_func()(
             forward_step_func=partial(_forward_step, denom=denom, device=device),
             data_iterator=iter(batches),
-            model=[self.model],
+            model=[self.model if self.sharded is None else self.sharded.ddp],
             num_microbatches=len(batches),
             seq_length=seq_length,
             micro_batch_size=1,
@@ -243,20 +271,12 @@ class MegatronEngine:
 
         self._sum_tp_partial_grads()
         self._sum_tied_embedding_grads()
-        self._allreduce_grads()
+        self._sync_grads()
         grad_norm, module_norms = self._grad_norms()
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         lrs = module_lrs(step, self.optim_cfg, self.max_steps)
         if finite:
-            clip = self.optim_cfg.clip_grad
-            if clip > 0 and grad_norm > clip:
-                scale = clip / (grad_norm + 1e-6)
-                for _, p in self._params:
-                    if p.grad is not None:
-                        p.grad.mul_(scale)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lrs[group["module"]]
-            self.optimizer.step()
+            self._update(lrs, grad_norm)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the optimizer's kernels are asynchronous
         t2 = time.perf_counter()
@@ -293,6 +313,18 @@ class MegatronEngine:
         dist.all_reduce(sums, group=dims.groups["world"])
         return float(sums[0]), int(sums[1])
 
+    def _counted(self, p: torch.nn.Parameter) -> bool:
+        """Whether this rank counts `p` in norms and totals: one tensor-parallel copy of a replicated
+        tensor, and the first stage's embedding rather than the last stage's tied copy of it."""
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        tied_copy = getattr(p, "shared_embedding", False) and not self.dims.is_first_stage
+        return param_is_not_tensor_parallel_duplicate(p) and not tied_copy
+
+    def _grad(self, p: torch.nn.Parameter):
+        """The gradient the step reduces: megatron DDP's fp32 `main_grad` buffer with optim.distributed."""
+        return getattr(p, "main_grad", None) if self.sharded is not None else p.grad
+
     def _sum_tp_partial_grads(self) -> None:
         """Sum over tensor-parallel ranks the gradients of weights every TP rank holds whole but uses on
         only its part of the data: q/k norms (each rank normalises its own heads) and, under sequence
@@ -300,7 +332,7 @@ class MegatronEngine:
         `sequence_parallel`). Without this the replicas drift apart from the first step."""
         if self.dims.tp == 1 or not self._tp_partial:
             return
-        grads = [p.grad for p in self._tp_partial if p.grad is not None]
+        grads = [g for g in map(self._grad, self._tp_partial) if g is not None]
         if grads:
             flat = torch._utils._flatten_dense_tensors(grads)
             dist.all_reduce(flat, group=self.dims.groups["tp"])
@@ -314,12 +346,40 @@ class MegatronEngine:
         from megatron.core import parallel_state
 
         for p in (p for _, p in self._params if getattr(p, "shared_embedding", False)):
-            if p.grad is None:  # e.g. a step without label tokens: the other stage still waits for this one
+            if self._grad(p) is None:  # e.g. a step without label tokens: the other stage still waits for this one
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=parallel_state.get_embedding_group())
+            dist.all_reduce(self._grad(p), group=parallel_state.get_embedding_group())
+
+    def _zero_grads(self) -> None:
+        if self.sharded is not None:
+            self.sharded.zero_grad()
+        for p in self.model.parameters():
+            p.grad = None
+
+    def _sync_grads(self) -> None:
+        """Sum gradients over data-parallel ranks (grads already carry 1/G)."""
+        if self.sharded is not None:
+            self.sharded.sync_grads()  # reduce-scatter: each rank keeps the sum of its slice
+        else:
+            self._allreduce_grads()
+
+    def _update(self, lrs: dict[str, float], grad_norm: float) -> None:
+        """Clip to optim.clip_grad and step with each module's learning rate."""
+        if self.sharded is not None:
+            self.sharded.step(lrs, grad_norm)
+            return
+        clip = self.optim_cfg.clip_grad
+        if clip > 0 and grad_norm > clip:
+            scale = clip / (grad_norm + 1e-6)
+            for _, p in self._params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lrs[group["module"]]
+        self.optimizer.step()
 
     def _allreduce_grads(self) -> None:
-        """Sum gradients over data-parallel ranks in one flat buffer (grads already carry 1/G)."""
+        """Sum gradients over data-parallel ranks in one flat buffer."""
         if self.dims.dp == 1:
             return
         grads = [p.grad for _, p in self._params if p.grad is not None]
@@ -332,24 +392,27 @@ class MegatronEngine:
 
     def _grad_norms(self) -> tuple[float, dict[str, float]]:
         """Global L2 norm per module; tensor-parallel duplicates (norms, biases) counted once."""
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
-        sq = torch.zeros(len(MODULES), dtype=torch.float64, device=self.dims.device)
-        for name, p in self._params:
-            tied_copy = getattr(p, "shared_embedding", False) and not self.dims.is_first_stage  # counted on stage 0
-            if p.grad is not None and param_is_not_tensor_parallel_duplicate(p) and not tied_copy:
-                sq[MODULES.index(_module_of(name))] += torch.linalg.vector_norm(p.grad.detach()).double() ** 2
+        if self.sharded is not None:  # each rank holds a 1/dp slice of every gradient
+            sq = self.sharded.module_grad_sq(self.dims.device, counted=self._counted)
+            dist.all_reduce(sq, group=self.dims.groups["dp"])
+        else:
+            sq = torch.zeros(len(MODULES), dtype=torch.float64, device=self.dims.device)
+            for name, p in self._params:
+                if p.grad is not None and self._counted(p):
+                    sq[MODULES.index(_module_of(name))] += torch.linalg.vector_norm(p.grad.detach()).double() ** 2
         dist.all_reduce(sq, group=self.dims.groups["mp"])
         norms = {m: math.sqrt(v) for m, v in zip(MODULES, sq.tolist())}
         return math.sqrt(float(sq.sum())), norms
 
     # ------------------------------------------------------------ checkpoint
-    def sharded_state_dict(self, with_optimizer: bool = True) -> dict:
-        """Model (and AdamW moments) as layout-independent ShardedTensors for dist_checkpointing."""
+    def sharded_state_dict(self, with_optimizer: bool = True, is_loading: bool = False) -> dict:
+        """Model (and AdamW moments) as layout-independent ShardedTensors for dist_checkpointing
+        (`is_loading`: a request to load into; the distributed optimizer then gathers nothing)."""
         model_sd = self.model.sharded_state_dict()  # keys = local state-dict names
         out: dict = {"model": model_sd}
         if with_optimizer:
-            out["optimizer"] = self._optimizer_sharded_state(model_sd)
+            out["optimizer"] = (self._optimizer_sharded_state(model_sd) if self.sharded is None
+                                else self.sharded.sharded_state(model_sd, is_loading))
         return out
 
     def _optimizer_sharded_state(self, model_sd: dict) -> dict:
@@ -378,12 +441,16 @@ class MegatronEngine:
         return state
 
     def optimizer_step_count(self) -> int:
+        if self.sharded is not None:
+            return self.sharded.step_count()
         for st in self.optimizer.state.values():
             if "step" in st:
                 return int(st["step"])
         return 0
 
     def set_optimizer_step_count(self, n: int) -> None:
+        if self.sharded is not None:
+            return self.sharded.set_step_count(n)
         for _, p in self._params:
             self.optimizer.state.setdefault(p, {})["step"] = torch.tensor(float(n))
 
@@ -397,7 +464,11 @@ class MegatronEngine:
         missing = [k for k in missing if not (k.endswith("_extra_state") or (not with_optimizer and is_lora_param(k)))]
         if missing:
             raise RuntimeError(f"checkpoint lacks model tensors: {missing[:8]}")
-        if with_optimizer:
+        if self.sharded is not None and with_optimizer:
+            self.sharded.load(loaded["optimizer"])  # moments, steps and the checkpoint's fp32 masters
+        elif self.sharded is not None:
+            self.sharded.optimizer.reload_model_params()  # weights only: the masters become copies of them
+        elif with_optimizer:
             opt = loaded["optimizer"]
             for name, p in self._params:
                 st = self.optimizer.state.setdefault(p, {})

@@ -37,12 +37,25 @@ goes through. Reading `megatron/core` of the pinned version (grep for `cuda`) gi
    the CUDA one on a GPU. The tracker's "CPU RNG state changed within GPU RNG context" warning is
    filtered, because here the two generators are the same by construction.
 
+5. megatron's `DistributedDataParallel`, optimizers and gradient clipping (`optim.distributed`):
+   the ``torch`` name inside `distributed.param_and_grad_buffer`, `optimizer.optimizer`,
+   `optimizer.grad_scaler`, `optimizer.clip_grads` and `core.utils` (the fallback multi-tensor L2
+   norm) is the same factory proxy as in 3, so their ``device='cuda'`` scalars (found-inf flag,
+   norm buffers, the NCCL warm-up tensor) land on the CPU. The optimizers' and clipping's dtype
+   asserts compare ``tensor.type()`` with ``'torch.cuda.FloatTensor'`` / ``...BFloat16Tensor``;
+   the constructors of `DistributedOptimizer` and `Float16OptimizerWithFloat16Params` and
+   `clip_grad_by_total_norm_fp32` run with ``Tensor.type()`` (no argument) reporting a CPU tensor
+   under its CUDA type name — only inside those calls, so nothing else sees the changed name.
+   gloo itself has `reduce_scatter_tensor`, `all_gather_into_tensor` and coalescing in the pinned
+   torch, so the buffers' bucketed reduce-scatter and the parameter all-gather need no patch.
+
 What it does *not* cover (the engine must avoid or handle these on CPU): `torch.autocast("cuda")`
-in the schedules (keep ``config.enable_autocast=False``), the distributed optimizer / grad clipping
-type asserts (``'torch.cuda.FloatTensor'``), `tensor_parallel.broadcast_data` (``.cuda()``), CUDA
-graphs, and the symmetric-memory buffer. None of them is on the path of TP layers,
-`vocab_parallel_cross_entropy` or the pp=1/pp=2 schedules, which `tests/unit/test_cpu_compat.py`
-checks under gloo.
+in the schedules (keep ``config.enable_autocast=False``), `tensor_parallel.broadcast_data`
+(``.cuda()``), CUDA streams for overlapped gradient reduction (keep ``overlap_grad_reduce`` and
+``overlap_param_gather`` off), optimizer CPU offload, CUDA graphs, and the symmetric-memory buffer.
+None of them is on the path of TP layers, `vocab_parallel_cross_entropy`, the pp=1/pp=2 schedules
+or the distributed optimizer, which `tests/unit/test_cpu_compat.py` and
+`tests/distributed/test_distributed_optimizer.py` check under gloo.
 
 Call `install_cpu_compat()` once per process before building megatron modules or running a schedule;
 calling it again is a no-op.
@@ -175,8 +188,62 @@ def install_cpu_compat() -> bool:
     mrandom.torch = _TorchProxy("torch<cpu:random>", {"cuda": _CudaRngShim()})
     logging.getLogger(mrandom.__name__).addFilter(_DropSameGeneratorWarning())
 
+    # 5: DDP grad buffers, the optimizers and gradient clipping.
+    _patch_optimizer_modules(factories)
+
     _INSTALLED = True
     return True
+
+
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """Inside the block, `t.type()` (no argument) names a CPU float tensor by its CUDA type."""
+    original = torch.Tensor.type
+
+    def cuda_type(self, *args, **kwargs):
+        if not args and not kwargs and self.device.type == "cpu" and self.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[self.dtype]
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.type = cuda_type  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original  # type: ignore[method-assign]
+
+
+def _with_cuda_type_names(fn):
+    """`fn` run inside `_cuda_type_names()` (for megatron's `tensor.type()` dtype asserts)."""
+
+    def wrapper(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def _patch_optimizer_modules(factories: dict) -> None:
+    from megatron.core import utils as mutils
+    from megatron.core.distributed import param_and_grad_buffer
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    for module in (param_and_grad_buffer, moptimizer, grad_scaler, clip_grads, mutils):
+        module.torch = _TorchProxy(f"torch<cpu:{module.__name__}>", factories)
+    wrapped_clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = wrapped_clip
+    moptimizer.clip_grad_by_total_norm_fp32 = wrapped_clip  # imported by name there
+    for cls in (distrib_optimizer.DistributedOptimizer, moptimizer.Float16OptimizerWithFloat16Params):
+        cls.__init__ = _with_cuda_type_names(cls.__init__)
 
 
 def _gloo_entry(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
