@@ -37,6 +37,12 @@ goes through. Reading `megatron/core` of the pinned version (grep for `cuda`) gi
    the CUDA one on a GPU. The tracker's "CPU RNG state changed within GPU RNG context" warning is
    filtered, because here the two generators are the same by construction.
 
+5. The MoE alltoall token dispatcher (`transformer/moe/token_dispatcher.py`) creates a
+   ``torch.cuda.Stream`` for its device-to-host copies of the split sizes and waits on an event
+   from it. The ``torch`` name inside that module is a proxy whose ``cuda.Stream`` /
+   ``current_stream`` / ``stream`` are inert stand-ins (one "stream", events that are already
+   done): on the CPU the copies are plain synchronous ``.to("cpu")`` calls anyway.
+
 What it does *not* cover (the engine must avoid or handle these on CPU): `torch.autocast("cuda")`
 in the schedules (keep ``config.enable_autocast=False``), the distributed optimizer / grad clipping
 type asserts (``'torch.cuda.FloatTensor'``), `tensor_parallel.broadcast_data` (``.cuda()``), CUDA
@@ -114,6 +120,37 @@ class _CudaRngShim(types.ModuleType):
         return getattr(torch.cuda, item)
 
 
+class _InertStream:
+    """A CUDA stream / event stand-in on the CPU: every operation is already complete."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def record_event(self, event=None) -> "_InertStream":
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+    def __eq__(self, other) -> bool:  # one stream: "am I on the side stream?" is always no
+        return isinstance(other, _InertStream)
+
+    __hash__ = object.__hash__
+
+
+class _CudaStreamShim(types.ModuleType):
+    """`torch.cuda` as seen by the MoE token dispatcher: streams and events that do nothing."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.cuda<cpu-streams>")
+        self.Stream = lambda *a, **k: _InertStream()
+        self.current_stream = lambda device=None: _InertStream()
+        self.stream = lambda s: contextlib.nullcontext()
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(torch.cuda, item)
+
+
 def _cpu_get_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
     """CPU replacement of `random._get_cuda_rng_state` (the state is always a fresh copy)."""
     if graph_safe:
@@ -174,6 +211,11 @@ def install_cpu_compat() -> bool:
     mrandom._set_cuda_rng_state = _cpu_set_rng_state
     mrandom.torch = _TorchProxy("torch<cpu:random>", {"cuda": _CudaRngShim()})
     logging.getLogger(mrandom.__name__).addFilter(_DropSameGeneratorWarning())
+
+    # 5: CUDA streams in the MoE alltoall token dispatcher.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.torch = _TorchProxy("torch<cpu:token_dispatcher>", {"cuda": _CudaStreamShim()})
 
     _INSTALLED = True
     return True
