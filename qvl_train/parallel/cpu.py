@@ -41,7 +41,10 @@ goes through. Reading `megatron/core` of the pinned version (grep for `cuda`) gi
    ``torch.cuda.Stream`` for its device-to-host copies of the split sizes and waits on an event
    from it. The ``torch`` name inside that module is a proxy whose ``cuda.Stream`` /
    ``current_stream`` / ``stream`` are inert stand-ins (one "stream", events that are already
-   done): on the CPU the copies are plain synchronous ``.to("cpu")`` calls anyway.
+   done): on the CPU the copies are plain synchronous ``.to("cpu")`` calls anyway. Its
+   ``maybe_move_tensor_to_cpu`` only turns the all-to-all split sizes into numpy arrays when they
+   are on a GPU; gloo's ``all_to_all_single`` needs them as sequences, so here CPU tensors are
+   converted too.
 
 What it does *not* cover (the engine must avoid or handle these on CPU): `torch.autocast("cuda")`
 in the schedules (keep ``config.enable_autocast=False``), the distributed optimizer / grad clipping
@@ -151,6 +154,13 @@ class _CudaStreamShim(types.ModuleType):
         return getattr(torch.cuda, item)
 
 
+def _cpu_move_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """`moe_utils.maybe_move_tensor_to_cpu` for tensors that are already on the CPU."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
 def _cpu_get_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
     """CPU replacement of `random._get_cuda_rng_state` (the state is always a fresh copy)."""
     if graph_safe:
@@ -216,6 +226,7 @@ def install_cpu_compat() -> bool:
     from megatron.core.transformer.moe import token_dispatcher
 
     token_dispatcher.torch = _TorchProxy("torch<cpu:token_dispatcher>", {"cuda": _CudaStreamShim()})
+    token_dispatcher.maybe_move_tensor_to_cpu = _cpu_move_to_cpu
 
     _INSTALLED = True
     return True
