@@ -411,6 +411,13 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ export
+def _released_style(cfg: ModelConfig) -> str:
+    """Key spelling of the released checkpoints (for a model not imported from HF): Qwen3-VL (dense and
+    MoE) ships `model.language_model.*` / `model.visual.*` (``runtime``), which transformers 4.57 loads
+    for those classes; Qwen2/2.5-VL ship `model.layers.*` / `visual.*` (``hub``)."""
+    return "runtime" if cfg.generation in ("qwen3_vl", "qwen3_vl_moe") else "hub"
+
+
 def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None) -> Path:
     """Framework checkpoint (root, step dir or training output_dir) → HF directory `out`.
 
@@ -441,7 +448,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None) ->
         raise RuntimeError(f"checkpoint lacks model tensors: {missing[:8]}")
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     hf_sd = ours_to_hf(
-        ours, cfg, style=meta.get("style", "hub"), write_tied_lm_head=bool(meta.get("tied_lm_head_stored", False)),
+        ours, cfg, style=meta.get("style", _released_style(cfg)), write_tied_lm_head=bool(meta.get("tied_lm_head_stored", False)),
         expert_layout=meta.get("expert_layout") or "hub",
     )
     src_dtypes = meta.get("dtypes", {})

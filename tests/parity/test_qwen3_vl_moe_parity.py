@@ -81,3 +81,41 @@ def test_expert_layouts_roundtrip_bit_exact():
         assert set(back) == set(src)
         for k, v in src.items():
             assert torch.equal(back[k], v), (layout, k)
+
+
+def test_config_json_round_trip():
+    """config.json written for the tiny and the released MoE configs reads back to the same config."""
+    from qvl_train.tools.convert import hf_config_dict, model_config_from_hf
+    from tests.unit.test_model_params import PUBLISHED_MOE, load_model_config
+
+    for cfg in [tiny_qwen3_vl_moe_config()] + [load_model_config(n) for n in PUBLISHED_MOE]:
+        back = model_config_from_hf(hf_config_dict(cfg))
+        assert (back.generation, back.llm, back.vision) == (cfg.generation, cfg.llm, cfg.vision)
+
+
+def test_convert_cli_keeps_the_transposed_expert_layout(tmp_path):
+    """`launch/convert.py import-hf` then `export-hf` on a checkpoint with transposed experts writes
+    every tensor back bit for bit, experts in the layout the source used; transformers loads it."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.unit.test_convert import _convert
+
+    cfg = tiny_qwen3_vl_moe_config()
+    model = hf_model(cfg, seed=2)
+    model.save_pretrained(tmp_path / "hub", safe_serialization=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
+    sd = _transposed({k: v.contiguous() for k, v in model.state_dict().items()})
+    save_file(sd, str(src / "model.safetensors"))
+    _convert("import-hf", "--hf-dir", src, "--out", tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "hf_import.json").read_text())["expert_layout"] == "transposed"
+    _convert("export-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "out")
+    back = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        back.update(load_file(str(f)))
+    assert set(back) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(back[k], v), k

@@ -154,3 +154,18 @@ def test_qwen3_vl_linear_parts_match_the_built_model():
     assert want["projector."] > 0 and len(cfg.vision.deepstack_visual_indexes) == 2
     f = batch_flops(cfg, grids, seq_lens, label_tokens=0)
     assert (f.vision_linear, f.projector, f.llm_linear) == (want["vision."], want["projector."], want["llm.decoder."])
+
+
+def test_moe_layers_count_the_router_and_the_active_experts():
+    """Qwen3-VL MoE: per token and layer 2·H·E for the router plus 2·3·H·I per routed expert (top-k)."""
+    from qvl_train.models.tiny import tiny_qwen3_vl_moe_config
+
+    cfg = tiny_qwen3_vl_moe_config()
+    l = cfg.llm
+    top2 = batch_flops(cfg, [], [10, 6], 0).llm_linear
+    l.moe_router_topk = 1
+    top1 = batch_flops(cfg, [], [10, 6], 0).llm_linear
+    assert top2 - top1 == l.num_layers * 2 * 16 * 3 * l.hidden_size * l.moe_ffn_hidden_size
+    l.num_experts, l.moe_router_topk = 0, 0
+    l.ffn_hidden_size = l.moe_ffn_hidden_size  # a dense layer as wide as one expert, without the router
+    assert top1 - batch_flops(cfg, [], [10, 6], 0).llm_linear == l.num_layers * 2 * 16 * l.hidden_size * 4
