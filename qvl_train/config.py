@@ -581,9 +581,9 @@ class TrainConfig:
             )
         if llm.num_experts and p.tp > 1:
             raise ConfigError(
-                f"parallel.tp={p.tp} with a mixture-of-experts model: megatron-core's token dispatcher expects "
-                "sequence-parallel hidden states under tensor parallelism, which this framework does not run yet; "
-                "use parallel.tp=1 (split the experts with parallel.ep instead)"
+                f"parallel.tp={p.tp} with a mixture-of-experts model: megatron-core runs MoE layers under tensor "
+                "parallelism only with sequence parallelism, which this framework does not run yet; use parallel.tp=1 "
+                "(split the experts with parallel.ep instead)"
             )
 
     def _validate_eval(self, dp: int) -> None:
