@@ -44,7 +44,9 @@ class MoEStepMonitor:
                 module.register_forward_hook(self._count)
 
     def _count(self, router, inputs, output) -> None:
-        if router.training:
+        # Once per routed token: under full recompute the first forward runs without grad and the
+        # backward's recompute with it (the pass in which megatron also records the aux loss).
+        if router.training and torch.is_grad_enabled():
             routing_map = output[1]
             self.load[router.layer_number - 1] += routing_map.reshape(-1, self.load.shape[1]).sum(0).double()
 
