@@ -24,9 +24,9 @@ from data_pipelines.packing import entry_video_plans
 from data_pipelines.schema import IGNORE_INDEX, DataConfig
 from data_pipelines.shards import INDEX_NAME, read_index, text_tokens
 from data_pipelines.stream import SUPPORTED_GENERATIONS, SampleBuilder, SkipSample
-from data_pipelines.text import IMAGE_PAD_ID, VIDEO_PAD_ID, get_tokenizer
+from data_pipelines.text import IMAGE_PAD_ID, QWEN_VL_SPECIAL_TOKENS, VIDEO_PAD_ID, get_tokenizer
 from data_pipelines.video import BadVideo
-from data_pipelines.vision import image_token_count
+from data_pipelines.vision import QWEN_VL_IMAGE_TOKENS, planned_image_tokens
 
 LOSS_OPEN, LOSS_CLOSE = "⟦", "⟧"
 
@@ -49,6 +49,9 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, members
 
 
+_PADS = (IMAGE_PAD_ID, VIDEO_PAD_ID, QWEN_VL_SPECIAL_TOKENS["<imgpad>"])
+
+
 def render_tokens(ids: list[int], labels: list[int]) -> str:
     """Decode ids with special tokens; collapse pad runs; wrap loss-carrying spans in ⟦…⟧."""
     tok = get_tokenizer()
@@ -57,12 +60,12 @@ def render_tokens(ids: list[int], labels: list[int]) -> str:
     while i < n:
         trained = labels[i] != IGNORE_INDEX
         j = i
-        if ids[i] in (IMAGE_PAD_ID, VIDEO_PAD_ID):
+        if ids[i] in _PADS:
             while j < n and ids[j] == ids[i]:
                 j += 1
             text = f"{tok.decode([ids[i]])}×{j - i}"
         else:
-            while j < n and ids[j] not in (IMAGE_PAD_ID, VIDEO_PAD_ID) and (labels[j] != IGNORE_INDEX) == trained:
+            while j < n and ids[j] not in _PADS and (labels[j] != IGNORE_INDEX) == trained:
                 j += 1
             text = tok.decode(ids[i:j])
         out.append(f"{LOSS_OPEN}{text}{LOSS_CLOSE}" if trained else text)
@@ -102,11 +105,11 @@ def describe_sample(builder: SampleBuilder, members: dict[str, bytes], entry: Op
                    f"frames of {size}, " if row else "")
             label, n_vid = f"video {n_vid}", n_vid + 1
         lines.append(f"   {label}: {src}grid (t,h,w)=({t},{gh},{gw}) patches, {t * gh * gw} ViT patches, "
-                     f"{t * gh * gw // merge2} LLM tokens")
+                     f"{QWEN_VL_IMAGE_TOKENS if cfg.generation == 'qwen_vl' else t * gh * gw // merge2} LLM tokens")
     if entry is not None:
         n_text = text_tokens(entry, cfg.generation)
         planned = n_text + sum(
-            image_token_count(h, w, patch_size=cfg.patch_size, merge_size=cfg.merge_size,
+            planned_image_tokens(cfg.generation, h, w, patch_size=cfg.patch_size, merge_size=cfg.merge_size,
                               min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels) for h, w in entry["images"])
         try:
             planned += sum(p.token_count(cfg.merge_size) + p.extra_text_tokens(cfg.generation)
@@ -124,6 +127,8 @@ def inspect(path: str, generation: str = "qwen2_vl", n: int = 5, min_pixels: Opt
     if generation not in SUPPORTED_GENERATIONS:
         raise SystemExit(f"error: --generation {generation!r}: the data side renders {', '.join(SUPPORTED_GENERATIONS)}")
     kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    if generation == "qwen_vl":  # fixed 448² input: no temporal patches, no merge
+        kw = {"min_pixels": 448 * 448, "max_pixels": 448 * 448, **kw, "temporal_patch_size": 1, "merge_size": 1}
     cfg = DataConfig(generation=generation, **kw)
     builder = SampleBuilder(cfg, get_tokenizer())
     if os.path.isdir(path):

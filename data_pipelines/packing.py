@@ -66,7 +66,7 @@ import numpy as np
 from data_pipelines.schema import DataConfig
 from data_pipelines.shards import text_tokens
 from data_pipelines.video import BadVideo, VideoMeta, VideoPlan, VideoSettings, video_plan
-from data_pipelines.vision import image_token_count, smart_resize
+from data_pipelines.vision import planned_image_tokens, smart_resize
 
 STATE_VERSION = 1
 Ref = tuple[int, int, int]
@@ -407,8 +407,8 @@ class GlobalPlanner:
         c = text_tokens(entry, self.cfg.generation)
         for h, w in entry["images"]:
             try:
-                c += image_token_count(
-                    int(h), int(w), patch_size=self.cfg.patch_size, merge_size=self.cfg.merge_size,
+                c += planned_image_tokens(
+                    self.cfg.generation, int(h), int(w), patch_size=self.cfg.patch_size, merge_size=self.cfg.merge_size,
                     min_pixels=self.cfg.min_pixels, max_pixels=self.max_pixels[s],
                 )
             except (ValueError, ZeroDivisionError):  # absurd aspect ratio / zero side

@@ -115,7 +115,10 @@ def position_ids_for(
 ) -> torch.Tensor:
     """Position ids [3, n] of one sample for `generation` (qwen2_vl, qwen2_5_vl, qwen3_vl).
 
-    `video_second_per_grid` (one per video) is used by Qwen2.5-VL only."""
+    `video_second_per_grid` (one per video) is used by Qwen2.5-VL only. Qwen-VL has 1-D RoPE: every
+    token, image pads included, gets its index, in all three rows."""
+    if generation == "qwen_vl":
+        return torch.arange(len(input_ids), dtype=torch.int64).expand(3, -1).contiguous()
     if generation in ("qwen3_vl", "qwen3_vl_moe"):
         return qwen3_vl_position_ids(input_ids, image_grid_thw, video_grid_thw, merge_size)
     if generation == "qwen2_5_vl":

@@ -85,13 +85,15 @@ from data_pipelines.schema import IGNORE_INDEX, DataConfig, DataSource, PackedBa
 from data_pipelines.sources import resolve_source
 from data_pipelines.text import PAD_ID, QwenTokenizer, get_tokenizer, message_parts
 from data_pipelines.video import BadVideo, VideoSettings, preprocess_video_with
-from data_pipelines.vision import BadImage, decode_image, patchify_image, source_hw, vision_spec
+from data_pipelines.vision import (
+    QWEN_VL_IMAGE_TOKENS, BadImage, decode_image, patchify_image, preprocess_qwen_vl, source_hw, vision_spec,
+)
 from data_pipelines.workers import DecodePool
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_GENERATIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-"""Qwen2.5-VL shares Qwen2-VL's tokenizer, chat template, image preprocessing and image position
+SUPPORTED_GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+"""Qwen-VL: fixed 448² images, 256 tokens each, 1-D positions, no video. Qwen2.5-VL shares Qwen2-VL's tokenizer, chat template, image preprocessing and image position
 ids (only its video position ids differ: absolute time); Qwen3-VL needs its own."""
 
 
@@ -169,6 +171,8 @@ class SampleBuilder:
             if blob is None:
                 raise SkipSample("missing_member", f"{part['type']} member {name!r} absent")
             if part["type"] == "video":
+                if cfg.generation == "qwen_vl":
+                    raise SkipSample("bad_video", "Qwen-VL takes no video")
                 feats = self._video(blob)
                 pixel_values.append(feats.pixel_values.numpy())
                 grids.append(feats.grid_thw)
@@ -180,7 +184,7 @@ class SampleBuilder:
                     blob, fast_decode=cfg.fast_decode, factor=cfg.patch_size * cfg.merge_size,
                     min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                 )
-                pv, grid = patchify_image(
+                pv, grid = preprocess_qwen_vl(img) if cfg.generation == "qwen_vl" else patchify_image(
                     img, patch_size=cfg.patch_size, temporal_patch_size=cfg.temporal_patch_size,
                     merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                     mean=vision_spec(cfg.generation).mean, std=vision_spec(cfg.generation).std,  # Qwen3-VL: 0.5/0.5
@@ -191,7 +195,7 @@ class SampleBuilder:
             grids.append(grid)
             kinds.append(0)
             sizes[name] = (source_hw(img), (grid[1] * cfg.patch_size, grid[2] * cfg.patch_size))
-            counts.append(grid[0] * grid[1] * grid[2] // merge2)
+            counts.append(QWEN_VL_IMAGE_TOKENS if cfg.generation == "qwen_vl" else grid[0] * grid[1] * grid[2] // merge2)
         try:
             ids, labels = self.tok.encode_conversation(
                 messages, counts, generation=cfg.generation, image_sizes=sizes,
@@ -206,7 +210,7 @@ class SampleBuilder:
         return {
             "id": sample_id, "input_ids": ids, "labels": labels, "positions": positions,
             "pixel_values": pixel_values, "grids": grids, "kinds": kinds,
-            "visual_tokens": sum(t * h * w for t, h, w in grids) // merge2,
+            "visual_tokens": sum(counts) + sum(t * h * w for t, h, w in (v[0] for v in videos)) // merge2,
         }
 
     def _video(self, blob: bytes):

@@ -11,14 +11,17 @@ table is larger (151,936 rows, padded); the data side emits ids up to `<|video_p
 Template
 --------
 `encode_conversation` renders exactly what each generation's released HF chat template renders
-(Qwen2-VL-7B-Instruct, Qwen2.5-VL-7B-Instruct: one template; Qwen3-VL-8B-Instruct / -Thinking)::
+(Qwen2-VL-7B-Instruct, Qwen2.5-VL-7B-Instruct: one template; Qwen3-VL-8B-Instruct / -Thinking; Qwen-VL-Chat's
+ChatML, `make_context` of its `qwen_generation_utils.py`, with the same default system turn)::
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n      (Qwen2-VL / Qwen2.5-VL only, when the
                                                                     conversation has no system turn)
     <|im_start|>{role}\\n{content}<|im_end|>\\n                       (per turn)
 
 with an image inside `content` rendered as `<|vision_start|>` + N x `<|image_pad|>` + `<|vision_end|>`
-(N = t*h*w / merge^2 of the image's patch grid). Qwen3-VL's templates add no default system turn
+(N = t*h*w / merge^2 of the image's patch grid); Qwen-VL (`generation="qwen_vl"`): `<img>` + 256 x `<imgpad>`
++ `</img>` in place of the image part (the released `from_list_format` helper also writes a
+"Picture k: " prefix and a line break after each image: write them as text parts to get them). Qwen3-VL's templates add no default system turn
 (`DEFAULT_SYSTEM_GENERATIONS`). Text between two special tokens is tokenised as one string (e.g.
 `"assistant\\nred"`), as the HF tokenizer does on the rendered template, so ids match HF's
 `apply_chat_template` + tokenisation.
@@ -48,7 +51,8 @@ One canonical box in the shard, `{"type": "box", "ref": "the red circle", "box":
 "image": "img0.png"}` (pixel coordinates in the ORIGINAL image the part refers to; `image` may be
 omitted when the sample has exactly one image), is rendered per generation (`render_boxes`):
 
-* `qwen_vl`:     `<ref>the red circle</ref><box>(x1,y1),(x2,y2)</box>` on [0, 1000) (plain text);
+* `qwen_vl`:     `<ref>the red circle</ref><box>(x1,y1),(x2,y2)</box>` on [0, 1000) (`floor(x / W * 1000)`;
+                 the tags are Qwen-VL's special tokens, `QWEN_VL_SPECIAL_TOKENS`);
 * `qwen2_vl`:    `<|object_ref_start|>the red circle<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`
                  on [0, 1000) (`floor(x / W * 1000)`, special tokens);
 * `qwen2_5_vl`:  JSON with absolute pixel coordinates of the RESIZED image the model sees
@@ -144,7 +148,20 @@ THINK_TOKEN_GENERATIONS = ("qwen3_vl", "qwen3_vl_moe")
 ROLES = ("system", "user", "assistant")
 
 
-_QWEN3_BY_ID = {v: k for k, v in QWEN3_SPECIAL_TOKENS.items()}
+QWEN_VL_SPECIAL_TOKENS: dict[str, int] = {
+    "<ref>": 151851, "</ref>": 151852, "<box>": 151853, "</box>": 151854, "<quad>": 151855, "</quad>": 151856,
+    "<img>": 151857, "</img>": 151858, "<imgpad>": 151859,
+}
+"""Qwen-VL (v1) tokenizer (`tokenization_qwen.py` of Qwen/Qwen-VL): `<|endoftext|>`, `<|im_start|>`,
+`<|im_end|>` as Qwen2-VL (151643–151645), then 205 `<|extra_i|>` (151646–151850), then these.
+An image is `<img>` + 256 `<imgpad>` + `</img>` (the model replaces the 256 positions between the
+tags); `<ref>`/`<box>` are single special tokens, the coordinates inside `<box>` plain text."""
+QWEN_VL_IMG_START_ID = QWEN_VL_SPECIAL_TOKENS["<img>"]
+QWEN_VL_IMG_END_ID = QWEN_VL_SPECIAL_TOKENS["</img>"]
+QWEN_VL_IMAGE_PAD_ID = QWEN_VL_SPECIAL_TOKENS["<imgpad>"]
+
+_ADDED_TOKENS = {**QWEN3_SPECIAL_TOKENS, **QWEN_VL_SPECIAL_TOKENS}
+_ADDED_BY_ID = {v: k for k, v in _ADDED_TOKENS.items()}
 
 
 def _qwen_tiktoken_path() -> str:
@@ -188,20 +205,20 @@ class QwenTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Ids (regular and special) → text; invalid UTF-8 byte runs are replaced."""
         ids = list(ids)
-        if not any(i in _QWEN3_BY_ID for i in ids):
+        if not any(i in _ADDED_BY_ID for i in ids):
             return self.enc.decode(ids, errors="replace")
         out, run = [], []
-        for i in ids:  # Qwen3's added tokens (e.g. <think>) are not in the tiktoken encoder
-            if i in _QWEN3_BY_ID:
-                out += [self.enc.decode(run, errors="replace"), _QWEN3_BY_ID[i]]
+        for i in ids:  # Qwen3's / Qwen-VL's added tokens (<think>, <img>) are not in the tiktoken encoder
+            if i in _ADDED_BY_ID:
+                out += [self.enc.decode(run, errors="replace"), _ADDED_BY_ID[i]]
                 run = []
             else:
                 run.append(i)
         return "".join(out + [self.enc.decode(run, errors="replace")])
 
     def special(self, name: str) -> int:
-        """Id of a special token (Qwen2-VL's, or one of Qwen3's `QWEN3_SPECIAL_TOKENS`)."""
-        return self.special_tokens[name] if name in self.special_tokens else QWEN3_SPECIAL_TOKENS[name]
+        """Id of a special token (Qwen2-VL's, or one of `QWEN3_SPECIAL_TOKENS` / `QWEN_VL_SPECIAL_TOKENS`)."""
+        return self.special_tokens[name] if name in self.special_tokens else _ADDED_TOKENS[name]
 
     # ---------------------------------------------------------------------------------- template
     def encode_conversation(
@@ -283,7 +300,7 @@ class QwenTokenizer:
                         if special:
                             self._flush(pending, pending_header, header, train, emit)
                             pending, pending_header = "", False
-                            emit([self.special_tokens[text]], train)
+                            emit([self.special(text)], train)
                         else:
                             pending += text
                 elif kind == "text":
@@ -293,7 +310,10 @@ class QwenTokenizer:
                     pending, pending_header = "", False
                     n = int(image_token_counts[img_i])
                     img_i += 1
-                    emit([VISION_START_ID] + [IMAGE_PAD_ID] * n + [VISION_END_ID], False)
+                    if generation == "qwen_vl":
+                        emit([QWEN_VL_IMG_START_ID] + [QWEN_VL_IMAGE_PAD_ID] * n + [QWEN_VL_IMG_END_ID], False)
+                    else:
+                        emit([VISION_START_ID] + [IMAGE_PAD_ID] * n + [VISION_END_ID], False)
                 elif kind == "video":
                     video = None if videos is None else videos[vid_i]
                     vid_i += 1
@@ -404,7 +424,8 @@ def render_boxes(
     out: list[tuple[str, bool]] = []
     if g == "qwen_vl":
         for ref, c in rendered:
-            out.append((f"<ref>{ref}</ref><box>({c[0]},{c[1]}),({c[2]},{c[3]})</box>", False))
+            out += [("<ref>", True), (ref, False), ("</ref>", True),
+                    ("<box>", True), (f"({c[0]},{c[1]}),({c[2]},{c[3]})", False), ("</box>", True)]
     elif g == "qwen2_vl":
         for ref, c in rendered:
             out += [("<|object_ref_start|>", True), (ref, False), ("<|object_ref_end|>", True),

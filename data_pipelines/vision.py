@@ -44,7 +44,10 @@ Per-generation settings (`VISION_SPECS`)
   (`size = {shortest_edge: 65536, longest_edge: 16777216}`, patch 16, mean/std 0.5). Beware: the slow
   class's `__init__` in 4.57.6 ignores a `size` dict (it always resets it to 56*56 .. 28*28*1280); only
   `min_pixels` / `max_pixels` arguments take effect, so pass them explicitly when comparing.
-* `qwen_vl` (Qwen-VL v1) uses a fixed 448x448 input, not patches: not served by `preprocess_image`.
+* `qwen_vl` (Qwen-VL v1): a fixed 448x448 input (`preprocess_qwen_vl`), as the released `visual.py`
+  transform `Resize((448, 448), BICUBIC) → ToTensor → Normalize(OpenAI CLIP mean/std)`: PIL bicubic to
+  448x448 whatever the aspect ratio, then `(float32(v) / 255 - mean) / std` in float32 (torchvision's
+  arithmetic), cut into 32x32 patches of 14 in row-major order, columns (C, ph, pw); grid (1, 32, 32).
 """
 
 from __future__ import annotations
@@ -218,6 +221,9 @@ def preprocess_image(
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"preprocess_image expects a PIL.Image.Image, got {type(image).__name__}")
+    if generation == "qwen_vl":
+        pv, grid = preprocess_qwen_vl(image)
+        return torch.from_numpy(pv), grid
     spec = vision_spec(generation)
     pv, grid = patchify_image(
         image, patch_size=spec.patch_size, temporal_patch_size=spec.temporal_patch_size,
@@ -225,6 +231,31 @@ def preprocess_image(
         max_pixels=spec.max_pixels if max_pixels is None else int(max_pixels), mean=spec.mean, std=spec.std,
     )
     return torch.from_numpy(pv), grid
+
+
+QWEN_VL_IMAGE_SIZE = 448
+QWEN_VL_PATCH = 14
+QWEN_VL_IMAGE_TOKENS = 256
+"""LLM tokens of every Qwen-VL image, whatever its size (the resampler's queries)."""
+
+
+def planned_image_tokens(generation: str, height: int, width: int, **bounds) -> int:
+    """LLM tokens of one image of source size (height, width) under `generation`: 256 for Qwen-VL,
+    else `image_token_count(height, width, **bounds)` (patch_size, merge_size, min/max_pixels)."""
+    return QWEN_VL_IMAGE_TOKENS if generation == "qwen_vl" else image_token_count(height, width, **bounds)
+
+
+def preprocess_qwen_vl(img: Image.Image, size: int = QWEN_VL_IMAGE_SIZE, patch: int = QWEN_VL_PATCH) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Qwen-VL: any image → (float32 [(size/patch)², 3·patch²] pixel_values, grid (1, size/patch, size/patch))."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), resample=Image.BICUBIC)
+    x = np.asarray(img).astype(np.float32) / np.float32(255)
+    x = (x - np.asarray(OPENAI_CLIP_MEAN, dtype=np.float32)) / np.asarray(OPENAI_CLIP_STD, dtype=np.float32)
+    g = size // patch
+    rows = x.reshape(g, patch, g, patch, 3).transpose(0, 2, 4, 1, 3).reshape(g * g, 3 * patch * patch)
+    return np.ascontiguousarray(rows), (1, g, g)
 
 
 def patchify_image(

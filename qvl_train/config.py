@@ -19,7 +19,7 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd")
 DECAY_STYLES = ("linear", "cosine", "sqrt")
 RECOMPUTE = ("none", "selective", "full")
 FP8_MODES = ("off", "auto", "hybrid", "e4m3")
-IMPLEMENTED_GENERATIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+IMPLEMENTED_GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 class ConfigError(ValueError):
@@ -53,7 +53,7 @@ class VisionConfig:
     """Norm of the ViT blocks and the merger: layernorm (Qwen2-VL) | rmsnorm (Qwen2.5-VL)."""
     mlp: str = "quick_gelu"
     """ViT MLP: quick_gelu (fc1 → QuickGELU → fc2, Qwen2-VL) | swiglu (gate/up/down with biases,
-    Qwen2.5-VL) | gelu_tanh (fc1 → tanh-approximated GELU → fc2, Qwen3-VL)."""
+    Qwen2.5-VL) | gelu_tanh (fc1 → tanh-approximated GELU → fc2, Qwen3-VL) | gelu (exact GELU, Qwen-VL)."""
     intermediate_size: Optional[int] = None
     """ViT MLP inner width; None = mlp_ratio · hidden_size (Qwen2-VL). Qwen2.5-VL sets it (3420)."""
     window_size: Optional[int] = None
@@ -69,11 +69,19 @@ class VisionConfig:
     num_position_embeddings: Optional[int] = None
     """Qwen3-VL: rows of the learned absolute position embedding (a square grid, 2304 = 48²),
     bilinearly interpolated to each image's patch grid and added after the patch embedding;
-    None = no absolute position embedding (Qwen2/2.5-VL)."""
+    None = no absolute position embedding (Qwen2/2.5-VL). Qwen-VL: 256 rows (16×16), bicubically
+    interpolated to its fixed 32×32 patch grid."""
     deepstack_visual_indexes: list[int] = field(default_factory=list)
     """Qwen3-VL DeepStack: ViT blocks whose outputs pass their own mergers (LayerNorm after the
     2×2 shuffle) and are added to the hidden states after LLM layer i (i-th entry) at the visual
     token positions ([8, 16, 24] for the released 4B/8B)."""
+    image_size: Optional[int] = None
+    """Qwen-VL: the fixed square input side in pixels (448: 32×32 patches of 14); None = dynamic
+    resolution (Qwen2-VL and later)."""
+    num_queries: int = 0
+    """Qwen-VL resampler: learnable queries = LLM tokens per image (256, a square); 0 = no resampler."""
+    resampler_heads: int = 0
+    """Qwen-VL resampler attention heads; 0 = LLM hidden_size / 128 (32 for Qwen-7B), as released."""
 
 
 @dataclass
@@ -163,8 +171,10 @@ class ModelConfig:
             raise ConfigError("model.vision.hidden_size must be divisible by model.vision.num_heads")
         if self.vision.norm not in ("layernorm", "rmsnorm"):
             raise ConfigError(f"model.vision.norm={self.vision.norm!r}; valid: layernorm, rmsnorm")
-        if self.vision.mlp not in ("quick_gelu", "swiglu", "gelu_tanh"):
-            raise ConfigError(f"model.vision.mlp={self.vision.mlp!r}; valid: quick_gelu, swiglu, gelu_tanh")
+        if self.vision.mlp not in ("quick_gelu", "swiglu", "gelu_tanh", "gelu"):
+            raise ConfigError(f"model.vision.mlp={self.vision.mlp!r}; valid: quick_gelu, swiglu, gelu_tanh, gelu")
+        if self.generation == "qwen_vl":
+            self._check_qwen_vl()
         if self.vision.window_size is not None:
             unit = self.vision.patch_size * self.vision.spatial_merge_size
             if self.vision.window_size % unit:
@@ -195,6 +205,23 @@ class ModelConfig:
         if bad:
             raise ConfigError(f"model.vision.fullatt_block_indexes {bad} are outside 0..depth-1={self.vision.depth - 1}")
 
+    def _check_qwen_vl(self) -> None:
+        """Qwen-VL: fixed square input, a square number of queries and of position rows, no merge."""
+        v = self.vision
+        if not v.image_size or v.image_size % v.patch_size:
+            raise ConfigError(f"model.vision.image_size={v.image_size} must be a multiple of patch_size={v.patch_size} (448)")
+        for key in ("num_queries", "num_position_embeddings"):
+            n = getattr(v, key) or 0
+            if n < 1 or int(n**0.5) ** 2 != n:
+                raise ConfigError(f"model.vision.{key}={n} must be a square number (256 for Qwen-VL)")
+        if v.temporal_patch_size != 1 or v.spatial_merge_size != 1:
+            raise ConfigError("Qwen-VL has no temporal patches and no merger: set model.vision.temporal_patch_size=1 "
+                              "and model.vision.spatial_merge_size=1")
+        heads = v.resampler_heads or self.llm.hidden_size // 128
+        if heads < 1 or self.llm.hidden_size % heads:
+            raise ConfigError(f"model.vision.resampler_heads={v.resampler_heads}: the LLM width {self.llm.hidden_size} "
+                              "must split into that many heads (0 = hidden_size / 128)")
+
 
 @dataclass
 class ParallelConfig:
@@ -202,6 +229,10 @@ class ParallelConfig:
 
     tp: int = 1
     """Tensor-parallel size (heads, MLP and vocabulary split across ranks)."""
+    sp: bool = False
+    """Sequence parallelism with tp > 1 (megatron's): norms, residuals and dropout-free activations
+    between the attention and MLP blocks are split along the sequence over the TP ranks, in the LLM
+    and in the ViT, cutting their activation memory by tp. No effect at tp = 1."""
     pp: int = 1
     """Pipeline-parallel stages (ViT + projector on the first stage)."""
     dp: Optional[int] = None
@@ -524,6 +555,11 @@ class TrainConfig:
         self._validate_experts(world_size)
         if llm.vocab_size % p.tp:
             raise ConfigError(f"model.llm.vocab_size={llm.vocab_size} is not divisible by parallel.tp={p.tp}")
+        if p.sp and p.tp > 1 and self.data.max_tokens % p.tp:
+            raise ConfigError(
+                f"parallel.sp splits each packed sequence of data.max_tokens={self.data.max_tokens} slots over "
+                f"parallel.tp={p.tp} ranks; set data.max_tokens to a multiple of {p.tp}"
+            )
         if p.pp > llm.num_layers:
             raise ConfigError(
                 f"parallel.pp={p.pp} pipeline stages but only model.llm.num_layers={llm.num_layers}; "
@@ -582,8 +618,8 @@ class TrainConfig:
         if llm.num_experts and p.tp > 1:
             raise ConfigError(
                 f"parallel.tp={p.tp} with a mixture-of-experts model: megatron-core runs MoE layers under tensor "
-                "parallelism only with sequence parallelism, which this framework does not run yet; use parallel.tp=1 "
-                "(split the experts with parallel.ep instead)"
+                "parallelism only with sequence parallelism, and that combination does not run here yet; use "
+                "parallel.tp=1 (split the experts with parallel.ep instead)"
             )
 
     def _validate_eval(self, dp: int) -> None:

@@ -159,7 +159,7 @@ class MegatronEngine:
         self.model = build_model(
             model_cfg, parallel_cfg,
             pre_process=dims.is_first_stage, post_process=dims.is_last_stage, dtype=dtype,
-            execution=Execution(recompute=recompute, fp8=resolve_fp8(fp8)),
+            execution=Execution(recompute=recompute, fp8=resolve_fp8(fp8), sequence_parallel=parallel_cfg.sp),
         ).to(dims.device)
         init_weights(self.model, seed, model_cfg.init_std)
         apply_stage(self.model, stage_cfg)
@@ -176,6 +176,7 @@ class MegatronEngine:
             foreach=True,  # one fused pass over all tensors (PyTorch only picks it by default on CUDA)
         )
         self._params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self._tp_partial = [p for n, p in self._params if _tp_partial_grad(n, p)]
         llm = model_cfg.llm
         self.moe = MoEStepMonitor(
             self.model, dims, llm.moe_aux_loss_coeff, llm.num_layers, llm.num_experts
@@ -235,6 +236,7 @@ class MegatronEngine:
         loss = float(loss_sum) / denom
         moe_aux, expert_load = self.moe.end_step() if self.moe is not None else (None, {})
 
+        self._sum_tp_partial_grads()
         self._allreduce_grads()
         grad_norm, module_norms = self._grad_norms()
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -285,6 +287,20 @@ class MegatronEngine:
             sums[1] = sum(b.num_label_tokens for b in batches)
         dist.all_reduce(sums, group=dims.groups["world"])
         return float(sums[0]), int(sums[1])
+
+    def _sum_tp_partial_grads(self) -> None:
+        """Sum over tensor-parallel ranks the gradients of weights every TP rank holds whole but uses on
+        only its part of the data: q/k norms (each rank normalises its own heads) and, under sequence
+        parallelism, the norms and biases that act on the rank's slice of the sequence (tagged
+        `sequence_parallel`). Without this the replicas drift apart from the first step."""
+        if self.dims.tp == 1 or not self._tp_partial:
+            return
+        grads = [p.grad for p in self._tp_partial if p.grad is not None]
+        if grads:
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.dims.groups["tp"])
+            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)
 
     def _allreduce_grads(self) -> None:
         """Sum gradients over data-parallel ranks in one flat buffer (grads already carry 1/G); routed
@@ -378,6 +394,11 @@ class MegatronEngine:
                 st = self.optimizer.state.setdefault(p, {})
                 for moment in ("exp_avg", "exp_avg_sq"):
                     st[moment] = opt[f"{name}.{moment}"].to(p.device, p.dtype).clone()
+
+
+def _tp_partial_grad(name: str, param: torch.nn.Parameter) -> bool:
+    """Replicated over TP ranks, but each rank's gradient covers only its heads / sequence slice."""
+    return ".q_layernorm." in name or ".k_layernorm." in name or getattr(param, "sequence_parallel", False)
 
 
 def _forward_step(data_iterator: Iterator[PackedBatch], model, *, denom: float, device):

@@ -58,7 +58,16 @@ def _build_qwen3_vl(
     return Qwen3VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=resolve_spec_backend(), execution=execution)
 
 
+def _build_qwen_vl(
+    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution
+) -> VLM:
+    from qvl_train.models.vision.qwen_vl import QwenVLM
+
+    return QwenVLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=resolve_spec_backend(), execution=execution)
+
+
 _BUILDERS: dict[str, Callable[..., VLM]] = {
+    "qwen_vl": _build_qwen_vl,
     "qwen2_vl": _build_qwen2_vl,
     "qwen2_5_vl": _build_qwen2_5_vl,
     "qwen3_vl": _build_qwen3_vl,
@@ -166,6 +175,9 @@ def init_weights(model: VLM, seed: int, std: float) -> None:
             if isinstance(st, ShardedTensor) and st.data.is_floating_point():
                 _init_sharded(st, seed, std)
                 covered.add(st.data.untyped_storage().data_ptr())
+    for module in model.modules():  # parameters with a formula of their own (Qwen-VL's sin-cos table)
+        if hasattr(module, "reset_fixed_parameters"):
+            module.reset_fixed_parameters()
     missing = [n for n, prm in model.named_parameters() if prm.untyped_storage().data_ptr() not in covered]
     if missing:
         raise RuntimeError(f"init_weights: parameters missing from sharded_state_dict: {missing}")

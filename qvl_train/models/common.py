@@ -7,21 +7,21 @@ and `VarlenAttention` has none). Weights are allocated on the CPU first
 model) and not initialised by megatron (`perform_initialization=False`): `init_weights` does it,
 independently of the parallel layout, or a checkpoint is loaded.
 
-`Execution` carries the two run-time choices that are not architecture (train.recompute and the
-resolved train.fp8) into every tower's config; `run_layer` applies full recomputation where a tower
+`Execution` carries the run-time choices that are not architecture (train.recompute, the resolved
+train.fp8 and parallel.sp) into every tower's config; `run_layer` applies full recomputation where a tower
 runs its layers one by one (window attention, DeepStack) instead of through `TransformerBlock`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-__all__ = ["make_transformer_config", "Execution", "run_layer"]
+__all__ = ["make_transformer_config", "Execution", "run_layer", "SequenceShards", "without_sequence_parallel"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class Execution:
     """none | selective (core attention recomputed in the backward) | full (whole layers)."""
     fp8: Optional[str] = None
     """megatron's `TransformerConfig.fp8` ("hybrid" / "e4m3") or None; see `specs.resolve_fp8`."""
+    sequence_parallel: bool = False
+    """`parallel.sp`: activations outside attention / MLP split along the sequence over TP ranks."""
 
     def transformer_kwargs(self) -> dict:
         """The `TransformerConfig` fields these choices set."""
@@ -75,7 +77,7 @@ def make_transformer_config(
     return TransformerConfig(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        sequence_parallel=False,
+        sequence_parallel=execution.sequence_parallel and tp > 1,
         context_parallel_size=1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -94,3 +96,50 @@ def make_transformer_config(
         **execution.transformer_kwargs(),
         **arch,
     )
+
+
+def without_sequence_parallel(config: TransformerConfig) -> TransformerConfig:
+    """The config for layers that take whole, replicated rows (mergers, the output layer): megatron's
+    parallel linears would otherwise all-gather their input along the sequence once more."""
+    return replace(config, sequence_parallel=False) if config.sequence_parallel else config
+
+
+class SequenceShards:
+    """Sequence parallelism for a tower that builds its own `[s, 1, h]` input: split the rows over the
+    tensor-parallel ranks before the layers and gather them after (megatron's layers then all-gather
+    before attention / MLP and reduce-scatter after). `s` is padded with zero rows to a multiple of
+    the TP size; padding rows lie past the last `cu_seqlens` segment, so attention ignores them, and
+    they are dropped on the way out. A no-op when the config has no sequence parallelism.
+
+    Gradients: `scatter`'s backward all-gathers, so everything upstream (patch embedding, token
+    embedding, visual scatter) receives the full, identical gradient on every TP rank; `gather` is
+    followed by replicated consumers (mergers, the output layer) whose input gradient is identical
+    on every rank, so its backward just keeps this rank's rows.
+    """
+
+    def __init__(self, config, rows: int):
+        from megatron.core import parallel_state
+
+        self.on = bool(config.sequence_parallel)
+        self.tp = parallel_state.get_tensor_model_parallel_world_size() if self.on else 1
+        self.rows = rows
+        self.pad = (-rows) % self.tp
+
+    def scatter(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.on:
+            return h
+        if self.pad:
+            h = torch.nn.functional.pad(h, (0, 0) * (h.dim() - 1) + (0, self.pad))
+        return tensor_parallel.scatter_to_sequence_parallel_region(h)
+
+    def pad_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-row inputs every rank needs whole (RoPE angles): padded to the gathered length."""
+        if not self.on or not self.pad:
+            return x
+        return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, self.pad))
+
+    def gather(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.on:
+            return h
+        h = tensor_parallel.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
+        return h[: self.rows]

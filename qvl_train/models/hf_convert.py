@@ -1,4 +1,6 @@
-"""HF ⇄ ours weight mapping for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense), in both directions, as rule tables.
+"""HF ⇄ ours weight mapping for Qwen-VL, Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense), in both directions, as rule tables.
+
+Qwen-VL has no transformers class: its "HF" names are those of the released remote code (`_rules_qwen_vl`).
 
 `hf_to_ours(hf_sd, cfg)` gives the full (tp = pp = 1) state dict of our `VLM` (keys as
 `model.state_dict()`, without megatron's `_extra_state`); `ours_to_hf(sd, cfg, style=...)` gives
@@ -28,7 +30,7 @@ from qvl_train.config import ModelConfig
 
 __all__ = ["hf_to_ours", "ours_to_hf", "detect_style", "detect_expert_layout", "EXPERT_LAYOUTS", "fuse_qkv", "split_qkv", "SUPPORTED"]
 
-SUPPORTED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+SUPPORTED = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 EXPERT_LAYOUTS = ("hub", "transposed")
 
 
@@ -81,6 +83,8 @@ def _rules(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
         raise ValueError(f"HF conversion covers {SUPPORTED}, not {cfg.generation!r}")
     if cfg.generation in ("qwen3_vl", "qwen3_vl_moe"):
         return _rules_qwen3_vl(cfg)
+    if cfg.generation == "qwen_vl":
+        return _rules_qwen_vl(cfg)
     vit, llm = cfg.vision, cfg.llm
     rms = vit.norm == "rmsnorm"
     R: list[tuple[str, tuple[str, ...], str]] = [("vision.patch_embed.proj.weight", ("visual.patch_embed.proj.weight",), "patch")]
@@ -117,6 +121,49 @@ def _rules(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
     R.append(("llm.decoder.final_layernorm.weight", ("lm.norm.weight",), "id"))
     if not llm.tie_word_embeddings:
         R.append(("llm.output_layer.weight", ("lm_head.weight",), "id"))
+    return R
+
+
+def _rules_qwen_vl(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
+    """Qwen-VL: the names of its public remote code (`modeling_qwen.py` + `visual.py` of Qwen/Qwen-VL).
+
+    ViT blocks: `attn.in_proj` is already per head [q|k|v] (megatron's layout for ng = nh); the
+    LLM's `c_attn` is [q; k; v] over all heads; its MLP computes `w1(x) * silu(w2(x))`, so our
+    `[gate; up]` is `[w2; w1]`; the resampler's attention is a `nn.MultiheadAttention`.
+    """
+    vit, llm = cfg.vision, cfg.llm
+    V, P = "transformer.visual.", "projector."
+    R: list[tuple[str, tuple[str, ...], str]] = [
+        ("vision.patch_embed.weight", (V + "conv1.weight",), "patch2d"),
+        ("vision.positional_embedding", (V + "positional_embedding",), "id"),
+    ]
+    R += [(f"vision.ln_pre.{p}", (V + f"ln_pre.{p}",), "id") for p in ("weight", "bias")]
+    block = {  # ours → released, each with weight and bias
+        "input_layernorm": "ln_1", "pre_mlp_layernorm": "ln_2", "self_attention.linear_qkv": "attn.in_proj",
+        "self_attention.linear_proj": "attn.out_proj", "mlp.linear_fc1": "mlp.c_fc", "mlp.linear_fc2": "mlp.c_proj",
+    }
+    for i in range(vit.depth):
+        s, d = V + f"transformer.resblocks.{i}.", f"vision.decoder.layers.{i}."
+        R += [(d + f"{o}.{p}", (s + f"{h}.{p}",), "id") for o, h in block.items() for p in ("weight", "bias")]
+    A = V + "attn_pool."
+    R += [(P + n, (A + n,), "id") for n in ("query", "pos_embed", "kv_proj.weight")]
+    R += [(P + f"attn.in_proj.{p}", (A + f"attn.in_proj_{p}",), "id") for p in ("weight", "bias")]
+    R += [(P + f"attn.out_proj.{p}", (A + f"attn.out_proj.{p}",), "id") for p in ("weight", "bias")]
+    R += [(P + f"{n}.{p}", (A + f"{n}.{p}",), "id") for n in ("ln_q", "ln_kv") for p in ("weight", "bias")]
+    R += [(P + f"ln_post.{p}", (V + f"ln_post.{p}",), "id") for p in ("weight", "bias")]
+    R.append((P + "proj", (V + "proj",), "id"))
+    R.append(("llm.embedding.weight", ("transformer.wte.weight",), "id"))
+    for i in range(llm.num_layers):
+        s, d = f"transformer.h.{i}.", f"llm.decoder.layers.{i}."
+        R.append((d + "input_layernorm.weight", (s + "ln_1.weight",), "id"))
+        R.append((d + "pre_mlp_layernorm.weight", (s + "ln_2.weight",), "id"))
+        for part in ("weight", "bias"):
+            R.append((d + f"self_attention.linear_qkv.{part}", (s + f"attn.c_attn.{part}",), "qkv_packed_llm"))
+        R.append((d + "self_attention.linear_proj.weight", (s + "attn.c_proj.weight",), "id"))
+        R.append((d + "mlp.linear_fc1.weight", (s + "mlp.w2.weight", s + "mlp.w1.weight"), "cat"))
+        R.append((d + "mlp.linear_fc2.weight", (s + "mlp.c_proj.weight",), "id"))
+    R.append(("llm.decoder.final_layernorm.weight", ("transformer.ln_f.weight",), "id"))
+    R.append(("llm.output_layer.weight", ("lm_head.weight",), "id"))
     return R
 
 
@@ -222,13 +269,15 @@ def hf_to_ours(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
         t = [src[k] for k in hf_keys]
         if kind == "id":
             out[ours] = t[0]
-        elif kind == "patch":
+        elif kind in ("patch", "patch2d"):
             out[ours] = t[0].reshape(t[0].shape[0], -1)
         elif kind == "qkv_vit":
             q, k, v = t[0].chunk(3, dim=0)
             out[ours] = fuse_qkv(q, k, v, vit.num_heads, vit.num_heads)
         elif kind == "qkv_llm":
             out[ours] = fuse_qkv(*t, llm.num_attention_heads, llm.num_query_groups)
+        elif kind == "qkv_packed_llm":  # Qwen-VL c_attn: [q; k; v] (multi-head: k, v as wide as q)
+            out[ours] = fuse_qkv(*t[0].chunk(3, dim=0), llm.num_attention_heads, llm.num_query_groups)
         elif kind == "cat":
             out[ours] = torch.cat(t)
         elif kind.startswith("expert_"):
@@ -273,6 +322,10 @@ def ours_to_hf(
             parts = [torch.cat(list(split_qkv(t, vit.num_heads, vit.num_heads)))]
         elif kind == "qkv_llm":
             parts = list(split_qkv(t, llm.num_attention_heads, llm.num_query_groups))
+        elif kind == "patch2d":
+            parts = [t.reshape(t.shape[0], vit.in_channels, vit.patch_size, vit.patch_size)]
+        elif kind == "qkv_packed_llm":
+            parts = [torch.cat(list(split_qkv(t, llm.num_attention_heads, llm.num_query_groups)))]
         elif kind == "cat":
             parts = list(t.chunk(2, dim=0))
         else:  # pragma: no cover

@@ -21,8 +21,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from qvl_train.config import LLMConfig, ParallelConfig
-from qvl_train.models.common import Execution, make_transformer_config, run_layer
-from qvl_train.models.specs import layer_spec
+from qvl_train.models.common import Execution, SequenceShards, make_transformer_config, run_layer, without_sequence_parallel
+from qvl_train.models.specs import block_spec, layer_spec
 
 __all__ = ["Qwen2LanguageModel", "llm_transformer_config"]
 
@@ -113,12 +113,13 @@ class Qwen2LanguageModel(MegatronModule):
             self.embedding = tensor_parallel.VocabParallelEmbedding(
                 cfg.vocab_size, cfg.hidden_size, init_method=_no_init, config=config
             )
+        layer = layer_spec(
+            causal=True, attention_backend=attention_backend, spec_backend=spec_backend, qk_norm=cfg.qk_norm,
+            moe=cfg.num_experts > 0,
+        )
         self.decoder = TransformerBlock(
             config=config,
-            spec=layer_spec(
-                causal=True, attention_backend=attention_backend, spec_backend=spec_backend, qk_norm=cfg.qk_norm,
-                moe=cfg.num_experts > 0,
-            ),
+            spec=block_spec(config, layer, spec_backend),
             post_layer_norm=True,
             pre_process=pre_process,
             post_process=post_process,
@@ -127,7 +128,7 @@ class Qwen2LanguageModel(MegatronModule):
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 cfg.hidden_size,
                 cfg.vocab_size,
-                config=config,
+                config=without_sequence_parallel(config),  # it takes the gathered label positions
                 init_method=_no_init,
                 bias=False,
                 gather_output=False,
@@ -159,21 +160,27 @@ class Qwen2LanguageModel(MegatronModule):
         is added at `positions` to the output of global decoder layer i (0-based), so the layers
         run one by one here (the block still owns them: names and sharding stay megatron's).
         """
+        shards = SequenceShards(self.config, rotary_pos_emb.shape[0])  # parallel.sp: L split over TP ranks
+        if shards.pad:
+            raise ValueError(f"sequence parallelism needs the packed length ({shards.rows}) to be a multiple of parallel.tp")
+        if self.pre_process:
+            hidden_L1H = shards.scatter(hidden_L1H)
         if deepstack is not None:
-            h = self._forward_deepstack(hidden_L1H, rotary_pos_emb, packed_seq_params, *deepstack)
+            h = self._forward_deepstack(hidden_L1H, rotary_pos_emb, packed_seq_params, shards, *deepstack)
         else:
             h = self.decoder(
                 hidden_states=hidden_L1H, attention_mask=None, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params
             )
         if not self.post_process:
             return h
+        h = shards.gather(h)
         if output_positions is not None:
             h = h.index_select(0, output_positions)
         weight = self.embedding.weight if self.tie else None
         logits, _ = self.output_layer(h, weight=weight)
         return logits
 
-    def _forward_deepstack(self, h, rotary_pos_emb, packed_seq_params, positions, features):
+    def _forward_deepstack(self, h, rotary_pos_emb, packed_seq_params, shards, positions, features):
         if not self.pre_process:
             raise ValueError("DeepStack features are injected on the first pipeline stage only")
         stage_layers = {layer.layer_number - 1 for layer in self.decoder.layers}  # global, 0-based
@@ -187,7 +194,11 @@ class Qwen2LanguageModel(MegatronModule):
             h = run_layer(layer, h, rotary_pos_emb, packed_seq_params)
             i = layer.layer_number - 1
             if i < len(features):
-                h = h.index_add(0, positions, features[i].to(h.dtype).unsqueeze(1))
+                if shards.on:  # the features at full length, then this rank's slice of the sequence
+                    full = h.new_zeros(shards.rows, 1, h.shape[-1]).index_put((positions,), features[i].to(h.dtype).unsqueeze(1))
+                    h = h + shards.scatter(full)
+                else:
+                    h = h.index_add(0, positions, features[i].to(h.dtype).unsqueeze(1))
         if self.decoder.final_layernorm is not None:
             h = self.decoder.final_layernorm(h)
         return h

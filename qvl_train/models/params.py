@@ -28,6 +28,9 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     vision = patch + v.depth * (2 * norm + attn + mlp)
     width = hv * v.spatial_merge_size**2
     projector = norm + width * width + width + width * l.hidden_size + l.hidden_size
+    if cfg.generation == "qwen_vl":  # + ln_pre; the resampler instead of the merger
+        vision += 2 * hv
+        projector = _qwen_vl_resampler(v.num_queries, hv, l.hidden_size)
     # Qwen3-VL DeepStack mergers: the same MLP with a LayerNorm over the joined width
     projector += len(v.deepstack_visual_indexes) * (2 * width + width * width + width + width * l.hidden_size + l.hidden_size)
 
@@ -47,3 +50,8 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     llm = outside + l.num_layers * layer
     active = vision + projector + outside + l.num_layers * (attn_l + active_mlp_l + 2 * h)
     return {"vision": vision, "projector": projector, "llm": llm, "total": vision + projector + llm, "active": active}
+
+
+def _qwen_vl_resampler(queries: int, hv: int, h: int) -> int:
+    """query + sin-cos table, kv_proj (no bias), packed in_proj + out_proj with biases, ln_q/ln_kv/ln_post, proj."""
+    return 2 * queries * h + hv * h + (3 * h * h + 3 * h) + (h * h + h) + 3 * 2 * h + h * h

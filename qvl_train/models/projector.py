@@ -63,6 +63,17 @@ class DeepStackProjector(PatchMerger):
             PatchMerger(config, cfg, llm_hidden_size, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes
         )
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """megatron's default treats a plain `ModuleList` as replicated tensors: under tensor
+        parallelism each rank would save (and `init_weights` would fill) its *shard* of the DeepStack
+        mergers as if it were the whole tensor. Each merger gives its own TP-aware entries instead."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        head = f"{prefix}deepstack."
+        sd = {k: v for k, v in sd.items() if not k.startswith(head)}
+        for i, merger in enumerate(self.deepstack):
+            sd.update(merger.sharded_state_dict(f"{head}{i}.", sharded_offsets, metadata))
+        return sd
+
     def project_deepstack(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Patch features of the DeepStack layers `[P, Hv]` each → `[P / merge², H_llm]` each."""
         return [m(f) for m, f in zip(self.deepstack, feats)]

@@ -4,9 +4,10 @@ The model classes never ask which backend they run on; they receive a spec from 
 (DESIGN.md convention 1). Two backends:
 
 * ``local`` (always available, the CPU path): megatron's `TransformerLayer` + `SelfAttention` +
-  `ColumnParallelLinear` / `RowParallelLinear` + `MLP`, norms from `WrappedTorchNorm` (plain
-  `torch.nn.LayerNorm` / `torch.nn.RMSNorm`, chosen by `config.normalization`; apex's
-  `FusedLayerNorm` is CUDA-only), and our `VarlenAttention` as core attention.
+  `ColumnParallelLinear` / `RowParallelLinear` + `MLP`, norms from `TorchNorm` (plain
+  `torch.nn.LayerNorm` / `torch.nn.RMSNorm`, chosen by `config.normalization`, like megatron's
+  `WrappedTorchNorm` but usable under sequence parallelism; apex's `FusedLayerNorm` is CUDA-only),
+  and our `VarlenAttention` as core attention.
 * ``te`` (only when `transformer_engine` imports): norm fused into the qkv / fc1 GEMMs
   (`TELayerNormColumnParallelLinear`), `TERowParallelLinear`. Core attention stays
   `VarlenAttention` because our M-RoPE goes through the "sbhd" rotary path (see `rope.py`).
@@ -22,6 +23,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+import torch
+
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -30,13 +33,12 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from qvl_train.models.attention import VarlenAttention
 
-__all__ = ["te_available", "resolve_spec_backend", "layer_spec", "moe_spec", "norm_module", "fp8_missing", "resolve_fp8"]
+__all__ = ["te_available", "resolve_spec_backend", "layer_spec", "moe_spec", "block_spec", "TorchNorm", "fp8_missing", "resolve_fp8"]
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +90,29 @@ def resolve_fp8(mode: str) -> str | None:
     raise ValueError(f"train.fp8={mode!r}; valid: off, auto, hybrid, e4m3")
 
 
-def norm_module():
-    """The norm class for standalone norms (final norm, merger ln_q): LayerNorm or RMSNorm by config."""
-    return WrappedTorchNorm
+class TorchNorm:
+    """`torch.nn.LayerNorm` / `torch.nn.RMSNorm` by `config.normalization` (megatron's `WrappedTorchNorm`,
+    which refuses sequence parallelism). Under sequence parallelism each tensor-parallel rank
+    normalises its own slice of the sequence, so the weights are tagged `sequence_parallel` and the
+    engine sums their gradients over the TP group (as megatron's `finalize_model_grads` does)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def block_spec(config, layer: ModuleSpec, spec_backend: str = "local"):
+    """The `TransformerBlock` spec for this pipeline stage's layers, with a final norm that works under
+    sequence parallelism (megatron picks `WrappedTorchNorm` for a bare layer spec when neither TE nor
+    apex is installed)."""
+    if spec_backend == "te":
+        return layer
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=TorchNorm)
 
 
 def _moe_without_te() -> None:
@@ -168,11 +190,11 @@ def layer_spec(
                 mlp_bda=get_bias_dropout_add,
             ),
         )
-    qk = WrappedTorchNorm if qk_norm else IdentityOp
+    qk = TorchNorm if qk_norm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=TorchNorm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": mask},
@@ -185,7 +207,7 @@ def layer_spec(
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=TorchNorm,
             mlp=moe_spec("local") if moe else ModuleSpec(
                 module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
             ),

@@ -30,7 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from data_pipelines.schema import IGNORE_INDEX, PackedBatch
 from qvl_train.config import ModelConfig, ParallelConfig
-from qvl_train.models.common import Execution
+from qvl_train.models.common import Execution, without_sequence_parallel
 from qvl_train.models.language import Qwen2LanguageModel
 from qvl_train.models.projector import DeepStackProjector, PatchMerger
 from qvl_train.models.rope import mrope_freqs
@@ -85,7 +85,7 @@ class VLM(MegatronModule):
                 cfg.vision, tp=parallel.tp, dtype=dtype, attention_backend=cfg.attention_backend, spec_backend=spec_backend,
                 execution=execution,
             )
-            self.projector = projector_cls(self.vision.config, cfg.vision, cfg.llm.hidden_size)
+            self.projector = projector_cls(without_sequence_parallel(self.vision.config), cfg.vision, cfg.llm.hidden_size)
         self.llm = llm
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -165,8 +165,8 @@ class Qwen3VLM(VLM):
     blocks; `projector.deepstack.{i}` merges them to `[n_vis, H]`, and the LLM adds feature i to its
     hidden states at the visual token positions after decoder layer i (HF `_deepstack_process`).
     Those layers must be on the first pipeline stage (checked at build time). Under tensor
-    parallelism the hidden states and the merged features are replicated per TP rank (no sequence
-    parallelism), so the addition is local.
+    parallelism the merged features are replicated per TP rank and the addition is local; under
+    sequence parallelism each rank adds its slice of the sequence.
     """
 
     def __init__(

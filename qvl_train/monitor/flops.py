@@ -1,4 +1,4 @@
-"""Model FLOPs of a packed micro-batch (Qwen2-VL, Qwen2.5-VL) and MFU.
+"""Model FLOPs of a packed micro-batch (Qwen-VL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) and MFU.
 
 Counted analytically from the config and the batch's real structure (`grid_thw`, `cu_seqlens`,
 label count), so images of different sizes, windows and sample lengths cost what they cost:
@@ -24,6 +24,8 @@ LLM (T = real tokens = cu_seqlens[-1]; padding slots are not counted: they are n
 Norms, biases, activations, RoPE and softmax are not counted (a few tenths of a percent).
 Qwen3-VL configs are counted by the same rules (its `head_dim`, and one merger per DeepStack tap
 assumed the size of the main merger); the learned position-embedding interpolation is not counted.
+Qwen-VL (`_qwen_vl_vision`): the same ViT rules with an exact-GELU MLP and one attention segment
+per image, and its resampler in place of the merger.
 
 Training = 3 × forward (backward = 2 × forward for every matmul), whatever the stage freezes: the
 usual MFU convention, so stage 3 (frozen ViT) and stage 1 report the work of full training, which
@@ -84,7 +86,24 @@ def _window_sq_sum(extent: int, window: int) -> int:
     return full * window * window + rest * rest
 
 
+def _qwen_vl_vision(cfg: ModelConfig, grid_thw: Sequence[Sequence[int]]) -> tuple[int, int, int]:
+    """Qwen-VL: every image is S = h·w patches (1024) through the ViT (full attention per image), then
+    the resampler: kv_proj 2·S·Hv·H, k/v projections 2·2·S·H², q projection, out_proj and proj
+    2·Q·H² each, cross-attention QKᵀ + AV 2·2·Q·S·H (Q queries, H the LLM width)."""
+    v, h, q = cfg.vision, cfg.llm.hidden_size, cfg.vision.num_queries
+    hv, inner = v.hidden_size, v.intermediate_size or int(v.hidden_size * v.mlp_ratio)
+    linear = attention = projector = 0
+    for t, gh, gw in grid_thw:
+        s = t * gh * gw
+        linear += 2 * s * v.in_channels * v.patch_size**2 * hv + v.depth * 2 * s * hv * (4 * hv + 2 * inner)
+        attention += v.depth * 4 * s * s * hv
+        projector += 2 * s * hv * h + 4 * s * h * h + 6 * q * h * h + 4 * q * s * h
+    return linear, attention, projector
+
+
 def _vision(cfg: ModelConfig, grid_thw: Sequence[Sequence[int]]) -> tuple[int, int, int]:
+    if cfg.generation == "qwen_vl":
+        return _qwen_vl_vision(cfg, grid_thw)
     v = cfg.vision
     hv, m = v.hidden_size, v.spatial_merge_size
     unit = m * m

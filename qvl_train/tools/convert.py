@@ -59,10 +59,15 @@ SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
     "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja",
     "preprocessor_config.json", "video_preprocessor_config.json",
+    # Qwen-VL: remote code and tiktoken ranks of the released repository (AutoModelForCausalLM / AutoTokenizer
+    # with trust_remote_code=True)
+    "qwen.tiktoken", "configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py", "tokenization_qwen.py",
+    "visual.py",
 )
 _HF_MODEL_TYPES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "qwen": "QWenLMHeadModel",
 }
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _SHARD_BYTES = 5 * 1024**3
@@ -74,6 +79,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in _HF_MODEL_TYPES:
         raise ValueError(f"config.json model_type={model_type!r}; convertible: {', '.join(_HF_MODEL_TYPES)}")
+    if model_type == "qwen":
+        return _qwen_vl_config_from_hf(hf)
     t = {**hf, **(hf.get("text_config") or {})}
     v = hf["vision_config"]
     rope = t.get("rope_scaling") or {}
@@ -103,6 +110,62 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
             tokens_per_second=int(v.get("tokens_per_second", 2)), **common,
         )
     return ModelConfig(generation=model_type, vision=vision, llm=llm)
+
+
+def _qwen_vl_config_from_hf(hf: dict) -> ModelConfig:
+    """Qwen-VL `config.json` (`model_type: qwen`, ViT settings under `visual`) → ModelConfig."""
+    v = hf.get("visual")
+    if not v:
+        raise ValueError("config.json has model_type 'qwen' but no 'visual' section: a text-only Qwen, not Qwen-VL")
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    head_dim = hf.get("kv_channels", hidden // heads)
+    llm = LLMConfig(
+        num_layers=hf["num_hidden_layers"], hidden_size=hidden, ffn_hidden_size=hf["intermediate_size"] // 2,
+        num_attention_heads=heads, num_query_groups=heads, vocab_size=hf["vocab_size"],
+        rope_theta=float(hf.get("rotary_emb_base", 10000)), mrope_section=[head_dim // 2, 0, 0],
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)), qkv_bias=True,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        head_dim=None if head_dim * heads == hidden else head_dim,
+    )
+    if v.get("output_dim", hidden) != hidden:
+        raise ValueError(f"visual.output_dim={v['output_dim']} differs from the LLM width {hidden}")
+    vision = VisionConfig(
+        depth=v["layers"], hidden_size=v["width"], num_heads=v["heads"], intermediate_size=int(v["width"] * v["mlp_ratio"]),
+        patch_size=v["patch_size"], temporal_patch_size=1, spatial_merge_size=1, mlp="gelu", image_size=v["image_size"],
+        num_position_embeddings=v.get("num_position_embeddings", 256), num_queries=v.get("n_queries", 256),
+        resampler_heads=v.get("resampler_heads", 0),
+    )
+    return ModelConfig(generation="qwen_vl", vision=vision, llm=llm)
+
+
+def _qwen_vl_config_dict(cfg: ModelConfig, dtype: str) -> dict:
+    """`config.json` as released with Qwen/Qwen-VL (remote code `QWenLMHeadModel`). Settings the released
+    code hard-codes (256 position rows, LLM width / 128 resampler heads) are written only when they differ."""
+    v, l = cfg.vision, cfg.llm
+    head_dim = l.head_dim or l.hidden_size // l.num_attention_heads
+    visual = {
+        "heads": v.num_heads, "image_size": v.image_size, "image_start_id": 151857, "layers": v.depth,
+        "mlp_ratio": round((v.intermediate_size or v.hidden_size * v.mlp_ratio) / v.hidden_size, 4),
+        "output_dim": l.hidden_size, "patch_size": v.patch_size, "width": v.hidden_size,
+    }
+    if v.num_queries != 256:
+        visual["n_queries"] = v.num_queries
+    if v.num_position_embeddings != 256:
+        visual["num_position_embeddings"] = v.num_position_embeddings
+    if v.resampler_heads and v.resampler_heads != l.hidden_size // 128:
+        visual["resampler_heads"] = v.resampler_heads
+    return {
+        "architectures": ["QWenLMHeadModel"], "attn_dropout_prob": 0.0,
+        "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+        "bf16": dtype == "bfloat16", "emb_dropout_prob": 0.0, "fp16": dtype == "float16", "fp32": dtype == "float32",
+        "hidden_size": l.hidden_size, "initializer_range": 0.02, "intermediate_size": 2 * l.ffn_hidden_size,
+        "kv_channels": head_dim, "layer_norm_epsilon": l.norm_eps, "max_position_embeddings": 8192, "model_type": "qwen",
+        "no_bias": True, "num_attention_heads": l.num_attention_heads, "num_hidden_layers": l.num_layers,
+        "onnx_safe": None, "rotary_emb_base": int(l.rope_theta) if float(l.rope_theta).is_integer() else l.rope_theta, "rotary_pct": 1.0, "scale_attn_weights": True,
+        "seq_length": 2048, "tie_word_embeddings": l.tie_word_embeddings, "tokenizer_type": "QWenTokenizer",
+        "torch_dtype": dtype, "transformers_version": "4.31.0", "use_cache": True, "use_dynamic_ntk": True,
+        "use_flash_attn": False, "use_logn_attn": True, "visual": visual, "vocab_size": l.vocab_size,
+    }
 
 
 def _qwen3_vl_config_from_hf(t: dict, v: dict, rope: dict, hf: dict) -> ModelConfig:
@@ -186,6 +249,8 @@ def hf_config_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict:
     v, l = cfg.vision, cfg.llm
     if cfg.generation in ("qwen3_vl", "qwen3_vl_moe"):
         return _qwen3_vl_config_dict(cfg, dtype)
+    if cfg.generation == "qwen_vl":
+        return _qwen_vl_config_dict(cfg, dtype)
     if cfg.generation == "qwen2_vl":
         vision = dict(
             depth=v.depth, embed_dim=v.hidden_size, mlp_ratio=v.mlp_ratio, num_heads=v.num_heads, in_chans=v.in_channels,
@@ -235,8 +300,12 @@ def hf_config_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict:
     }
 
 
-def _generation_config() -> dict:
-    """The sampling-free defaults of the released Instruct models' generation_config.json."""
+def _generation_config(generation: str = "qwen2_vl") -> dict:
+    """The sampling-free defaults of the released Instruct models' generation_config.json (Qwen-VL-Chat's
+    remote `chat()` also reads `chat_format` and `max_window_size`)."""
+    if generation == "qwen_vl":
+        return {"chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643, "max_window_size": 6144,
+                "max_new_tokens": 512, "do_sample": False}
     return {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643], "do_sample": False}
 
 
@@ -472,5 +541,5 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None) ->
         torch_dtype = str(_DTYPES[dtype or "bf16"]).removeprefix("torch.")
         (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, torch_dtype), indent=2) + "\n")
     if not (out / "generation_config.json").exists():
-        (out / "generation_config.json").write_text(json.dumps(_generation_config(), indent=2) + "\n")
+        (out / "generation_config.json").write_text(json.dumps(_generation_config(cfg.generation), indent=2) + "\n")
     return out

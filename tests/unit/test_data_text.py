@@ -109,7 +109,6 @@ def _grounding(box_parts):
 
 
 @pytest.mark.parametrize("generation,answer", [
-    ("qwen_vl", "<ref>the red circle</ref><box>(250,250),(750,750)</box>"),
     ("qwen2_vl", "<|object_ref_start|>the red circle<|object_ref_end|><|box_start|>(250,250),(750,750)<|box_end|>"),
     ("qwen2_5_vl", '```json\n[\n\t{"bbox_2d": [112, 56, 336, 168], "label": "the red circle"}\n]\n```'),
     ("qwen3_vl", '```json\n[\n\t{"bbox_2d": [250, 250, 750, 750], "label": "the red circle"}\n]\n```'),

@@ -158,8 +158,7 @@ def test_preprocess_image_limits_and_large_grids():
         preprocess_image(Image.new("RGB", (1000, 3)), "qwen2_vl")
     with pytest.raises(ValueError, match="over the limit of 200"):
         preprocess_image(Image.new("L", (3, 1000)), "qwen3_vl")
-    with pytest.raises(ValueError, match="qwen_vl uses a fixed 448x448"):
-        preprocess_image(Image.new("RGB", (8, 8)), "qwen_vl")
+    assert preprocess_image(Image.new("RGB", (8, 8)), "qwen_vl")[1] == (1, 32, 32)  # fixed 448² (test_qwen_vl_data.py)
     # 8000x8000 and other large sizes: grids only (the full preprocessing would be slow)
     for generation, factor in (("qwen2_vl", 28), ("qwen3_vl", 32)):
         spec = VISION_SPECS[generation]

@@ -156,6 +156,24 @@ def test_qwen3_vl_linear_parts_match_the_built_model():
     assert (f.vision_linear, f.projector, f.llm_linear) == (want["vision."], want["projector."], want["llm.decoder."])
 
 
+def test_qwen_vl_by_hand():
+    """Qwen-VL: fixed 4×4-patch input, exact-GELU ViT, a 4-query resampler instead of the merger."""
+    cfg = _tiny(patch_size=2, temporal_patch_size=1, spatial_merge_size=1, intermediate_size=16, mlp="gelu",
+                image_size=8, num_position_embeddings=4, num_queries=4, resampler_heads=2)
+    cfg.generation = "qwen_vl"
+    f = batch_flops(cfg, [(1, 4, 4)], [5, 3], label_tokens=4)
+    # ViT, S = 16 patches, Hv = 8, I = 16, patch features C·p·p = 4:
+    #   patch embed 2·16·4·8 = 1024; block 2·S·Hv·(4Hv + 2I) = 2·16·8·64 = 16384
+    #   attention over the image: 4·S²·Hv = 4·256·8 = 8192
+    assert (f.vision_linear, f.vision_attention) == (1024 + 16384, 8192)
+    # Resampler, Q = 4 queries, H = 8: kv_proj 2·S·Hv·H = 2048; k and v 2·2·S·H² = 4096;
+    #   q, out_proj and proj 3·2·Q·H² = 1536; cross-attention QKᵀ + AV 2·2·Q·S·H = 2048
+    assert f.projector == 2048 + 4096 + 1536 + 2048
+    # the LLM as in test_qwen2_vl_by_hand
+    assert (f.llm_linear, f.llm_attention, f.output) == (9216, 544, 640)
+    assert f.forward == 17408 + 8192 + 9728 + 9216 + 544 + 640
+
+
 def test_moe_layers_count_the_router_and_the_active_experts():
     """Qwen3-VL MoE: per token and layer 2·H·E for the router plus 2·3·H·I per routed expert (top-k)."""
     from qvl_train.models.tiny import tiny_qwen3_vl_moe_config

@@ -37,6 +37,9 @@ PUBLISHED = {
     "qwen3_vl/4b": 4.44e9,  # Qwen/Qwen3-VL-4B-Instruct (tied embeddings)
     "qwen3_vl/8b": 8.77e9,  # Qwen/Qwen3-VL-8B-Instruct
     "qwen3_vl/32b": 33.4e9,  # Qwen/Qwen3-VL-32B-Instruct
+    # Qwen-VL: "9.6B" in Table 1 of the paper (arXiv:2308.12966: ViT 1.9B + adapter 0.08B + LLM 7.7B);
+    # the config (config.json of Qwen/Qwen-VL) gives 9.657B.
+    "qwen_vl/7b": 9.6e9,  # Qwen/Qwen-VL, Qwen/Qwen-VL-Chat
 }
 # Qwen3-VL MoE: totals and active parameters from the model names/pages (30B-A3B: 31.1B total;
 # 235B-A22B: 236B total), as recalled without hub access. Kept apart from PUBLISHED because the
@@ -55,9 +58,11 @@ def load_model_config(name: str) -> ModelConfig:
 
 
 def test_every_published_size_has_a_config_and_vice_versa():
-    groups = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+    groups = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
     sizes = {f"{p.parent.name}/{p.stem}" for g in groups for p in (ROOT / g).glob("*.yaml")}
-    assert sizes - {"qwen2_vl/tiny", "qwen2_5_vl/tiny", "qwen3_vl/tiny", "qwen3_vl_moe/tiny"} == set(PUBLISHED) | set(PUBLISHED_MOE)
+    assert sizes - {"qwen_vl/tiny", "qwen2_vl/tiny", "qwen2_5_vl/tiny", "qwen3_vl/tiny", "qwen3_vl_moe/tiny"} == (
+        set(PUBLISHED) | set(PUBLISHED_MOE)
+    )
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_MOE))
@@ -78,7 +83,7 @@ def test_parameter_count_matches_published(name):
     assert abs(total - PUBLISHED[name]) / PUBLISHED[name] < 0.01, (name, total)
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl/tiny", "qwen2_5_vl/tiny", "qwen3_vl/tiny", "qwen3_vl_moe/tiny"])
+@pytest.mark.parametrize("name", ["qwen_vl/tiny", "qwen2_vl/tiny", "qwen2_5_vl/tiny", "qwen3_vl/tiny", "qwen3_vl_moe/tiny"])
 def test_analytic_count_equals_built_model(name, model_parallel_1):
     from qvl_train.config import ParallelConfig
     from qvl_train.models import build_model

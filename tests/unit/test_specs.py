@@ -73,11 +73,10 @@ def test_te_spec_wires_te_layers(monkeypatch, qk_norm):
 
 def test_local_spec_never_touches_te(monkeypatch):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     monkeypatch.setitem(sys.modules, "megatron.core.extensions.transformer_engine", None)  # import would fail
     spec = specs.layer_spec(causal=False, spec_backend="local", qk_norm=True).submodules
-    assert spec.input_layernorm is WrappedTorchNorm and spec.self_attention.submodules.q_layernorm is WrappedTorchNorm
+    assert spec.input_layernorm is specs.TorchNorm and spec.self_attention.submodules.q_layernorm is specs.TorchNorm
     assert spec.self_attention.submodules.linear_qkv is ColumnParallelLinear
     assert spec.mlp.submodules.linear_fc2 is RowParallelLinear
     assert spec.sharded_state_dict_keys_map["input_layernorm."] == "self_attention.linear_qkv.layer_norm_"
@@ -106,3 +105,16 @@ def test_build_model_uses_the_resolved_backend(monkeypatch):
     monkeypatch.setattr(models, "resolve_spec_backend", lambda backend="auto": "te")
     models.build_model(tiny_qwen3_vl_config(), ParallelConfig(), pre_process=True, post_process=True)
     assert asked == ["te", "te"]  # the ViT and the LLM both got the resolved backend
+
+
+def test_torch_norm_tags_sequence_parallel_weights():
+    """The local norm follows `config.normalization` and marks its weights for the TP gradient sum under SP."""
+    from types import SimpleNamespace
+
+    for normalization, cls, n_params in (("RMSNorm", torch.nn.RMSNorm, 1), ("LayerNorm", torch.nn.LayerNorm, 2)):
+        for sp in (False, True):
+            config = SimpleNamespace(normalization=normalization, sequence_parallel=sp, params_dtype=torch.float32)
+            norm = specs.TorchNorm(config, 16, eps=1e-6)
+            assert type(norm) is cls and norm.eps == 1e-6
+            params = list(norm.parameters())
+            assert len(params) == n_params and all(p.sequence_parallel is sp for p in params)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from qvl_train.models.common import Execution, run_layer
+from qvl_train.models.common import Execution, SequenceShards, run_layer
 from qvl_train.models.rope import vision_rope_freqs
 from qvl_train.models.vision.qwen2_vl import Qwen2VisionTransformer, frame_cu_seqlens
 
@@ -91,9 +91,10 @@ class Qwen2_5VisionTransformer(Qwen2VisionTransformer):
         windows = _packed(cu_win.to(h_PD.device))
         frames = _packed(frame_cu_seqlens(grid_thw).to(h_PD.device))
 
-        h = h_PD.unsqueeze(1)  # [P, 1, D]
+        shards = SequenceShards(self.config, P)  # parallel.sp: window-ordered rows split over TP ranks
+        h, rope = shards.scatter(h_PD.unsqueeze(1)), shards.pad_rows(rope)  # [P/tp, 1, D]
         for i, layer in enumerate(self.decoder.layers):
             packed = frames if i in self.full_blocks else windows
             h = run_layer(layer, h, rope, packed)
         inverse = torch.argsort(order)
-        return h.squeeze(1).reshape(P // unit, unit, D)[inverse].reshape(P, D)
+        return shards.gather(h).squeeze(1).reshape(P // unit, unit, D)[inverse].reshape(P, D)

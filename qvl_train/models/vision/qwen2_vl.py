@@ -19,7 +19,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from qvl_train.config import VisionConfig
-from qvl_train.models.common import Execution, make_transformer_config
+from qvl_train.models.common import Execution, SequenceShards, make_transformer_config
 from qvl_train.models.rope import vision_rope_freqs
 from qvl_train.models.specs import layer_spec
 
@@ -30,7 +30,7 @@ def vision_transformer_config(cfg: VisionConfig, *, tp: int, dtype: torch.dtype,
     """The ViT's megatron config (pp = 1: the tower is never split across pipeline stages).
 
     Norm and MLP follow `cfg.norm` / `cfg.mlp` (LayerNorm + QuickGELU for Qwen2-VL, RMSNorm +
-    SwiGLU for Qwen2.5-VL); the block structure is the same.
+    SwiGLU for Qwen2.5-VL, LayerNorm + exact GELU for Qwen-VL); the block structure is the same.
     """
     return make_transformer_config(
         dtype=dtype,
@@ -48,7 +48,18 @@ def vision_transformer_config(cfg: VisionConfig, *, tp: int, dtype: torch.dtype,
         add_bias_linear=True,
         add_qkv_bias=True,
         gated_linear_unit=cfg.mlp == "swiglu",  # Qwen2.5-VL: SwiGLU with biases on gate/up/down
-        activation_func=torch.nn.functional.silu if cfg.mlp == "swiglu" else quick_gelu,
+        activation_func={"swiglu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}.get(cfg.mlp, quick_gelu),
+    )
+
+
+def vision_block(config, attention_backend: str, spec_backend: str) -> TransformerBlock:
+    """The ViT's `depth` bidirectional pre-norm layers (no final norm: the projector normalises)."""
+    return TransformerBlock(
+        config=config,
+        spec=layer_spec(causal=False, attention_backend=attention_backend, spec_backend=spec_backend),
+        post_layer_norm=False,
+        pre_process=True,
+        post_process=True,
     )
 
 
@@ -87,13 +98,7 @@ class Qwen2VisionTransformer(MegatronModule):
         self.cfg = cfg
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.patch_embed = PatchEmbed(config, cfg)
-        self.decoder = TransformerBlock(
-            config=config,
-            spec=layer_spec(causal=False, attention_backend=attention_backend, spec_backend=spec_backend),
-            post_layer_norm=False,
-            pre_process=True,
-            post_process=True,
-        )
+        self.decoder = vision_block(config, attention_backend, spec_backend)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         h_P1D = self.patch_embed(pixel_values).unsqueeze(1)
@@ -107,5 +112,8 @@ class Qwen2VisionTransformer(MegatronModule):
             max_seqlen_q=longest,
             max_seqlen_kv=longest,
         )
-        h_P1D = self.decoder(hidden_states=h_P1D, attention_mask=None, rotary_pos_emb=rope, packed_seq_params=packed)
-        return h_P1D.squeeze(1)
+        shards = SequenceShards(self.config, h_P1D.shape[0])  # parallel.sp: rows split over TP ranks
+        h = self.decoder(
+            hidden_states=shards.scatter(h_P1D), attention_mask=None, rotary_pos_emb=shards.pad_rows(rope), packed_seq_params=packed
+        )
+        return shards.gather(h).squeeze(1)

@@ -28,7 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from qvl_train.config import VisionConfig
-from qvl_train.models.common import Execution, make_transformer_config, run_layer
+from qvl_train.models.common import Execution, SequenceShards, make_transformer_config, run_layer
 from qvl_train.models.rope import vision_rope_freqs
 from qvl_train.models.specs import layer_spec
 from qvl_train.models.vision.qwen2_vl import frame_cu_seqlens
@@ -139,10 +139,11 @@ class Qwen3VisionTransformer(MegatronModule):
         cu = frame_cu_seqlens(grid_thw).to(h_PD.device)
         longest = int((cu[1:] - cu[:-1]).max())
         packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest)
-        h = h_PD.unsqueeze(1)
+        shards = SequenceShards(self.config, h_PD.shape[0])  # parallel.sp: rows split over TP ranks
+        h, rope = shards.scatter(h_PD.unsqueeze(1)), shards.pad_rows(rope)
         deep = []
         for i, layer in enumerate(self.decoder.layers):
             h = run_layer(layer, h, rope, packed)
             if i in self.deepstack_indexes:
-                deep.append(h.squeeze(1))
-        return h.squeeze(1), deep  # in block order = config order (validated increasing)
+                deep.append(shards.gather(h).squeeze(1))
+        return shards.gather(h).squeeze(1), deep  # in block order = config order (validated increasing)

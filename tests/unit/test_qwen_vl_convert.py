@@ -1,0 +1,84 @@
+"""Qwen-VL export/import: the original checkpoint names of its public remote code, config.json as released,
+and a bit-exact round trip through `launch/convert.py`.
+
+`tests/fixtures/qwen_vl_7b_names.txt` (names and shapes of every tensor of Qwen-VL-7B) is written by
+`tests/fixtures/make_qwen_vl_names.py` from the public module tree, independently of the conversion
+rules; the 7B model is built on the meta device (no memory) to produce the exported names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qvl_train.config import ParallelConfig
+from qvl_train.models import build_model
+from qvl_train.models.hf_convert import hf_to_ours, ours_to_hf
+from qvl_train.tools.convert import hf_config_dict, load_hf_state_dict, model_config_from_hf
+from tests.conftest import megatron_one_rank_world  # noqa: E402
+from tests.unit.test_convert import _convert
+from tests.unit.test_model_params import load_model_config
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "qwen_vl_7b_names.txt"
+
+
+def _meta_state_dict(cfg) -> dict[str, torch.Tensor]:
+    megatron_one_rank_world()
+    with torch.device("meta"):
+        model = build_model(cfg, ParallelConfig(), pre_process=True, post_process=True)
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def test_export_names_and_shapes_are_the_released_ones():
+    cfg = load_model_config("qwen_vl/7b")
+    hf = ours_to_hf(_meta_state_dict(cfg), cfg)
+    got = sorted(f"{k} {'x'.join(map(str, v.shape))}" for k, v in hf.items())
+    assert got == FIXTURE.read_text().splitlines()
+
+
+def test_config_json_as_released_and_back():
+    cfg = load_model_config("qwen_vl/7b")
+    conf = hf_config_dict(cfg, "bfloat16")
+    assert conf["visual"] == {"heads": 16, "image_size": 448, "image_start_id": 151857, "layers": 48, "mlp_ratio": 4.9231,
+                              "output_dim": 4096, "patch_size": 14, "width": 1664}
+    assert (conf["model_type"], conf["intermediate_size"], conf["kv_channels"], conf["rotary_emb_base"]) == ("qwen", 22016, 128, 10000)
+    for name in ("qwen_vl/7b", "qwen_vl/tiny"):
+        full = load_model_config(name)
+        back = model_config_from_hf(hf_config_dict(full))
+        assert (back.generation, back.vision, back.llm) == (full.generation, full.vision, full.llm)
+
+
+def test_import_export_bit_identical(tmp_path):
+    """Random bf16 tensors under the released names → import-hf → export-hf: every tensor, name and config equal."""
+    cfg = load_model_config("qwen_vl/tiny")
+    g = torch.Generator().manual_seed(0)
+    ours = {k: torch.randn(v.shape, generator=g).to(torch.bfloat16) for k, v in _meta_state_dict(cfg).items()}
+    src_sd = ours_to_hf(ours, cfg)
+    assert {k: v for k, v in hf_to_ours(src_sd, cfg).items()}.keys() == ours.keys()
+    src, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
+    src.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(src_sd, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps(hf_config_dict(cfg, "bfloat16"), indent=2))
+    _convert("import-hf", "--hf-dir", src, "--out", ckpt)
+    _convert("export-hf", "--ckpt", ckpt, "--out", out)
+    a, b = load_hf_state_dict(src), load_hf_state_dict(out)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+
+
+@pytest.mark.parametrize("key", ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias"])
+def test_c_attn_is_q_k_v_over_all_heads(key):
+    """c_attn rows [q; k; v]: our fused per-head layout puts q of head 0 first, then its k, then its v."""
+    cfg = load_model_config("qwen_vl/tiny")
+    src = {k: torch.randn(v.shape) for k, v in ours_to_hf(_meta_state_dict(cfg), cfg).items()}
+    fused = hf_to_ours(src, cfg)["llm.decoder.layers.0.self_attention.linear_qkv." + key.rsplit(".", 1)[1]]
+    q, k, v = src[key].chunk(3)
+    d = cfg.llm.hidden_size // cfg.llm.num_attention_heads
+    assert torch.equal(fused[:d], q[:d]) and torch.equal(fused[d:2 * d], k[:d]) and torch.equal(fused[2 * d:3 * d], v[:d])
