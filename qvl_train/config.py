@@ -615,11 +615,10 @@ class TrainConfig:
             raise ConfigError(
                 f"model.llm.moe_ffn_hidden_size={llm.moe_ffn_hidden_size} is not divisible by parallel.etp={p.etp}"
             )
-        if llm.num_experts and p.tp > 1:
+        if llm.num_experts and p.tp > 1 and not p.sp:
             raise ConfigError(
-                f"parallel.tp={p.tp} with a mixture-of-experts model: megatron-core runs MoE layers under tensor "
-                "parallelism only with sequence parallelism, and that combination does not run here yet; use "
-                "parallel.tp=1 (split the experts with parallel.ep instead)"
+                f"parallel.tp={p.tp} with a mixture-of-experts model needs sequence parallelism (megatron-core's MoE "
+                "layers take sequence-parallel activations under tensor parallelism); add parallel.sp=true"
             )
 
     def _validate_eval(self, dp: int) -> None:

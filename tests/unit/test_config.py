@@ -93,7 +93,7 @@ def test_user_keys_reach_the_typed_config():
         (["parallel.ep=2"], 2, "parallel.ep"),  # expert parallel without experts
         (["model=qwen3_vl_moe/tiny", "parallel.ep=3"], 3, "num_experts"),  # 4 % 3
         (["model=qwen3_vl_moe/tiny", "parallel.ep=2"], 3, "parallel.ep"),  # 3 % ep·etp·pp
-        (["model=qwen3_vl_moe/tiny", "parallel.tp=2"], 2, "parallel.tp"),  # MoE needs tp=1
+        (["model=qwen3_vl_moe/tiny", "parallel.tp=2"], 2, "parallel.sp"),  # MoE under tp needs sp
         (["parallel.tp=2", "parallel.sp=true", "data.max_tokens=1023", "train.global_batch_tokens=1023"], 2,
          "data.max_tokens"),  # sequence parallelism splits the packed length over tp
     ],
