@@ -92,7 +92,7 @@ from data_pipelines.workers import DecodePool
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+SUPPORTED_GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 """Qwen-VL: fixed 448² images, 256 tokens each, 1-D positions, no video. Qwen2.5-VL shares Qwen2-VL's tokenizer, chat template, image preprocessing and image position
 ids (only its video position ids differ: absolute time); Qwen3-VL needs its own."""
 

@@ -19,7 +19,7 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd")
 DECAY_STYLES = ("linear", "cosine", "sqrt")
 RECOMPUTE = ("none", "selective", "full")
 FP8_MODES = ("off", "auto", "hybrid", "e4m3")
-IMPLEMENTED_GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+IMPLEMENTED_GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 LORA_MODULES = ("llm", "projector", "vision")
 
@@ -125,7 +125,11 @@ class LLMConfig:
     moe_ffn_hidden_size: int = 0
     """SwiGLU inner width of one expert."""
     moe_router_topk: int = 0
-    """Experts each token is routed to."""
+    """Experts each token is routed to (softmax over all experts, top-k, weights renormalised over the k)."""
+    moe_aux_loss_coeff: float = 0.001
+    """Load-balancing (Switch-style) aux loss coefficient per MoE layer, as megatron-core computes it
+    (Qwen3-VL-MoE's `router_aux_loss_coef`, 0.001); 0 = off. Reported as `loss/moe_aux`, never
+    mixed into the reported LM loss."""
 
 
 @dataclass
@@ -229,6 +233,18 @@ class ModelConfig:
                 f"model.vision.deepstack_visual_indexes={list(self.vision.deepstack_visual_indexes)}: each must be in "
                 f"0..depth-1={self.vision.depth - 1}, strictly increasing, and at most num_layers={llm.num_layers} of them"
             )
+        if llm.num_experts and not (0 < llm.moe_router_topk <= llm.num_experts and llm.moe_ffn_hidden_size > 0):
+            raise ConfigError(
+                f"model.llm.num_experts={llm.num_experts} needs 0 < model.llm.moe_router_topk <= num_experts "
+                f"(got {llm.moe_router_topk}) and model.llm.moe_ffn_hidden_size > 0 (got {llm.moe_ffn_hidden_size})"
+            )
+        if (llm.num_experts > 0) != (self.generation == "qwen3_vl_moe"):
+            raise ConfigError(
+                f"model.generation={self.generation!r} with model.llm.num_experts={llm.num_experts}: only qwen3_vl_moe "
+                "has experts (num_experts > 0) and it must have them"
+            )
+        if llm.moe_aux_loss_coeff < 0:
+            raise ConfigError("model.llm.moe_aux_loss_coeff must be >= 0 (0 = no load-balancing loss)")
         bad = [i for i in self.vision.fullatt_block_indexes if not 0 <= i < self.vision.depth]
         if bad:
             raise ConfigError(f"model.vision.fullatt_block_indexes {bad} are outside 0..depth-1={self.vision.depth - 1}")
@@ -268,9 +284,10 @@ class ParallelConfig:
     cp: int = 1
     """Context-parallel size (training: not yet available, must be 1; the planner models it)."""
     ep: int = 1
-    """Expert-parallel size for MoE models (training: not yet available; the planner models it)."""
+    """Expert-parallel size for MoE models: the experts of each layer are split over ep ranks, tokens
+    travel by all-to-all. Not an extra factor of the world: ep·etp·pp must divide the world size."""
     etp: int = 1
-    """Tensor-parallel size inside experts (training: not yet available; the planner models it)."""
+    """Tensor-parallel size inside experts (1 = each expert whole on its rank)."""
     vpp: int = 1
     """Virtual pipeline stages per rank, interleaved 1F1B (training: not yet available; planner)."""
     first_stage_layers: Optional[int] = None
@@ -283,8 +300,7 @@ class ParallelConfig:
 
     def check_available(self) -> None:
         """Layouts `launch/plan.py` can model but training cannot run yet (before any process group)."""
-        for key, what in (("cp", "context parallel"), ("ep", "expert parallel"), ("etp", "expert tensor parallel"),
-                          ("vpp", "the interleaved pipeline schedule")):
+        for key, what in (("cp", "context parallel"), ("vpp", "the interleaved pipeline schedule")):
             if getattr(self, key) != 1:
                 raise ConfigError(f"parallel.{key}={getattr(self, key)}: {what} is not available yet; set parallel.{key}=1")
 
@@ -586,6 +602,7 @@ class TrainConfig:
         ):
             if heads % p.tp:
                 raise ConfigError(f"{name}={heads} is not divisible by parallel.tp={p.tp}; change parallel.tp")
+        self._validate_experts(world_size)
         if llm.vocab_size % p.tp:
             raise ConfigError(f"model.llm.vocab_size={llm.vocab_size} is not divisible by parallel.tp={p.tp}")
         if p.sp and p.tp > 1 and self.data.max_tokens % p.tp:
@@ -635,6 +652,43 @@ class TrainConfig:
             raise ConfigError(
                 f"model.lora.modules={list(lora.modules)} has no module that stage={self.stage.name} trains "
                 f"({', '.join(self.stage.trainable)}): nothing would train; change model.lora.modules or the stage"
+            )
+
+    def _validate_experts(self, world_size: int) -> None:
+        """Expert parallelism: megatron's rule (ep·etp·pp divides the world; experts divide over ep)."""
+        p, llm = self.parallel, self.model.llm
+        if (p.ep > 1 or p.etp > 1) and not llm.num_experts:
+            raise ConfigError(
+                f"parallel.ep={p.ep} / parallel.etp={p.etp} need a mixture-of-experts model "
+                f"(model.generation={self.model.generation!r} has none); set parallel.ep=1 parallel.etp=1"
+            )
+        if world_size % (p.ep * p.etp * p.pp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.ep·etp·pp = {p.ep}·{p.etp}·{p.pp} "
+                "(megatron's expert layout); change parallel.ep/parallel.etp or the number of processes"
+            )
+        if llm.num_experts % p.ep:
+            raise ConfigError(
+                f"model.llm.num_experts={llm.num_experts} is not divisible by parallel.ep={p.ep}; change parallel.ep"
+            )
+        if llm.num_experts and p.etp > 1 and llm.moe_ffn_hidden_size % p.etp:
+            raise ConfigError(
+                f"model.llm.moe_ffn_hidden_size={llm.moe_ffn_hidden_size} is not divisible by parallel.etp={p.etp}"
+            )
+        if llm.num_experts and self.optim.distributed:
+            raise ConfigError(
+                "optim.distributed=true with a mixture-of-experts model is not available yet (expert gradients "
+                "are reduced over their own group by the engine's optimizer); set optim.distributed=false"
+            )
+        if llm.num_experts and self.model.lora.enabled:
+            raise ConfigError(
+                "model.lora with a mixture-of-experts model is not available yet (adapters wrap dense linear "
+                "layers only); set model.lora.rank=0"
+            )
+        if llm.num_experts and p.tp > 1 and not p.sp:
+            raise ConfigError(
+                f"parallel.tp={p.tp} with a mixture-of-experts model needs sequence parallelism (megatron-core's MoE "
+                "layers take sequence-parallel activations under tensor parallelism); add parallel.sp=true"
             )
 
     def _validate_eval(self, dp: int) -> None:

@@ -33,7 +33,9 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
         [
             f"layout      {dims.describe()}",
             f"model       {cfg.model.generation}: ViT {cfg.model.vision.depth}×{cfg.model.vision.hidden_size}, "
-            f"LLM {cfg.model.llm.num_layers}×{cfg.model.llm.hidden_size}",
+            f"LLM {cfg.model.llm.num_layers}×{cfg.model.llm.hidden_size}"
+            + (f", {cfg.model.llm.num_experts} experts (top-{cfg.model.llm.moe_router_topk}) per layer"
+               if cfg.model.llm.num_experts else ""),
             f"stage       {cfg.stage.name} (trains: {_trains(cfg)})",
             f"batch       {cfg.train.global_batch_tokens} tokens/step = {micro} micro-batches × "
             f"{cfg.data.max_tokens} tokens ({micro // dims.dp} per data-parallel rank)",

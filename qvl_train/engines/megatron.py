@@ -8,12 +8,15 @@ How a step works (every layout computes the same step as one process):
   2. megatron-core's schedule runs forward/backward (no pipelining, or 1F1B across `pp` stages with
      `[L, 1, H]` activations sent between stages). `calculate_per_token_loss=True` keeps it from
      dividing by the micro-batch count: our loss is already normalised.
-  3. Gradients are summed over data-parallel ranks (one flat all-reduce per dtype); the global norm
-     is computed per module (vit / projector / llm) counting tensor-parallel duplicates once, summed
-     over the model-parallel group, then clipped; AdamW steps. With `optim.distributed=true` step 3
-     is megatron-core's DistributedDataParallel + DistributedOptimizer instead (reduce-scatter, AdamW
-     state and fp32 masters sharded over dp; see `engines/distributed_optimizer.py`); the step result
-     is the same.
+  3. Gradients are summed over data-parallel ranks (one flat all-reduce per dtype) — routed-expert
+     gradients over the expert-data-parallel group instead (the ranks that hold the same experts under
+     `parallel.ep`); the global norm is computed per module (vit / projector / llm) counting
+     tensor-parallel duplicates once, summed over the model-parallel group (expert shards over the
+     expert tensor×expert×pipeline group), then clipped; AdamW steps. With `optim.distributed=true`
+     step 3 is megatron-core's DistributedDataParallel + DistributedOptimizer instead (reduce-scatter,
+     AdamW state and fp32 masters sharded over dp; see `engines/distributed_optimizer.py`); the step
+     result is the same.
+  MoE models also report the load-balancing loss and the expert load (`engines/moe.py`).
 
 The optimizer has one pair of parameter groups (decayed / not decayed: norms and biases) per module,
 each with its own peak learning rate (`optim.lr_vit`, `optim.lr_projector`, `optim.lr`) and the same
@@ -39,6 +42,7 @@ import torch.distributed as dist
 from data_pipelines.schema import PackedBatch
 from qvl_train.loss import global_token_mean
 from qvl_train.config import ModelConfig, OptimConfig, ParallelConfig, StageConfig
+from qvl_train.engines.moe import MoEStepMonitor, is_expert_param
 from qvl_train.parallel.dims import ParallelDims
 
 MODULES = ("vision", "projector", "llm")
@@ -59,6 +63,8 @@ class StepResult:
     dp_imbalance: float = 1.0  # max / mean of real tokens over data-parallel ranks
     timings: dict[str, float] = field(default_factory=dict)  # fwd_bwd_s (this rank's own), optimizer_s (incl. dp sync)
     lrs: dict[str, float] = field(default_factory=dict)  # learning rate of the step per module (vision / projector / llm)
+    moe_aux_loss: float | None = None  # MoE: load-balancing loss of the step (not part of `loss`)
+    expert_load: dict[int, list[float]] = field(default_factory=dict)  # MoE: layer → routed tokens per expert
 
 
 def _decay_scale(style: str, progress: float) -> float:
@@ -187,6 +193,10 @@ class MegatronEngine:
             )
 
         self._tp_partial = [p for n, p in self._params if _tp_partial_grad(n, p)]
+        llm = model_cfg.llm
+        self.moe = MoEStepMonitor(
+            self.model, dims, llm.moe_aux_loss_coeff, llm.num_layers, llm.num_experts
+        ) if llm.num_experts else None
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters of the whole model: summed over pipeline stages, each
@@ -251,6 +261,8 @@ class MegatronEngine:
         self.model.train()
         self._zero_grads()
         seq_length = batches[0].num_slots
+        if self.moe is not None:
+            self.moe.begin_step(len(batches))
         losses = get_forward_backward_func()(
             forward_step_func=partial(_forward_step, denom=denom, device=device),
             data_iterator=iter(batches),
@@ -268,6 +280,7 @@ class MegatronEngine:
         t1 = time.perf_counter()  # this rank's own forward/backward: before it waits on other dp ranks
         dist.all_reduce(loss_sum, group=dims.groups["world"])  # one contributor per dp rank
         loss = float(loss_sum) / denom
+        moe_aux, expert_load = self.moe.end_step() if self.moe is not None else (None, {})
 
         self._sum_tp_partial_grads()
         self._sum_tied_embedding_grads()
@@ -285,6 +298,7 @@ class MegatronEngine:
             label_tokens=label_tokens, samples=samples, visual_tokens=visual, slots=slots,
             skipped=not finite, flops=flops, dp_imbalance=dp_imbalance,
             timings={"fwd_bwd_s": t1 - t0, "optimizer_s": t2 - t1}, lrs=lrs,
+            moe_aux_loss=moe_aux, expert_load=expert_load,
         )
 
     def eval_step(self, batches: list[PackedBatch]) -> tuple[float, int]:
@@ -379,30 +393,44 @@ class MegatronEngine:
         self.optimizer.step()
 
     def _allreduce_grads(self) -> None:
-        """Sum gradients over data-parallel ranks in one flat buffer."""
-        if self.dims.dp == 1:
-            return
-        grads = [p.grad for _, p in self._params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.dims.groups["dp"])
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
+        """Sum gradients over data-parallel ranks in one flat buffer (grads already carry 1/G); routed
+        experts over the ranks that hold the same experts (expert data parallel), not the dense dp group."""
+        dense = [p.grad for n, p in self._params if p.grad is not None and not is_expert_param(n)]
+        expert = [p.grad for n, p in self._params if p.grad is not None and is_expert_param(n)]
+        for grads, size, group in ((dense, self.dims.dp, "dp"), (expert, self.dims.expert_dp, "edp")):
+            if size == 1 or not grads:
+                continue
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.dims.groups[group])
+            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)
 
     def _grad_norms(self) -> tuple[float, dict[str, float]]:
-        """Global L2 norm per module; tensor-parallel duplicates (norms, biases) counted once."""
-        if self.sharded is not None:  # each rank holds a 1/dp slice of every gradient
-            sq = self.sharded.module_grad_sq(self.dims.device, counted=self._counted)
-            dist.all_reduce(sq, group=self.dims.groups["dp"])
+        """Global L2 norm per module; tensor-parallel duplicates (norms, biases) counted once.
+
+        Dense parameters: squares summed over the model-parallel group (tp × pp). Routed experts: every
+        local shard counts, summed over the expert tensor × expert × pipeline group, so each expert
+        is counted once whatever `parallel.ep` (its expert-data-parallel copies are not in that group).
+        With `optim.distributed` (dense models only) each rank holds a 1/dp slice of every gradient.
+        """
+        if self.sharded is not None:
+            total = self.sharded.module_grad_sq(self.dims.device, counted=self._counted)
+            dist.all_reduce(total, group=self.dims.groups["dp"])
+            dist.all_reduce(total, group=self.dims.groups["mp"])
         else:
-            sq = torch.zeros(len(MODULES), dtype=torch.float64, device=self.dims.device)
+            sq = torch.zeros(2, len(MODULES), dtype=torch.float64, device=self.dims.device)  # [dense, expert]
             for name, p in self._params:
-                if p.grad is not None and self._counted(p):
-                    sq[MODULES.index(_module_of(name))] += torch.linalg.vector_norm(p.grad.detach()).double() ** 2
-        dist.all_reduce(sq, group=self.dims.groups["mp"])
-        norms = {m: math.sqrt(v) for m, v in zip(MODULES, sq.tolist())}
-        return math.sqrt(float(sq.sum())), norms
+                if p.grad is None:
+                    continue
+                expert = is_expert_param(name)
+                if expert or self._counted(p):
+                    sq[int(expert), MODULES.index(_module_of(name))] += torch.linalg.vector_norm(p.grad.detach()).double() ** 2
+            dist.all_reduce(sq[0], group=self.dims.groups["mp"])
+            if self.moe is not None:
+                dist.all_reduce(sq[1], group=self.dims.groups["emp"])
+            total = sq.sum(0)
+        norms = {m: math.sqrt(v) for m, v in zip(MODULES, total.tolist())}
+        return math.sqrt(float(total.sum())), norms
 
     # ------------------------------------------------------------ checkpoint
     def sharded_state_dict(self, with_optimizer: bool = True, is_loading: bool = False) -> dict:

@@ -76,6 +76,7 @@ _BUILDERS: dict[str, Callable[..., VLM]] = {
     "qwen2_vl": _build_qwen2_vl,
     "qwen2_5_vl": _build_qwen2_5_vl,
     "qwen3_vl": _build_qwen3_vl,
+    "qwen3_vl_moe": _build_qwen3_vl,  # the same model; the LLM's layers get megatron's MoELayer (num_experts > 0)
 }
 IMPLEMENTED = tuple(_BUILDERS)
 

@@ -28,9 +28,13 @@ import torch
 
 from qvl_train.config import ModelConfig
 
-__all__ = ["hf_to_ours", "ours_to_hf", "lora_to_hf", "detect_style", "fuse_qkv", "split_qkv", "SUPPORTED"]
+__all__ = [
+    "hf_to_ours", "ours_to_hf", "lora_to_hf", "detect_style", "detect_expert_layout", "EXPERT_LAYOUTS", "fuse_qkv", "split_qkv",
+    "SUPPORTED",
+]
 
-SUPPORTED = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+SUPPORTED = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+EXPERT_LAYOUTS = ("hub", "transposed")
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int) -> torch.Tensor:
@@ -80,7 +84,7 @@ def _rules(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
     """(our key, canonical HF keys, transform) for every tensor of the model."""
     if cfg.generation not in SUPPORTED:
         raise ValueError(f"HF conversion covers {SUPPORTED}, not {cfg.generation!r}")
-    if cfg.generation == "qwen3_vl":
+    if cfg.generation in ("qwen3_vl", "qwen3_vl_moe"):
         return _rules_qwen3_vl(cfg)
     if cfg.generation == "qwen_vl":
         return _rules_qwen_vl(cfg)
@@ -203,18 +207,61 @@ def _rules_qwen3_vl(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
             R.append((d + "self_attention.q_layernorm.weight", (s + "self_attn.q_norm.weight",), "id"))
             R.append((d + "self_attention.k_layernorm.weight", (s + "self_attn.k_norm.weight",), "id"))
         R.append((d + "self_attention.linear_proj.weight", (s + "self_attn.o_proj.weight",), "id"))
-        R.append((d + "mlp.linear_fc1.weight", (s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight"), "cat"))
-        R.append((d + "mlp.linear_fc2.weight", (s + "mlp.down_proj.weight",), "id"))
+        if llm.num_experts:
+            R.extend(_expert_rules(d, s, llm.num_experts))
+        else:
+            R.append((d + "mlp.linear_fc1.weight", (s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight"), "cat"))
+            R.append((d + "mlp.linear_fc2.weight", (s + "mlp.down_proj.weight",), "id"))
     R.append(("llm.decoder.final_layernorm.weight", ("lm.norm.weight",), "id"))
     if not llm.tie_word_embeddings:
         R.append(("llm.output_layer.weight", ("lm_head.weight",), "id"))
     return R
 
 
+def _expert_rules(d: str, s: str, num_experts: int) -> list[tuple[str, tuple[str, ...], str]]:
+    """Qwen3-VL-MoE layer MLP: router `mlp.gate` (ours `mlp.router`) and the experts, which HF stores
+    fused per layer (`gate_up_proj` / `down_proj` with a leading expert dim) and megatron's
+    `SequentialMLP` per expert (`experts.local_experts.{j}.linear_fc1` = [gate; up], `linear_fc2`);
+    kind `expert_fc1:j` / `expert_fc2:j` is expert j's slice of the fused tensor."""
+    R = [(d + "mlp.router.weight", (s + "mlp.gate.weight",), "id")]
+    for j in range(num_experts):
+        e = d + f"mlp.experts.local_experts.{j}."
+        R.append((e + "linear_fc1.weight", (s + "mlp.experts.gate_up_proj",), f"expert_fc1:{j}"))
+        R.append((e + "linear_fc2.weight", (s + "mlp.experts.down_proj",), f"expert_fc2:{j}"))
+    return R
+
+
+def detect_expert_layout(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> str | None:
+    """Which layout a Qwen3-VL-MoE checkpoint stores its experts in (None without experts).
+
+    ``hub`` (the released checkpoints, transformers 4.x): `gate_up_proj [E, H, 2I]`, `down_proj
+    [E, I, H]`; ``transposed`` (transformers 5.x runtime): `gate_up_proj [E, 2I, H]`, `down_proj
+    [E, H, I]`. Told apart by shape; where H = 2I and I = H cannot both hold, one of the two shapes
+    decides (a model with H = 2I and I = H does not exist)."""
+    h, inner = cfg.llm.hidden_size, cfg.llm.moe_ffn_hidden_size
+    for key, t in hf_state_dict.items():
+        if key.endswith("mlp.experts.gate_up_proj") and h != 2 * inner:
+            return "hub" if t.shape[1] == h else "transposed"
+        if key.endswith("mlp.experts.down_proj") and h != inner:
+            return "hub" if t.shape[1] == inner else "transposed"
+    return None
+
+
+def _expert_slice(fused: torch.Tensor, j: int, layout: str) -> torch.Tensor:
+    """Expert j of a fused HF tensor as megatron's `[out, in]` weight."""
+    return fused[j] if layout == "transposed" else fused[j].t()
+
+
+def _fuse_experts(weights: list[torch.Tensor], layout: str) -> torch.Tensor:
+    """Inverse of `_expert_slice` over all experts of a layer."""
+    return torch.stack([w if layout == "transposed" else w.t() for w in weights])
+
+
 def hf_to_ours(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF state dict (either spelling) → full state dict of our `VLM` at tp = pp = 1."""
     src = {_to_canonical(k): v for k, v in hf_state_dict.items()}
     vit, llm = cfg.vision, cfg.llm
+    layout = detect_expert_layout(src, cfg) or "hub"
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for ours, hf_keys, kind in _rules(cfg):
@@ -236,6 +283,8 @@ def hf_to_ours(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
             out[ours] = fuse_qkv(*t[0].chunk(3, dim=0), llm.num_attention_heads, llm.num_query_groups)
         elif kind == "cat":
             out[ours] = torch.cat(t)
+        elif kind.startswith("expert_"):
+            out[ours] = _expert_slice(t[0], int(kind.split(":")[1]), layout)
         else:  # pragma: no cover
             raise AssertionError(kind)
     if llm.tie_word_embeddings:
@@ -286,20 +335,31 @@ def lora_to_hf(
 
 
 def ours_to_hf(
-    state_dict: dict[str, torch.Tensor], cfg: ModelConfig, *, style: str = "hub", write_tied_lm_head: bool = False
+    state_dict: dict[str, torch.Tensor], cfg: ModelConfig, *, style: str = "hub", write_tied_lm_head: bool = False,
+    expert_layout: str = "hub",
 ) -> dict[str, torch.Tensor]:
     """Full state dict of our `VLM` (tp = pp = 1) → HF state dict in the given key `style`.
 
     With tied embeddings no `lm_head.weight` is written unless `write_tied_lm_head` (some
-    checkpoints carry the copy; import records whether the source did).
+    checkpoints carry the copy; import records whether the source did). Qwen3-VL-MoE experts are
+    written fused in `expert_layout` (``hub`` | ``transposed``, see `detect_expert_layout`).
     """
     if style not in ("hub", "runtime"):
         raise ValueError(f"style={style!r}; valid: hub, runtime")
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert_layout={expert_layout!r}; valid: {', '.join(EXPERT_LAYOUTS)}")
     llm = cfg.llm
     out: dict[str, torch.Tensor] = {}
+    experts: dict[str, list[torch.Tensor]] = {}  # fused HF key → expert weights in order
     for ours, hf_keys, kind in _rules(cfg):
-        for key, part in zip(hf_keys, _to_hf_parts(state_dict[ours], kind, cfg)):
+        t = state_dict[ours]
+        if kind.startswith("expert_"):
+            experts.setdefault(_from_canonical(hf_keys[0], style), []).append(t)
+            continue
+        for key, part in zip(hf_keys, _to_hf_parts(t, kind, cfg)):
             out[_from_canonical(key, style)] = part.contiguous()
+    for key, weights in experts.items():
+        out[key] = _fuse_experts(weights, expert_layout).contiguous()
     if llm.tie_word_embeddings and write_tied_lm_head:
         out["lm_head.weight"] = state_dict["llm.embedding.weight"].clone()
     return out

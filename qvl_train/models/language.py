@@ -35,6 +35,7 @@ def llm_transformer_config(cfg: LLMConfig, parallel: ParallelConfig, *, dtype: t
     """The LLM's megatron config: the full parallel layout (tp, pp, uneven first stage), recompute / FP8."""
     first = parallel.first_stage_layers if parallel.pp > 1 else None
     last = cfg.num_layers - first if (first is not None and parallel.pp == 2) else None
+    moe = moe_transformer_kwargs(cfg, parallel) if cfg.num_experts else {}
     return make_transformer_config(
         dtype=dtype,
         execution=execution,
@@ -55,6 +56,33 @@ def llm_transformer_config(cfg: LLMConfig, parallel: ParallelConfig, *, dtype: t
         add_qkv_bias=cfg.qkv_bias,
         gated_linear_unit=True,
         activation_func=F.silu,
+        **moe,
+    )
+
+
+def moe_transformer_kwargs(cfg: LLMConfig, parallel: ParallelConfig) -> dict:
+    """megatron's MoE fields for Qwen3-VL-MoE's router (HF `Qwen3VLMoeTextSparseMoeBlock`).
+
+    HF: softmax over all experts, top-k, the k weights renormalised to sum 1. megatron with
+    `moe_router_pre_softmax=False`: top-k of the logits, softmax over those k — the same weights
+    (p_i / Σ_topk p_j = exp(l_i) / Σ_topk exp(l_j)) and the same experts (softmax is monotone).
+    Router logits in fp32 whatever the parameter dtype; no capacity limit (no token dropping); the
+    alltoall dispatcher (tokens travel to the rank that holds their expert under `parallel.ep`).
+    The load-balancing loss is megatron's per-layer Switch loss with `moe_aux_loss_coeff` (the
+    engine rescales the coefficient per step, see `engines/megatron.py`).
+    """
+    return dict(
+        num_moe_experts=cfg.num_experts,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_router_topk=cfg.moe_router_topk,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=False,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_token_dispatcher_type="alltoall",
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp,
     )
 
 
@@ -89,7 +117,10 @@ class Qwen2LanguageModel(MegatronModule):
             )
             if self.tie and not post_process:
                 self.embedding.weight.shared_embedding = True
-        layer = layer_spec(causal=True, attention_backend=attention_backend, spec_backend=spec_backend, qk_norm=cfg.qk_norm)
+        layer = layer_spec(
+            causal=True, attention_backend=attention_backend, spec_backend=spec_backend, qk_norm=cfg.qk_norm,
+            moe=cfg.num_experts > 0,
+        )
         self.decoder = TransformerBlock(
             config=config,
             spec=block_spec(config, layer, spec_backend),

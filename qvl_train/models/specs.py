@@ -30,13 +30,15 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from qvl_train.models.attention import VarlenAttention
 
-__all__ = ["te_available", "resolve_spec_backend", "layer_spec", "block_spec", "TorchNorm", "fp8_missing", "resolve_fp8"]
+__all__ = ["te_available", "resolve_spec_backend", "layer_spec", "moe_spec", "block_spec", "TorchNorm", "fp8_missing", "resolve_fp8"]
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,39 @@ def block_spec(config, layer: ModuleSpec, spec_backend: str = "local"):
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=TorchNorm)
 
 
-def layer_spec(*, causal: bool, attention_backend: str = "auto", spec_backend: str = "local", qk_norm: bool = False) -> ModuleSpec:
+def _moe_without_te() -> None:
+    """megatron-core 0.16.1's router GEMM tests `te_general_gemm is not None`, but the name is only
+    bound when Transformer Engine imports (NameError otherwise); bind it to None then (the fp32
+    `torch.mm` path, which is also the one that matches HF's router to the last bit)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def moe_spec(spec_backend: str = "local") -> ModuleSpec:
+    """megatron's `MoELayer`: `TopKRouter` + routed SwiGLU experts (Qwen3-VL-MoE has no shared expert).
+
+    Local backend: `SequentialMLP` (one megatron `MLP` per local expert, parameters
+    `experts.local_experts.{j}.linear_fc1/linear_fc2`). TE backend: `TEGroupedMLP` (one grouped GEMM
+    over the local experts); megatron maps both onto the same checkpoint keys.
+    """
+    _moe_without_te()
+    if spec_backend == "te":
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider  # noqa: PLC0415 (TE only when asked)
+
+        module, submodules = TESpecProvider().grouped_mlp_modules(True, False)
+        experts = ModuleSpec(module=module, submodules=submodules)
+    else:
+        experts = ModuleSpec(
+            module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+        )
+    return ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=experts))
+
+
+def layer_spec(
+    *, causal: bool, attention_backend: str = "auto", spec_backend: str = "local", qk_norm: bool = False, moe: bool = False
+) -> ModuleSpec:
     """A pre-norm transformer layer: norm → self-attention → residual → norm → MLP → residual.
 
     `causal` picks the mask type of the core attention (LLM: causal, ViT: bidirectional per
@@ -121,6 +155,7 @@ def layer_spec(*, causal: bool, attention_backend: str = "auto", spec_backend: s
     `TransformerConfig` (`gated_linear_unit`, `activation_func`, `add_bias_linear`,
     `add_qkv_bias`), so the ViT and the LLM share this one spec. `qk_norm` (Qwen3) adds a norm over
     each query / key head before RoPE (`q_layernorm` / `k_layernorm`, RMSNorm by the config).
+    `moe` replaces the MLP by `moe_spec` (then the pre-MLP norm is a separate module in both backends).
     """
     mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
     core = ModuleSpec(module=VarlenAttention, params={"backend": attention_backend})
@@ -132,7 +167,9 @@ def layer_spec(*, causal: bool, attention_backend: str = "auto", spec_backend: s
         )
 
         qk = TENorm if qk_norm else IdentityOp
-
+        mlp = ModuleSpec(
+            module=MLP, submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear)
+        )
         return ModuleSpec(
             module=TransformerLayer,
             submodules=TransformerLayerSubmodules(
@@ -148,10 +185,8 @@ def layer_spec(*, causal: bool, attention_backend: str = "auto", spec_backend: s
                     ),
                 ),
                 self_attn_bda=get_bias_dropout_add,
-                mlp=ModuleSpec(
-                    module=MLP,
-                    submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear),
-                ),
+                pre_mlp_layernorm=TENorm if moe else IdentityOp,
+                mlp=moe_spec("te") if moe else mlp,
                 mlp_bda=get_bias_dropout_add,
             ),
         )
@@ -173,11 +208,13 @@ def layer_spec(*, causal: bool, attention_backend: str = "auto", spec_backend: s
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=TorchNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+            mlp=moe_spec("local") if moe else ModuleSpec(
+                module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+            ),
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map={
                 "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+                **({} if moe else {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}),
             },
         ),
     )

@@ -14,7 +14,7 @@ from data_pipelines.schema import IGNORE_INDEX, PackedBatch
 from qvl_train.config import LLMConfig, ModelConfig, VisionConfig
 from qvl_train.models.vlm import IMAGE_PAD_ID
 
-__all__ = ["tiny_model_config", "tiny_qwen2_5_vl_config", "tiny_qwen3_vl_config", "packed_batch"]
+__all__ = ["tiny_model_config", "tiny_qwen2_5_vl_config", "tiny_qwen3_vl_config", "tiny_qwen3_vl_moe_config", "packed_batch"]
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
@@ -60,6 +60,19 @@ def tiny_qwen3_vl_config(**overrides) -> ModelConfig:
         vocab_size=151936, rope_theta=5_000_000.0, mrope_section=[6, 5, 5], mrope_interleaved=True,
         qkv_bias=False, qk_norm=True, tie_word_embeddings=True,
     )
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_qwen3_vl_moe_config(**overrides) -> ModelConfig:
+    """Tiny Qwen3-VL-MoE: the tiny Qwen3-VL with 2 LLM layers whose MLPs are 4 SwiGLU experts of width
+    48, top-2 (width 64 ≠ 2·48, so the two HF expert layouts cannot be confused); untied embeddings
+    (as the released MoE models). Same as configs/model/qwen3_vl_moe/tiny.yaml."""
+    cfg = tiny_qwen3_vl_config(generation="qwen3_vl_moe")
+    cfg.llm.num_layers = 2
+    cfg.llm.tie_word_embeddings = False
+    cfg.llm.num_experts, cfg.llm.moe_ffn_hidden_size, cfg.llm.moe_router_topk = 4, 48, 2
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg

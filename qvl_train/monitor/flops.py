@@ -14,7 +14,8 @@ ViT (P patches = Σ t·h·w over `grid_thw`):
 Merger (P/m² tokens of width W = m²·Hv): 2·(P/m²)·W·W + 2·(P/m²)·W·H.
 LLM (T = real tokens = cu_seqlens[-1]; padding slots are not counted: they are not model work):
   * per layer: q and o 2·T·H·H each, k and v 2·T·H·(g·d) each (GQA, g query groups of head dim
-    d), SwiGLU 2·T·H·F·3.
+    d), SwiGLU 2·T·H·F·3; a MoE layer (Qwen3-VL-MoE) instead its router 2·T·H·E and the k
+    active experts 2·T·H·I·3·k (k = moe_router_topk, I = moe_ffn_hidden_size): active work only.
   * attention, causal, within each sample of s tokens: **the causal half is counted**,
     QKᵀ + AV = 2·(s²/2)·(n·d)·2 = 2·s²·(n·d) for n query heads — what a causal kernel
     (flash-attention) computes. Counting the full square would double this term.
@@ -142,7 +143,11 @@ def batch_flops(
     d = l.head_dim or h // heads
     q, kv = heads * d, l.num_query_groups * d
     tokens = sum(seq_lens)
-    per_layer = 2 * tokens * (h * q + 2 * h * kv + q * h + 3 * h * l.ffn_hidden_size)
+    if l.num_experts:  # router, then the top-k routed SwiGLU experts each token passes through
+        mlp = h * l.num_experts + l.moe_router_topk * 3 * h * l.moe_ffn_hidden_size
+    else:
+        mlp = 3 * h * l.ffn_hidden_size
+    per_layer = 2 * tokens * (h * q + 2 * h * kv + q * h + mlp)
     attention = l.num_layers * 2 * sum(s * s for s in seq_lens) * heads * d  # causal half
     vision_linear, vision_attention, projector = _vision(cfg, grid_thw)
     return Flops(

@@ -56,6 +56,20 @@ def train_record(
     if peak_tflops:
         record["mfu"] = tflops / peak_tflops
     record.update(lr_record(lr, getattr(result, "lrs", None) or {}))
+    record.update(moe_record(result))
+    return record
+
+
+EXPERT_LOAD_PREFIX = "moe/expert_load/layer_"
+"""metrics.jsonl: routed tokens per expert of one layer (a list); wandb: a histogram over expert ids."""
+
+
+def moe_record(result) -> dict[str, Any]:
+    """MoE models: `loss/moe_aux` (the load-balancing loss, apart from the LM loss) and the expert load."""
+    if getattr(result, "moe_aux_loss", None) is None:
+        return {}
+    record: dict[str, Any] = {"loss/moe_aux": result.moe_aux_loss}
+    record.update({f"{EXPERT_LOAD_PREFIX}{i}": load for i, load in result.expert_load.items()})
     return record
 
 

@@ -14,6 +14,18 @@ from typing import Any, Optional
 from qvl_train.config import WandbConfig
 
 
+def _wandb_value(key: str, value: Any) -> Any:
+    """An expert-load list (tokens per expert of one MoE layer) becomes a histogram with one bin per expert."""
+    from qvl_train.monitor.metrics import EXPERT_LOAD_PREFIX
+
+    if not key.startswith(EXPERT_LOAD_PREFIX):
+        return value
+    import numpy as np
+    import wandb
+
+    return wandb.Histogram(np_histogram=(np.asarray(value, dtype=np.float64), np.arange(len(value) + 1)))
+
+
 class WandbLogger:
     def __init__(self, cfg: WandbConfig, output_dir: str | Path, config: dict[str, Any], run_id: Optional[str]) -> None:
         self.run = None
@@ -37,7 +49,7 @@ class WandbLogger:
 
     def log(self, record: dict[str, Any], step: int) -> None:
         if self.run is not None:
-            self.run.log({k: v for k, v in record.items() if k not in ("kind", "step")}, step=step)
+            self.run.log({k: _wandb_value(k, v) for k, v in record.items() if k not in ("kind", "step")}, step=step)
 
     def log_examples(self, key: str, rows: list[dict[str, Any]], step: int) -> None:
         """A table of image, question, answer and model answer (evaluation examples)."""

@@ -48,6 +48,14 @@ goes through. Reading `megatron/core` of the pinned version (grep for `cuda`) gi
    under its CUDA type name — only inside those calls, so nothing else sees the changed name.
    gloo itself has `reduce_scatter_tensor`, `all_gather_into_tensor` and coalescing in the pinned
    torch, so the buffers' bucketed reduce-scatter and the parameter all-gather need no patch.
+6. The MoE alltoall token dispatcher (`transformer/moe/token_dispatcher.py`) creates a
+   ``torch.cuda.Stream`` for its device-to-host copies of the split sizes and waits on an event
+   from it. The ``torch`` name inside that module is a proxy whose ``cuda.Stream`` /
+   ``current_stream`` / ``stream`` are inert stand-ins (one "stream", events that are already
+   done): on the CPU the copies are plain synchronous ``.to("cpu")`` calls anyway. Its
+   ``maybe_move_tensor_to_cpu`` only turns the all-to-all split sizes into numpy arrays when they
+   are on a GPU; gloo's ``all_to_all_single`` needs them as sequences, so here CPU tensors are
+   converted too.
 
 What it does *not* cover (the engine must avoid or handle these on CPU): `torch.autocast("cuda")`
 in the schedules (keep ``config.enable_autocast=False``), `tensor_parallel.broadcast_data`
@@ -127,6 +135,44 @@ class _CudaRngShim(types.ModuleType):
         return getattr(torch.cuda, item)
 
 
+class _InertStream:
+    """A CUDA stream / event stand-in on the CPU: every operation is already complete."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def record_event(self, event=None) -> "_InertStream":
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+    def __eq__(self, other) -> bool:  # one stream: "am I on the side stream?" is always no
+        return isinstance(other, _InertStream)
+
+    __hash__ = object.__hash__
+
+
+class _CudaStreamShim(types.ModuleType):
+    """`torch.cuda` as seen by the MoE token dispatcher: streams and events that do nothing."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.cuda<cpu-streams>")
+        self.Stream = lambda *a, **k: _InertStream()
+        self.current_stream = lambda device=None: _InertStream()
+        self.stream = lambda s: contextlib.nullcontext()
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(torch.cuda, item)
+
+
+def _cpu_move_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """`moe_utils.maybe_move_tensor_to_cpu` for tensors that are already on the CPU."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
 def _cpu_get_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
     """CPU replacement of `random._get_cuda_rng_state` (the state is always a fresh copy)."""
     if graph_safe:
@@ -190,6 +236,11 @@ def install_cpu_compat() -> bool:
 
     # 5: DDP grad buffers, the optimizers and gradient clipping.
     _patch_optimizer_modules(factories)
+    # 6: CUDA streams in the MoE alltoall token dispatcher.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.torch = _TorchProxy("torch<cpu:token_dispatcher>", {"cuda": _CudaStreamShim()})
+    token_dispatcher.maybe_move_tensor_to_cpu = _cpu_move_to_cpu
 
     _INSTALLED = True
     return True

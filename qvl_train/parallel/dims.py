@@ -6,7 +6,9 @@ groups exactly once. This module is the only place that asks `parallel_state` fo
 everything below `train.py` receives the `ParallelDims` object and reads what it needs from it.
 
 Rank order is megatron's default "tp-cp-ep-dp-pp": tensor-parallel ranks are adjacent (fastest
-links), pipeline stages are furthest apart.
+links), pipeline stages are furthest apart. Expert parallelism (`ep`, `etp`) is not an extra factor
+of the world: megatron lays the expert groups over the same ranks (ep·etp·pp divides the world), so
+with world 2, ep=2 the two data-parallel ranks each hold half of every layer's experts.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class ParallelDims:
     dp: int
     world_size: int
     first_stage_layers: Optional[int] = None
+    ep: int = 1  # expert parallel: not a factor of the world (megatron folds it into tp·cp·dp)
+    etp: int = 1
     # Filled by initialize():
     rank: int = 0
     tp_rank: int = 0
@@ -43,8 +47,13 @@ class ParallelDims:
         dp = cfg.dp if cfg.dp is not None else world_size // model_parallel
         return cls(
             tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, dp=dp, world_size=world_size,
-            first_stage_layers=cfg.first_stage_layers,
+            first_stage_layers=cfg.first_stage_layers, ep=cfg.ep, etp=cfg.etp,
         )
+
+    @property
+    def expert_dp(self) -> int:
+        """Ranks that hold the same experts (megatron's expert-data-parallel size): world / (ep·etp·pp)."""
+        return self.world_size // (self.ep * self.etp * self.pp)
 
     @property
     def is_first_stage(self) -> bool:
@@ -68,6 +77,7 @@ class ParallelDims:
         return (
             f"world={self.world_size} = tp {self.tp} × pp {self.pp} × cp {self.cp} × dp {self.dp}"
             + (f" (first stage: {self.first_stage_layers} LLM layers)" if self.first_stage_layers else "")
+            + (f"; experts: ep {self.ep} × etp {self.etp} × expert-dp {self.expert_dp}" if self.ep * self.etp > 1 else "")
         )
 
     def initialize(self, timeout_s: int = 600) -> None:
@@ -95,6 +105,8 @@ class ParallelDims:
             tensor_model_parallel_size=self.tp,
             pipeline_model_parallel_size=self.pp,
             context_parallel_size=self.cp,
+            expert_model_parallel_size=self.ep,
+            expert_tensor_parallel_size=self.etp,
             distributed_timeout_minutes=timeout_s / 60,  # its subgroups (dp, tp, pp) time out like the world
         )
         self.rank = dist.get_rank()
@@ -107,6 +119,10 @@ class ParallelDims:
             "dp": ps.get_data_parallel_group(),
             "mp": ps.get_model_parallel_group(),
             "world": dist.group.WORLD,
+            # experts: their gradients are summed over the ranks holding the same experts ("edp"), their
+            # norm over the ranks holding different ones ("emp": expert tensor × expert × pipeline)
+            "edp": ps.get_expert_data_parallel_group(),
+            "emp": ps.get_expert_tensor_model_pipeline_parallel_group(),
         }
 
     def destroy(self) -> None:

@@ -68,7 +68,8 @@ SIDE_FILES = (
 )
 _HF_MODEL_TYPES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen": "QWenLMHeadModel",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "qwen": "QWenLMHeadModel",
 }
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _SHARD_BYTES = 5 * 1024**3
@@ -85,7 +86,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     t = {**hf, **(hf.get("text_config") or {})}
     v = hf["vision_config"]
     rope = t.get("rope_scaling") or {}
-    if model_type == "qwen3_vl":
+    if model_type in ("qwen3_vl", "qwen3_vl_moe"):
         return _qwen3_vl_config_from_hf(t, hf["vision_config"], rope, hf)
     llm = LLMConfig(
         num_layers=t["num_hidden_layers"], hidden_size=t["hidden_size"], ffn_hidden_size=t["intermediate_size"],
@@ -188,20 +189,43 @@ def _qwen3_vl_config_from_hf(t: dict, v: dict, rope: dict, hf: dict) -> ModelCon
         num_position_embeddings=v.get("num_position_embeddings", 2304),
         deepstack_visual_indexes=list(v.get("deepstack_visual_indexes", [])),
     )
-    return ModelConfig(generation="qwen3_vl", vision=vision, llm=llm)
+    generation = hf.get("model_type", "qwen3_vl")
+    if generation == "qwen3_vl_moe":
+        _set_moe_from_hf(llm, t)
+    return ModelConfig(generation=generation, vision=vision, llm=llm)
+
+
+def _set_moe_from_hf(llm: LLMConfig, t: dict) -> None:
+    """Qwen3-VL-MoE `text_config` expert fields → `llm` (every layer sparse, top-k renormalised)."""
+    if t.get("decoder_sparse_step", 1) != 1 or t.get("mlp_only_layers"):
+        raise ValueError(
+            "config.json: decoder_sparse_step != 1 or mlp_only_layers (dense layers between MoE layers) is not "
+            "supported; every released Qwen3-VL-MoE model has experts in every layer"
+        )
+    if not t.get("norm_topk_prob", True):
+        raise ValueError("config.json: norm_topk_prob=false is not supported (Qwen3-VL-MoE renormalises the top-k weights)")
+    llm.num_experts = t["num_experts"]
+    llm.moe_ffn_hidden_size = t["moe_intermediate_size"]
+    llm.moe_router_topk = t["num_experts_per_tok"]
+    llm.moe_aux_loss_coeff = float(t.get("router_aux_loss_coef", 0.001))
 
 
 def _qwen3_vl_config_dict(cfg: ModelConfig, dtype: str) -> dict:
     """Qwen3-VL `config.json` in the released (nested) layout, transformers 4.57 field names."""
     v, l = cfg.vision, cfg.llm
+    moe = {
+        "num_experts": l.num_experts, "moe_intermediate_size": l.moe_ffn_hidden_size,
+        "num_experts_per_tok": l.moe_router_topk, "norm_topk_prob": True, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "router_aux_loss_coef": l.moe_aux_loss_coeff,
+    } if l.num_experts else {}
     return {
-        "architectures": [_HF_MODEL_TYPES["qwen3_vl"]],
-        "model_type": "qwen3_vl",
+        "architectures": [_HF_MODEL_TYPES[cfg.generation]],
+        "model_type": cfg.generation,
         "image_token_id": 151655, "video_token_id": 151656,
         "vision_start_token_id": 151652, "vision_end_token_id": 151653,
         "tie_word_embeddings": l.tie_word_embeddings,
         "text_config": {
-            "model_type": "qwen3_vl_text", "attention_bias": l.qkv_bias, "attention_dropout": 0.0,
+            "model_type": f"{cfg.generation}_text", "attention_bias": l.qkv_bias, "attention_dropout": 0.0, **moe,
             "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": l.head_dim or l.hidden_size // l.num_attention_heads,
             "hidden_act": "silu", "hidden_size": l.hidden_size, "initializer_range": 0.02,
             "intermediate_size": l.ffn_hidden_size, "max_position_embeddings": 262144,
@@ -211,7 +235,7 @@ def _qwen3_vl_config_dict(cfg: ModelConfig, dtype: str) -> dict:
             "tie_word_embeddings": l.tie_word_embeddings, "dtype": dtype, "use_cache": True, "vocab_size": l.vocab_size,
         },
         "vision_config": {
-            "model_type": "qwen3_vl", "depth": v.depth, "hidden_size": v.hidden_size, "hidden_act": "gelu_pytorch_tanh",
+            "model_type": cfg.generation, "depth": v.depth, "hidden_size": v.hidden_size, "hidden_act": "gelu_pytorch_tanh",
             "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "in_channels": v.in_channels,
             "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size,
             "temporal_patch_size": v.temporal_patch_size, "out_hidden_size": l.hidden_size,
@@ -225,7 +249,7 @@ def _qwen3_vl_config_dict(cfg: ModelConfig, dtype: str) -> dict:
 def hf_config_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict:
     """A `config.json` in the released checkpoints' format for `cfg` (flat for Qwen2/2.5-VL, nested for Qwen3-VL)."""
     v, l = cfg.vision, cfg.llm
-    if cfg.generation == "qwen3_vl":
+    if cfg.generation in ("qwen3_vl", "qwen3_vl_moe"):
         return _qwen3_vl_config_dict(cfg, dtype)
     if cfg.generation == "qwen_vl":
         return _qwen_vl_config_dict(cfg, dtype)
@@ -417,7 +441,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1) -> 
     from megatron.core import dist_checkpointing
 
     from qvl_train.checkpoint.manager import COMPLETE, LATEST, TrainState, step_dir_name, write_manifest
-    from qvl_train.models.hf_convert import detect_style, hf_to_ours
+    from qvl_train.models.hf_convert import detect_expert_layout, detect_style, hf_to_ours
 
     hf_dir, out = Path(hf_dir), Path(out)
     hf_cfg = json.loads((hf_dir / "config.json").read_text())
@@ -447,6 +471,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1) -> 
         "source": str(hf_dir.resolve()),
         "generation": cfg.generation,
         "style": detect_style(hf_sd),
+        "expert_layout": detect_expert_layout(hf_sd, cfg),  # Qwen3-VL-MoE: export writes the experts back in it
         "tied_lm_head_stored": cfg.llm.tie_word_embeddings and "lm_head.weight" in hf_sd,
         "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in hf_sd.items()},
     }
@@ -465,6 +490,13 @@ def import_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1) -> 
 
 
 # ------------------------------------------------------------------------------------------ export
+def _released_style(cfg: ModelConfig) -> str:
+    """Key spelling of the released checkpoints (for a model not imported from HF): Qwen3-VL (dense and
+    MoE) ships `model.language_model.*` / `model.visual.*` (``runtime``), which transformers 4.57 loads
+    for those classes; Qwen2/2.5-VL ship `model.layers.*` / `visual.*` (``hub``)."""
+    return "runtime" if cfg.generation in ("qwen3_vl", "qwen3_vl_moe") else "hub"
+
+
 def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, lora_adapter: bool = False) -> Path:
     """Framework checkpoint (root, step dir or training output_dir) → HF directory `out`.
 
@@ -502,7 +534,8 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, lo
         return _write_peft_adapter(model, cfg, Path(out), dtype, _direct_import_source(init_from))
     ours = merged_state_dict(model)  # the plain state dict when the model has no adapters
     hf_sd = ours_to_hf(
-        ours, cfg, style=meta.get("style", "hub"), write_tied_lm_head=bool(meta.get("tied_lm_head_stored", False))
+        ours, cfg, style=meta.get("style", _released_style(cfg)), write_tied_lm_head=bool(meta.get("tied_lm_head_stored", False)),
+        expert_layout=meta.get("expert_layout") or "hub",
     )
     src_dtypes = meta.get("dtypes", {})
     for k in hf_sd:

@@ -147,9 +147,16 @@ def synthetic_packed_batch(cfg, max_tokens: int, segments, gen: torch.Generator)
     return batch
 
 
-def _hf_inputs(samples, packed: bool) -> dict:
+def _hf_inputs(samples, packed: bool, explicit_positions: bool = False) -> dict:
     ids = torch.cat([s["input_ids"] for s in samples])
-    kw: dict = {"input_ids": ids[None], "attention_mask": None, "use_cache": False}
+    # One sample: an all-ones mask and HF's own position ids (its get_rope_index). Without a mask,
+    # transformers 4.57's Qwen3-VL builds the causal mask from position row 0 (t), where the repeated
+    # t of an image's tokens reads as a new packed sequence at every visual token.
+    # `explicit_positions` (Qwen3-VL video): our position ids, as for packed input (the tool's video
+    # sample has no per-frame timestamp text, which 4.57's get_rope_index expects).
+    packed = packed or explicit_positions
+    mask = None if packed else torch.ones_like(ids)[None]
+    kw: dict = {"input_ids": ids[None], "attention_mask": mask, "use_cache": False}
     for kind, pix_key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
         pix = [p for s in samples for p, k in zip(s["pixels"], s["kinds"]) if k == kind]
         grids = [g for s in samples for g, k in zip(s["grids"], s["kinds"]) if k == kind]
@@ -217,7 +224,9 @@ def run(
     results = {}
     with torch.no_grad():
         for kind, samples in per_kind.items():
-            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in _hf_inputs(samples, packed=kind == "packed").items()}
+            explicit = kind == "video" and cfg.generation.startswith("qwen3")
+            hf_in = _hf_inputs(samples, packed=kind == "packed", explicit_positions=explicit)
+            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in hf_in.items()}
             inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
             ref = hf(**inputs).logits[0].float()
             got = ours_logits[kind].to(ref.device)

@@ -68,17 +68,21 @@ def hf_model(cfg, seed: int = 0):
     from transformers import Qwen3VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(hf_config(cfg)).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            elif "pos_embed" in name:
-                p.normal_(0.0, 0.5)
-            else:
-                p.normal_(0.0, 0.05)
+    return randomize(Qwen3VLForConditionalGeneration(hf_config(cfg)).float().eval())
+
+
+@torch.no_grad()
+def randomize(model, wide: tuple[str, ...] = ("pos_embed",)):
+    """Redraw every weight: norms ~1 ± 0.1, biases ± 0.1, names containing `wide` with std 0.5, the rest 0.05."""
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and "norm" in name:
+            p.copy_(1.0 + 0.1 * torch.randn_like(p))
+        elif name.endswith("bias"):
+            p.copy_(0.1 * torch.randn_like(p))
+        elif any(w in name for w in wide):
+            p.normal_(0.0, 0.5)
+        else:
+            p.normal_(0.0, 0.05)
     return model
 
 

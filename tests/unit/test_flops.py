@@ -172,3 +172,18 @@ def test_qwen_vl_by_hand():
     # the LLM as in test_qwen2_vl_by_hand
     assert (f.llm_linear, f.llm_attention, f.output) == (9216, 544, 640)
     assert f.forward == 17408 + 8192 + 9728 + 9216 + 544 + 640
+
+
+def test_moe_layers_count_the_router_and_the_active_experts():
+    """Qwen3-VL MoE: per token and layer 2·H·E for the router plus 2·3·H·I per routed expert (top-k)."""
+    from qvl_train.models.tiny import tiny_qwen3_vl_moe_config
+
+    cfg = tiny_qwen3_vl_moe_config()
+    l = cfg.llm
+    top2 = batch_flops(cfg, [], [10, 6], 0).llm_linear
+    l.moe_router_topk = 1
+    top1 = batch_flops(cfg, [], [10, 6], 0).llm_linear
+    assert top2 - top1 == l.num_layers * 2 * 16 * 3 * l.hidden_size * l.moe_ffn_hidden_size
+    l.num_experts, l.moe_router_topk = 0, 0
+    l.ffn_hidden_size = l.moe_ffn_hidden_size  # a dense layer as wide as one expert, without the router
+    assert top1 - batch_flops(cfg, [], [10, 6], 0).llm_linear == l.num_layers * 2 * 16 * l.hidden_size * 4
