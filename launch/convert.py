@@ -1,6 +1,6 @@
 """Checkpoint conversion between Hugging Face and the framework (Qwen2-VL, Qwen2.5-VL).
 
-    python launch/convert.py import-hf --hf-dir SRC --out DST [--tp N --pp N]   # then: launch/train.py ... model.init_from=DST
+    python launch/convert.py import-hf --hf-dir SRC --out DST [--tp N --pp N --ep N]   # then: launch/train.py ... model.init_from=DST
     python launch/convert.py export-hf --ckpt SRC --out DST [--dtype bf16|fp16|fp32]
     python launch/convert.py export-hf --ckpt LORA_RUN --out DST --lora-adapter   # PEFT adapter, not merged
 
@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     imp.add_argument("--out", required=True, help="checkpoint root to write (use it as model.init_from)")
     imp.add_argument("--tp", type=int, default=1, help="convert through a model built at this tensor-parallel size")
     imp.add_argument("--pp", type=int, default=1, help="… and this many pipeline stages (starts tp·pp processes)")
+    imp.add_argument("--ep", type=int, default=1, help="… and this expert-parallel size (MoE; pp·max(tp, ep) processes)")
     exp = sub.add_parser("export-hf", help="framework checkpoint → HF directory")
     exp.add_argument("--ckpt", required=True, help="checkpoint root, step directory or training output_dir")
     exp.add_argument("--out", required=True, help="HF directory to write")
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
 
     try:
         if args.cmd == "import-hf":
-            step = convert.import_hf(args.hf_dir, args.out, tp=args.tp, pp=args.pp)
+            step = convert.import_hf(args.hf_dir, args.out, tp=args.tp, pp=args.pp, ep=args.ep)
             print(f"imported {args.hf_dir} -> {step}")
         else:
             out = convert.export_hf(args.ckpt, args.out, dtype=args.dtype, lora_adapter=args.lora_adapter)

@@ -432,10 +432,10 @@ def _build(cfg: ModelConfig):
 
 
 # ------------------------------------------------------------------------------------------ import
-def import_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1) -> Path:
+def import_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, ep: int = 1) -> Path:
     """HF checkpoint directory → framework checkpoint root `out` (see module docstring); returns the step dir.
 
-    With tp·pp > 1 the weights go through a model built in that layout on tp·pp processes started here
+    With a layout (tp, pp, ep) the weights go through a model built in it on processes started here
     (`tools/layout.py`): each rank saves its own shards, as a training run does. The checkpoint is the
     same as a one-process import (the format does not depend on the layout)."""
     from megatron.core import dist_checkpointing
@@ -451,10 +451,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1) -> 
     step_dir.mkdir(parents=True, exist_ok=True)
     (step_dir / COMPLETE).unlink(missing_ok=True)
 
-    if tp * pp > 1:
+    if tp * pp * ep > 1:
         from qvl_train.tools.layout import launch
 
-        launch("import", tp, pp, "--hf-dir", str(hf_dir), "--step-dir", str(step_dir))
+        launch("import", tp, pp, "--hf-dir", str(hf_dir), "--step-dir", str(step_dir), ep=ep)
     else:
         _single_process_world()
         model = _build(cfg)

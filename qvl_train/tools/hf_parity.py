@@ -1,6 +1,6 @@
 """Logits parity of the framework model against the HF reference, for a Qwen2-VL / Qwen2.5-VL checkpoint.
 
-    python -m qvl_train.tools.hf_parity --hf-dir SRC [--kinds one_image,video,...] [--seed 0] [--tp N --pp N]
+    python -m qvl_train.tools.hf_parity --hf-dir SRC [--kinds one_image,video,...] [--seed 0] [--tp N --pp N --ep N]
 
 Builds inputs of every kind — `one_image`, `multi_image` (two images of different sizes in one
 sample), `video` (two temporal patches), `text_only`, and `packed` (those four samples packed into
@@ -185,9 +185,10 @@ def packed_pair(cfg, sample_segments, gen: torch.Generator) -> tuple[dict, "Pack
 
 def run(
     hf_dir: str, kinds=KINDS, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, tp: int = 1, pp: int = 1,
+    ep: int = 1,
 ) -> dict[str, float]:
     """Relative max logit error per input kind (see module docstring), both models on `device` in `dtype`;
-    the framework model in the (tp, pp) layout on tp·pp processes it starts (`tools/layout.py`)."""
+    the framework model in the (tp, pp, ep) layout on processes it starts (`tools/layout.py`)."""
     import transformers
 
     from qvl_train.models import build_model
@@ -204,8 +205,8 @@ def run(
     singles = {k: build_sample(_segments(k), cfg, gen) for k in KINDS if k != "packed"}
     per_kind = {k: list(singles.values()) if k == "packed" else [singles[k]] for k in kinds}
     batches = {k: _packed_batch(samples, cfg) for k, samples in per_kind.items()}
-    if tp * pp > 1:
-        ours_logits = _layout_logits(hf_dir, batches, cfg.attention_backend, dtype, tp, pp)
+    if tp * pp * ep > 1:
+        ours_logits = _layout_logits(hf_dir, batches, cfg.attention_backend, dtype, tp, pp, ep)
     else:
         _single_process_world()
         ours = build_model(cfg, ParallelConfig(), pre_process=True, post_process=True, dtype=dtype)
@@ -234,8 +235,8 @@ def run(
     return results
 
 
-def _layout_logits(hf_dir: Path, batches: dict, attention_backend: str, dtype: torch.dtype, tp: int, pp: int) -> dict:
-    """The framework's logits per kind from a (tp, pp) layout run in its own processes."""
+def _layout_logits(hf_dir: Path, batches: dict, attention_backend: str, dtype: torch.dtype, tp: int, pp: int, ep: int) -> dict:
+    """The framework's logits per kind from a (tp, pp, ep) layout run in its own processes."""
     import tempfile
 
     from qvl_train.tools.layout import launch
@@ -244,7 +245,7 @@ def _layout_logits(hf_dir: Path, batches: dict, attention_backend: str, dtype: t
         torch.save(batches, f"{tmp}/batches.pt")
         launch(
             "logits", tp, pp, "--hf-dir", str(hf_dir), "--batches", f"{tmp}/batches.pt", "--out", f"{tmp}/logits.pt",
-            "--dtype", str(dtype).removeprefix("torch."), "--attention-backend", attention_backend,
+            "--dtype", str(dtype).removeprefix("torch."), "--attention-backend", attention_backend, ep=ep,
         )
         return torch.load(f"{tmp}/logits.pt", weights_only=True)
 
@@ -259,19 +260,20 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="fp32 (the parity check) | bf16 (reported, loose bound)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the framework model (starts tp·pp processes)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages of the framework model")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE checkpoints)")
     args = p.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         p.error(f"unknown kinds {bad}; valid: {', '.join(KINDS)}")
-    results = run(args.hf_dir, kinds, args.seed, device=args.device, dtype=DTYPES[args.dtype], tp=args.tp, pp=args.pp)
+    results = run(args.hf_dir, kinds, args.seed, device=args.device, dtype=DTYPES[args.dtype], tp=args.tp, pp=args.pp, ep=args.ep)
     tolerance = TOLERANCE if args.dtype == "fp32" else BF16_TOLERANCE
     for kind, err in results.items():
         print(f"{kind:12s} max|Δlogits|/max|ref| = {err:.3e}")
     worst_kind = max(results, key=results.get)
     worst = results[worst_kind]
     verdict = "PASS" if worst <= tolerance else "FAIL"
-    print(f"{verdict} worst {worst:.3e} ({worst_kind}, tolerance {tolerance:g}, {args.dtype}, {args.device}, tp={args.tp} pp={args.pp})")
+    print(f"{verdict} worst {worst:.3e} ({worst_kind}, tolerance {tolerance:g}, {args.dtype}, {args.device}, tp={args.tp} pp={args.pp} ep={args.ep})")
     return 0 if verdict == "PASS" else 1
 
 

@@ -1,7 +1,8 @@
 """Run the conversion and parity tools through a model built in a parallel layout.
 
-`launch/convert.py import-hf --tp N --pp N` and `python -m qvl_train.tools.hf_parity --tp N --pp N`
-start `tp·pp` processes of this module themselves (torchrun, gloo on CPU / NCCL on GPUs):
+`launch/convert.py import-hf --tp N --pp N [--ep N]` and `python -m qvl_train.tools.hf_parity --tp N --pp N
+[--ep N]` start the layout's processes of this module themselves (torchrun, gloo on CPU / NCCL on GPUs;
+`pp · max(tp, ep)` processes):
 
 * ``import`` — every rank builds its pipeline stage in the layout, fills its tensor-parallel shards
   from the HF weights (`fill_from_full`), and megatron's `dist_checkpointing.save` writes the
@@ -29,41 +30,57 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def launch(command: str, tp: int, pp: int, *args: str) -> None:
-    """Run `command` of this module on tp·pp local processes; raises with their output on failure."""
+def world_size(tp: int, pp: int, ep: int = 1) -> int:
+    """Processes of a (tp, pp, ep) layout: the experts of a MoE model are split over `ep` ranks that
+    are tensor-parallel or data-parallel copies of the dense part (megatron's rule: ep·pp divides it)."""
+    wide, narrow = max(tp, ep), min(tp, ep)
+    if wide % narrow:
+        raise ValueError(f"--tp {tp} and --ep {ep}: one must divide the other")
+    return pp * wide
+
+
+def launch(command: str, tp: int, pp: int, *args: str, ep: int = 1) -> None:
+    """Run `command` of this module on the layout's local processes; raises with their output on failure."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp * pp}", f"--master_port={port}",
-        "-m", "qvl_train.tools.layout", command, "--tp", str(tp), "--pp", str(pp), *args,
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size(tp, pp, ep)}", f"--master_port={port}",
+        "-m", "qvl_train.tools.layout", command, "--tp", str(tp), "--pp", str(pp), "--ep", str(ep), *args,
     ]
     drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK"}
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"layout run (tp={tp}, pp={pp}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"layout run (tp={tp}, pp={pp}, ep={ep}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
 def _global_names(model: torch.nn.Module) -> dict[int, str]:
-    """Parameter storage → its name in a one-process model (pipeline stages number layers from 0;
-    megatron's `layer_number` is global)."""
+    """Parameter storage → its name in a one-process model: pipeline stages number their layers from 0
+    (megatron's `layer_number` is global) and expert-parallel ranks their local experts from 0 (rank r
+    of `ep` holds experts r·n … r·n + n - 1)."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    renames = {}
+    layers, experts = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, TransformerLayer):
-            head, _, local = name.rpartition(".")
-            renames[f"{name}."] = f"{head}.{module.layer_number - 1}."
+            head, _, _ = name.rpartition(".")
+            layers[f"{name}."] = f"{head}.{module.layer_number - 1}."
+        elif isinstance(module, SequentialMLP):
+            first = module.ep_group.rank() * module.num_local_experts
+            for j in range(module.num_local_experts):
+                experts[f"{name}.local_experts.{j}."] = f"{name}.local_experts.{first + j}."
     names = {}
     for name, p in model.named_parameters():
-        for old, new in renames.items():
-            if name.startswith(old):
-                name = new + name[len(old):]
-                break
+        for renames in (experts, layers):  # experts first: their keys use the stage's local layer names
+            for old, new in renames.items():
+                if name.startswith(old):
+                    name = new + name[len(old):]
+                    break
         names[p.untyped_storage().data_ptr()] = name
     return names
 
@@ -118,11 +135,12 @@ def stage_logits(model, batch) -> torch.Tensor | None:
     return gather_from_tensor_model_parallel_region(collected[0]["logits"]).float()
 
 
-def _world(tp: int, pp: int):
+def _world(tp: int, pp: int, ep: int, cfg):
     from qvl_train.config import ParallelConfig
     from qvl_train.parallel.dims import ParallelDims
 
-    parallel = ParallelConfig(tp=tp, pp=pp)
+    # megatron's MoE layers take sequence-parallel activations under tensor parallelism
+    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, sp=bool(cfg.llm.num_experts) and tp > 1)
     dims = ParallelDims.from_config(parallel, int(os.environ["WORLD_SIZE"]))
     dims.initialize()
     return parallel, dims
@@ -145,9 +163,9 @@ def _import(args) -> None:
 
     from qvl_train.tools.convert import model_config_from_hf
 
-    parallel, dims = _world(args.tp, args.pp)
     hf_dir = Path(args.hf_dir)
     cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    parallel, dims = _world(args.tp, args.pp, args.ep, cfg)
     model = _stage_model(cfg, parallel, dims, hf_dir, torch.float32)
     from dataclasses import asdict
 
@@ -163,24 +181,44 @@ def _logits(args) -> None:
 
     from qvl_train.tools.convert import model_config_from_hf
 
-    parallel, dims = _world(args.tp, args.pp)
     hf_dir = Path(args.hf_dir)
     cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
     cfg.attention_backend = args.attention_backend
+    parallel, dims = _world(args.tp, args.pp, args.ep, cfg)
     dtype = getattr(torch, args.dtype)
     model = _stage_model(cfg, parallel, dims, hf_dir, dtype).to(dims.device).eval()
     model.config.pipeline_dtype = dtype
     batches = torch.load(args.batches, weights_only=False)  # written by the parent hf_parity process
     out = {}
     for kind, batch in batches.items():
+        length = batch.num_slots
+        if parallel.sp:  # the packed length must split over the TP ranks: pad slots outside every sample
+            batch = _pad_slots(batch, -length % args.tp)
         batch = batch.to(dims.device)
         batch.pixel_values = batch.pixel_values.to(dtype)
         logits = stage_logits(model, batch)
         if logits is not None:
-            out[kind] = logits.cpu()
+            out[kind] = logits[:length].cpu()
     if dims.is_last_stage and dims.tp_rank == 0 and dims.dp_rank == 0:
         torch.save(out, args.out)
     dims.destroy()
+
+
+def _pad_slots(batch, n: int):
+    """`batch` with `n` padding slots at the end (no sample, no label), as the packer pads."""
+    if not n:
+        return batch
+    from dataclasses import replace
+
+    from data_pipelines.schema import IGNORE_INDEX
+    from data_pipelines.text import PAD_ID
+
+    return replace(
+        batch,
+        input_ids=torch.cat([batch.input_ids, torch.full((n,), PAD_ID, dtype=batch.input_ids.dtype)]),
+        labels=torch.cat([batch.labels, torch.full((n,), IGNORE_INDEX, dtype=batch.labels.dtype)]),
+        position_ids=torch.cat([batch.position_ids, batch.position_ids.new_zeros(batch.position_ids.shape[0], n)], dim=1),
+    )
 
 
 def main(argv=None) -> None:
@@ -198,6 +236,7 @@ def main(argv=None) -> None:
     for s in (imp, lg):
         s.add_argument("--tp", type=int, default=1)
         s.add_argument("--pp", type=int, default=1)
+        s.add_argument("--ep", type=int, default=1)
     args = p.parse_args(argv)
     {"import": _import, "logits": _logits}[args.cmd](args)
 
