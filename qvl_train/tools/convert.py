@@ -26,7 +26,8 @@ reshards whatever layout wrote them) and writes `config.json`, `model-0000i-of-0
 + `model.safetensors.index.json`, `generation_config.json` and the tokenizer / preprocessor files.
 The HF side files come from the import the checkpoint descends from (`hf/` of the imported
 checkpoint, found through `model.init_from` of training runs); without one, config.json and
-generation_config.json are generated from the ModelConfig and no tokenizer files are written.
+generation_config.json are generated from the ModelConfig, and so are the tokenizer and image-processor
+files (`tools/hf_files.py`; not for Qwen-VL v1, whose remote code ships its own).
 Import then export reproduces every source tensor bit for bit: names (hub or runtime spelling, as
 the source), dtypes, and a tied `lm_head` copy if the source had one.
 A LoRA run exports merged (W + alpha/r · B A: a plain HF model), or with `--lora-adapter` as a PEFT
@@ -554,9 +555,12 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, lo
             conf = json.loads((out / "config.json").read_text())
             conf["torch_dtype"] = str(_DTYPES[dtype]).removeprefix("torch.")
             (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
-    else:
+    else:  # trained from scratch: config, tokenizer and image processor generated from the ModelConfig
+        from qvl_train.tools.hf_files import write_generated_files
+
         torch_dtype = str(_DTYPES[dtype or "bf16"]).removeprefix("torch.")
         (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, torch_dtype), indent=2) + "\n")
+        write_generated_files(out, cfg.generation)
     if not (out / "generation_config.json").exists():
         (out / "generation_config.json").write_text(json.dumps(_generation_config(cfg.generation), indent=2) + "\n")
     return out

@@ -117,3 +117,27 @@ def test_export_without_import_metadata_loads_in_transformers(tmp_path):
     ids = torch.randint(0, 1000, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(input_ids=ids).logits, hf(input_ids=ids).logits, rtol=0, atol=0)
+
+    # Tokenizer and image processor are generated too: what the data pipeline feeds the model.
+    from PIL import Image
+
+    from data_pipelines.text import get_tokenizer
+    from data_pipelines.vision import preprocess_image
+
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = get_tokenizer()
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "What colour is the square?"}]},
+        {"role": "assistant", "content": "Red, 12×7 px."},
+    ]
+    text = tok.apply_chat_template(messages, tokenize=False).replace("<|image_pad|>", "<|image_pad|>" * 6)
+    expected, _ = ours.encode_conversation(messages, [6], generation="qwen2_5_vl")
+    assert tok.encode(text) == expected
+    assert tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+    processor = transformers.AutoImageProcessor.from_pretrained(out, use_fast=False)
+    image = Image.new("RGB", (90, 61), (200, 30, 40))
+    image.paste((10, 200, 90), (20, 10, 50, 40))
+    got = processor(images=[image], return_tensors="pt")
+    pixels, grid = preprocess_image(image, "qwen2_5_vl")
+    assert got["image_grid_thw"].tolist() == [list(grid)]
+    torch.testing.assert_close(got["pixel_values"], torch.as_tensor(pixels), rtol=0, atol=1e-5)
