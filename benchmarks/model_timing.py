@@ -1,6 +1,6 @@
 """Forward+backward time of the framework model vs the HF model, per tiny generation, same inputs.
 
-    python benchmarks/model_timing.py [--reps 10] [--threads 1] [--generations qwen2_vl,qwen2_5_vl,qwen3_vl]
+    python benchmarks/model_timing.py [--reps 10] [--threads 1] [--generations qwen2_vl,qwen2_5_vl,qwen3_vl,qwen3_vl_moe]
 
 For each generation: a tiny random HF model (`qvl_train.models.tiny` configs through
 `hf_config_dict`), our model with its weights (`hf_to_ours`), and one packed sequence of four samples
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-GENERATIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+GENERATIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 def _models(generation: str):
@@ -40,10 +40,13 @@ def _models(generation: str):
     from qvl_train.config import ParallelConfig
     from qvl_train.models import build_model
     from qvl_train.models.hf_convert import hf_to_ours
-    from qvl_train.models.tiny import tiny_model_config, tiny_qwen2_5_vl_config, tiny_qwen3_vl_config
+    from qvl_train.models.tiny import tiny_model_config, tiny_qwen2_5_vl_config, tiny_qwen3_vl_config, tiny_qwen3_vl_moe_config
     from qvl_train.tools.convert import hf_config_dict
 
-    cfg = {"qwen2_vl": tiny_model_config, "qwen2_5_vl": tiny_qwen2_5_vl_config, "qwen3_vl": tiny_qwen3_vl_config}[generation]()
+    cfg = {
+        "qwen2_vl": tiny_model_config, "qwen2_5_vl": tiny_qwen2_5_vl_config, "qwen3_vl": tiny_qwen3_vl_config,
+        "qwen3_vl_moe": tiny_qwen3_vl_moe_config,
+    }[generation]()
     conf = hf_config_dict(cfg, "float32")
     arch = conf["architectures"][0]
     conf_cls = getattr(transformers, arch.replace("ForConditionalGeneration", "Config"))
@@ -67,7 +70,7 @@ def _steps(generation: str):
     cfg, hf, ours = _models(generation)
     gen = torch.Generator().manual_seed(1)
     hf_kw, batch = packed_pair(cfg, packed_sample_segments(), gen)
-    if generation == "qwen3_vl":
+    if generation.startswith("qwen3_vl"):
         hf_kw.pop("second_per_grid_ts", None)
     labels = torch.randint(0, 151000, batch.input_ids.shape, generator=gen)
     labels[(batch.input_ids == IMAGE_PAD_ID) | (batch.input_ids == VIDEO_PAD_ID)] = -100
