@@ -40,6 +40,6 @@ def test_hf_parity_tool_passes(generation, layout, tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert lines[-1].startswith("PASS")
-    assert lines[-1].endswith(f"tp={layout[1] if '--tp' in layout else 1} pp={layout[1] if '--pp' in layout else 1})")
+    assert lines[-1].endswith(f"tp={layout[1] if '--tp' in layout else 1} pp={layout[1] if '--pp' in layout else 1} ep=1)")
     kinds = {line.split()[0] for line in lines[:-1]}
     assert {"one_image", "multi_image", "video", "text_only", "packed"} <= kinds
