@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = {
     "single": (1, []),
     "dp2": (2, []),
+    "dp2_zero1": (2, ["optim.distributed=true"]),
     "tp2": (2, ["parallel.tp=2"]),
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
     "pp2": (2, ["parallel.pp=2", "parallel.first_stage_layers=2"]),
