@@ -282,7 +282,10 @@ class ParallelConfig:
     dp: Optional[int] = None
     """Data-parallel size; derived as world / (tp·pp·cp) when omitted."""
     cp: int = 1
-    """Context-parallel size (training: not yet available, must be 1; the planner models it)."""
+    """Context-parallel size: every packed sample's tokens are split over cp ranks (zigzag: 2·cp chunks,
+    rank r keeps chunks r and 2·cp-1-r), keys/values all-gathered in the LLM's attention, the ViT's
+    images shared out among the cp ranks (see qvl_train/parallel/context.py). Combines with tp (and sp)
+    and dp; not with pp, MoE models or eval.every yet (refused at validation)."""
     ep: int = 1
     """Expert-parallel size for MoE models: the experts of each layer are split over ep ranks, tokens
     travel by all-to-all. Not an extra factor of the world: ep·etp·pp must divide the world size."""
@@ -300,7 +303,7 @@ class ParallelConfig:
 
     def check_available(self) -> None:
         """Layouts `launch/plan.py` can model but training cannot run yet (before any process group)."""
-        for key, what in (("cp", "context parallel"), ("vpp", "the interleaved pipeline schedule")):
+        for key, what in (("vpp", "the interleaved pipeline schedule"),):
             if getattr(self, key) != 1:
                 raise ConfigError(f"parallel.{key}={getattr(self, key)}: {what} is not available yet; set parallel.{key}=1")
 
@@ -640,6 +643,7 @@ class TrainConfig:
             )
         self._validate_lora()
         self._validate_eval(dp)
+        self._validate_context_parallel()
 
     def _validate_lora(self) -> None:
         lora = self.model.lora
@@ -690,6 +694,21 @@ class TrainConfig:
                 f"parallel.tp={p.tp} with a mixture-of-experts model needs sequence parallelism (megatron-core's MoE "
                 "layers take sequence-parallel activations under tensor parallelism); add parallel.sp=true"
             )
+
+    def _validate_context_parallel(self) -> None:
+        """parallel.cp > 1: the combinations the context-parallel split does not cover yet."""
+        p = self.parallel
+        if p.cp == 1:
+            return
+        refused = (
+            (p.pp > 1, f"parallel.pp={p.pp} (pipeline stages need one activation shape, the split's varies per micro-batch)",
+             "parallel.pp=1"),
+            (bool(self.model.llm.num_experts), "a mixture-of-experts model", "a dense model"),
+            (bool(self.eval.every), f"eval.every={self.eval.every} (exact match reads whole rows of logits)", "eval.every=0"),
+        )
+        for bad, what, fix in refused:
+            if bad:
+                raise ConfigError(f"parallel.cp={p.cp} with {what} is not available yet; use {fix} or parallel.cp=1")
 
     def _validate_eval(self, dp: int) -> None:
         if self.eval.every and not self.data.valid:

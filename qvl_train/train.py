@@ -75,7 +75,7 @@ def _global_data_stats(local: dict[str, int], dims) -> dict[str, int]:
     import torch.distributed as dist
 
     gathered: list = [None] * dims.world_size
-    dist.all_gather_object(gathered, local if dims.tp_rank == 0 and dims.pp_rank == 0 else {})
+    dist.all_gather_object(gathered, local if dims.tp_rank == dims.pp_rank == dims.cp_rank == 0 else {})
     total: dict[str, int] = {"data_skipped": 0}
     for stats in gathered:
         for key, n in stats.items():
@@ -151,7 +151,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     run_id = [wandb.run_id if wandb is not None else None]
     torch.distributed.broadcast_object_list(run_id, src=0)  # every rank saves the same TrainState
     state.wandb_run_id = run_id[0]
-    trace = DataTrace(out, dims.dp_rank, state.step) if cfg.data.trace and dims.tp_rank == 0 and dims.pp_rank == 0 else None
+    trace = DataTrace(out, dims.dp_rank, state.step) if cfg.data.trace and dims.tp_rank == dims.pp_rank == dims.cp_rank == 0 else None
     progress = Progress(cfg.train.max_steps, state.step)
     peak = peak_tflops(cfg.train.peak_tflops)
     bad_streak = 0  # consecutive skipped (non-finite) steps; every rank sees the same verdict

@@ -226,7 +226,7 @@ class CheckpointManager:
         d = self.dims
         return ShardedObject(
             "rng_state", data, global_shape=(d.pp, d.tp, d.dp),
-            global_offset=(d.pp_rank, d.tp_rank, d.dp_rank), replica_id=0,
+            global_offset=(d.pp_rank, d.tp_rank, d.dp_rank), replica_id=d.cp_rank,  # CP ranks: copies
         )
 
     # ----------------------------------------------------------------- save

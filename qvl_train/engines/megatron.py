@@ -170,6 +170,12 @@ class MegatronEngine:
             ),
         ).to(dims.device)
         init_weights(self.model, seed, model_cfg.init_std)
+        if dims.cp > 1:  # each sequence split over the CP ranks (parallel/context.py)
+            from qvl_train.parallel.context import ContextParallel
+
+            self.model.context_parallel = ContextParallel(
+                dims.cp, dims.cp_rank, dims.groups["cp"], multiple=dims.tp if parallel_cfg.sp else 1
+            )
         apply_stage(self.model, stage_cfg, lora=model_cfg.lora.enabled)
 
         config = self.model.config
@@ -278,7 +284,7 @@ class MegatronEngine:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t1 = time.perf_counter()  # this rank's own forward/backward: before it waits on other dp ranks
-        dist.all_reduce(loss_sum, group=dims.groups["world"])  # one contributor per dp rank
+        dist.all_reduce(loss_sum, group=dims.groups["world"])  # one contributor per dp rank (its cp ranks: their rows)
         loss = float(loss_sum) / denom
         moe_aux, expert_load = self.moe.end_step() if self.moe is not None else (None, {})
 
@@ -322,8 +328,8 @@ class MegatronEngine:
             )
         self.model.train()
         if dims.is_last_stage and dims.tp_rank == 0:  # one contributor per data-parallel rank
-            sums[0] = sum(float(x["loss_sum"]) for x in losses)
-            sums[1] = sum(b.num_label_tokens for b in batches)
+            sums[0] = sum(float(x["loss_sum"]) for x in losses)  # under parallel.cp: this rank's rows
+            sums[1] = sum(b.num_label_tokens for b in batches) if dims.cp_rank == 0 else 0
         dist.all_reduce(sums, group=dims.groups["world"])
         return float(sums[0]), int(sums[1])
 
@@ -393,17 +399,28 @@ class MegatronEngine:
         self.optimizer.step()
 
     def _allreduce_grads(self) -> None:
-        """Sum gradients over data-parallel ranks in one flat buffer (grads already carry 1/G); routed
-        experts over the ranks that hold the same experts (expert data parallel), not the dense dp group."""
+        """Sum gradients over data-parallel × context-parallel ranks in one flat buffer (grads already
+        carry 1/G); routed experts over the ranks that hold the same experts (expert data parallel)."""
+        if self.dims.cp > 1:
+            self._fill_missing_grads("dp_cp")
         dense = [p.grad for n, p in self._params if p.grad is not None and not is_expert_param(n)]
         expert = [p.grad for n, p in self._params if p.grad is not None and is_expert_param(n)]
-        for grads, size, group in ((dense, self.dims.dp, "dp"), (expert, self.dims.expert_dp, "edp")):
+        for grads, size, group in ((dense, self.dims.dp * self.dims.cp, "dp_cp"), (expert, self.dims.expert_dp, "edp")):
             if size == 1 or not grads:
                 continue
             flat = torch._utils._flatten_dense_tensors(grads)
             dist.all_reduce(flat, group=self.dims.groups[group])
             for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 g.copy_(synced)
+
+    def _fill_missing_grads(self, group: str) -> None:
+        """Zero gradients where another rank of `group` has one and this rank has none (under parallel.cp
+        a rank whose share of the media is empty skips the ViT), so the flat buffers line up."""
+        present = torch.tensor([p.grad is not None for _, p in self._params], dtype=torch.float32, device=self.dims.device)
+        dist.all_reduce(present, group=self.dims.groups[group])
+        for (_, p), seen in zip(self._params, present.tolist()):
+            if seen and p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     def _grad_norms(self) -> tuple[float, dict[str, float]]:
         """Global L2 norm per module; tensor-parallel duplicates (norms, biases) counted once.
@@ -415,7 +432,7 @@ class MegatronEngine:
         """
         if self.sharded is not None:
             total = self.sharded.module_grad_sq(self.dims.device, counted=self._counted)
-            dist.all_reduce(total, group=self.dims.groups["dp"])
+            dist.all_reduce(total, group=self.dims.groups["dp_cp"])  # the slices cover dp × cp ranks
             dist.all_reduce(total, group=self.dims.groups["mp"])
         else:
             sq = torch.zeros(2, len(MODULES), dtype=torch.float64, device=self.dims.device)  # [dense, expert]

@@ -21,6 +21,10 @@ Backends (`model.attention_backend`):
 * ``auto`` — ``varlen`` on CUDA where PyTorch has it, else ``flex`` on CUDA, ``sdpa_loop`` on CPU.
 Transformer Engine's fused attention replaces this module altogether with `model.spec_backend=te`.
 
+Context parallelism (`parallel.cp`): packed params carrying a `context_split` (a
+`ContextPackedSeqParams`) route every backend to `parallel/context.py`'s `context_attention`: this
+rank's zigzag rows attend to the all-gathered keys of their own sample under the document mask.
+
 megatron calls core attention with `qkv_format="sbhd"` packed params from our model (see
 `rope.py` for why not "thd"); a "thd" call (`[t, heads, d]`, batch squeezed) is accepted too.
 """
@@ -38,6 +42,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+from qvl_train.parallel.context import context_attention
 
 __all__ = ["VarlenAttention", "varlen_sdpa", "varlen_flex", "varlen_torch", "resolve_backend", "BACKENDS"]
 
@@ -174,8 +180,6 @@ class VarlenAttention(MegatronModule):
         backend: str = "auto",
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise NotImplementedError("VarlenAttention does not implement context parallelism (parallel.cp=1)")
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise NotImplementedError("VarlenAttention has no attention dropout; set attention_dropout=0")
@@ -205,7 +209,6 @@ class VarlenAttention(MegatronModule):
         if attention_mask is not None:
             raise NotImplementedError("VarlenAttention derives its mask from packed_seq_params; pass attention_mask=None")
         causal = self.causal if attn_mask_type is None else attn_mask_type == AttnMaskType.causal
-        fn = _KERNELS[self.backend]
         if query.dim() == 3:  # "thd": batch already squeezed by megatron
             query, key, value = (x.unsqueeze(1) for x in (query, key, value))
         s, b = query.shape[:2]
@@ -215,5 +218,10 @@ class VarlenAttention(MegatronModule):
             cu = packed_seq_params.cu_seqlens_q
         else:
             cu = torch.tensor([0, s], dtype=torch.int32)
+        split = getattr(packed_seq_params, "context_split", None)
+        if split is not None:  # parallel.cp: this rank's zigzag rows, keys all-gathered (parallel/context.py)
+            out = context_attention(query[:, 0], key[:, 0], value[:, 0], split, causal, self.softmax_scale)
+            return out.reshape(s, b, -1)
+        fn = _KERNELS[self.backend]
         outs = [fn(query[:, i], key[:, i], value[:, i], cu, causal, self.softmax_scale) for i in range(b)]
         return torch.stack(outs, dim=1).reshape(s, b, -1)

@@ -20,12 +20,9 @@ padding tail after `cu_seqlens[-1]` attends to nothing (zeros out of attention) 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from data_pipelines.schema import IGNORE_INDEX, PackedBatch
@@ -35,6 +32,7 @@ from qvl_train.models.language import Qwen2LanguageModel
 from qvl_train.models.projector import DeepStackProjector, PatchMerger
 from qvl_train.models.rope import mrope_freqs
 from qvl_train.models.vision.qwen2_vl import Qwen2VisionTransformer
+from qvl_train.parallel.context import ContextPackedSeqParams
 
 __all__ = ["VLM", "Qwen3VLM", "IMAGE_PAD_ID", "VIDEO_PAD_ID"]
 
@@ -87,6 +85,7 @@ class VLM(MegatronModule):
             )
             self.projector = projector_cls(without_sequence_parallel(self.vision.config), cfg.vision, cfg.llm.hidden_size)
         self.llm = llm
+        self.context_parallel = None  # parallel.cp: a `ContextParallel`, set by the engine (parallel/context.py)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand the received activation here (a list with one tensor)."""
@@ -100,8 +99,7 @@ class VLM(MegatronModule):
         h_L1H = self.llm.embed(batch.input_ids)
         if batch.pixel_values.numel() == 0:
             return h_L1H
-        vis = self.vision(batch.pixel_values, batch.grid_thw)
-        vis_VH = self.projector(vis)
+        vis_VH = self.encode_media(batch, lambda pix, grid: self.projector(self.vision(pix, grid)))
         pos = torch.nonzero((batch.input_ids == IMAGE_PAD_ID) | (batch.input_ids == VIDEO_PAD_ID)).squeeze(1)
         if pos.numel() != vis_VH.shape[0]:
             raise ValueError(
@@ -111,6 +109,17 @@ class VLM(MegatronModule):
         h_LH = h_L1H.squeeze(1).index_put((pos,), vis_VH.to(h_L1H.dtype))
         return h_LH.unsqueeze(1)
 
+    def encode_media(self, batch: PackedBatch, encode) -> torch.Tensor:
+        """`encode(pixel_values, grid_thw) → [n_vis, D]` over the micro-batch's media; under parallel.cp
+        each CP rank encodes its share and the rows are all-gathered (the ViT work is not repeated)."""
+        if self.context_parallel is None:
+            return encode(batch.pixel_values, batch.grid_thw)
+        return self.context_parallel.encode_media(encode, batch.pixel_values, batch.grid_thw, self.config.params_dtype)
+
+    def embed_for_llm(self, batch: PackedBatch):
+        """(`[L, 1, H]` embeddings, DeepStack features or None): what the first stage feeds the LLM."""
+        return self.embed(batch), None
+
     def logits(self, batch: PackedBatch) -> torch.Tensor:
         """Vocab-parallel logits `[L, V/tp]` of every slot (evaluation and parity tools; pp = 1 only)."""
         if not (self.pre_process and self.post_process):
@@ -118,46 +127,47 @@ class VLM(MegatronModule):
         rope, packed = self._rope_and_packing(batch)
         return self.llm(self.embed(batch), rope, packed).squeeze(1)
 
-    def _rope_and_packing(self, batch: PackedBatch):
+    def _rope_and_packing(self, batch: PackedBatch, split=None):
+        """RoPE angles and packed params: "sbhd", so megatron applies the per-token M-RoPE angles as
+        they are (no per-sample restart as on the "thd" path); VarlenAttention reads cu_seqlens (or,
+        under parallel.cp, this rank's zigzag `split`) from the params."""
         cu = batch.cu_seqlens.to(torch.int32)
         longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-        packed = PackedSeqParams(
-            qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+        packed = ContextPackedSeqParams(
+            qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest,
+            context_split=split,
         )
+        positions = batch.position_ids if split is None else split.positions(batch.position_ids)
         rope = mrope_freqs(
-            batch.position_ids, self.head_dim, self.cfg.llm.rope_theta, list(self.cfg.llm.mrope_section),
+            positions, self.head_dim, self.cfg.llm.rope_theta, list(self.cfg.llm.mrope_section),
             interleaved=self.cfg.llm.mrope_interleaved,
         )
         return rope, packed
 
     def forward(self, batch: PackedBatch, return_logits: bool = False) -> torch.Tensor:
         """Per-token loss `[L]` float32 on the last stage (vocab-parallel logits `[L, V/tp]` of every
-        slot with `return_logits`: the parity tools under pipeline parallelism), else hidden states `[L, 1, H]`."""
-        cu = batch.cu_seqlens.to(torch.int32)
-        longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-        packed = PackedSeqParams(
-            # "sbhd": megatron applies the per-token M-RoPE angles as they are (no per-sample
-            # restart as on the "thd" path); VarlenAttention still reads cu_seqlens from here.
-            qkv_format="sbhd",
-            cu_seqlens_q=cu,
-            cu_seqlens_kv=cu,
-            max_seqlen_q=longest,
-            max_seqlen_kv=longest,
-        )
-        rope = mrope_freqs(
-            batch.position_ids, self.head_dim, self.cfg.llm.rope_theta, list(self.cfg.llm.mrope_section),
-            interleaved=self.cfg.llm.mrope_interleaved,
-        )
-        hidden: Optional[torch.Tensor] = self.embed(batch) if self.pre_process else None
+        slot with `return_logits`: the parity tools under pipeline parallelism), else hidden states `[L, 1, H]`.
+
+        Under parallel.cp the first stage embeds the whole row (visual embeddings in place), then keeps
+        this rank's zigzag rows; `L` is then this rank's row count and the losses are of its rows.
+        """
+        split = self.context_parallel.split(batch.cu_seqlens) if self.context_parallel is not None else None
+        if split is not None and return_logits:
+            raise ValueError("per-slot logits of the whole row are not available under parallel.cp; use parallel.cp=1")
+        rope, packed = self._rope_and_packing(batch, split)
+        hidden, deepstack = self.embed_for_llm(batch) if self.pre_process else (None, None)
+        if split is not None and self.pre_process:
+            hidden, deepstack = split.take(hidden), split.localize(deepstack)
         if not self.post_process:
-            return self.llm(hidden, rope, packed)
+            return self.llm(hidden, rope, packed, deepstack=deepstack)
         if return_logits:
-            return self.llm(hidden, rope, packed).squeeze(1)
+            return self.llm(hidden, rope, packed, deepstack=deepstack).squeeze(1)
         # Logits only where a label is: the same per-token losses at a fraction of the output-layer cost.
-        targets = torch.nonzero(batch.labels != IGNORE_INDEX).squeeze(1)
-        logits_n1V = self.llm(hidden, rope, packed, output_positions=targets)
-        loss_n1 = tensor_parallel.vocab_parallel_cross_entropy(logits_n1V.float(), batch.labels[targets].unsqueeze(1))
-        loss_L = torch.zeros(batch.labels.shape[0], dtype=torch.float32, device=loss_n1.device)
+        labels = batch.labels if split is None else split.labels(batch.labels)
+        targets = torch.nonzero(labels != IGNORE_INDEX).squeeze(1)
+        logits_n1V = self.llm(hidden, rope, packed, output_positions=targets, deepstack=deepstack)
+        loss_n1 = tensor_parallel.vocab_parallel_cross_entropy(logits_n1V.float(), labels[targets].unsqueeze(1))
+        loss_L = torch.zeros(labels.shape[0], dtype=torch.float32, device=loss_n1.device)
         return loss_L.index_put((targets,), loss_n1.squeeze(1))
 
 
@@ -196,8 +206,9 @@ class Qwen3VLM(VLM):
         h_L1H = self.llm.embed(batch.input_ids)
         if batch.pixel_values.numel() == 0:
             return h_L1H, None
-        vis, deep = self.vision(batch.pixel_values, batch.grid_thw)
-        vis_VH = self.projector(vis)
+        hidden = self.cfg.llm.hidden_size
+        both = self.encode_media(batch, self._encode_with_deepstack)  # [n_vis, H·(1 + deepstack layers)]
+        vis_VH, deep = both[:, :hidden], (list(both[:, hidden:].split(hidden, dim=1)) if both.shape[1] > hidden else [])
         pos = torch.nonzero((batch.input_ids == IMAGE_PAD_ID) | (batch.input_ids == VIDEO_PAD_ID)).squeeze(1)
         if pos.numel() != vis_VH.shape[0]:
             raise ValueError(
@@ -205,8 +216,16 @@ class Qwen3VLM(VLM):
                 f"(grid_thw={batch.grid_thw.tolist()}): the text and the pixels do not match"
             )
         h_LH = h_L1H.squeeze(1).index_put((pos,), vis_VH.to(h_L1H.dtype))
-        deepstack = (pos, self.projector.project_deepstack(deep)) if deep else None
+        deepstack = (pos, deep) if deep else None
         return h_LH.unsqueeze(1), deepstack
+
+    def _encode_with_deepstack(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Merged visual tokens and the merged DeepStack features side by side: `[n_vis, H·(1 + k)]`."""
+        vis, deep = self.vision(pixel_values, grid_thw)
+        return torch.cat([self.projector(vis), *(self.projector.project_deepstack(deep) if deep else [])], dim=1)
+
+    def embed_for_llm(self, batch: PackedBatch):
+        return self.embed_with_deepstack(batch)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         return self.embed_with_deepstack(batch)[0]
@@ -217,17 +236,3 @@ class Qwen3VLM(VLM):
         rope, packed = self._rope_and_packing(batch)
         hidden, deepstack = self.embed_with_deepstack(batch)
         return self.llm(hidden, rope, packed, deepstack=deepstack).squeeze(1)
-
-    def forward(self, batch: PackedBatch, return_logits: bool = False) -> torch.Tensor:
-        """As `VLM.forward`, with DeepStack."""
-        rope, packed = self._rope_and_packing(batch)
-        hidden, deepstack = self.embed_with_deepstack(batch) if self.pre_process else (None, None)
-        if not self.post_process:
-            return self.llm(hidden, rope, packed, deepstack=deepstack)
-        if return_logits:
-            return self.llm(hidden, rope, packed, deepstack=deepstack).squeeze(1)
-        targets = torch.nonzero(batch.labels != IGNORE_INDEX).squeeze(1)
-        logits_n1V = self.llm(hidden, rope, packed, output_positions=targets, deepstack=deepstack)
-        loss_n1 = tensor_parallel.vocab_parallel_cross_entropy(logits_n1V.float(), batch.labels[targets].unsqueeze(1))
-        loss_L = torch.zeros(batch.labels.shape[0], dtype=torch.float32, device=loss_n1.device)
-        return loss_L.index_put((targets,), loss_n1.squeeze(1))

@@ -5,6 +5,10 @@ then creates the process group (gloo without CUDA, NCCL with it) and megatron-co
 groups exactly once. This module is the only place that asks `parallel_state` for groups and ranks;
 everything below `train.py` receives the `ParallelDims` object and reads what it needs from it.
 
+Context parallelism (`cp`) splits each sequence over cp ranks that hold the same parameters and read
+the same micro-batches: `dp_rank` is shared by them, and replicated gradients are summed over the
+data-parallel × context-parallel group (`groups["dp_cp"]`).
+
 Rank order is megatron's default "tp-cp-ep-dp-pp": tensor-parallel ranks are adjacent (fastest
 links), pipeline stages are furthest apart. Expert parallelism (`ep`, `etp`) is not an extra factor
 of the world: megatron lays the expert groups over the same ranks (ep·etp·pp divides the world), so
@@ -39,6 +43,7 @@ class ParallelDims:
     tp_rank: int = 0
     pp_rank: int = 0
     dp_rank: int = 0
+    cp_rank: int = 0
     groups: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -112,11 +117,15 @@ class ParallelDims:
         self.rank = dist.get_rank()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
-        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_rank = ps.get_data_parallel_rank()  # the same for the CP ranks of a data-parallel rank: same batches
+        self.cp_rank = ps.get_context_parallel_rank()
         self.groups = {
             "tp": ps.get_tensor_model_parallel_group(),
             "pp": ps.get_pipeline_model_parallel_group(),
             "dp": ps.get_data_parallel_group(),
+            "cp": ps.get_context_parallel_group(),
+            # replicated parameters (everything but routed experts) sum their gradients over dp × cp
+            "dp_cp": ps.get_data_parallel_group(with_context_parallel=True),
             "mp": ps.get_model_parallel_group(),
             "world": dist.group.WORLD,
             # experts: their gradients are summed over the ranks holding the same experts ("edp"), their

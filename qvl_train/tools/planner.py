@@ -294,6 +294,8 @@ def check_layout(cfg: ModelConfig, lo: Layout, work: Workload, gpus_per_node: in
         return f"pp·vpp={lo.pp * lo.vpp} exceeds the {L} layers"
     if lo.vpp > 1 and L % (lo.pp * lo.vpp):
         return f"{L} layers do not split into pp·vpp={lo.pp * lo.vpp} equal chunks"
+    if lo.cp > 1 and (lo.pp > 1 or l.num_experts):  # what TrainConfig.validate refuses (parallel/context.py)
+        return f"cp={lo.cp} runs with pp=1 and dense models only"
     if lo.ep > 1 and (not l.num_experts or l.num_experts % lo.ep):
         return f"ep={lo.ep} does not divide the {l.num_experts} experts"
     world = lo.tp * lo.pp * lo.cp * lo.dp

@@ -171,7 +171,7 @@ class QwenVLM(VLM):
         h_L1H = self.llm.embed(batch.input_ids)
         if batch.pixel_values.numel() == 0:
             return h_L1H
-        vis_VH = self.projector(self.vision(batch.pixel_values, batch.grid_thw))
+        vis_VH = self.encode_media(batch, lambda pix, grid: self.projector(self.vision(pix, grid)))
         pos = torch.nonzero(batch.input_ids == QWEN_VL_IMAGE_PAD_ID).squeeze(1)
         if pos.numel() != vis_VH.shape[0]:
             raise ValueError(
