@@ -2,7 +2,8 @@
 full shape from the model's own sharded state dict, see grad_probe.py) is within 1e-5 relative of the
 one-process run, for the models where tensor parallelism has the most to get wrong — Qwen3-VL
 (DeepStack mergers, q/k norms, embeddings tied across pipeline stages) and Qwen2.5-VL (window-ordered ViT) — at tp=2,
-tp=2 with sequence parallelism (LLM and ViT), tp=2 × dp=2 with sequence parallelism, and pp=2."""
+tp=2 with sequence parallelism (LLM and ViT), tp=2 × dp=2 with sequence parallelism, pp=2, context
+parallel cp=2 and tp=2 × cp=2 with sequence parallelism."""
 
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ def references(tmp_path_factory, data_root):
         # tied embeddings across stages: the last stage's output weight is a copy of stage 0's embedding
         ("qwen3_pp2", "qwen3", 2, [*QWEN3, "parallel.pp=2", "parallel.first_stage_layers=2"], False),
         ("qwen2_5_tp2_sp", "qwen2_5", 2, [*QWEN25, "parallel.tp=2", "parallel.sp=true"], True),
+        # context parallel: zigzag split, K/V all-gather, ViT shared over CP ranks, DeepStack features split
+        ("qwen3_cp2", "qwen3", 2, [*QWEN3, "parallel.cp=2"], False),
+        ("qwen2_5_tp2_sp_cp2", "qwen2_5", 4, [*QWEN25, "parallel.tp=2", "parallel.sp=true", "parallel.cp=2"], True),
     ],
 )
 def test_gradients_match_one_process(tmp_path, data_root, references, name, ref, nproc, overrides, sp):

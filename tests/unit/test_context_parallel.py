@@ -1,0 +1,119 @@
+"""Context parallelism's split and attention (qvl_train/parallel/context.py), every CP rank simulated in
+one process: the zigzag shares of a packed row (a sample whose image crosses the chunk boundary, a
+text-only sample, the padding tail) cover each real token exactly once with its original M-RoPE
+position and label, and attention over the all-gathered keys reproduces plain per-sample causal
+attention — outputs and the gradients of q, k, v. The two-process version (autograd through the real
+all-gathers, the ViT shared out, gradients over dp×cp) is the cp=2 case of the distributed suites."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from data_pipelines.schema import IGNORE_INDEX
+from qvl_train.models.attention import varlen_sdpa
+from qvl_train.parallel.context import ContextParallel, attend_gathered, zigzag_split
+
+# Sample 0: 13 tokens, text 0-2, a 2×3 image (6 tokens) at 3-8 (M-RoPE t=3, h=3..4, w=3..5), text 9-12
+# (positions restart at 6 after the image). Sample 1: 7 text tokens. Sample 2: 17 text tokens. Tail: 3 slots.
+CU = torch.tensor([0, 13, 20, 37], dtype=torch.int32)
+L = 40
+
+
+def _positions() -> torch.Tensor:
+    img_h = torch.tensor([3, 3, 3, 4, 4, 4])
+    img_w = torch.tensor([3, 4, 5, 3, 4, 5])
+    s0 = torch.stack([
+        torch.cat([torch.arange(3), torch.full((6,), 3), torch.arange(6, 10)]),
+        torch.cat([torch.arange(3), img_h, torch.arange(6, 10)]),
+        torch.cat([torch.arange(3), img_w, torch.arange(6, 10)]),
+    ])
+    text = lambda n: torch.arange(n).expand(3, n)  # noqa: E731
+    return torch.cat([s0, text(7), text(17), torch.zeros(3, L - 37, dtype=torch.long)], dim=1)
+
+
+@pytest.mark.parametrize("cp, multiple", [(2, 1), (2, 4), (3, 2)])
+def test_zigzag_shares_cover_every_token_once(cp, multiple):
+    positions = _positions()
+    labels = torch.arange(L) * 7 % 11
+    labels[37:] = IGNORE_INDEX
+    seen = []
+    for rank in range(cp):
+        split = zigzag_split(CU, cp, rank, multiple)
+        assert split.rows % multiple == 0 and split.rows == zigzag_split(CU, cp, 0, multiple).rows
+        real = split.src >= 0
+        seen += split.src[real].tolist()
+        assert torch.equal(split.positions(positions)[:, real], positions[:, split.src[real]])
+        assert torch.equal(split.positions(positions)[:, ~real], torch.zeros(3, int((~real).sum()), dtype=torch.long))
+        taken = split.labels(labels)
+        assert torch.equal(taken[real], labels[split.src[real]]) and (taken[~real] == IGNORE_INDEX).all()
+        # zigzag: rank r holds chunks r and 2cp-1-r of every sample
+        for i, (off, c, n) in enumerate(split.samples):
+            q = split.query_positions(i)
+            assert q[:c].min() == rank * c and q[c:].min() == (2 * cp - 1 - rank) * c
+    assert sorted(seen) == list(range(37))  # every real token once; the tail belongs to nobody
+
+
+def test_image_crossing_the_split_keeps_its_positions():
+    """Sample 0's image tokens (3-8) straddle the chunk boundary at 4 (13 tokens → 16 = 4 chunks of 4 at cp=2)."""
+    positions = _positions()
+    owners = {}
+    for rank in range(2):
+        split = zigzag_split(CU, 2, rank)
+        for row, s in enumerate(split.src.tolist()):
+            if 3 <= s <= 8:
+                owners[s] = rank
+                assert split.positions(positions)[:, row].tolist() == positions[:, s].tolist()
+    assert set(owners.values()) == {0, 1} and sorted(owners) == list(range(3, 9))
+
+
+def test_deepstack_features_follow_their_tokens():
+    pos = torch.arange(3, 9)  # the image's token rows in the full row
+    feats = [torch.arange(6.0)[:, None].expand(6, 4) + 100 * k for k in range(2)]
+    got = {}
+    for rank in range(2):
+        split = zigzag_split(CU, 2, rank)
+        local_pos, local_feats = split.localize((pos, feats))
+        for p, f0, f1 in zip(local_pos.tolist(), local_feats[0], local_feats[1]):
+            s = int(split.src[p])
+            got[s] = (float(f0[0]), float(f1[0]))
+    assert got == {int(p): (float(i), 100.0 + i) for i, p in enumerate(pos)}
+
+
+@pytest.mark.parametrize("cp", [2, 3])
+def test_attention_over_gathered_keys_matches_per_sample_causal(cp):
+    torch.manual_seed(0)
+    hq, hkv, d = 4, 2, 8
+    q, k, v = (torch.randn(L, h, d, dtype=torch.float64, requires_grad=True) for h in (hq, hkv, hkv))
+    scale = 1 / math.sqrt(d)
+    weight = torch.randn(L, hq, d, dtype=torch.float64)
+    weight[37:] = 0  # the padding tail carries no loss
+    ref = varlen_sdpa(q, k, v, CU, True, scale)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+
+    splits = [zigzag_split(CU, cp, r, multiple=2) for r in range(cp)]
+    k_all = torch.cat([s.take(k) for s in splits])  # what the all-gather over the CP group returns
+    v_all = torch.cat([s.take(v) for s in splits])
+    total = 0.0
+    for split in splits:
+        out = attend_gathered(split.take(q), k_all, v_all, split, True, scale)
+        real = split.src >= 0
+        assert torch.allclose(out[real], ref[split.src[real]], atol=1e-12)
+        assert (out[sum(2 * c for _, c, _ in split.samples):] == 0).all()  # rows after the last sample
+        total = total + (out * split.take(weight)).sum()
+    grads = torch.autograd.grad(total, (q, k, v))
+    for g, g_ref, name in zip(grads, ref_grads, "qkv"):
+        assert torch.allclose(g, g_ref, atol=1e-12), name
+
+
+def test_media_share_is_contiguous_and_balanced():
+    grid = torch.tensor([[1, 8, 8], [1, 4, 4], [1, 4, 4], [2, 8, 8], [1, 4, 4]])
+    shares = [ContextParallel(2, r, None).media_share(grid) for r in range(2)]
+    assert shares[0][0] == 0 and shares[0][1] == shares[1][0] and shares[1][1] == 5
+    patches = grid.prod(1)
+    a, b = (int(patches[s0:s1].sum()) for s0, s1 in shares)
+    assert abs(a - b) <= int(patches.max())
+    one = torch.tensor([[1, 4, 4]])  # fewer items than ranks: one rank encodes nothing
+    assert [ContextParallel(2, r, None).media_share(one) for r in range(2)] in ([(0, 1), (1, 1)], [(0, 0), (0, 1)])
