@@ -33,15 +33,16 @@ MODULE_PREFIXES = ("vision.", "projector.", "llm.")
 """Every parameter name starts with one of these (stage freezing and per-module metrics use them)."""
 
 
-def _spec_backend(cfg: ModelConfig) -> str:
-    """LoRA wraps megatron's local parallel linears (TE's fuse the norm into the GEMM): local spec then."""
-    return "local" if cfg.lora.enabled else resolve_spec_backend()
+def _spec_backend(cfg: ModelConfig, parallel: ParallelConfig) -> str:
+    """LoRA wraps megatron's local parallel linears (TE's fuse the norm into the GEMM): local spec then.
+    Context parallelism runs through our core attention (`parallel/context.py`), not TE's: local too."""
+    return "local" if cfg.lora.enabled or parallel.cp > 1 else resolve_spec_backend()
 
 
 def _build_qwen2_vl(
     cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution
 ) -> VLM:
-    return VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=_spec_backend(cfg), execution=execution)
+    return VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=_spec_backend(cfg, parallel), execution=execution)
 
 
 def _build_qwen2_5_vl(
@@ -51,7 +52,7 @@ def _build_qwen2_5_vl(
 
     return VLM(
         cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype,
-        spec_backend=_spec_backend(cfg), vision_cls=Qwen2_5VisionTransformer, execution=execution,
+        spec_backend=_spec_backend(cfg, parallel), vision_cls=Qwen2_5VisionTransformer, execution=execution,
     )
 
 
@@ -60,7 +61,7 @@ def _build_qwen3_vl(
 ) -> VLM:
     from qvl_train.models.vlm import Qwen3VLM
 
-    return Qwen3VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=_spec_backend(cfg), execution=execution)
+    return Qwen3VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=_spec_backend(cfg, parallel), execution=execution)
 
 
 def _build_qwen_vl(
@@ -68,7 +69,7 @@ def _build_qwen_vl(
 ) -> VLM:
     from qvl_train.models.vision.qwen_vl import QwenVLM
 
-    return QwenVLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=resolve_spec_backend(), execution=execution)
+    return QwenVLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=_spec_backend(cfg, parallel), execution=execution)
 
 
 _BUILDERS: dict[str, Callable[..., VLM]] = {
