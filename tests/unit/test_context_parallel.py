@@ -117,3 +117,51 @@ def test_media_share_is_contiguous_and_balanced():
     assert abs(a - b) <= int(patches.max())
     one = torch.tensor([[1, 4, 4]])  # fewer items than ranks: one rank encodes nothing
     assert [ContextParallel(2, r, None).media_share(one) for r in range(2)] in ([(0, 1), (1, 1)], [(0, 0), (0, 1)])
+
+
+def _two_rank_worker(rank: int, world: int) -> None:
+    """The real collectives: attention over all-gathered keys and the shared-out media encoding, each
+    output and gradient (summed over the ranks, as the engine's dp×cp all-reduce does) against one process."""
+    import torch.distributed as dist
+
+    from qvl_train.parallel.context import ContextParallel, context_attention
+
+    group = dist.group.WORLD
+    cp = ContextParallel(world, rank, group)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(L, h, 8, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    weight = torch.randn(L, 4, 8, dtype=torch.float64)
+    weight[37:] = 0
+    ref = varlen_sdpa(q, k, v, CU, True, 0.125)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    split = cp.split(CU)
+    out = context_attention(split.take(q), split.take(k), split.take(v), split, True, 0.125)
+    real = split.src >= 0
+    assert torch.allclose(out[real], ref[split.src[real]], atol=1e-12)
+    grads = torch.autograd.grad((out * split.take(weight)).sum(), (q, k, v))
+    for g, g_ref in zip(grads, ref_grads):
+        g = g.contiguous()
+        dist.all_reduce(g)
+        assert torch.allclose(g, g_ref, atol=1e-12)
+
+    # media: 4 patch rows → 1 visual token; one image (rank 1 encodes nothing) and three images
+    w = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    encode = lambda pix, grid: (pix @ w).reshape(-1, 4, 5).sum(1)  # noqa: E731
+    for grid in (torch.tensor([[1, 2, 4]]), torch.tensor([[1, 2, 4], [1, 2, 2], [2, 2, 2]])):
+        pix = torch.randn(int(grid.prod(1).sum()), 6, dtype=torch.float64)
+        ref = encode(pix, grid)
+        (ref_grad,) = torch.autograd.grad((ref * torch.arange(ref.numel()).reshape(ref.shape)).sum(), (w,))
+        got = cp.encode_media(encode, pix, grid, torch.float64)
+        assert torch.allclose(got, ref, atol=1e-12)
+        w.grad = None
+        mine = (torch.arange(got.shape[0]) % world == rank)[:, None]  # each rank's loss uses its own rows, as the split does
+        (got * torch.arange(got.numel()).reshape(got.shape) * mine).sum().backward()  # as the schedules do: every leaf
+        g = torch.zeros_like(w) if w.grad is None else w.grad
+        dist.all_reduce(g)
+        assert torch.allclose(g, ref_grad, atol=1e-10)
+
+
+def test_two_ranks_gather_keys_and_share_media():
+    from qvl_train.parallel.cpu import spawn_gloo
+
+    spawn_gloo(_two_rank_worker, 2)
