@@ -648,6 +648,11 @@ class TrainConfig:
                 f"train.fp8={self.train.fp8} with model.lora: adapters run on megatron's local layers, without FP8; "
                 "set train.fp8=off (train.fp8=auto turns FP8 off for LoRA runs)"
             )
+        if lora.enabled and self.parallel.sp and self.parallel.tp > 1:
+            raise ConfigError(
+                f"model.lora with parallel.sp=true (tp={self.parallel.tp}): adapters take the full sequence and "
+                "sequence parallelism splits it; set parallel.sp=false (tensor parallelism alone works with LoRA)"
+            )
         if lora.enabled and not set(lora.modules) & set(self.stage.trainable):
             raise ConfigError(
                 f"model.lora.modules={list(lora.modules)} has no module that stage={self.stage.name} trains "
