@@ -187,7 +187,8 @@ class ModelConfig:
     init_from: Optional[str] = None
     """Checkpoint step directory or checkpoint root to take weights from when the run has none yet."""
     attention_backend: str = "auto"
-    """Core attention for packed sequences: auto | sdpa_loop (CPU) | flex | varlen (CUDA, PyTorch flash varlen)."""
+    """Core attention for packed sequences: auto | sdpa_loop (CPU) | flex | varlen (CUDA, PyTorch flash varlen)
+    | flash_attn (CUDA, the flash-attn package where installed; auto prefers it on CUDA)."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Low-rank adapters (off by default); with them only the adapters train."""
 
@@ -196,9 +197,9 @@ class ModelConfig:
             raise ConfigError(
                 f"model.generation={self.generation!r} is unknown; valid: {', '.join(GENERATIONS)}"
             )
-        if self.attention_backend not in ("auto", "sdpa_loop", "flex", "varlen"):
+        if self.attention_backend not in ("auto", "sdpa_loop", "flex", "varlen", "flash_attn"):
             raise ConfigError(
-                f"model.attention_backend={self.attention_backend!r}; valid: auto, sdpa_loop, flex, varlen"
+                f"model.attention_backend={self.attention_backend!r}; valid: auto, sdpa_loop, flex, varlen, flash_attn"
             )
         llm = self.llm
         head_dim, rem = divmod(llm.hidden_size, llm.num_attention_heads)

@@ -18,7 +18,10 @@ Backends (`model.attention_backend`):
   compiled on CUDA (eager FlexAttention is a reference path that materialises the scores).
 * ``varlen`` — PyTorch's own flash varlen kernel (`torch.nn.attention.varlen.varlen_attn`, CUDA
   only, in the PyTorch versions that have it): cu_seqlens straight into the kernel, no mask at all.
-* ``auto`` — ``varlen`` on CUDA where PyTorch has it, else ``flex`` on CUDA, ``sdpa_loop`` on CPU.
+* ``flash_attn`` — flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16; the `flash-attn` package is a
+  GPU extra, used only where it imports): cu_seqlens into the kernel, GQA without repeating k/v.
+* ``auto`` — on CUDA ``flash_attn`` where installed, else ``varlen`` where PyTorch has it, else
+  ``flex``; ``sdpa_loop`` on CPU.
 Transformer Engine's fused attention replaces this module altogether with `model.spec_backend=te`.
 
 megatron calls core attention with `qkv_format="sbhd"` packed params from our model (see
@@ -39,9 +42,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-__all__ = ["VarlenAttention", "varlen_sdpa", "varlen_flex", "varlen_torch", "resolve_backend", "BACKENDS"]
+__all__ = ["VarlenAttention", "varlen_sdpa", "varlen_flex", "varlen_torch", "varlen_flash", "resolve_backend", "BACKENDS"]
 
-BACKENDS = ("auto", "sdpa_loop", "flex", "varlen")
+BACKENDS = ("auto", "sdpa_loop", "flex", "varlen", "flash_attn")
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,6 +57,16 @@ def _torch_varlen():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
+@functools.lru_cache(maxsize=None)
+def _flash_attn():
+    """flash-attn's `flash_attn_varlen_func`, or None where the package is not installed (or does not import)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:  # ImportError, or a build for another CUDA/torch that fails to load
+        return None
+    return flash_attn_varlen_func
+
+
 def resolve_backend(backend: str) -> str:
     """`auto` → `varlen` (else `flex`) with CUDA, `sdpa_loop` on CPU; an unusable explicit choice is an error."""
     if backend not in BACKENDS:
@@ -61,7 +74,14 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         if not torch.cuda.is_available():
             return "sdpa_loop"
+        if _flash_attn() is not None:
+            return "flash_attn"
         return "varlen" if _torch_varlen() is not None else "flex"
+    if backend == "flash_attn" and (_flash_attn() is None or not torch.cuda.is_available()):
+        raise ValueError(
+            "model.attention_backend=flash_attn needs CUDA and the flash-attn package (pip install flash-attn "
+            f"--no-build-isolation; cuda={torch.cuda.is_available()}); use auto, varlen, flex or sdpa_loop"
+        )
     if backend == "varlen" and (_torch_varlen() is None or not torch.cuda.is_available()):
         raise ValueError(
             "model.attention_backend=varlen needs CUDA and a PyTorch with torch.nn.attention.varlen "
@@ -155,7 +175,24 @@ def varlen_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     return out
 
 
-_KERNELS = {"sdpa_loop": varlen_sdpa, "flex": varlen_flex, "varlen": varlen_torch}
+def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """Same contract as `varlen_sdpa`, through flash-attn's varlen kernel (fp16/bf16; fp32 inputs go
+    through the exact per-sample SDPA loop, as in `varlen_torch`)."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return varlen_sdpa(q, k, v, cu_seqlens, causal, scale)
+    flash = _flash_attn()
+    if flash is None:
+        raise RuntimeError("flash-attn is not installed; use attention_backend=auto")
+    t = q.shape[0]
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    total, max_len = int(cu[-1]), int((cu[1:] - cu[:-1]).max())
+    out = flash(q[:total], k[:total], v[:total], cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=causal)
+    if total < t:
+        out = torch.cat([out, out.new_zeros((t - total,) + tuple(out.shape[1:]))])
+    return out
+
+
+_KERNELS = {"sdpa_loop": varlen_sdpa, "flex": varlen_flex, "varlen": varlen_torch, "flash_attn": varlen_flash}
 
 
 class VarlenAttention(MegatronModule):

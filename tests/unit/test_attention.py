@@ -88,3 +88,35 @@ def test_varlen_torch_takes_fp32_through_the_exact_loop():
 
     q, k, v = _qkv()
     torch.testing.assert_close(varlen_torch(q, k, v, CU, True, 0.3), varlen_sdpa(q, k, v, CU, True, 0.3), rtol=0, atol=0)
+
+
+def test_flash_attn_backend_needs_cuda_and_the_package():
+    from qvl_train.models.attention import resolve_backend
+
+    with pytest.raises(ValueError, match="flash_attn needs CUDA and the flash-attn package"):
+        resolve_backend("flash_attn")
+
+
+def test_varlen_flash_calls_flash_attn_varlen_func_as_documented(monkeypatch):
+    """flash-attn is a GPU extra: a stand-in with its documented signature (q, k, v, cu_seqlens_q,
+    cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal; unpadded rows; k/v with
+    their own kv heads) checks what the backend hands the kernel and what it makes of the result."""
+    import qvl_train.models.attention as attention
+
+    calls = []
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+        calls.append((q.shape, k.shape, cu_q.dtype, max_q, dropout_p, softmax_scale, causal))
+        assert torch.equal(cu_q, cu_k) and max_q == max_k
+        full = torch.zeros(L, *q.shape[1:], dtype=q.dtype)
+        return varlen_sdpa(*(torch.cat([x, full[: L - x.shape[0], : x.shape[1]]]) for x in (q, k, v)), cu_q, causal, softmax_scale)[: q.shape[0]]
+
+    monkeypatch.setattr(attention, "_flash_attn", lambda: flash_attn_varlen_func)
+    q, k, v = (x.bfloat16() for x in _qkv(3))
+    out = attention.varlen_flash(q, k, v, CU, True, 0.3)
+    assert calls == [((20, HQ, D), (20, HKV, D), torch.int32, 8, 0.0, 0.3, True)]
+    assert out.shape == q.shape and torch.all(out[20:] == 0)
+    torch.testing.assert_close(out, varlen_sdpa(q, k, v, CU, True, 0.3))
+    # fp32 (parity checks) takes the exact loop without calling the kernel
+    torch.testing.assert_close(attention.varlen_flash(*_qkv(3), CU, True, 0.3), varlen_sdpa(*_qkv(3), CU, True, 0.3))
+    assert len(calls) == 1
