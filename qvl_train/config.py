@@ -188,7 +188,8 @@ class ModelConfig:
     """Checkpoint step directory or checkpoint root to take weights from when the run has none yet."""
     attention_backend: str = "auto"
     """Core attention for packed sequences: auto | sdpa_loop (CPU) | flex | varlen (CUDA, PyTorch flash varlen)
-    | flash_attn (CUDA, the flash-attn package where installed; auto prefers it on CUDA)."""
+    | flash_attn (CUDA, the flash-attn package) | te (CUDA, Transformer Engine's fused attention); auto takes
+    te, else flash_attn, else varlen, else flex on CUDA where each is installed."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Low-rank adapters (off by default); with them only the adapters train."""
 
@@ -197,9 +198,9 @@ class ModelConfig:
             raise ConfigError(
                 f"model.generation={self.generation!r} is unknown; valid: {', '.join(GENERATIONS)}"
             )
-        if self.attention_backend not in ("auto", "sdpa_loop", "flex", "varlen", "flash_attn"):
+        if self.attention_backend not in ("auto", "sdpa_loop", "flex", "varlen", "flash_attn", "te"):
             raise ConfigError(
-                f"model.attention_backend={self.attention_backend!r}; valid: auto, sdpa_loop, flex, varlen, flash_attn"
+                f"model.attention_backend={self.attention_backend!r}; valid: auto, sdpa_loop, flex, varlen, flash_attn, te"
             )
         llm = self.llm
         head_dim, rem = divmod(llm.hidden_size, llm.num_attention_heads)
