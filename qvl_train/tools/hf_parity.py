@@ -302,8 +302,9 @@ def main(argv=None) -> int:
     per_dir = run_many(args.hf_dir, kinds, args.seed, device=args.device, dtype=DTYPES[args.dtype], tp=args.tp, pp=args.pp, ep=args.ep)
     tolerance = TOLERANCE if args.dtype == "fp32" else BF16_TOLERANCE
     results = {}
-    for hf_dir, errors in per_dir.items():  # one checkpoint: bare kinds; several: "<dir name>/<kind>"
-        prefix = f"{Path(hf_dir).name}/" if len(per_dir) > 1 else ""
+    names = [Path(d).name for d in per_dir]
+    for (hf_dir, errors), name in zip(per_dir.items(), names):  # several: "<dir name>/<kind>" (the path if names repeat)
+        prefix = "" if len(per_dir) == 1 else f"{name if names.count(name) == 1 else hf_dir}/"
         results.update({prefix + kind: err for kind, err in errors.items()})
     width = max(12, *map(len, results))
     for kind, err in results.items():

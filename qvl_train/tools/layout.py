@@ -8,7 +8,8 @@
   from the HF weights (`fill_from_full`), and megatron's `dist_checkpointing.save` writes the
   checkpoint from all ranks: the sharded save path of a real run, and the same checkpoint as a
   one-process import (the format is layout-independent).
-* ``logits`` — the same model runs the parity inputs through megatron's forward-only pipeline
+* ``logits`` — the same model (one after another for each of several checkpoints, in one process
+  group) runs the parity inputs through megatron's forward-only pipeline
   schedule; the last stage gathers the vocabulary shards and writes the logits for the parent
   process, which compares them with the HF model it ran itself (the framework side never calls
   into transformers).
