@@ -288,6 +288,7 @@ class MegatronEngine:
         loss = float(loss_sum) / denom
         moe_aux, expert_load = self.moe.end_step() if self.moe is not None else (None, {})
 
+        self._fill_missing_grads()
         self._sum_tp_partial_grads()
         self._sum_tied_embedding_grads()
         self._sync_grads()
@@ -366,9 +367,18 @@ class MegatronEngine:
         from megatron.core import parallel_state
 
         for p in (p for _, p in self._params if getattr(p, "shared_embedding", False)):
-            if self._grad(p) is None:  # e.g. a step without label tokens: the other stage still waits for this one
-                p.grad = torch.zeros_like(p)
             dist.all_reduce(self._grad(p), group=parallel_state.get_embedding_group())
+
+    def _fill_missing_grads(self) -> None:
+        """Give a zero gradient to every trainable parameter this rank's micro-batches did not reach (the
+        ViT on a data-parallel rank without images or on a context-parallel rank whose share of the media
+        is empty, an expert no token was routed to, the output layer in a step without labels): every rank
+        then reduces the same tensors, and the optimizer steps every trainable parameter, as with
+        megatron's gradient buffers (`optim.distributed`)."""
+        if self.sharded is None:
+            for _, p in self._params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
 
     def _zero_grads(self) -> None:
         if self.sharded is not None:
@@ -401,8 +411,6 @@ class MegatronEngine:
     def _allreduce_grads(self) -> None:
         """Sum gradients over data-parallel × context-parallel ranks in one flat buffer (grads already
         carry 1/G); routed experts over the ranks that hold the same experts (expert data parallel)."""
-        if self.dims.cp > 1:
-            self._fill_missing_grads("dp_cp")
         dense = [p.grad for n, p in self._params if p.grad is not None and not is_expert_param(n)]
         expert = [p.grad for n, p in self._params if p.grad is not None and is_expert_param(n)]
         for grads, size, group in ((dense, self.dims.dp * self.dims.cp, "dp_cp"), (expert, self.dims.expert_dp, "edp")):
@@ -412,15 +420,6 @@ class MegatronEngine:
             dist.all_reduce(flat, group=self.dims.groups[group])
             for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 g.copy_(synced)
-
-    def _fill_missing_grads(self, group: str) -> None:
-        """Zero gradients where another rank of `group` has one and this rank has none (under parallel.cp
-        a rank whose share of the media is empty skips the ViT), so the flat buffers line up."""
-        present = torch.tensor([p.grad is not None for _, p in self._params], dtype=torch.float32, device=self.dims.device)
-        dist.all_reduce(present, group=self.dims.groups[group])
-        for (_, p), seen in zip(self._params, present.tolist()):
-            if seen and p.grad is None:
-                p.grad = torch.zeros_like(p)
 
     def _grad_norms(self) -> tuple[float, dict[str, float]]:
         """Global L2 norm per module; tensor-parallel duplicates (norms, biases) counted once.
