@@ -30,6 +30,7 @@ LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
     "pp2": (2, ["parallel.pp=2", "parallel.first_stage_layers=2"]),
+    "cp2": (2, ["parallel.cp=2"]),
 }
 
 
