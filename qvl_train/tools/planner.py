@@ -2,6 +2,10 @@
 
     python launch/plan.py +experiment=qwen3vl_235b_thinking cluster.gpus=256 cluster.gpu=h100
 
+Context parallelism is modelled as `qvl_train/parallel/context.py` runs it (each rank holds 1/cp of the
+tokens and encodes ~1/cp of the patches; optimizer state sharded over dp·cp); training so far runs cp with
+pp = 1 on dense models only (TrainConfig refuses the rest), the planner still ranks those layouts.
+
 A layout is (tp, pp, vpp, ep, etp, cp, dp, recompute) at the run's micro-batch (`data.max_tokens`
 tokens per packed micro-batch) and global batch (`train.global_batch_tokens`). The model is megatron's
 as this framework runs it: bf16 weights, fp32 gradient buffer, AdamW with fp32 master weights and
@@ -294,8 +298,6 @@ def check_layout(cfg: ModelConfig, lo: Layout, work: Workload, gpus_per_node: in
         return f"pp·vpp={lo.pp * lo.vpp} exceeds the {L} layers"
     if lo.vpp > 1 and L % (lo.pp * lo.vpp):
         return f"{L} layers do not split into pp·vpp={lo.pp * lo.vpp} equal chunks"
-    if lo.cp > 1 and (lo.pp > 1 or l.num_experts):  # what TrainConfig.validate refuses (parallel/context.py)
-        return f"cp={lo.cp} runs with pp=1 and dense models only"
     if lo.ep > 1 and (not l.num_experts or l.num_experts % lo.ep):
         return f"ep={lo.ep} does not divide the {l.num_experts} experts"
     world = lo.tp * lo.pp * lo.cp * lo.dp
