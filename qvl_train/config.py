@@ -287,7 +287,7 @@ class ParallelConfig:
     """Context-parallel size: every packed sample's tokens are split over cp ranks (zigzag: 2·cp chunks,
     rank r keeps chunks r and 2·cp-1-r), keys/values all-gathered in the LLM's attention, the ViT's
     images shared out among the cp ranks (see qvl_train/parallel/context.py). Combines with tp (and sp)
-    and dp; not with pp, MoE models or eval.every yet (refused at validation)."""
+    and dp; not with pp or MoE models yet (refused at validation)."""
     ep: int = 1
     """Expert-parallel size for MoE models: the experts of each layer are split over ep ranks, tokens
     travel by all-to-all. Not an extra factor of the world: ep·etp·pp must divide the world size."""
@@ -711,7 +711,6 @@ class TrainConfig:
             (p.pp > 1, f"parallel.pp={p.pp} (pipeline stages need one activation shape, the split's varies per micro-batch)",
              "parallel.pp=1"),
             (bool(self.model.llm.num_experts), "a mixture-of-experts model", "a dense model"),
-            (bool(self.eval.every), f"eval.every={self.eval.every} (exact match reads whole rows of logits)", "eval.every=0"),
         )
         for bad, what, fix in refused:
             if bad:

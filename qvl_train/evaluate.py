@@ -34,6 +34,7 @@ class GreedyMatch:
 
     def __init__(self, model: torch.nn.Module, dims) -> None:
         self.layer = getattr(getattr(model, "llm", None), "output_layer", None)  # None off the last stage
+        self.context_parallel = getattr(model, "context_parallel", None)
         self.dims = dims
         self.preds: list[torch.Tensor] = []
         self._handle = None
@@ -62,6 +63,23 @@ class GreedyMatch:
             best = torch.stack(values).argmax(0, keepdim=True)
             index = torch.stack(indices).gather(0, best).squeeze(0)
         self.preds.append(index.cpu())
+
+    def collect(self, batches: list) -> None:
+        """Under parallel.cp each rank predicted the labels of its own rows: put every micro-batch's
+        predictions in the order of the whole row's label positions (gathered over the CP group)."""
+        cp = self.context_parallel
+        if cp is None or not self.preds:
+            return
+        from data_pipelines.schema import IGNORE_INDEX
+        from qvl_train.parallel.context import gather_ragged
+
+        full = []
+        for batch, pred in zip(batches, self.preds):
+            split = cp.split(batch.cu_seqlens)
+            rows = split.src[torch.nonzero(split.labels(batch.labels) != IGNORE_INDEX).squeeze(1)]
+            pairs = gather_ragged(torch.stack([rows, pred.long()], dim=1).to(self.dims.device), cp.group).cpu()
+            full.append(pairs[pairs[:, 0].argsort(), 1])
+        self.preds = full
 
     def count(self, batches: list) -> tuple[int, int]:
         """(samples whose every label token is the argmax, samples with labels) over `batches`."""
@@ -168,6 +186,7 @@ class Evaluator:
                 batches = loader.next_step()
                 with GreedyMatch(engine.model, self.dims) as probe:
                     loss_sum, labels = engine.eval_step(batches)
+                probe.collect(batches)
                 exact, answered = self._global_counts(probe.count(batches))
                 records.append({"kind": "eval", "step": step, "source": name,
                                 "loss": loss_sum / max(labels, 1), "label_tokens": labels,
@@ -187,9 +206,10 @@ class Evaluator:
         return next((g for g in gathered if g is not None), [])
 
     def _global_counts(self, local: tuple[int, int]) -> tuple[int, int]:
-        """Sum over data-parallel ranks (counted where the logits are: last stage, tensor rank 0)."""
+        """Sum over data-parallel ranks (counted where the logits are: last stage, tensor rank 0, context
+        rank 0 — its predictions cover the whole rows after `GreedyMatch.collect`)."""
         dims = self.dims
-        mine = local if dims.is_last_stage and dims.tp_rank == 0 else (0, 0)
+        mine = local if dims.is_last_stage and dims.tp_rank == 0 and dims.cp_rank == 0 else (0, 0)
         counts = torch.tensor(mine, dtype=torch.float64, device=dims.device)
         torch.distributed.all_reduce(counts, group=dims.groups["world"])
         return int(counts[0]), int(counts[1])

@@ -41,7 +41,10 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from data_pipelines.schema import IGNORE_INDEX
 
-__all__ = ["ContextParallel", "ZigzagSplit", "ContextPackedSeqParams", "zigzag_split", "context_attention", "attend_gathered"]
+__all__ = [
+    "ContextParallel", "ZigzagSplit", "ContextPackedSeqParams", "zigzag_split", "context_attention", "attend_gathered",
+    "gather_ragged",
+]
 
 
 @dataclass
@@ -180,24 +183,38 @@ def context_attention(q, k, v, split: ZigzagSplit, causal: bool, scale: float) -
     return attend_gathered(q, k_all, v_all, split, causal, scale)
 
 
+def _gather_ragged(x: torch.Tensor, group) -> tuple[torch.Tensor, list[int]]:
+    """All-gather `[n_r, ...]` blocks whose row counts differ per rank: (rank-major rows, counts)."""
+    count = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c) for c in counts]
+    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(counts) - x.shape[0]))
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]), counts
+
+
+def gather_ragged(x: torch.Tensor, group) -> torch.Tensor:
+    """All-gather `[n_r, ...]` blocks whose row counts differ per rank (no autograd): rank-major rows."""
+    return _gather_ragged(x, group)[0]
+
+
 class _GatherVarRows(torch.autograd.Function):
-    """All-gather row blocks of different sizes (`counts` per rank); backward: sum, own block."""
+    """`gather_ragged` with autograd; backward: sum over ranks, keep this rank's block."""
 
     @staticmethod
-    def forward(ctx, x, counts, group):
+    def forward(ctx, x, group):
+        out, counts = _gather_ragged(x, group)
         rank = dist.get_rank(group)
         ctx.group, ctx.start, ctx.rows = group, sum(counts[:rank]), counts[rank]
-        longest = max(counts)
-        padded = F.pad(x, (0, 0, 0, longest - x.shape[0]))
-        parts = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(parts, padded.contiguous(), group=group)
-        return torch.cat([p[:n] for p, n in zip(parts, counts)])
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.start : ctx.start + ctx.rows], None, None
+        return grad[ctx.start : ctx.start + ctx.rows], None
 
 
 @dataclass
@@ -227,20 +244,16 @@ class ContextParallel:
     def encode_media(self, encode: Callable, pixel_values: torch.Tensor, grid_thw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`encode(pixel_values, grid_thw) → [n_vis, D]` of all media, each CP rank encoding its share.
 
-        Pixel rows follow `grid_thw` (t·h·w rows per item); the row counts of the shares are
-        all-gathered first (models differ in visual tokens per item), then the embeddings.
+        Pixel rows follow `grid_thw` (t·h·w rows per item); the embeddings' row counts differ per share
+        (and per model: visual tokens per item), so they travel with the rows (`gather_ragged`).
         """
         first, last = self.media_share(grid_thw)
         rows = torch.cat([grid_thw.new_zeros(1), grid_thw.prod(dim=1).cumsum(0)]).tolist()
         if rows[-1] != pixel_values.shape[0]:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but grid_thw covers {rows[-1]}")
         mine = encode(pixel_values[rows[first] : rows[last]], grid_thw[first:last]) if last > first else None
-        count = torch.tensor([0 if mine is None else mine.shape[0]], dtype=torch.long, device=pixel_values.device)
-        counts = [torch.zeros_like(count) for _ in range(self.size)]
-        dist.all_gather(counts, count, group=self.group)
-        counts = [int(c) for c in counts]
         width = torch.tensor([0 if mine is None else mine.shape[1]], dtype=torch.long, device=pixel_values.device)
         dist.all_reduce(width, op=dist.ReduceOp.MAX, group=self.group)
         if mine is None:  # nothing to encode here: an empty block, still in the graph (its backward joins the collective)
             mine = pixel_values.new_zeros((0, int(width)), dtype=dtype).requires_grad_()
-        return _GatherVarRows.apply(mine, counts, self.group)
+        return _GatherVarRows.apply(mine, self.group)

@@ -1,6 +1,6 @@
 """Held-out evaluation during training (2 CPU processes): `"kind": "eval"` lines per `data.valid`
 source every `eval.every` steps, the same micro-batches each time, the same loss and greedy exact-match
-accuracy in another layout, and training itself unchanged by it."""
+accuracy in another layout (tp=2 × cp=2), and training itself unchanged by it."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ def valid_root(tmp_path_factory):
     return root
 
 
-def _train(tmp_path, data_root, name, *extra):
+def _train(tmp_path, data_root, name, *extra, nproc=2):
     out = tmp_path / name
-    torchrun(2, "+experiment=tiny", f"output_dir={out}", f"cluster.data_root={data_root}",
+    torchrun(nproc, "+experiment=tiny", f"output_dir={out}", f"cluster.data_root={data_root}",
              "data.max_tokens=512", "train.global_batch_tokens=1024", "wandb.mode=disabled",
              f"train.max_steps={STEPS}", "checkpoint.every=0", *extra)
     rows = read_metrics(out)
@@ -55,7 +55,8 @@ def test_eval_lines_per_source_and_training_unchanged(tmp_path, data_root, valid
     assert [(r["loss"], r["grad_norm"], r["samples"]) for r in train] == \
         [(r["loss"], r["grad_norm"], r["samples"]) for r in plain]  # bit for bit: eval changes nothing
 
-    _, tp_evals = _train(tmp_path, data_root, "tp2", "parallel.tp=2", *with_eval)
+    # tp=2 × cp=2: predictions over the vocabulary shards and over the zigzag halves of every row
+    _, tp_evals = _train(tmp_path, data_root, "tp2_cp2", "parallel.tp=2", "parallel.cp=2", *with_eval, nproc=4)
     for a, b in zip(evals, tp_evals):
         keys = ("step", "source", "label_tokens", "answers", "accuracy")
         assert [a[k] for k in keys] == [b[k] for k in keys]

@@ -99,7 +99,6 @@ def test_user_keys_reach_the_typed_config():
         (["parallel.cp=2"], 3, "parallel.tp·pp·cp"),  # world not divisible by cp
         (["parallel.cp=2", "parallel.pp=2"], 4, "parallel.pp=1"),  # cp with pipeline stages: refused
         (["model=qwen3_vl_moe/tiny", "parallel.cp=2"], 2, "mixture-of-experts"),  # cp with MoE: refused
-        (["parallel.cp=2", "eval.every=2", "data.valid=[{path:synth}]"], 2, "exact match"),  # cp with eval: refused
     ],
 )
 def test_validation_errors_name_the_key(overrides, world, key):
