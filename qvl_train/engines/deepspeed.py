@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import replace
 
 import torch
@@ -82,6 +83,8 @@ def _init_deepspeed_comm() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    # DeepSpeed calls the collectives that torch 2.13 renamed: one FutureWarning per call and step otherwise
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     backend = importlib.import_module("deepspeed.comm.torch")  # the module (the package re-exports `torch`)
     with mock.patch.object(backend, "build_shm_op", lambda: None):
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False)
