@@ -262,10 +262,10 @@ class DeepSpeedEngine:
             sh = by_param[id(p)]
             for moment in MOMENTS:
                 data = torch.zeros(sh.data.shape) if is_loading else safe_get_full_optimizer_state(p, moment).clone()
-                state[f"{name}.{moment}"] = replace(sh, key=f"optimizer.{sh.key}.{moment}", data=data)
+                state[f"{name}.{moment}"] = _fp32_like(sh, f"optimizer.{sh.key}.{moment}", data)
             if self.dtype == torch.bfloat16:
                 data = torch.zeros(sh.data.shape) if is_loading else safe_get_full_fp32_param(p).clone()
-                state[f"{name}.fp32_param"] = replace(sh, key=f"optimizer.{sh.key}.fp32_param", data=data)
+                state[f"{name}.fp32_param"] = _fp32_like(sh, f"optimizer.{sh.key}.fp32_param", data)
         out["optimizer"] = state
         return out
 
@@ -311,3 +311,12 @@ class DeepSpeedEngine:
         for st in self._optimizer_states():
             if "step" in st:
                 st["step"] = torch.tensor(float(n)) if torch.is_tensor(st["step"]) else n
+
+
+def _fp32_like(sh, key: str, data: torch.Tensor):
+    """The weight's sharded entry (ShardedTensor, or a factory such as SwiGLU's [gate; up] split) for an
+    fp32 tensor of the same shape (the moments and masters stay fp32 when the weights are bf16)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    extra = {"dtype": data.dtype} if isinstance(sh, ShardedTensor) else {}
+    return replace(sh, key=key, data=data, **extra)
