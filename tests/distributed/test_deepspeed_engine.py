@@ -9,7 +9,8 @@ One spawn checks, for ZeRO-2 and ZeRO-3 with dp=2 (ZeRO-3 partitioning every par
   * a checkpoint round trip through the CheckpointManager: saved after step 4, loaded into a fresh
     engine of the same stage, step 5 gives the same loss as the uninterrupted run (AdamW moments
     and step count restored), and the saved weights equal the live full weights (what export-hf and
-    model.init_from read);
+    model.init_from read); the one-process megatron engine resumes the ZeRO-3 checkpoint (the same
+    `per_param` format) and its step 5 is the same;
   * a frozen module (stage3_sft: ViT) gets no gradient and no optimizer state and does not move.
 The command-line run (`launch/train.py engine=deepspeed`) is in tests/e2e/test_deepspeed_train.py.
 """
@@ -172,6 +173,18 @@ def _check_frozen(rank: int, cfg) -> None:
             assert torch.equal(sh.data, after[key].data), key
 
 
+def _check_megatron_resumes(cfg, world_size: int, ref_results, tmp: str) -> None:
+    """The one-process megatron engine resumes the ZeRO-3 run's checkpoint (weights, AdamW moments per
+    parameter name, step count: the same format) and its step 5 is the uninterrupted run's."""
+    from qvl_train.checkpoint.manager import CheckpointManager
+
+    ref = _reference()
+    state, _ = CheckpointManager(f"{tmp}/zero3", ref.dims).restore(ref, resume="auto", init_from=None)
+    assert state.step == SAVE_AT and ref.optimizer_step_count() == SAVE_AT
+    got = ref.train_step([b for r in range(world_size) for b in _batches(cfg, SAVE_AT, r)], SAVE_AT)
+    _close(ref_results[SAVE_AT].loss, got.loss, "megatron engine resumed from ZeRO-3")
+
+
 def _check(rank: int, world_size: int, tmp: str) -> None:
     from megatron.core import parallel_state as ps
 
@@ -183,6 +196,7 @@ def _check(rank: int, world_size: int, tmp: str) -> None:
     assert ref_results[0].grad_norm > 0.5  # so clipping is applied
     for zero_stage in (2, 3):
         _check_zero(zero_stage, rank, cfg, ref_results, ref_grads, tmp)
+    _check_megatron_resumes(cfg, world_size, ref_results, tmp)
     _check_frozen(rank, cfg)
 
 

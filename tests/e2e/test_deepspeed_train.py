@@ -17,12 +17,12 @@ def test_deepspeed_zero3_trains_and_saves_megatron_format(tmp_path, data_root):
 
     out = tmp_path / "ds"
     overrides = ["+experiment=tiny", "engine=deepspeed", "engine.zero_stage=3", "data.max_tokens=512",
-                 "train.global_batch_tokens=1024", "train.max_steps=2", "checkpoint.every=2"]
+                 "train.global_batch_tokens=1024", "train.max_steps=1"]
     proc = torchrun(2, *overrides, f"output_dir={out}", f"cluster.data_root={data_root}", "wandb.mode=disabled")
     rows = [r for r in read_metrics(out) if r["kind"] == "train"]
-    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in rows)
+    assert [r["step"] for r in rows] == [1] and rows[0]["loss"] > 0 and rows[0]["grad_norm"] > 0
     assert "fresh start" in proc.stdout
-    step_dir = out / "checkpoints" / "step_0000002"
+    step_dir = out / "checkpoints" / "step_0000001"
     assert (step_dir / "complete").exists()
 
     megatron_one_rank_world()
