@@ -1,4 +1,5 @@
-"""End to end: `launch/train.py engine=deepspeed engine.zero_stage=3` on 2 CPU processes trains and writes
+"""End to end: `launch/train.py engine=deepspeed engine.zero_stage=3 engine.offload_optimizer=cpu` on 2 CPU
+processes trains a step, evaluates (forward-only under ZeRO-3) and writes
 a checkpoint in the megatron engine's format (the weights load into the megatron-core model as they are,
 AdamW moments per parameter name), which is what export-hf, model.init_from and a resume read."""
 
@@ -18,9 +19,12 @@ def test_deepspeed_zero3_trains_and_saves_megatron_format(tmp_path, data_root):
     out = tmp_path / "ds"
     overrides = ["+experiment=tiny", "engine=deepspeed", "engine.zero_stage=3", "data.max_tokens=512",
                  "train.global_batch_tokens=1024", "train.max_steps=1"]
-    proc = torchrun(2, *overrides, f"output_dir={out}", f"cluster.data_root={data_root}", "wandb.mode=disabled")
+    proc = torchrun(2, *overrides, "engine.offload_optimizer=cpu", f"output_dir={out}", f"cluster.data_root={data_root}",
+                    "wandb.mode=disabled", "eval.every=1", "eval.max_batches=2", "data.valid=[{path:${cluster.data_root}/synth}]")
     rows = [r for r in read_metrics(out) if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [1] and rows[0]["loss"] > 0 and rows[0]["grad_norm"] > 0
+    evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
+    assert len(evals) == 1 and evals[0]["loss"] > 0 and evals[0]["label_tokens"] > 0
     assert "fresh start" in proc.stdout
     step_dir = out / "checkpoints" / "step_0000001"
     assert (step_dir / "complete").exists()
