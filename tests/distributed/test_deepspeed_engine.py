@@ -11,6 +11,7 @@ One spawn checks, for ZeRO-2 and ZeRO-3 with dp=2 (ZeRO-3 partitioning every par
     and step count restored), and the saved weights equal the live full weights (what export-hf and
     model.init_from read); the one-process megatron engine resumes the ZeRO-3 checkpoint (the same
     `per_param` format) and its step 5 is the same;
+  * a step with a non-finite gradient is skipped (ZeRO-2): no master weight moves, the step count stays;
   * a frozen module (stage3_sft: ViT) gets no gradient and no optimizer state and does not move.
 The command-line run (`launch/train.py engine=deepspeed`) is in tests/e2e/test_deepspeed_train.py.
 """
@@ -150,6 +151,14 @@ def _check_zero(zero_stage: int, rank: int, cfg, ref_results, ref_grads, tmp: st
     assert all(torch.equal(loaded[n], w) for n, w in saved_full.items())
     for step in range(SAVE_AT, STEPS):
         _close(ref_results[step].loss, resumed.train_step(_batches(cfg, step, rank), step).loss, (zero_stage, "resumed", step))
+
+    if zero_stage == 2:  # a non-finite step is skipped on every rank: no master weight moves, the step count stays
+        with torch.no_grad():
+            dict(resumed.model.named_parameters())["projector.linear_fc1.weight"][0, 0] = float("nan")
+        before, count = _full_weights(resumed), resumed.optimizer_step_count()
+        assert resumed.train_step(_batches(cfg, STEPS, rank), STEPS).skipped
+        after = _full_weights(resumed)
+        assert all(torch.equal(w, after[n]) for n, w in before.items()) and resumed.optimizer_step_count() == count
 
 
 def _full_weights(engine) -> dict:
