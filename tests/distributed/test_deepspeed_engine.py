@@ -176,6 +176,10 @@ def _check_frozen(rank: int, cfg) -> None:
     result = engine.train_step(_batches(cfg, 0, rank), 0)
     assert not result.skipped and result.module_grad_norms["vision"] == 0.0 and result.module_grad_norms["llm"] > 0
     assert all(not n.startswith("vision.") for n in engine.full_grads())
+    moments = torch.tensor([sum(st["exp_avg"].numel() for st in engine._optimizer_states())])
+    torch.distributed.all_reduce(moments)
+    trainable, total = engine.parameter_counts()
+    assert int(moments) == trainable == total - sum(p.ds_numel for p in vit)  # no state for the ViT
     after = engine.sharded_state_dict(with_optimizer=False)["model"]
     for key, sh in before.items():
         if key.startswith("vision.") and torch.is_tensor(getattr(sh, "data", None)):
