@@ -249,6 +249,12 @@ class MegatronEngine:
         """Refuse a checkpoint whose optimizer state this engine cannot read, saying what to do."""
         if saved != self.optimizer_format:
             setting = {"per_param": "false", "distributed": "true"}
+            if saved not in setting:
+                raise RuntimeError(
+                    f"the checkpoint's optimizer state has format {saved!r}, written by engine=deepspeed in bf16; "
+                    "resume it with engine=deepspeed train.dtype=bf16, or start a new output_dir with "
+                    "model.init_from=<checkpoint> to take its weights with a fresh optimizer"
+                )
             raise RuntimeError(
                 f"the checkpoint's optimizer state was written with optim.distributed={setting[saved]}, this run "
                 f"has optim.distributed={setting[self.optimizer_format]}: resume with "

@@ -50,3 +50,15 @@ def test_deepspeed_config_follows_our_config():
     ds = deepspeed_config(EngineConfig(name="deepspeed"), optim, torch.float32, micro_per_rank=1)
     assert ds["zero_optimization"]["stage"] == 2 and "offload_optimizer" not in ds["zero_optimization"]
     assert not ds["bf16"]["enabled"]
+
+
+def test_megatron_engine_refuses_a_deepspeed_bf16_optimizer_state_by_name():
+    from types import SimpleNamespace
+
+    from qvl_train.engines.megatron import MegatronEngine
+
+    engine = SimpleNamespace(optimizer_format="per_param")
+    with pytest.raises(RuntimeError, match="engine=deepspeed train.dtype=bf16.*model.init_from"):
+        MegatronEngine.check_optimizer_format(engine, "deepspeed_bf16")
+    with pytest.raises(RuntimeError, match="optim.distributed=true"):
+        MegatronEngine.check_optimizer_format(engine, "distributed")
