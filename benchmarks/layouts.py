@@ -30,6 +30,8 @@ LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
     "pp2": (2, ["parallel.pp=2", "parallel.first_stage_layers=2"]),
+    "dp2_ds_zero2": (2, ["engine=deepspeed"]),
+    "dp2_ds_zero3": (2, ["engine=deepspeed", "engine.zero_stage=3"]),
     "cp2": (2, ["parallel.cp=2"]),
 }
 

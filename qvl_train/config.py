@@ -528,11 +528,46 @@ class EngineConfig:
     """Training engine (config group `engine/`)."""
 
     name: str = "megatron"
-    """megatron (megatron-core schedules and layers)."""
+    """megatron (megatron-core schedules and layers) | deepspeed (the same model under DeepSpeed ZeRO,
+    data parallelism only; see engines/deepspeed.py)."""
+    zero_stage: int = 2
+    """engine=deepspeed: 2 (optimizer state and gradients partitioned over ranks) | 3 (parameters too)."""
+    offload_optimizer: str = "none"
+    """engine=deepspeed: none | cpu (optimizer state and step in host memory; torch AdamW)."""
+    param_persistence_threshold: int = 100000
+    """engine=deepspeed, zero_stage=3: parameters with fewer elements stay whole on every rank (DeepSpeed's
+    stage3_param_persistence_threshold; 0 partitions everything)."""
 
     def __post_init__(self) -> None:
-        if self.name != "megatron":
-            raise ConfigError(f"engine={self.name!r} is not available yet; valid: megatron")
+        if self.name not in ("megatron", "deepspeed"):
+            raise ConfigError(f"engine={self.name!r} is unknown; valid: megatron, deepspeed")
+        if self.zero_stage not in (2, 3):
+            raise ConfigError(f"engine.zero_stage={self.zero_stage}; valid: 2, 3")
+        if self.offload_optimizer not in ("none", "cpu"):
+            raise ConfigError(f"engine.offload_optimizer={self.offload_optimizer!r}; valid: none, cpu")
+        if self.param_persistence_threshold < 0:
+            raise ConfigError("engine.param_persistence_threshold must be >= 0")
+
+    def check_layout(self, cfg: "TrainConfig") -> None:
+        """engine=deepspeed runs data parallelism only, on dense models without LoRA or FP8."""
+        if self.name != "deepspeed":
+            return
+        p = cfg.parallel
+        for key in ("tp", "pp", "cp", "ep", "etp", "vpp"):
+            if getattr(p, key) != 1:
+                raise ConfigError(
+                    f"parallel.{key}={getattr(p, key)} with engine=deepspeed: the DeepSpeed engine shards with ZeRO over "
+                    f"data-parallel ranks only; set parallel.{key}=1, or use engine=megatron for model parallelism"
+                )
+        unsupported = [
+            (cfg.model.llm.num_experts > 0, "a mixture-of-experts model", "engine=megatron"),
+            (cfg.model.lora.enabled, "model.lora", "engine=megatron or model.lora.rank=0"),
+            (cfg.train.fp8 in ("hybrid", "e4m3"), f"train.fp8={cfg.train.fp8}", "train.fp8=off"),
+            (cfg.optim.distributed, "optim.distributed=true", "optim.distributed=false (ZeRO shards the optimizer)"),
+        ]
+        for bad, what, fix in unsupported:
+            if bad:
+                raise ConfigError(f"{what} is not available with engine=deepspeed; use {fix}")
 
 
 @dataclass
@@ -577,6 +612,7 @@ class TrainConfig:
     def validate(self, world_size: int) -> None:
         """Cross-component checks; run before any process group is created."""
         p, llm, vit = self.parallel, self.model.llm, self.model.vision
+        self.engine.check_layout(self)
         p.check_available()
         if self.model.generation not in IMPLEMENTED_GENERATIONS:
             raise ConfigError(

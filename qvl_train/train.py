@@ -95,6 +95,19 @@ def _straggler_stats(own_s: float, hosts: list, threshold: float, dims) -> dict[
     return metrics
 
 
+def _build_engine(cfg: TrainConfig, dims, dtype: torch.dtype):
+    """`engine=megatron` (every parallel layout) or `engine=deepspeed` (ZeRO over data-parallel ranks)."""
+    common = dict(seed=cfg.seed, max_steps=cfg.train.max_steps, dtype=dtype, recompute=cfg.train.recompute)
+    if cfg.engine.name == "deepspeed":
+        from qvl_train.engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg.model, cfg.parallel, cfg.optim, cfg.stage, cfg.engine, dims,
+                               micro_batches_per_step=cfg.micro_batches_per_step(), **common)
+    from qvl_train.engines.megatron import MegatronEngine
+
+    return MegatronEngine(cfg.model, cfg.parallel, cfg.optim, cfg.stage, dims, fp8=cfg.train.fp8, **common)
+
+
 def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     from qvl_train.parallel.dims import ParallelDims
 
@@ -107,7 +120,6 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
 
     from data_pipelines.stream import StepLoader
     from qvl_train.checkpoint.manager import CheckpointManager
-    from qvl_train.engines.megatron import MegatronEngine
     from qvl_train.evaluate import Evaluator
     from qvl_train.monitor.diagnose import StackDumper, StepProfiler
     from qvl_train.monitor.flops import peak_tflops
@@ -126,10 +138,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
         log.info(describe(cfg, world_size))
 
     dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
-    engine = MegatronEngine(
-        cfg.model, cfg.parallel, cfg.optim, cfg.stage, dims,
-        seed=cfg.seed, max_steps=cfg.train.max_steps, dtype=dtype, recompute=cfg.train.recompute, fp8=cfg.train.fp8,
-    )
+    engine = _build_engine(cfg, dims, dtype)
     trainable, total = engine.parameter_counts()
     lora = cfg.model.lora
     log.info("parameters  %s trainable of %s (%.2f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),

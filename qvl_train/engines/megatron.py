@@ -67,6 +67,38 @@ class StepResult:
     expert_load: dict[int, list[float]] = field(default_factory=dict)  # MoE: layer → routed tokens per expert
 
 
+def step_counts(batches: list[PackedBatch], model_cfg: ModelConfig, dims: ParallelDims) -> dict:
+    """The step's token / sample / FLOP counts over every data-parallel rank (StepResult fields).
+
+    An all-gather rather than an all-reduce: the same few numbers per data-parallel rank arrive at
+    every rank, so the sums and the token imbalance come from one small collective. Called before
+    the forward: `label_tokens` is the denominator of the step's loss."""
+    from qvl_train.monitor.flops import packed_batch_flops
+
+    local = torch.tensor(
+        [
+            sum(b.num_label_tokens for b in batches),
+            sum(b.num_tokens for b in batches),
+            sum(b.num_samples for b in batches),
+            sum(b.num_visual_tokens for b in batches),
+            sum(b.num_slots for b in batches),
+            float(sum(packed_batch_flops(model_cfg, b).training for b in batches)),
+        ],
+        dtype=torch.float64,
+        device=dims.device,  # collectives run on the device (NCCL takes CUDA tensors only)
+    )
+    per_rank = [torch.empty_like(local) for _ in range(dims.dp)]
+    dist.all_gather(per_rank, local, group=dims.groups["dp"])
+    per_rank_LK = torch.stack(per_rank)  # [dp, 6]; integer counts are exact in float64
+    label_tokens, tokens, samples, visual, slots = (int(x) for x in per_rank_LK[:, :5].sum(0).tolist())
+    rank_tokens = per_rank_LK[:, 1]
+    return dict(
+        label_tokens=label_tokens, tokens=tokens, samples=samples, visual_tokens=visual, slots=slots,
+        flops=float(per_rank_LK[:, 5].sum()),
+        dp_imbalance=float(rank_tokens.max() / rank_tokens.mean()) if float(rank_tokens.sum()) > 0 else 1.0,
+    )
+
+
 def _decay_scale(style: str, progress: float) -> float:
     """1 → 0 as progress goes 0 → 1: linear, cosine (half period) or 1 - sqrt (WSD's sqrt decay)."""
     if style == "linear":
@@ -223,6 +255,12 @@ class MegatronEngine:
         """Refuse a checkpoint whose optimizer state this engine cannot read, saying what to do."""
         if saved != self.optimizer_format:
             setting = {"per_param": "false", "distributed": "true"}
+            if saved not in setting:
+                raise RuntimeError(
+                    f"the checkpoint's optimizer state has format {saved!r}, written by engine=deepspeed in bf16; "
+                    "resume it with engine=deepspeed train.dtype=bf16, or start a new output_dir with "
+                    "model.init_from=<checkpoint> to take its weights with a fresh optimizer"
+                )
             raise RuntimeError(
                 f"the checkpoint's optimizer state was written with optim.distributed={setting[saved]}, this run "
                 f"has optim.distributed={setting[self.optimizer_format]}: resume with "
@@ -239,29 +277,9 @@ class MegatronEngine:
     def train_step(self, batches: list[PackedBatch], step: int) -> StepResult:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from qvl_train.monitor.flops import packed_batch_flops
-
         dims, device = self.dims, self.dims.device
-        local = torch.tensor(
-            [
-                sum(b.num_label_tokens for b in batches),
-                sum(b.num_tokens for b in batches),
-                sum(b.num_samples for b in batches),
-                sum(b.num_visual_tokens for b in batches),
-                sum(b.num_slots for b in batches),
-                float(sum(packed_batch_flops(self.model_cfg, b).training for b in batches)),
-            ],
-            dtype=torch.float64,
-            device=device,  # collectives run on the device (NCCL takes CUDA tensors only)
-        )
-        per_rank = [torch.empty_like(local) for _ in range(dims.dp)]
-        dist.all_gather(per_rank, local, group=dims.groups["dp"])
-        per_rank_LK = torch.stack(per_rank)  # [dp, 6]; integer counts are exact in float64
-        label_tokens, tokens, samples, visual, slots = (int(x) for x in per_rank_LK[:, :5].sum(0).tolist())
-        flops = float(per_rank_LK[:, 5].sum())
-        rank_tokens = per_rank_LK[:, 1]
-        dp_imbalance = float(rank_tokens.max() / rank_tokens.mean()) if float(rank_tokens.sum()) > 0 else 1.0
-        denom = float(max(label_tokens, 1))
+        counts = step_counts(batches, self.model_cfg, dims)
+        denom = float(max(counts["label_tokens"], 1))
         t0 = time.perf_counter()
 
         self.model.train()
@@ -301,11 +319,9 @@ class MegatronEngine:
             torch.cuda.synchronize()  # the optimizer's kernels are asynchronous
         t2 = time.perf_counter()
         return StepResult(
-            loss=loss, grad_norm=grad_norm, module_grad_norms=module_norms, tokens=tokens,
-            label_tokens=label_tokens, samples=samples, visual_tokens=visual, slots=slots,
-            skipped=not finite, flops=flops, dp_imbalance=dp_imbalance,
+            loss=loss, grad_norm=grad_norm, module_grad_norms=module_norms, skipped=not finite,
             timings={"fwd_bwd_s": t1 - t0, "optimizer_s": t2 - t1}, lrs=lrs,
-            moe_aux_loss=moe_aux, expert_load=expert_load,
+            moe_aux_loss=moe_aux, expert_load=expert_load, **counts,
         )
 
     def eval_step(self, batches: list[PackedBatch]) -> tuple[float, int]:
