@@ -185,6 +185,11 @@ class MegatronEngine:
             config.pipeline_dtype = dtype
             config.finalize_model_grads_func = None
             config.grad_scale_func = None
+            if dims.vpp > 1:
+                # Interleaved at pp=2 both directions go to the same peer in one step; batched p2p posts
+                # [send grad, recv act, send act, recv grad] on both ranks, so gloo pairs a gradient
+                # with an activation. Unbatched, megatron orders them per direction (and group) instead.
+                config.batch_p2p_comm = False
 
         self._params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.sharded = None  # ShardedAdamW with optim.distributed, else the engine's own AdamW below
