@@ -695,10 +695,9 @@ class TrainConfig:
                 f"parallel.vpp={p.vpp}: eval.max_batches / dp = {self.eval.max_batches // dp} must be a multiple of "
                 f"parallel.pp={p.pp} (the interleaved schedule's micro-batch groups); change eval.max_batches"
             )
-        for refused, why in ((self.optim.distributed, "optim.distributed=true (megatron DDP per model chunk)"),
-                             (llm.num_experts > 0, "a mixture-of-experts model")):
-            if refused:
-                raise ConfigError(f"parallel.vpp={p.vpp} with {why} is not available yet; set parallel.vpp=1")
+        if llm.num_experts:
+            raise ConfigError(f"parallel.vpp={p.vpp} with a mixture-of-experts model is not available yet; "
+                              "set parallel.vpp=1")
 
     def _validate_experts(self, world_size: int) -> None:
         """Expert parallelism: megatron's rule (ep·etp·pp divides the world; experts divide over ep)."""

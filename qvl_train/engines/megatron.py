@@ -330,7 +330,7 @@ class MegatronEngine:
                 f"the interleaved schedule (parallel.vpp={self.dims.vpp}) needs a multiple of parallel.pp={self.dims.pp} "
                 f"micro-batches per step, got {len(batches)}; change train.global_batch_tokens or eval.max_batches"
             )
-        models = [self.sharded.ddp] if self.sharded is not None and not forward_only else self.chunks
+        models = self.sharded.ddps if self.sharded is not None and not forward_only else self.chunks
         return get_forward_backward_func()(
             forward_step_func=partial(_forward_step, denom=denom, device=self.dims.device),
             data_iterator=[iter(batches) for _ in models] if len(models) > 1 else iter(batches),
