@@ -80,7 +80,7 @@ def check_parity(device: str, quick: bool) -> list[dict]:
 def check_attention(device: str, quick: bool) -> list[dict]:
     """Every packed-attention backend usable here on one pack: forward and forward+backward time,
     max difference to the per-sample SDPA loop (forward output and q gradient)."""
-    from qvl_train.models.attention import _torch_varlen, varlen_flex, varlen_sdpa, varlen_torch
+    from qvl_train.models.attention import _flash_attn, _torch_varlen, varlen_flash, varlen_flex, varlen_sdpa, varlen_torch
 
     gen = torch.Generator().manual_seed(0)
     total = 2048 if quick else 16384
@@ -99,6 +99,8 @@ def check_attention(device: str, quick: bool) -> list[dict]:
     backends = {"sdpa_loop": varlen_sdpa, "flex": varlen_flex}
     if device != "cpu" and _torch_varlen() is not None:
         backends["varlen"] = varlen_torch
+    if device != "cpu" and _flash_attn() is not None:
+        backends["flash_attn"] = varlen_flash
 
     def fwd_bwd(fn):
         qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))

@@ -187,7 +187,9 @@ class ModelConfig:
     init_from: Optional[str] = None
     """Checkpoint step directory or checkpoint root to take weights from when the run has none yet."""
     attention_backend: str = "auto"
-    """Core attention for packed sequences: auto | sdpa_loop (CPU) | flex | varlen (CUDA, PyTorch flash varlen)."""
+    """Core attention for packed sequences: auto | sdpa_loop (CPU) | flex | varlen (CUDA, PyTorch flash varlen)
+    | flash_attn (CUDA, the flash-attn package) | te (CUDA, Transformer Engine's fused attention); auto takes
+    te, else flash_attn, else varlen, else flex on CUDA where each is installed."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Low-rank adapters (off by default); with them only the adapters train."""
 
@@ -196,9 +198,9 @@ class ModelConfig:
             raise ConfigError(
                 f"model.generation={self.generation!r} is unknown; valid: {', '.join(GENERATIONS)}"
             )
-        if self.attention_backend not in ("auto", "sdpa_loop", "flex", "varlen"):
+        if self.attention_backend not in ("auto", "sdpa_loop", "flex", "varlen", "flash_attn", "te"):
             raise ConfigError(
-                f"model.attention_backend={self.attention_backend!r}; valid: auto, sdpa_loop, flex, varlen"
+                f"model.attention_backend={self.attention_backend!r}; valid: auto, sdpa_loop, flex, varlen, flash_attn, te"
             )
         llm = self.llm
         head_dim, rem = divmod(llm.hidden_size, llm.num_attention_heads)
@@ -656,6 +658,11 @@ class TrainConfig:
             raise ConfigError(
                 f"train.fp8={self.train.fp8} with model.lora: adapters run on megatron's local layers, without FP8; "
                 "set train.fp8=off (train.fp8=auto turns FP8 off for LoRA runs)"
+            )
+        if lora.enabled and self.parallel.sp and self.parallel.tp > 1:
+            raise ConfigError(
+                f"model.lora with parallel.sp=true (tp={self.parallel.tp}): adapters take the full sequence and "
+                "sequence parallelism splits it; set parallel.sp=false (tensor parallelism alone works with LoRA)"
             )
         if lora.enabled and not set(lora.modules) & set(self.stage.trainable):
             raise ConfigError(

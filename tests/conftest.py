@@ -51,6 +51,22 @@ def torchrun(nproc: int, *overrides: str, timeout: int = 900, check: bool = True
     return proc
 
 
+def run_probe(script: Path, out: Path, nproc: int, *args: str, timeout: int = 600) -> dict:
+    """Run a probe script (one process, or `nproc` under torchrun) that saves its findings to `out`
+    with torch.save; returns what it saved."""
+    import torch
+
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+    ]
+    cmd = [*launcher, str(script), str(out), *args]
+    env = {**clean_env(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise AssertionError(f"{script.name} failed ({' '.join(args)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return torch.load(out, weights_only=True)
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(l) for l in lines if l.strip()]

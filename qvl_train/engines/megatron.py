@@ -284,6 +284,7 @@ class MegatronEngine:
         loss = float(loss_sum) / denom
         moe_aux, expert_load = self.moe.end_step() if self.moe is not None else (None, {})
 
+        self._fill_missing_grads()
         self._sum_tp_partial_grads()
         self._sum_tied_embedding_grads()
         self._sync_grads()
@@ -374,9 +375,17 @@ class MegatronEngine:
         from megatron.core import parallel_state
 
         for p in (p for _, p in self._params if getattr(p, "shared_embedding", False)):
-            if self._grad(p) is None:  # e.g. a step without label tokens: the other stage still waits for this one
-                p.grad = torch.zeros_like(p)
             dist.all_reduce(self._grad(p), group=parallel_state.get_embedding_group())
+
+    def _fill_missing_grads(self) -> None:
+        """Give a zero gradient to every trainable parameter this rank's micro-batches did not reach (the
+        ViT on a data-parallel rank without images, an expert no token was routed to, the output layer
+        in a step without labels): every rank then reduces the same tensors, and the optimizer steps
+        every trainable parameter, as with megatron's gradient buffers (`optim.distributed`)."""
+        if self.sharded is None:
+            for _, p in self._params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
 
     def _zero_grads(self) -> None:
         if self.sharded is not None:

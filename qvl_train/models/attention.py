@@ -18,8 +18,13 @@ Backends (`model.attention_backend`):
   compiled on CUDA (eager FlexAttention is a reference path that materialises the scores).
 * ``varlen`` — PyTorch's own flash varlen kernel (`torch.nn.attention.varlen.varlen_attn`, CUDA
   only, in the PyTorch versions that have it): cu_seqlens straight into the kernel, no mask at all.
-* ``auto`` — ``varlen`` on CUDA where PyTorch has it, else ``flex`` on CUDA, ``sdpa_loop`` on CPU.
-Transformer Engine's fused attention replaces this module altogether with `model.spec_backend=te`.
+* ``flash_attn`` — flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16; the `flash-attn` package is a
+  GPU extra, used only where it imports): cu_seqlens into the kernel, GQA without repeating k/v.
+* ``te`` — Transformer Engine's `DotProductAttention` in its "thd" (packed) format with a
+  padding(+causal) mask: TE picks its fused cuDNN or flash kernel (CUDA, fp16/bf16; TE only where it
+  imports).
+* ``auto`` — on CUDA ``te`` where Transformer Engine is installed, else ``flash_attn`` where that is,
+  else ``varlen`` where PyTorch has it, else ``flex``; ``sdpa_loop`` on CPU.
 
 megatron calls core attention with `qkv_format="sbhd"` packed params from our model (see
 `rope.py` for why not "thd"); a "thd" call (`[t, heads, d]`, batch squeezed) is accepted too.
@@ -28,6 +33,7 @@ megatron calls core attention with `qkv_format="sbhd"` packed params from our mo
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import math
 from typing import Optional
@@ -39,9 +45,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-__all__ = ["VarlenAttention", "varlen_sdpa", "varlen_flex", "varlen_torch", "resolve_backend", "BACKENDS"]
+__all__ = ["VarlenAttention", "varlen_sdpa", "varlen_flex", "varlen_torch", "varlen_flash", "varlen_te", "resolve_backend", "BACKENDS"]
 
-BACKENDS = ("auto", "sdpa_loop", "flex", "varlen")
+BACKENDS = ("auto", "sdpa_loop", "flex", "varlen", "flash_attn", "te")
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,6 +60,28 @@ def _torch_varlen():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
+@functools.lru_cache(maxsize=None)
+def _flash_attn():
+    """flash-attn's `flash_attn_varlen_func`, or None where the package is not installed (or does not import)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:  # ImportError, or a build for another CUDA/torch that fails to load
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.lru_cache(maxsize=None)
+def _te_attention():
+    """Transformer Engine's `DotProductAttention` class, or None where TE is not installed."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return None
+    try:
+        from transformer_engine.pytorch import DotProductAttention
+    except Exception:  # a TE build that does not load beside this torch/CUDA
+        return None
+    return DotProductAttention
+
+
 def resolve_backend(backend: str) -> str:
     """`auto` → `varlen` (else `flex`) with CUDA, `sdpa_loop` on CPU; an unusable explicit choice is an error."""
     if backend not in BACKENDS:
@@ -61,7 +89,21 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         if not torch.cuda.is_available():
             return "sdpa_loop"
+        if _te_attention() is not None:
+            return "te"
+        if _flash_attn() is not None:
+            return "flash_attn"
         return "varlen" if _torch_varlen() is not None else "flex"
+    if backend == "te" and (_te_attention() is None or not torch.cuda.is_available()):
+        raise ValueError(
+            "model.attention_backend=te needs CUDA and Transformer Engine (pip install transformer-engine[pytorch]; "
+            f"cuda={torch.cuda.is_available()}); use auto, flash_attn, varlen, flex or sdpa_loop"
+        )
+    if backend == "flash_attn" and (_flash_attn() is None or not torch.cuda.is_available()):
+        raise ValueError(
+            "model.attention_backend=flash_attn needs CUDA and the flash-attn package (pip install flash-attn "
+            f"--no-build-isolation; cuda={torch.cuda.is_available()}); use auto, varlen, flex or sdpa_loop"
+        )
     if backend == "varlen" and (_torch_varlen() is None or not torch.cuda.is_available()):
         raise ValueError(
             "model.attention_backend=varlen needs CUDA and a PyTorch with torch.nn.attention.varlen "
@@ -155,7 +197,41 @@ def varlen_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     return out
 
 
-_KERNELS = {"sdpa_loop": varlen_sdpa, "flex": varlen_flex, "varlen": varlen_torch}
+def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """Same contract as `varlen_sdpa`, through flash-attn's varlen kernel (fp16/bf16; fp32 inputs go
+    through the exact per-sample SDPA loop, as in `varlen_torch`)."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return varlen_sdpa(q, k, v, cu_seqlens, causal, scale)
+    flash = _flash_attn()
+    if flash is None:
+        raise RuntimeError("flash-attn is not installed; use attention_backend=auto")
+    t = q.shape[0]
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    total, max_len = int(cu[-1]), int((cu[1:] - cu[:-1]).max())
+    out = flash(q[:total], k[:total], v[:total], cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=causal)
+    if total < t:
+        out = torch.cat([out, out.new_zeros((t - total,) + tuple(out.shape[1:]))])
+    return out
+
+
+def varlen_te(te_attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """Same contract as `varlen_sdpa` (the scale is the one `te_attention` was built with), through
+    Transformer Engine's attention on the unpadded rows in "thd" format (fp32 inputs take the exact loop)."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return varlen_sdpa(q, k, v, cu_seqlens, causal, scale)
+    t, heads, dim = q.shape
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    total, max_len = int(cu[-1]), int((cu[1:] - cu[:-1]).max())
+    out = te_attention(
+        q[:total], k[:total], v[:total], qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+        max_seqlen_q=max_len, max_seqlen_kv=max_len, attn_mask_type="padding_causal" if causal else "padding",
+    ).view(total, heads, dim)
+    if total < t:
+        out = torch.cat([out, out.new_zeros((t - total, heads, dim))])
+    return out
+
+
+_KERNELS = {"sdpa_loop": varlen_sdpa, "flex": varlen_flex, "varlen": varlen_torch, "flash_attn": varlen_flash}
 
 
 class VarlenAttention(MegatronModule):
@@ -188,6 +264,14 @@ class VarlenAttention(MegatronModule):
         tp = config.tensor_model_parallel_size
         self.heads_per_partition = divide(config.num_attention_heads, tp)
         self.groups_per_partition = divide(config.num_query_groups or config.num_attention_heads, tp)
+        self.kernel = _KERNELS.get(self.backend)
+        if self.backend == "te":  # parameter-free; kept out of the module tree so checkpoints stay TE-free
+            te_attention = _te_attention()(
+                num_attention_heads=self.heads_per_partition, kv_channels=head_dim,
+                num_gqa_groups=self.groups_per_partition, attention_dropout=0.0, qkv_format="thd",
+                attn_mask_type="padding_causal" if self.causal else "padding", softmax_scale=self.softmax_scale,
+            )
+            self.kernel = functools.partial(varlen_te, te_attention)
 
     def forward(
         self,
@@ -205,7 +289,7 @@ class VarlenAttention(MegatronModule):
         if attention_mask is not None:
             raise NotImplementedError("VarlenAttention derives its mask from packed_seq_params; pass attention_mask=None")
         causal = self.causal if attn_mask_type is None else attn_mask_type == AttnMaskType.causal
-        fn = _KERNELS[self.backend]
+        fn = self.kernel
         if query.dim() == 3:  # "thd": batch already squeezed by megatron
             query, key, value = (x.unsqueeze(1) for x in (query, key, value))
         s, b = query.shape[:2]

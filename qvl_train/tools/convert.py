@@ -27,7 +27,8 @@ reshards whatever layout wrote them) and writes `config.json`, `model-0000i-of-0
 The HF side files come from the import the checkpoint descends from (`hf/` of the imported
 checkpoint, found through `model.init_from` of training runs); without one, config.json and
 generation_config.json are generated from the ModelConfig, and so are the tokenizer and image-processor
-files (`tools/hf_files.py`; not for Qwen-VL v1, whose remote code ships its own).
+files (`tools/hf_files.py`; for Qwen-VL v1 a fast tokenizer and a CLIP image-processor config, its
+modeling remote code is not generated).
 Import then export reproduces every source tensor bit for bit: names (hub or runtime spelling, as
 the source), dtypes, and a tied `lm_head` copy if the source had one.
 A LoRA run exports merged (W + alpha/r · B A: a plain HF model), or with `--lora-adapter` as a PEFT
@@ -560,7 +561,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, lo
 
         torch_dtype = str(_DTYPES[dtype or "bf16"]).removeprefix("torch.")
         (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, torch_dtype), indent=2) + "\n")
-        write_generated_files(out, cfg.generation)
+        write_generated_files(out, cfg.generation, image_tokens=cfg.vision.num_queries)
     if not (out / "generation_config.json").exists():
         (out / "generation_config.json").write_text(json.dumps(_generation_config(cfg.generation), indent=2) + "\n")
     return out

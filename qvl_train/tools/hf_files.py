@@ -12,7 +12,16 @@ them generated here, so `AutoTokenizer` and `AutoImageProcessor` load the export
 * `preprocessor_config.json` — `Qwen2VLImageProcessor` with the generation's patch size, merge size,
   mean/std and pixel range (`data_pipelines.vision.VISION_SPECS`).
 
-Qwen-VL (v1) exports use its released remote code and `qwen.tiktoken`; nothing is generated for it.
+Qwen-VL (v1) gets the same kind of fast tokenizer without remote code: the released tokenizer's
+special tokens (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, 205 `<|extra_i|>`, then `<ref>` …
+`<imgpad>` at 151851–151859, as `data_pipelines.text.QWEN_VL_SPECIAL_TOKENS`), a ChatML template with
+Qwen-VL-Chat's default system turn that renders an image as `<img>` + 256 `<imgpad>` + `</img>` (what
+the data pipeline trains on; boxes are written as text, `<ref>…</ref><box>(x1,y1),(x2,y2)</box>`, whose
+tags the tokenizer splits off as special tokens), and a `CLIPImageProcessor` config that is the released
+fixed 448² transform (bicubic resize ignoring the aspect ratio, CLIP mean/std). The released remote
+code's own tokenizer is different in one way: it writes an image's path as bytes between `<img>` and
+`</img>` and its modeling code opens the file from there, so `model.chat()` of the remote code still
+needs the hub's `tokenization_qwen.py` and `qwen.tiktoken` next to the export.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-GENERATED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+GENERATED = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 _CHAT_TEMPLATE = r"""{%- if DEFAULT_SYSTEM and messages[0]['role'] != 'system' -%}
 {{- '<|im_start|>system\n' + DEFAULT_SYSTEM + '<|im_end|>\n' -}}
@@ -32,9 +41,9 @@ _CHAT_TEMPLATE = r"""{%- if DEFAULT_SYSTEM and messages[0]['role'] != 'system' -
 {%- else -%}
 {%- for part in message['content'] -%}
 {%- if part['type'] == 'image' -%}
-{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
+{{- IMAGE -}}
 {%- elif part['type'] == 'video' -%}
-{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}
+{{- VIDEO -}}
 {%- elif part['type'] == 'text' -%}
 {{- part['text'] -}}
 {%- endif -%}
@@ -47,42 +56,63 @@ _CHAT_TEMPLATE = r"""{%- if DEFAULT_SYSTEM and messages[0]['role'] != 'system' -
 {%- endif -%}"""
 
 
-def chat_template(generation: str) -> str:
-    """The ChatML template of `generation` (its default system turn substituted)."""
+def chat_template(generation: str, image_tokens: int = 256) -> str:
+    """The ChatML template of `generation` (its default system turn and media wrappers substituted;
+    `image_tokens`: Qwen-VL's fixed count of `<imgpad>` per image, its resampler's queries)."""
     from data_pipelines.text import DEFAULT_SYSTEM, DEFAULT_SYSTEM_GENERATIONS
 
     system = repr(DEFAULT_SYSTEM) if generation in DEFAULT_SYSTEM_GENERATIONS else "''"
-    return _CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", system)
+    if generation == "qwen_vl":
+        image = f"'<img>' + '<imgpad>' * {int(image_tokens)} + '</img>'"
+        video = "raise_exception('Qwen-VL takes images only, not videos')"
+    else:
+        image, video = "'<|vision_start|><|image_pad|><|vision_end|>'", "'<|vision_start|><|video_pad|><|vision_end|>'"
+    return _CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", system).replace("IMAGE", image).replace("VIDEO", video)
 
 
 def special_tokens(generation: str) -> dict[str, int]:
-    from data_pipelines.text import QWEN3_SPECIAL_TOKENS, SPECIAL_TOKENS
+    """Special token → id of `generation`'s tokenizer, in id order from 151643 without gaps (the
+    converter numbers them in order after the 151,643 BPE tokens)."""
+    from data_pipelines.text import QWEN3_SPECIAL_TOKENS, QWEN_VL_SPECIAL_TOKENS, SPECIAL_TOKENS
 
+    if generation == "qwen_vl":  # the released tokenization_qwen.py: 3 ChatML tokens, 205 extras, the tags
+        chatml = {n: SPECIAL_TOKENS[n] for n in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
+        extras = {f"<|extra_{i}|>": 151646 + i for i in range(205)}
+        return {**chatml, **extras, **QWEN_VL_SPECIAL_TOKENS}
     extra = QWEN3_SPECIAL_TOKENS if generation in ("qwen3_vl", "qwen3_vl_moe") else {}
     return {**SPECIAL_TOKENS, **extra}
 
 
-def write_tokenizer_files(out: Path, generation: str) -> None:
+def write_tokenizer_files(out: Path, generation: str, image_tokens: int = 256) -> None:
     """`tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` into `out`."""
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.tiktoken import TikTokenConverter
 
     from data_pipelines.text import QWEN_PAT_STR, _qwen_tiktoken_path
 
+    specials = special_tokens(generation)
     backend = TikTokenConverter(
-        vocab_file=_qwen_tiktoken_path(), pattern=QWEN_PAT_STR, additional_special_tokens=special_tokens(generation),
+        vocab_file=_qwen_tiktoken_path(), pattern=QWEN_PAT_STR, additional_special_tokens=specials,
     ).converted()
+    wrong = {n: (backend.token_to_id(n), i) for n, i in specials.items() if backend.token_to_id(n) != i}
+    if wrong:
+        raise RuntimeError(f"special tokens got other ids than the data pipeline's (got, want): {wrong}")
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=131072,
-        chat_template=chat_template(generation), clean_up_tokenization_spaces=False,
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        model_max_length=8192 if generation == "qwen_vl" else 131072,
+        chat_template=chat_template(generation, image_tokens), clean_up_tokenization_spaces=False,
     )
     tokenizer.save_pretrained(str(out))
 
 
 def write_preprocessor_config(out: Path, generation: str) -> None:
-    """`preprocessor_config.json` for `Qwen2VLImageProcessor` with the data pipeline's settings."""
+    """`preprocessor_config.json` for `Qwen2VLImageProcessor` with the data pipeline's settings
+    (Qwen-VL: `CLIPImageProcessor`, see `_qwen_vl_preprocessor_config`)."""
     from data_pipelines.vision import vision_spec
 
+    if generation == "qwen_vl":
+        (out / "preprocessor_config.json").write_text(json.dumps(_qwen_vl_preprocessor_config(), indent=2) + "\n")
+        return
     spec = vision_spec(generation)
     config = {
         "image_processor_type": "Qwen2VLImageProcessor",
@@ -95,13 +125,27 @@ def write_preprocessor_config(out: Path, generation: str) -> None:
     (out / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def write_generated_files(out: Path, generation: str) -> list[str]:
-    """Tokenizer and preprocessor files for `generation` where `out` lacks them; the names written."""
+def _qwen_vl_preprocessor_config() -> dict:
+    """Qwen-VL's released image transform (`visual.py`: Resize((448, 448), bicubic) → ToTensor →
+    Normalize with CLIP mean/std) as a `CLIPImageProcessor`: an exact-size resize, no crop."""
+    from data_pipelines.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, QWEN_VL_IMAGE_SIZE
+
+    return {
+        "image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True, "do_resize": True,
+        "size": {"height": QWEN_VL_IMAGE_SIZE, "width": QWEN_VL_IMAGE_SIZE}, "resample": 3, "do_center_crop": False,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+    }
+
+
+def write_generated_files(out: Path, generation: str, image_tokens: int = 256) -> list[str]:
+    """Tokenizer and preprocessor files for `generation` where `out` lacks them; the names written
+    (`image_tokens`: `<imgpad>` per image in Qwen-VL's template)."""
     if generation not in GENERATED:
         return []
     written = []
     if not (out / "tokenizer_config.json").exists():
-        write_tokenizer_files(out, generation)
+        write_tokenizer_files(out, generation, image_tokens)
         written += ["tokenizer.json", "tokenizer_config.json"]
     if not (out / "preprocessor_config.json").exists():
         write_preprocessor_config(out, generation)

@@ -1,6 +1,6 @@
-"""Logits parity of the framework model against the HF reference, for a Qwen2-VL / Qwen2.5-VL checkpoint.
+"""Logits parity of the framework model against the HF reference, for a Qwen2-VL / 2.5-VL / 3-VL (MoE) checkpoint.
 
-    python -m qvl_train.tools.hf_parity --hf-dir SRC [--kinds one_image,video,...] [--seed 0] [--tp N --pp N --ep N]
+    python -m qvl_train.tools.hf_parity --hf-dir SRC [SRC ...] [--kinds one_image,video,...] [--seed 0] [--tp N --pp N --ep N]
 
 Builds inputs of every kind — `one_image`, `multi_image` (two images of different sizes in one
 sample), `video` (two temporal patches), `text_only`, and `packed` (those four samples packed into
@@ -18,7 +18,9 @@ Image sizes are chosen so Qwen2.5-VL's 112-px windows are partial at the edges. 
 `tokens_per_second`; we follow 4.57). Pixels are random: this checks the model, not the image
 processor (the data side has its own HF test). With `--tp N --pp N` the framework model runs in that
 layout on tp·pp processes the tool starts (`tools/layout.py`: sharded weights, megatron's pipeline
-schedule, gathered vocabulary shards); the HF model stays in this process.
+schedule, gathered vocabulary shards); the HF model stays in this process. Several `--hf-dir`s (e.g.
+one per generation) are checked in one launch of the layout's processes; the lines then read
+`<dir name>/<kind>` and the verdict covers them all.
 """
 
 from __future__ import annotations
@@ -189,37 +191,64 @@ def run(
 ) -> dict[str, float]:
     """Relative max logit error per input kind (see module docstring), both models on `device` in `dtype`;
     the framework model in the (tp, pp, ep) layout on processes it starts (`tools/layout.py`)."""
-    import transformers
+    return run_many([hf_dir], kinds, seed, device, dtype, tp, pp, ep)[str(hf_dir)]
 
-    from qvl_train.models import build_model
-    from qvl_train.config import ParallelConfig
-    from qvl_train.models.hf_convert import hf_to_ours
-    from qvl_train.tools.convert import _single_process_world, load_hf_state_dict, model_config_from_hf
 
-    hf_dir = Path(hf_dir)
+def run_many(
+    hf_dirs, kinds=KINDS, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, tp: int = 1, pp: int = 1,
+    ep: int = 1,
+) -> dict[str, dict[str, float]]:
+    """`run` for several checkpoints (e.g. one per generation) → `{hf_dir: {kind: error}}`; in a layout
+    all of them go through ONE launch of its processes. Each checkpoint gets the inputs `run` gives it alone."""
     # fp32 means fp32: cuDNN's default TF32 convolutions (HF's Conv3d patch embedding) would put ~1e-4 into the reference
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    backend = "sdpa_loop" if not torch.cuda.is_available() else "auto"
+    prepared = {str(d): _prepare(Path(d), kinds, seed, backend) for d in hf_dirs}
+    if tp * pp * ep > 1:
+        ours = _layout_logits({d: batches for d, (_, _, batches) in prepared.items()}, backend, dtype, tp, pp, ep)
+    else:
+        ours = {d: _one_process_logits(Path(d), cfg, batches, device, dtype) for d, (cfg, _, batches) in prepared.items()}
+    return {d: _compare(Path(d), cfg, per_kind, ours[d], device, dtype) for d, (cfg, per_kind, _) in prepared.items()}
+
+
+def _prepare(hf_dir: Path, kinds, seed: int, attention_backend: str):
+    """(model config from SRC's config.json, samples per kind, our `PackedBatch` per kind)."""
+    from qvl_train.tools.convert import model_config_from_hf
+
     cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
-    cfg.attention_backend = "sdpa_loop" if not torch.cuda.is_available() else "auto"
+    cfg.attention_backend = attention_backend
     gen = torch.Generator().manual_seed(seed)
     singles = {k: build_sample(_segments(k), cfg, gen) for k in KINDS if k != "packed"}
     per_kind = {k: list(singles.values()) if k == "packed" else [singles[k]] for k in kinds}
-    batches = {k: _packed_batch(samples, cfg) for k, samples in per_kind.items()}
-    if tp * pp * ep > 1:
-        ours_logits = _layout_logits(hf_dir, batches, cfg.attention_backend, dtype, tp, pp, ep)
-    else:
-        _single_process_world()
-        ours = build_model(cfg, ParallelConfig(), pre_process=True, post_process=True, dtype=dtype)
-        sd = {k: v.to(dtype) for k, v in hf_to_ours(load_hf_state_dict(hf_dir), cfg).items()}
-        missing, unexpected = ours.load_state_dict(sd, strict=False)
-        assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
-        ours.to(device).eval()
-        ours_logits = {}
-        with torch.no_grad():
-            for kind, batch in batches.items():
-                batch = batch.to(device)
-                batch.pixel_values = batch.pixel_values.to(dtype)
-                ours_logits[kind] = ours.logits(batch).float()
+    return cfg, per_kind, {k: _packed_batch(samples, cfg) for k, samples in per_kind.items()}
+
+
+def _one_process_logits(hf_dir: Path, cfg, batches: dict, device: str, dtype: torch.dtype) -> dict:
+    """The framework's logits per kind from a tp = pp = ep = 1 model in this process."""
+    from qvl_train.config import ParallelConfig
+    from qvl_train.models import build_model
+    from qvl_train.models.hf_convert import hf_to_ours
+    from qvl_train.tools.convert import _single_process_world, load_hf_state_dict
+
+    _single_process_world()
+    ours = build_model(cfg, ParallelConfig(), pre_process=True, post_process=True, dtype=dtype)
+    sd = {k: v.to(dtype) for k, v in hf_to_ours(load_hf_state_dict(hf_dir), cfg).items()}
+    missing, unexpected = ours.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+    ours.to(device).eval()
+    logits = {}
+    with torch.no_grad():
+        for kind, batch in batches.items():
+            batch = batch.to(device)
+            batch.pixel_values = batch.pixel_values.to(dtype)
+            logits[kind] = ours.logits(batch).float()
+    return logits
+
+
+def _compare(hf_dir: Path, cfg, per_kind: dict, ours_logits: dict, device: str, dtype: torch.dtype) -> dict[str, float]:
+    """Run the HF model of SRC on each kind's samples → `max|Δlogits| / max|ref logits|` per kind."""
+    import transformers
+
     cls = getattr(transformers, json.loads((hf_dir / "config.json").read_text())["architectures"][0])
     hf = cls.from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     results = {}
@@ -235,25 +264,29 @@ def run(
     return results
 
 
-def _layout_logits(hf_dir: Path, batches: dict, attention_backend: str, dtype: torch.dtype, tp: int, pp: int, ep: int) -> dict:
-    """The framework's logits per kind from a (tp, pp, ep) layout run in its own processes."""
+def _layout_logits(batches: dict, attention_backend: str, dtype: torch.dtype, tp: int, pp: int, ep: int) -> dict:
+    """The framework's logits `{hf_dir: {kind: logits}}` from ONE (tp, pp, ep) launch over every checkpoint."""
     import tempfile
 
     from qvl_train.tools.layout import launch
 
     with tempfile.TemporaryDirectory(prefix="qvl_parity_") as tmp:
-        torch.save(batches, f"{tmp}/batches.pt")
+        names = [f"{tmp}/{i}" for i in range(len(batches))]
+        for name, per_kind in zip(names, batches.values()):
+            torch.save(per_kind, f"{name}.batches.pt")
         launch(
-            "logits", tp, pp, "--hf-dir", str(hf_dir), "--batches", f"{tmp}/batches.pt", "--out", f"{tmp}/logits.pt",
+            "logits", tp, pp, "--hf-dir", *batches, "--batches", *(f"{n}.batches.pt" for n in names),
+            "--out", *(f"{n}.logits.pt" for n in names),
             "--dtype", str(dtype).removeprefix("torch."), "--attention-backend", attention_backend, ep=ep,
         )
-        return torch.load(f"{tmp}/logits.pt", weights_only=True)
+        return {d: torch.load(f"{n}.logits.pt", weights_only=True) for d, n in zip(batches, names)}
 
 
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json + safetensors)")
+    p.add_argument("--hf-dir", required=True, nargs="+",
+                   help="HF checkpoint directory (config.json + safetensors); several: all checked, in one launch of a layout")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
     p.add_argument("--seed", type=int, default=0, help="seed of the random tokens and pixels")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -266,10 +299,16 @@ def main(argv=None) -> int:
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         p.error(f"unknown kinds {bad}; valid: {', '.join(KINDS)}")
-    results = run(args.hf_dir, kinds, args.seed, device=args.device, dtype=DTYPES[args.dtype], tp=args.tp, pp=args.pp, ep=args.ep)
+    per_dir = run_many(args.hf_dir, kinds, args.seed, device=args.device, dtype=DTYPES[args.dtype], tp=args.tp, pp=args.pp, ep=args.ep)
     tolerance = TOLERANCE if args.dtype == "fp32" else BF16_TOLERANCE
+    results = {}
+    names = [Path(d).name for d in per_dir]
+    for (hf_dir, errors), name in zip(per_dir.items(), names):  # several: "<dir name>/<kind>" (the path if names repeat)
+        prefix = "" if len(per_dir) == 1 else f"{name if names.count(name) == 1 else hf_dir}/"
+        results.update({prefix + kind: err for kind, err in errors.items()})
+    width = max(12, *map(len, results))
     for kind, err in results.items():
-        print(f"{kind:12s} max|Δlogits|/max|ref| = {err:.3e}")
+        print(f"{kind:{width}s} max|Δlogits|/max|ref| = {err:.3e}")
     worst_kind = max(results, key=results.get)
     worst = results[worst_kind]
     verdict = "PASS" if worst <= tolerance else "FAIL"

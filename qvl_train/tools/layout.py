@@ -8,7 +8,8 @@
   from the HF weights (`fill_from_full`), and megatron's `dist_checkpointing.save` writes the
   checkpoint from all ranks: the sharded save path of a real run, and the same checkpoint as a
   one-process import (the format is layout-independent).
-* ``logits`` — the same model runs the parity inputs through megatron's forward-only pipeline
+* ``logits`` — the same model (one after another for each of several checkpoints, in one process
+  group) runs the parity inputs through megatron's forward-only pipeline
   schedule; the last stage gathers the vocabulary shards and writes the logits for the parent
   process, which compares them with the HF model it ran itself (the framework side never calls
   into transformers).
@@ -135,15 +136,42 @@ def stage_logits(model, batch) -> torch.Tensor | None:
     return gather_from_tensor_model_parallel_region(collected[0]["logits"]).float()
 
 
-def _world(tp: int, pp: int, ep: int, cfg):
+def _world(tp: int, pp: int, ep: int):
+    """The process group and megatron-core's groups of the (tp, pp, ep) layout (once per launch)."""
     from qvl_train.config import ParallelConfig
     from qvl_train.parallel.dims import ParallelDims
 
-    # megatron's MoE layers take sequence-parallel activations under tensor parallelism
-    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, sp=bool(cfg.llm.num_experts) and tp > 1)
-    dims = ParallelDims.from_config(parallel, int(os.environ["WORLD_SIZE"]))
+    dims = ParallelDims.from_config(ParallelConfig(tp=tp, pp=pp, ep=ep), int(os.environ["WORLD_SIZE"]))
     dims.initialize()
-    return parallel, dims
+    return dims
+
+
+def first_stage_layers(num_layers: int, pp: int, deepstack: int = 0) -> int | None:
+    """LLM layers of the first pipeline stage for `pp` stages: None (an even split) where that works,
+    otherwise the split closest to even whose other stages share the rest equally and whose first
+    stage holds the `deepstack` layers Qwen3-VL adds ViT features to (a layout-independent checkpoint
+    does not care how a conversion splits the layers)."""
+    if pp < 2 or (num_layers % pp == 0 and num_layers // pp >= deepstack):
+        return None
+    fits = [f for f in range(max(1, deepstack), num_layers - pp + 2) if (num_layers - f) % (pp - 1) == 0]
+    if not fits:
+        raise ValueError(
+            f"{num_layers} LLM layers cannot be split over {pp} pipeline stages with {deepstack} DeepStack layers "
+            "on the first; use fewer stages (--pp)"
+        )
+    return min(fits, key=lambda f: abs(f - num_layers / pp))
+
+
+def _parallel(cfg, tp: int, pp: int, ep: int):
+    """The model's parallel config in the launched layout: megatron's MoE layers take
+    sequence-parallel activations under tensor parallelism; an uneven first stage where needed."""
+    from qvl_train.config import ParallelConfig
+
+    deep = len(getattr(cfg.vision, "deepstack_visual_indexes", []) or [])
+    return ParallelConfig(
+        tp=tp, pp=pp, ep=ep, sp=bool(cfg.llm.num_experts) and tp > 1,
+        first_stage_layers=first_stage_layers(cfg.llm.num_layers, pp, deep),
+    )
 
 
 def _stage_model(cfg, parallel, dims, hf_dir: Path, dtype: torch.dtype):
@@ -165,8 +193,8 @@ def _import(args) -> None:
 
     hf_dir = Path(args.hf_dir)
     cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
-    parallel, dims = _world(args.tp, args.pp, args.ep, cfg)
-    model = _stage_model(cfg, parallel, dims, hf_dir, torch.float32)
+    dims = _world(args.tp, args.pp, args.ep)
+    model = _stage_model(cfg, _parallel(cfg, args.tp, args.pp, args.ep), dims, hf_dir, torch.float32)
     from dataclasses import asdict
 
     from qvl_train.checkpoint.manager import TrainState
@@ -177,18 +205,28 @@ def _import(args) -> None:
 
 
 def _logits(args) -> None:
+    """Logits of every `--batches` file through the model of the matching `--hf-dir`, all in this one
+    launch (one process group; the models are built one after another)."""
+    if not len(args.hf_dir) == len(args.batches) == len(args.out):
+        raise SystemExit("logits: give one --batches and one --out per --hf-dir")
+    dims = _world(args.tp, args.pp, args.ep)
+    for hf_dir, batches, out in zip(args.hf_dir, args.batches, args.out):
+        _model_logits(Path(hf_dir), batches, out, args, dims)
+    dims.destroy()
+
+
+def _model_logits(hf_dir: Path, batches_file: str, out_file: str, args, dims) -> None:
     import json
 
     from qvl_train.tools.convert import model_config_from_hf
 
-    hf_dir = Path(args.hf_dir)
     cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
     cfg.attention_backend = args.attention_backend
-    parallel, dims = _world(args.tp, args.pp, args.ep, cfg)
+    parallel = _parallel(cfg, args.tp, args.pp, args.ep)
     dtype = getattr(torch, args.dtype)
     model = _stage_model(cfg, parallel, dims, hf_dir, dtype).to(dims.device).eval()
     model.config.pipeline_dtype = dtype
-    batches = torch.load(args.batches, weights_only=False)  # written by the parent hf_parity process
+    batches = torch.load(batches_file, weights_only=False)  # written by the parent hf_parity process
     out = {}
     for kind, batch in batches.items():
         length = batch.num_slots
@@ -200,8 +238,7 @@ def _logits(args) -> None:
         if logits is not None:
             out[kind] = logits[:length].cpu()
     if dims.is_last_stage and dims.tp_rank == 0 and dims.dp_rank == 0:
-        torch.save(out, args.out)
-    dims.destroy()
+        torch.save(out, out_file)
 
 
 def _pad_slots(batch, n: int):
@@ -228,9 +265,9 @@ def main(argv=None) -> None:
     imp.add_argument("--hf-dir", required=True)
     imp.add_argument("--step-dir", required=True)
     lg = sub.add_parser("logits")
-    lg.add_argument("--hf-dir", required=True)
-    lg.add_argument("--batches", required=True)
-    lg.add_argument("--out", required=True)
+    lg.add_argument("--hf-dir", required=True, nargs="+")
+    lg.add_argument("--batches", required=True, nargs="+")
+    lg.add_argument("--out", required=True, nargs="+")
     lg.add_argument("--dtype", default="float32")
     lg.add_argument("--attention-backend", default="auto")
     for s in (imp, lg):

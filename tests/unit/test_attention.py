@@ -88,3 +88,74 @@ def test_varlen_torch_takes_fp32_through_the_exact_loop():
 
     q, k, v = _qkv()
     torch.testing.assert_close(varlen_torch(q, k, v, CU, True, 0.3), varlen_sdpa(q, k, v, CU, True, 0.3), rtol=0, atol=0)
+
+
+def test_flash_attn_backend_needs_cuda_and_the_package():
+    from qvl_train.models.attention import resolve_backend
+
+    with pytest.raises(ValueError, match="flash_attn needs CUDA and the flash-attn package"):
+        resolve_backend("flash_attn")
+
+
+def test_varlen_flash_calls_flash_attn_varlen_func_as_documented(monkeypatch):
+    """flash-attn is a GPU extra: a stand-in with its documented signature (q, k, v, cu_seqlens_q,
+    cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal; unpadded rows; k/v with
+    their own kv heads) checks what the backend hands the kernel and what it makes of the result."""
+    import qvl_train.models.attention as attention
+
+    calls = []
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+        calls.append((q.shape, k.shape, cu_q.dtype, max_q, dropout_p, softmax_scale, causal))
+        assert torch.equal(cu_q, cu_k) and max_q == max_k
+        full = torch.zeros(L, *q.shape[1:], dtype=q.dtype)
+        return varlen_sdpa(*(torch.cat([x, full[: L - x.shape[0], : x.shape[1]]]) for x in (q, k, v)), cu_q, causal, softmax_scale)[: q.shape[0]]
+
+    monkeypatch.setattr(attention, "_flash_attn", lambda: flash_attn_varlen_func)
+    q, k, v = (x.bfloat16() for x in _qkv(3))
+    out = attention.varlen_flash(q, k, v, CU, True, 0.3)
+    assert calls == [((20, HQ, D), (20, HKV, D), torch.int32, 8, 0.0, 0.3, True)]
+    assert out.shape == q.shape and torch.all(out[20:] == 0)
+    torch.testing.assert_close(out, varlen_sdpa(q, k, v, CU, True, 0.3))
+    # fp32 (parity checks) takes the exact loop without calling the kernel
+    torch.testing.assert_close(attention.varlen_flash(*_qkv(3), CU, True, 0.3), varlen_sdpa(*_qkv(3), CU, True, 0.3))
+    assert len(calls) == 1
+
+
+def test_te_backend_builds_te_attention_in_thd_format(monkeypatch):
+    """Transformer Engine is a GPU extra: a stand-in `DotProductAttention` with TE's documented
+    constructor and "thd" forward keywords checks how the module builds and calls it, GQA unexpanded."""
+    import qvl_train.models.attention as attention
+
+    built, calls = [], []
+
+    class DotProductAttention(torch.nn.Module):
+        def __init__(self, num_attention_heads, kv_channels, num_gqa_groups=None, attention_dropout=0.0,
+                     qkv_format="sbhd", attn_mask_type="causal", softmax_scale=None):
+            super().__init__()
+            built.append((num_attention_heads, kv_channels, num_gqa_groups, qkv_format, attn_mask_type, softmax_scale))
+            self.scale = softmax_scale
+
+        def forward(self, q, k, v, qkv_format=None, cu_seqlens_q=None, cu_seqlens_kv=None,
+                    max_seqlen_q=None, max_seqlen_kv=None, attn_mask_type=None):
+            calls.append((q.shape, k.shape, qkv_format, cu_seqlens_q.dtype, max_seqlen_q, attn_mask_type))
+            pad = torch.zeros(L - q.shape[0], *q.shape[1:], dtype=q.dtype)
+            full = [torch.cat([x, pad[:, : x.shape[1]]]) for x in (q, k, v)]
+            out = varlen_sdpa(*full, cu_seqlens_q, attn_mask_type == "padding_causal", self.scale)
+            return out[: q.shape[0]].reshape(q.shape[0], -1)  # TE returns [t, heads·dim]
+
+    monkeypatch.setattr(attention, "_te_attention", lambda: DotProductAttention)
+    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: True)
+    assert attention.resolve_backend("auto") == "te"
+    cfg = TransformerConfig(num_layers=1, hidden_size=HQ * D, num_attention_heads=HQ, num_query_groups=HKV, kv_channels=D, attention_dropout=0.0)
+    attn = VarlenAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, backend="te")
+    assert built == [(HQ, D, HKV, "thd", "padding_causal", 1 / math.sqrt(D))]
+    assert not list(attn.state_dict())  # nothing of TE's in checkpoints
+    q, k, v = (x.bfloat16() for x in _qkv(4))
+    packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=CU, cu_seqlens_kv=CU, max_seqlen_q=8, max_seqlen_kv=8)
+    out = attn(q[:, None], k[:, None], v[:, None], None, packed_seq_params=packed)
+    assert calls == [((20, HQ, D), (20, HKV, D), "thd", torch.int32, 8, "padding_causal")]
+    assert out.shape == (L, 1, HQ * D) and torch.all(out[20:] == 0)
+    torch.testing.assert_close(out[:, 0].reshape(L, HQ, D), varlen_sdpa(q, k, v, CU, True, 1 / math.sqrt(D)))
+    attn(q[:, None], k[:, None], v[:, None], None, attn_mask_type=AttnMaskType.no_mask, packed_seq_params=packed)
+    assert calls[-1][-1] == "padding"

@@ -3,7 +3,8 @@
 Tiny random HF models (built from the config.json that export generates, so that file is checked
 too) are saved with `save_pretrained(safe_serialization=True)` in bf16 and go through the CLI in
 subprocesses (dist_checkpointing saves through worker processes). Qwen2-VL with tied embeddings
-(as the 2B), Qwen2.5-VL untied with a window-attention ViT.
+(as the 2B), Qwen2.5-VL untied with a window-attention ViT, Qwen3-VL (tied, DeepStack) through two
+pipeline stages.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from qvl_train.models.tiny import tiny_model_config, tiny_qwen2_5_vl_config  # noqa: E402
+from qvl_train.models.tiny import tiny_model_config, tiny_qwen2_5_vl_config, tiny_qwen3_vl_config  # noqa: E402
 from qvl_train.tools.convert import hf_config_dict, model_config_from_hf  # noqa: E402
 from tests.conftest import clean_env  # noqa: E402
 
@@ -30,10 +31,14 @@ def _cfg(generation):
         cfg = tiny_model_config()
         cfg.llm.tie_word_embeddings = True
         return cfg
-    return tiny_qwen2_5_vl_config()
+    return tiny_qwen3_vl_config() if generation == "qwen3_vl" else tiny_qwen2_5_vl_config()
 
 
 def _hf_model(cfg, seed=0):
+    if cfg.generation == "qwen3_vl":
+        from tests.parity.test_qwen3_vl_parity import hf_model
+
+        return hf_model(cfg, seed=seed)
     cls = {
         "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
@@ -82,6 +87,8 @@ def test_config_json_round_trip(generation):
         ("qwen2_5_vl", []),
         # through a model built at tp=2 × pp=2 (4 processes saving their shards; tied embeddings across stages)
         ("qwen2_vl", ["--tp", "2", "--pp", "2"]),
+        # DeepStack into LLM layers 0-1 of 3: the first of two stages takes 2 layers
+        ("qwen3_vl", ["--pp", "2"]),
     ],
 )
 def test_import_export_bit_identical(generation, layout, tmp_path):

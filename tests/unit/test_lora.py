@@ -68,6 +68,10 @@ def test_lora_config_is_checked():
     cfg.train.fp8 = "hybrid"
     with pytest.raises(ConfigError, match="train.fp8=hybrid with model.lora"):
         cfg.validate(1)
+    cfg.train.fp8 = "off"
+    cfg.parallel = ParallelConfig(tp=2, sp=True)
+    with pytest.raises(ConfigError, match="model.lora with parallel.sp=true"):
+        cfg.validate(2)
 
 
 # ------------------------------------------------------------------ one process: freezing, checkpoints

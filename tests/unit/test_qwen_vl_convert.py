@@ -72,6 +72,50 @@ def test_import_export_bit_identical(tmp_path):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
 
+    # The same checkpoint as if trained from scratch (no HF source): everything generated.
+    (ckpt / "hf_import.json").unlink()
+    _convert("export-hf", "--ckpt", ckpt, "--out", tmp_path / "scratch")
+    _check_generated_files(tmp_path / "scratch", cfg)
+
+
+def _check_generated_files(out: Path, cfg) -> None:
+    """A from-scratch Qwen-VL export: released config / generation config names; a fast tokenizer that
+    `AutoTokenizer` loads without remote code and whose chat template + tokenisation give the data
+    pipeline's ids for a grounding sample; `AutoImageProcessor` giving the pipeline's 448² pixels."""
+    import numpy as np
+    import transformers
+    from PIL import Image
+
+    from data_pipelines.text import QWEN_VL_SPECIAL_TOKENS, get_tokenizer
+    from data_pipelines.vision import preprocess_qwen_vl
+
+    assert json.loads((out / "config.json").read_text()) == hf_config_dict(cfg, "bfloat16")
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert (gen["chat_format"], gen["eos_token_id"], gen["max_window_size"]) == ("chatml", 151643, 6144)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert isinstance(tok, transformers.PreTrainedTokenizerFast)
+    assert {n: tok.convert_tokens_to_ids(n) for n in QWEN_VL_SPECIAL_TOKENS} == QWEN_VL_SPECIAL_TOKENS
+    assert tok.convert_tokens_to_ids(["<|im_end|>", "<|extra_0|>", "<|extra_204|>"]) == [151645, 151646, 151850]
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Picture 1: "}, {"type": "image", "image": "a.png"},
+                                     {"type": "text", "text": "\nWhere is the red circle?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Here: "},
+                                          {"type": "box", "ref": "the red circle", "box": [100, 50, 300, 150]}]},
+    ]
+    expected, _ = get_tokenizer().encode_conversation(
+        messages, [256], generation="qwen_vl", image_sizes={"a.png": ((200, 400), (448, 448))})
+    as_text = [messages[0], {"role": "assistant", "content": "Here: <ref>the red circle</ref><box>(250,250),(750,750)</box>"}]
+    assert tok.apply_chat_template(as_text, tokenize=True) == expected
+    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    assert prompt.count("<imgpad>") == 256 and prompt.endswith("<|im_start|>assistant\n")
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (61, 90, 3), dtype=np.uint8))
+    pixels = transformers.AutoImageProcessor.from_pretrained(out)(images=[image], return_tensors="pt")["pixel_values"]
+    rows, _ = preprocess_qwen_vl(image)
+    patches = pixels[0].reshape(3, 32, 14, 32, 14).permute(1, 3, 0, 2, 4).reshape(1024, -1)
+    torch.testing.assert_close(patches, torch.from_numpy(rows), rtol=0, atol=1e-5)
+
 
 @pytest.mark.parametrize("key", ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias"])
 def test_c_attn_is_q_k_v_over_all_heads(key):

@@ -1,0 +1,101 @@
+"""One training step on awkward micro-batches, in any layout; rank 0 saves the loss and every gradient.
+
+    torchrun --nproc_per_node=N tests/distributed/edge_probe.py OUT.pt [hydra overrides…]
+
+The step's four micro-batches are built here, not read from shards, so their contents are certain:
+a text-only pack, a pack of images, another text-only pack and a video-only pack. Dealt over dp=2
+(micro-batch i to dp rank i mod 2), one data-parallel rank sees no visual input at all while the other
+runs the ViT twice; with dp=1 the ViT gets a micro-batch without media between ones with media (under
+pipeline parallelism too). Gradients are assembled as in `grad_probe.py`.
+
+A second engine then trains one real step at stage3_sft (ViT frozen) on the same micro-batches and
+records the frozen parameters that got a gradient or optimizer state (there must be none).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+SLOTS = 256
+PACKS = (
+    [("text", 37)],
+    [("text", 5), ("image", (1, 8, 12)), ("text", 9)],
+    [("text", 61)],
+    [("text", 4), ("video", (2, 8, 8)), ("text", 6)],
+)
+
+
+def micro_batches(model_cfg, dp_rank: int, dp: int) -> list:
+    """This data-parallel rank's share of the four packs (same random contents on every rank)."""
+    import torch
+
+    from qvl_train.tools.hf_parity import synthetic_packed_batch
+
+    gen = torch.Generator().manual_seed(0)
+    packs = []
+    for segments in PACKS:
+        batch = synthetic_packed_batch(model_cfg, SLOTS, segments, gen)
+        kinds = [k for s in batch.sample_ids for k, _ in segments if k != "text"]
+        merge = model_cfg.vision.spatial_merge_size**2
+        batch.num_visual_tokens = int(batch.grid_thw.prod(-1).sum()) // merge if kinds else 0
+        batch.media_kind = torch.tensor([int(k == "video") for k in kinds]) if "video" in kinds else None
+        packs.append(batch)
+    return packs[dp_rank::dp]
+
+
+def frozen_with_state(engine, frozen: set[str]) -> list[str]:
+    """Frozen parameters that have a gradient or optimizer state after a step."""
+    named = dict(engine.model.named_parameters())
+    bad = [n for n in frozen if named[n].grad is not None]
+    bad += [n for n in frozen if engine.optimizer.state.get(named[n])]
+    return bad
+
+
+def main(out: str, *overrides: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from hydra import compose, initialize_config_dir
+
+    from qvl_train.config import StageConfig, register_configs, to_train_config
+    from qvl_train.engines.megatron import MegatronEngine
+    from qvl_train.parallel.dims import ParallelDims
+    from tests.distributed.grad_probe import assemble, full_gradients
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = to_train_config(compose("train", overrides=list(overrides)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dims = ParallelDims.from_config(cfg.parallel, world)
+    dims.initialize()
+    batches = micro_batches(cfg.model, dims.dp_rank, dims.dp)
+
+    def engine(stage: StageConfig) -> MegatronEngine:
+        return MegatronEngine(cfg.model, cfg.parallel, cfg.optim, stage, dims, seed=cfg.seed, max_steps=10)
+
+    full = engine(StageConfig("stage2_multitask"))
+    full.optimizer.step = lambda *a, **k: None  # keep the step's gradients as they are
+    result = full.train_step(batches, 0)
+    pieces = [None] * dims.world_size
+    dist.all_gather_object(pieces, full_gradients(full.model))
+
+    sft = engine(StageConfig("stage3_sft"))
+    frozen = {n for n, p in sft.model.named_parameters() if not p.requires_grad}
+    sft_result = sft.train_step(batches, 0)
+    bad = [None] * dims.world_size
+    dist.all_gather_object(bad, frozen_with_state(sft, frozen))
+    if dims.rank == 0:
+        torch.save({
+            "loss": result.loss, "grads": assemble([p for rank in pieces for p in rank]),
+            "visual_tokens": result.visual_tokens, "sft_loss": sft_result.loss,
+            "frozen": len(frozen), "frozen_with_state": sorted({n for rank in bad for n in rank}),
+        }, out)
+    dims.destroy()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
