@@ -690,6 +690,13 @@ class TrainConfig:
                     f"parallel.first_stage_layers={p.first_stage_layers} and the {rest} layers of each other stage "
                     f"must both be multiples of parallel.vpp={p.vpp} (each rank's layers split into vpp chunks)"
                 )
+        n_deep, chunk0 = len(self.model.vision.deepstack_visual_indexes), (p.first_stage_layers or llm.num_layers // p.pp) // p.vpp
+        if n_deep > chunk0:
+            raise ConfigError(
+                f"Qwen3-VL DeepStack adds ViT features after LLM layers 0..{n_deep - 1}, which must all be in model chunk 0 "
+                f"of the first stage; it holds {chunk0} layers (first stage's layers / parallel.vpp): set "
+                f"parallel.first_stage_layers to a multiple of {p.vpp} that is >= {n_deep * p.vpp}"
+            )
         per_rank = self.micro_batches_per_step() // dp
         if per_rank % p.pp:
             raise ConfigError(

@@ -103,7 +103,10 @@ def test_user_keys_reach_the_typed_config():
          "parallel.first_stage_layers"),
         (["parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=4", "train.global_batch_tokens=3072"], 2,
          "train.global_batch_tokens"),  # 3 micro-batches, pp=2
-        (["model=qwen3_vl_moe/tiny", "parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=4"], 2, "parallel.vpp"),
+        (["model=qwen3_vl_moe/tiny", "parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=8",
+          "parallel.first_stage_layers=4"], 2, "parallel.vpp"),
+        (["model=qwen3_vl/tiny", "parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=4"], 2,
+         "parallel.first_stage_layers"),  # DeepStack layers 0-1, chunk 0 holds layer 0 only
     ],
 )
 def test_validation_errors_name_the_key(overrides, world, key):
