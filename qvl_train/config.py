@@ -294,7 +294,12 @@ class ParallelConfig:
     etp: int = 1
     """Tensor-parallel size inside experts (1 = each expert whole on its rank)."""
     vpp: int = 1
-    """Virtual pipeline stages per rank, interleaved 1F1B (training: not yet available; planner)."""
+    """Virtual pipeline stages (model chunks) per pipeline rank: megatron's interleaved 1F1B schedule,
+    which shrinks the pipeline bubble by vpp. Needs pp > 1; each rank's layers split into vpp chunks
+    (model.llm.num_layers / (pp·vpp) per chunk, or first_stage_layers / vpp on rank 0), layers
+    dealt round-robin: with 4 layers, pp=2, vpp=2 rank 0 holds [0] [2], rank 1 [1] [3]. The ViT,
+    projector and embedding are in chunk 0 of rank 0, the output layer in the last chunk of the
+    last rank. Micro-batches per step and data-parallel rank must be a multiple of pp."""
     first_stage_layers: Optional[int] = None
     """LLM layers on the first pipeline stage (it also carries the ViT); None = even split."""
 
@@ -304,10 +309,10 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{key} must be >= 1")
 
     def check_available(self) -> None:
-        """Layouts `launch/plan.py` can model but training cannot run yet (before any process group)."""
-        for key, what in (("vpp", "the interleaved pipeline schedule"),):
-            if getattr(self, key) != 1:
-                raise ConfigError(f"parallel.{key}={getattr(self, key)}: {what} is not available yet; set parallel.{key}=1")
+        """Layout rules that need no other config group (before any process group)."""
+        if self.vpp > 1 and self.pp < 2:
+            raise ConfigError(f"parallel.vpp={self.vpp} interleaves model chunks over pipeline stages and needs "
+                              "parallel.pp >= 2; set parallel.pp or parallel.vpp=1")
 
 
 @dataclass
@@ -682,6 +687,7 @@ class TrainConfig:
         self._validate_lora()
         self._validate_eval(dp)
         self._validate_context_parallel()
+        self._validate_interleaved(dp)
 
     def _validate_lora(self) -> None:
         lora = self.model.lora
@@ -700,6 +706,49 @@ class TrainConfig:
                 f"model.lora.modules={list(lora.modules)} has no module that stage={self.stage.name} trains "
                 f"({', '.join(self.stage.trainable)}): nothing would train; change model.lora.modules or the stage"
             )
+
+    def _validate_interleaved(self, dp: int) -> None:
+        """parallel.vpp > 1: every chunk gets whole layers, and megatron's interleaved schedule gets a
+        micro-batch count per data-parallel rank that is a multiple of pp (its depth-first order
+        runs micro-batches in groups of pp per chunk and refuses a partial group)."""
+        p, llm = self.parallel, self.model.llm
+        if p.vpp == 1:
+            return
+        chunks = p.pp * p.vpp
+        if p.first_stage_layers is None and llm.num_layers % chunks:
+            raise ConfigError(
+                f"model.llm.num_layers={llm.num_layers} does not split into parallel.pp·vpp = {p.pp}·{p.vpp} "
+                "model chunks of whole layers; change parallel.vpp or parallel.pp"
+            )
+        if p.first_stage_layers is not None:
+            rest = (llm.num_layers - p.first_stage_layers) // (p.pp - 1)
+            if p.first_stage_layers % p.vpp or rest % p.vpp:
+                raise ConfigError(
+                    f"parallel.first_stage_layers={p.first_stage_layers} and the {rest} layers of each other stage "
+                    f"must both be multiples of parallel.vpp={p.vpp} (each rank's layers split into vpp chunks)"
+                )
+        n_deep, chunk0 = len(self.model.vision.deepstack_visual_indexes), (p.first_stage_layers or llm.num_layers // p.pp) // p.vpp
+        if n_deep > chunk0:
+            raise ConfigError(
+                f"Qwen3-VL DeepStack adds ViT features after LLM layers 0..{n_deep - 1}, which must all be in model chunk 0 "
+                f"of the first stage; it holds {chunk0} layers (first stage's layers / parallel.vpp): set "
+                f"parallel.first_stage_layers to a multiple of {p.vpp} that is >= {n_deep * p.vpp}"
+            )
+        per_rank = self.micro_batches_per_step() // dp
+        if per_rank % p.pp:
+            raise ConfigError(
+                f"parallel.vpp={p.vpp}: the interleaved schedule needs the micro-batches per step and data-parallel "
+                f"rank ({per_rank} = train.global_batch_tokens / data.max_tokens / dp) to be a multiple of "
+                f"parallel.pp={p.pp}; change train.global_batch_tokens"
+            )
+        if self.eval.every and (self.eval.max_batches // dp) % p.pp:
+            raise ConfigError(
+                f"parallel.vpp={p.vpp}: eval.max_batches / dp = {self.eval.max_batches // dp} must be a multiple of "
+                f"parallel.pp={p.pp} (the interleaved schedule's micro-batch groups); change eval.max_batches"
+            )
+        if llm.num_experts:
+            raise ConfigError(f"parallel.vpp={p.vpp} with a mixture-of-experts model is not available yet; "
+                              "set parallel.vpp=1")
 
     def _validate_experts(self, world_size: int) -> None:
         """Expert parallelism: megatron's rule (ep·etp·pp divides the world; experts divide over ep)."""

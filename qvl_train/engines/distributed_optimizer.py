@@ -61,14 +61,13 @@ class ShardedAdamW:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         self.cfg, self.module_of, self.modules = optim_cfg, module_of, modules
-        self.ddp = DistributedDataParallel(
-            config=model.config,
-            ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
-                use_distributed_optimizer=True,
-            ),
-            module=model,
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False, use_distributed_optimizer=True,
         )
+        # One DDP per model chunk (parallel.vpp: `ModelChunks`), as megatron's own training wraps them; the
+        # interleaved schedule runs the list, one optimizer covers all their buffers.
+        chunks = list(model) if isinstance(model, torch.nn.ModuleList) else [model]
+        self.ddps = [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c) for c in chunks]
         config = OptimizerConfig(
             optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, weight_decay=optim_cfg.weight_decay,
             adam_beta1=optim_cfg.beta1, adam_beta2=optim_cfg.beta2, adam_eps=optim_cfg.eps,
@@ -78,7 +77,7 @@ class ShardedAdamW:
         strip = lambda name: name.removeprefix("module.")  # DDP's named_parameters add "module."
         overrides = dict(_module_override(m, peak, strip, module_of) for m, peak in optim_cfg.peak_lrs().items())
         overrides.update([_no_decay_override()])
-        self.optimizer = get_megatron_optimizer(config, [self.ddp], config_overrides=overrides)
+        self.optimizer = get_megatron_optimizer(config, self.ddps, config_overrides=overrides)
         for group in self.optimizer.param_groups:
             group["weight_decay"] = optim_cfg.weight_decay * group["wd_mult"]
         # load_state_dict matches groups by megatron's identifier keys (wd_mult, lr_mult, ...), which
@@ -98,12 +97,14 @@ class ShardedAdamW:
 
     # ------------------------------------------------------------------ step
     def zero_grad(self) -> None:
-        self.ddp.zero_grad_buffer()
+        for ddp in self.ddps:
+            ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
 
     def sync_grads(self) -> None:
         """Reduce-scatter the gradient buckets over dp; copy this rank's slices to the fp32 main grads."""
-        self.ddp.finish_grad_sync()
+        for ddp in self.ddps:
+            ddp.finish_grad_sync()
         self.optimizer.prepare_grads()
 
     def module_grad_sq(self, device, counted) -> torch.Tensor:

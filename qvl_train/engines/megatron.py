@@ -5,8 +5,9 @@ How a step works (every layout computes the same step as one process):
      forward, so each micro-batch's loss can be `Σ token CE / G` — the global per-token mean.
      Packing, padding, micro-batch count and layout then never change the loss or its gradient
      (per-sample or per-micro-batch averaging is what makes packed losses drift elsewhere).
-  2. megatron-core's schedule runs forward/backward (no pipelining, or 1F1B across `pp` stages with
-     `[L, 1, H]` activations sent between stages). `calculate_per_token_loss=True` keeps it from
+  2. megatron-core's schedule runs forward/backward (no pipelining, 1F1B across `pp` stages with
+     `[L, 1, H]` activations sent between stages, or with `parallel.vpp` the interleaved 1F1B over
+     this rank's model chunks, `parallel/pipeline.py`). `calculate_per_token_loss=True` keeps it from
      dividing by the micro-batch count: our loss is already normalised.
   3. Gradients are summed over data-parallel ranks (one flat all-reduce per dtype) — routed-expert
      gradients over the expert-data-parallel group instead (the ranks that hold the same experts under
@@ -44,6 +45,7 @@ from qvl_train.loss import global_token_mean
 from qvl_train.config import ModelConfig, OptimConfig, ParallelConfig, StageConfig
 from qvl_train.engines.moe import MoEStepMonitor, is_expert_param
 from qvl_train.parallel.dims import ParallelDims
+from qvl_train.parallel.pipeline import ModelChunks, local_name
 
 MODULES = ("vision", "projector", "llm")
 
@@ -160,11 +162,11 @@ def apply_stage(model: torch.nn.Module, stage: StageConfig, lora: bool = False) 
     from qvl_train.models.lora import is_lora_param
 
     for name, param in model.named_parameters():
-        param.requires_grad_(name.split(".", 1)[0] in stage.trainable and (not lora or is_lora_param(name)))
+        param.requires_grad_(local_name(name).split(".", 1)[0] in stage.trainable and (not lora or is_lora_param(name)))
 
 
 def _module_of(name: str) -> str:
-    head = name.split(".", 1)[0]
+    head = local_name(name).split(".", 1)[0]
     return head if head in MODULES else "llm"
 
 
@@ -194,27 +196,39 @@ class MegatronEngine:
         self.model_cfg = model_cfg
         torch.manual_seed(seed)
         model_parallel_cuda_manual_seed(seed)
-        self.model = build_model(
-            model_cfg, parallel_cfg,
-            pre_process=dims.is_first_stage, post_process=dims.is_last_stage, dtype=dtype,
-            execution=Execution(
-                recompute=recompute, fp8=resolve_fp8("off" if model_cfg.lora.enabled else fp8), sequence_parallel=parallel_cfg.sp,
-            ),
-        ).to(dims.device)
-        init_weights(self.model, seed, model_cfg.init_std)
+        execution = Execution(
+            recompute=recompute, fp8=resolve_fp8("off" if model_cfg.lora.enabled else fp8), sequence_parallel=parallel_cfg.sp,
+        )
+        chunks = []  # one per virtual pipeline stage (parallel.vpp); chunk 0 of rank 0 embeds, the last chunk of the last rank has the loss
+        for k in range(dims.vpp):
+            chunk = build_model(
+                model_cfg, parallel_cfg, dtype=dtype, execution=execution, vp_stage=k if dims.vpp > 1 else None,
+                pre_process=dims.is_first_stage and k == 0, post_process=dims.is_last_stage and k == dims.vpp - 1,
+            ).to(dims.device)
+            init_weights(chunk, seed, model_cfg.init_std)
+            chunks.append(chunk)
         if dims.cp > 1:  # each sequence split over the CP ranks (parallel/context.py)
             from qvl_train.parallel.context import ContextParallel
 
-            self.model.context_parallel = ContextParallel(
-                dims.cp, dims.cp_rank, dims.groups["cp"], multiple=dims.tp if parallel_cfg.sp else 1
-            )
+            for chunk in chunks:
+                chunk.context_parallel = ContextParallel(
+                    dims.cp, dims.cp_rank, dims.groups["cp"], multiple=dims.tp if parallel_cfg.sp else 1
+                )
+        self.model = chunks[0] if dims.vpp == 1 else ModelChunks(chunks)
+        self.chunks = chunks
         apply_stage(self.model, stage_cfg, lora=model_cfg.lora.enabled)
 
-        config = self.model.config
-        config.calculate_per_token_loss = True  # the loss is normalised by the global label count
-        config.pipeline_dtype = dtype
-        config.finalize_model_grads_func = None
-        config.grad_scale_func = None
+        for chunk in chunks:  # each chunk has its own config object; the schedule reads the first's
+            config = chunk.config
+            config.calculate_per_token_loss = True  # the loss is normalised by the global label count
+            config.pipeline_dtype = dtype
+            config.finalize_model_grads_func = None
+            config.grad_scale_func = None
+            if dims.vpp > 1:
+                # Interleaved at pp=2 both directions go to the same peer in one step; batched p2p posts
+                # [send grad, recv act, send act, recv grad] on both ranks, so gloo pairs a gradient
+                # with an activation. Unbatched, megatron orders them per direction (and group) instead.
+                config.batch_p2p_comm = False
 
         self._params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.sharded = None  # ShardedAdamW with optim.distributed, else the engine's own AdamW below
@@ -275,8 +289,6 @@ class MegatronEngine:
 
     # ------------------------------------------------------------------ step
     def train_step(self, batches: list[PackedBatch], step: int) -> StepResult:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         dims, device = self.dims, self.dims.device
         counts = step_counts(batches, self.model_cfg, dims)
         denom = float(max(counts["label_tokens"], 1))
@@ -284,18 +296,9 @@ class MegatronEngine:
 
         self.model.train()
         self._zero_grads()
-        seq_length = batches[0].num_slots
         if self.moe is not None:
             self.moe.begin_step(len(batches))
-        losses = get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, denom=denom, device=device),
-            data_iterator=iter(batches),
-            model=[self.model if self.sharded is None else self.sharded.ddp],
-            num_microbatches=len(batches),
-            seq_length=seq_length,
-            micro_batch_size=1,
-            forward_only=False,
-        )
+        losses = self._run_schedule(batches, denom, forward_only=False)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         if dims.is_last_stage and dims.tp_rank == 0:
             loss_sum += sum(float(x["loss_sum"]) for x in losses)
@@ -328,27 +331,39 @@ class MegatronEngine:
         """Forward only over this rank's `batches` (megatron's forward_only schedule, no gradients,
         optimizer untouched) → (Σ token cross-entropy, label tokens), both summed over every
         data-parallel rank. Their ratio is the global per-label-token mean, as in `train_step`."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         dims, device = self.dims, self.dims.device
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # [Σ CE, label tokens]
         self.model.eval()
         with torch.no_grad():
-            losses = get_forward_backward_func()(
-                forward_step_func=partial(_forward_step, denom=1.0, device=device),
-                data_iterator=iter(batches),
-                model=[self.model],
-                num_microbatches=len(batches),
-                seq_length=batches[0].num_slots,
-                micro_batch_size=1,
-                forward_only=True,
-            )
+            losses = self._run_schedule(batches, 1.0, forward_only=True)
         self.model.train()
         if dims.is_last_stage and dims.tp_rank == 0:  # one contributor per data-parallel rank
             sums[0] = sum(float(x["loss_sum"]) for x in losses)  # under parallel.cp: this rank's rows
             sums[1] = sum(b.num_label_tokens for b in batches) if dims.cp_rank == 0 else 0
         dist.all_reduce(sums, group=dims.groups["world"])
         return float(sums[0]), int(sums[1])
+
+    def _run_schedule(self, batches: list[PackedBatch], denom: float, *, forward_only: bool) -> list:
+        """megatron's schedule over `batches`: no pipelining, 1F1B, or interleaved 1F1B over this rank's
+        model chunks (each chunk reads every micro-batch: positions and sample bounds are needed in
+        every layer, the pixels in chunk 0, the labels in the last). Returns the last stage's losses."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if self.dims.vpp > 1 and len(batches) % self.dims.pp:
+            raise RuntimeError(
+                f"the interleaved schedule (parallel.vpp={self.dims.vpp}) needs a multiple of parallel.pp={self.dims.pp} "
+                f"micro-batches per step, got {len(batches)}; change train.global_batch_tokens or eval.max_batches"
+            )
+        models = self.sharded.ddps if self.sharded is not None and not forward_only else self.chunks
+        return get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, denom=denom, device=self.dims.device),
+            data_iterator=[iter(batches) for _ in models] if len(models) > 1 else iter(batches),
+            model=models,
+            num_microbatches=len(batches),
+            seq_length=batches[0].num_slots,
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )
 
     def _counted(self, p: torch.nn.Parameter) -> bool:
         """Whether this rank counts `p` in norms and totals: one tensor-parallel copy of a replicated

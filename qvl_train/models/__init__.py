@@ -16,7 +16,7 @@ A new generation = one builder function + one line in `_BUILDERS`.
 from __future__ import annotations
 
 import zlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -40,36 +40,40 @@ def _spec_backend(cfg: ModelConfig, parallel: ParallelConfig) -> str:
 
 
 def _build_qwen2_vl(
-    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution
+    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution,
+    vp_stage: Optional[int] = None,
 ) -> VLM:
-    return VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=_spec_backend(cfg, parallel), execution=execution)
+    return VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=_spec_backend(cfg, parallel), execution=execution, vp_stage=vp_stage)
 
 
 def _build_qwen2_5_vl(
-    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution
+    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution,
+    vp_stage: Optional[int] = None,
 ) -> VLM:
     from qvl_train.models.vision.qwen2_5_vl import Qwen2_5VisionTransformer
 
     return VLM(
         cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype,
-        spec_backend=_spec_backend(cfg, parallel), vision_cls=Qwen2_5VisionTransformer, execution=execution,
+        spec_backend=_spec_backend(cfg, parallel), vision_cls=Qwen2_5VisionTransformer, execution=execution, vp_stage=vp_stage,
     )
 
 
 def _build_qwen3_vl(
-    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution
+    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution,
+    vp_stage: Optional[int] = None,
 ) -> VLM:
     from qvl_train.models.vlm import Qwen3VLM
 
-    return Qwen3VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=_spec_backend(cfg, parallel), execution=execution)
+    return Qwen3VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=_spec_backend(cfg, parallel), execution=execution, vp_stage=vp_stage)
 
 
 def _build_qwen_vl(
-    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution
+    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution,
+    vp_stage: Optional[int] = None,
 ) -> VLM:
     from qvl_train.models.vision.qwen_vl import QwenVLM
 
-    return QwenVLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=_spec_backend(cfg, parallel), execution=execution)
+    return QwenVLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=_spec_backend(cfg, parallel), execution=execution, vp_stage=vp_stage)
 
 
 _BUILDERS: dict[str, Callable[..., VLM]] = {
@@ -84,13 +88,15 @@ IMPLEMENTED = tuple(_BUILDERS)
 
 def build_model(
     cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype = torch.float32,
-    execution: Execution = Execution(),
+    execution: Execution = Execution(), vp_stage: Optional[int] = None,
 ) -> VLM:
     """This pipeline stage's part of the model (single-device modules; TP/PP from `parallel_state`).
 
     Weights are allocated but not initialised: call `init_weights` or load a checkpoint. Every
     parameter has `dtype` (megatron's local norms are created fp32 whatever `params_dtype` says).
     `execution` (activation recomputation, FP8) goes into every tower's `TransformerConfig`.
+    `vp_stage`: which of this rank's `parallel.vpp` model chunks to build (interleaved schedule;
+    None when vpp = 1); `pre_process` / `post_process` then describe that chunk.
     With `cfg.lora` on, the target layers carry adapters (`models/lora.py`).
     """
     try:
@@ -99,7 +105,9 @@ def build_model(
         raise NotImplementedError(
             f"model.generation={cfg.generation!r} is not implemented; implemented: {', '.join(IMPLEMENTED)}"
         ) from None
-    model = builder(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, execution=execution)
+    model = builder(
+        cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, execution=execution, vp_stage=vp_stage
+    )
     for param in model.parameters():
         param.data = param.data.to(dtype)
     mark_tensor_parallel_params(model)

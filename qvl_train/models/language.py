@@ -5,7 +5,7 @@ M-RoPE, SwiGLU MLP without biases) → final RMSNorm → vocab-parallel output l
 
 Pipeline parallelism: megatron's `TransformerBlock` builds only this stage's layers (global layer
 numbers, so checkpoints are layout-independent) from `pipeline_model_parallel_size` and
-`num_layers_in_first_pipeline_stage`; the embedding lives on the first stage (`pre_process`),
+`num_layers_in_first_pipeline_stage` (with `parallel.vpp`, this model chunk's: `vp_stage`); the embedding lives on the first stage (`pre_process`),
 the final norm and output layer on the last (`post_process`). On other stages the block takes its
 input from `set_input_tensor` (the activation received by the pipeline schedule).
 """
@@ -34,13 +34,15 @@ def _no_init(w: torch.Tensor) -> None:
 def llm_transformer_config(cfg: LLMConfig, parallel: ParallelConfig, *, dtype: torch.dtype, execution: Execution = Execution()):
     """The LLM's megatron config: the full parallel layout (tp, pp, uneven first stage), recompute / FP8."""
     first = parallel.first_stage_layers if parallel.pp > 1 else None
-    last = cfg.num_layers - first if (first is not None and parallel.pp == 2) else None
+    # (with vpp, megatron 0.16 divides by the number of middle stages when both ends are set: leave `last` out)
+    last = cfg.num_layers - first if (first is not None and parallel.pp == 2 and parallel.vpp == 1) else None
     moe = moe_transformer_kwargs(cfg, parallel) if cfg.num_experts else {}
     return make_transformer_config(
         dtype=dtype,
         execution=execution,
         tp=parallel.tp,
         pp=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp > 1 else None,
         num_layers=cfg.num_layers,
         num_layers_in_first_pipeline_stage=first,
         num_layers_in_last_pipeline_stage=last,
@@ -100,6 +102,7 @@ class Qwen2LanguageModel(MegatronModule):
         attention_backend: str = "auto",
         spec_backend: str = "local",
         execution: Execution = Execution(),
+        vp_stage: Optional[int] = None,
     ):
         config = llm_transformer_config(cfg, parallel, dtype=dtype, execution=execution)
         super().__init__(config=config)
@@ -127,6 +130,7 @@ class Qwen2LanguageModel(MegatronModule):
             post_layer_norm=True,
             pre_process=pre_process,
             post_process=post_process,
+            vp_stage=vp_stage,  # interleaved schedule: this chunk's layers (global numbers from megatron's offsets)
         )
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(

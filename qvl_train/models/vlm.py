@@ -20,6 +20,8 @@ padding tail after `cu_seqlens[-1]` attends to nothing (zeros out of attention) 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
@@ -61,6 +63,7 @@ class VLM(MegatronModule):
         vision_cls: type = Qwen2VisionTransformer,
         projector_cls: type = PatchMerger,
         execution: Execution = Execution(),
+        vp_stage: Optional[int] = None,
     ):
         llm = Qwen2LanguageModel(
             cfg.llm,
@@ -71,9 +74,11 @@ class VLM(MegatronModule):
             attention_backend=cfg.attention_backend,
             spec_backend=spec_backend,
             execution=execution,
+            vp_stage=vp_stage,
         )
         super().__init__(config=llm.config)  # the schedules read `config` (hidden size, pipeline dtype)
         self.model_type = ModelType.encoder_or_decoder  # the schedules read it too
+        self.vp_stage = vp_stage  # model chunk index on this rank (interleaved schedule), else None
         self.cfg = cfg
         self.pre_process = pre_process
         self.post_process = post_process
@@ -184,21 +189,22 @@ class Qwen3VLM(VLM):
 
     def __init__(
         self, cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype=torch.float32,
-        spec_backend: str = "local", execution: Execution = Execution(),
+        spec_backend: str = "local", execution: Execution = Execution(), vp_stage: Optional[int] = None,
     ):
         from qvl_train.models.vision.qwen3_vl import Qwen3VisionTransformer
 
         n_deep = len(cfg.vision.deepstack_visual_indexes)
         if parallel.pp > 1 and n_deep:
-            first = parallel.first_stage_layers or cfg.llm.num_layers // parallel.pp
+            first = (parallel.first_stage_layers or cfg.llm.num_layers // parallel.pp) // parallel.vpp  # chunk 0 of rank 0
             if n_deep > first:
+                where = "pipeline stage" if parallel.vpp == 1 else "model chunk (first stage's layers / parallel.vpp)"
                 raise ValueError(
-                    f"Qwen3-VL DeepStack adds ViT features after LLM layers 0..{n_deep - 1}, but the first pipeline "
-                    f"stage holds {first} layers; set parallel.first_stage_layers >= {n_deep}"
+                    f"Qwen3-VL DeepStack adds ViT features after LLM layers 0..{n_deep - 1}, but the first {where} "
+                    f"holds {first} layers; set parallel.first_stage_layers >= {n_deep * parallel.vpp}"
                 )
         super().__init__(
             cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=spec_backend,
-            vision_cls=Qwen3VisionTransformer, projector_cls=DeepStackProjector, execution=execution,
+            vision_cls=Qwen3VisionTransformer, projector_cls=DeepStackProjector, execution=execution, vp_stage=vp_stage,
         )
 
     def embed_with_deepstack(self, batch: PackedBatch):

@@ -38,6 +38,7 @@ class ParallelDims:
     first_stage_layers: Optional[int] = None
     ep: int = 1  # expert parallel: not a factor of the world (megatron folds it into tp·cp·dp)
     etp: int = 1
+    vpp: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
     # Filled by initialize():
     rank: int = 0
     tp_rank: int = 0
@@ -52,7 +53,7 @@ class ParallelDims:
         dp = cfg.dp if cfg.dp is not None else world_size // model_parallel
         return cls(
             tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, dp=dp, world_size=world_size,
-            first_stage_layers=cfg.first_stage_layers, ep=cfg.ep, etp=cfg.etp,
+            first_stage_layers=cfg.first_stage_layers, ep=cfg.ep, etp=cfg.etp, vpp=cfg.vpp,
         )
 
     @property
@@ -82,6 +83,7 @@ class ParallelDims:
         return (
             f"world={self.world_size} = tp {self.tp} × pp {self.pp} × cp {self.cp} × dp {self.dp}"
             + (f" (first stage: {self.first_stage_layers} LLM layers)" if self.first_stage_layers else "")
+            + (f"; {self.vpp} interleaved model chunks per stage" if self.vpp > 1 else "")
             + (f"; experts: ep {self.ep} × etp {self.etp} × expert-dp {self.expert_dp}" if self.ep * self.etp > 1 else "")
         )
 
@@ -109,6 +111,7 @@ class ParallelDims:
         ps.initialize_model_parallel(
             tensor_model_parallel_size=self.tp,
             pipeline_model_parallel_size=self.pp,
+            virtual_pipeline_model_parallel_size=self.vpp if self.vpp > 1 else None,
             context_parallel_size=self.cp,
             expert_model_parallel_size=self.ep,
             expert_tensor_parallel_size=self.etp,

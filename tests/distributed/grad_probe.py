@@ -6,7 +6,8 @@ The optimizer update is skipped, so the gradients are exactly what the step comp
 reductions (data-parallel sum, tensor-parallel partial sums). Each gradient is put together from the
 model's own `sharded_state_dict` (global key, global shape, this rank's offsets, SwiGLU halves
 included), read through the gradients instead of the weights: the assembly knows nothing about the
-layout, so the same file format comes out of tp, pp, dp, sp, ep runs and of one process.
+layout, so the same file format comes out of tp, pp, dp, sp, ep runs and of one process (under parallel.vpp
+`engine.model` is the rank's `ModelChunks`, whose sharded state dict covers every chunk).
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def _check(rank: int, world_size: int) -> None:
     assert any(not torch.equal(m, m.bfloat16().float()) for m in masters)  # finer than bf16 after a step
     assert all(torch.equal(b, p) for b, p in zip(before, vit))
     assert not any(hasattr(p, "main_grad") for p in vit)
-    assert not any(p in bf16.sharded.ddp.param_to_bucket_group for p in vit)
+    assert not any(p in bf16.sharded.ddps[0].param_to_bucket_group for p in vit)
     assert bf16.sharded.state_bytes() == 3 * 4 * sum(m.numel() for m in masters)  # 2 moments + master
     # Weights loaded without optimizer state (model.init_from) replace the masters too.
     halved = {k: v * 0.5 if torch.is_tensor(v) and v.is_floating_point() else v

@@ -3,7 +3,10 @@ full shape from the model's own sharded state dict, see grad_probe.py) is within
 one-process run, for the models where tensor parallelism has the most to get wrong — Qwen3-VL
 (DeepStack mergers, q/k norms, embeddings tied across pipeline stages) and Qwen2.5-VL (window-ordered ViT) — at tp=2,
 tp=2 with sequence parallelism (LLM and ViT), tp=2 × dp=2 with sequence parallelism, pp=2, context
-parallel cp=2 and tp=2 × cp=2 with sequence parallelism."""
+parallel cp=2 and tp=2 × cp=2 with sequence parallelism, and the
+interleaved schedule pp=2 vpp=2 (Qwen3-VL with 6 LLM layers, 4 on the first stage so that chunk 0
+holds both DeepStack layers: rank 0 [0 1] [3 4], rank 1 [2] [5]; 4 micro-batches, so the schedule
+reaches its steady state where activations and gradients cross between the ranks at once)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ PROBE = ROOT / "tests" / "distributed" / "grad_probe.py"
 BASE = ["data.max_tokens=512", "train.global_batch_tokens=1024"]
 QWEN3 = ["+experiment=tiny_qwen3_vl", *BASE]
 QWEN25 = ["+experiment=tiny_qwen2_5_vl", *BASE]
+QWEN3_6L = ["+experiment=tiny_qwen3_vl", "data.max_tokens=512", "train.global_batch_tokens=2048", "model.llm.num_layers=6"]
 
 
 def _probe(out, data_root, nproc: int, overrides: list[str]) -> dict:
@@ -37,7 +41,7 @@ def references(tmp_path_factory, data_root):
     tmp = tmp_path_factory.mktemp("grad_ref")
     return {
         name: _probe(tmp / f"{name}.pt", data_root, 1, overrides)
-        for name, overrides in (("qwen3", QWEN3), ("qwen2_5", QWEN25))
+        for name, overrides in (("qwen3", QWEN3), ("qwen2_5", QWEN25), ("qwen3_6l", QWEN3_6L))
     }
 
 
@@ -52,6 +56,8 @@ def references(tmp_path_factory, data_root):
         # context parallel: zigzag split, K/V all-gather, ViT shared over CP ranks, DeepStack features split
         ("qwen3_cp2", "qwen3", 2, [*QWEN3, "parallel.cp=2"], False),
         ("qwen2_5_tp2_sp_cp2", "qwen2_5", 4, [*QWEN25, "parallel.tp=2", "parallel.sp=true", "parallel.cp=2"], True),
+        # interleaved 1F1B, uneven: chunks [0 1] [3 4] on rank 0, [2] [5] on rank 1; tied embeddings
+        ("qwen3_pp2_vpp2", "qwen3_6l", 2, [*QWEN3_6L, "parallel.pp=2", "parallel.vpp=2", "parallel.first_stage_layers=4"], False),
     ],
 )
 def test_gradients_match_one_process(tmp_path, data_root, references, name, ref, nproc, overrides, sp):

@@ -99,12 +99,30 @@ def test_user_keys_reach_the_typed_config():
         (["parallel.cp=2"], 3, "parallel.tp·pp·cp"),  # world not divisible by cp
         (["parallel.cp=2", "parallel.pp=2"], 4, "parallel.pp=1"),  # cp with pipeline stages: refused
         (["model=qwen3_vl_moe/tiny", "parallel.cp=2"], 2, "mixture-of-experts"),  # cp with MoE: refused
+        # the interleaved schedule: pp > 1, whole layers per chunk, micro-batches per dp rank a multiple of pp
+        (["parallel.vpp=2"], 1, "parallel.pp"),
+        (["parallel.pp=2", "parallel.vpp=2"], 2, "parallel.vpp"),  # 2 layers, 4 chunks
+        (["parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=6", "parallel.first_stage_layers=3"], 2,
+         "parallel.first_stage_layers"),
+        (["parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=4", "train.global_batch_tokens=3072"], 2,
+         "train.global_batch_tokens"),  # 3 micro-batches, pp=2
+        (["model=qwen3_vl_moe/tiny", "parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=8",
+          "parallel.first_stage_layers=4"], 2, "parallel.vpp"),
+        (["model=qwen3_vl/tiny", "parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=4"], 2,
+         "parallel.first_stage_layers"),  # DeepStack layers 0-1, chunk 0 holds layer 0 only
     ],
 )
 def test_validation_errors_name_the_key(overrides, world, key):
     cfg = _compose("+experiment=tiny", *overrides)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         cfg.validate(world)
+
+
+def test_interleaved_layouts_validate():
+    """Even chunks, and an uneven first stage whose layers and the others' both divide by vpp."""
+    _compose("+experiment=tiny", "parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=4").validate(2)
+    _compose("+experiment=tiny_qwen3_vl", "parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=6",
+             "parallel.first_stage_layers=4").validate(2)
 
 
 @pytest.mark.parametrize(

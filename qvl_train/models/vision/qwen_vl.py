@@ -160,11 +160,11 @@ class QwenVLM(VLM):
 
     def __init__(
         self, cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype=torch.float32,
-        spec_backend: str = "local", execution: Execution = Execution(),
+        spec_backend: str = "local", execution: Execution = Execution(), vp_stage=None,
     ):
         super().__init__(
             cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=spec_backend,
-            vision_cls=QwenVLVisionTransformer, projector_cls=QwenVLResampler, execution=execution,
+            vision_cls=QwenVLVisionTransformer, projector_cls=QwenVLResampler, execution=execution, vp_stage=vp_stage,
         )
 
     def embed(self, batch) -> torch.Tensor:
