@@ -108,10 +108,19 @@ def _build_engine(cfg: TrainConfig, dims, dtype: torch.dtype):
     return MegatronEngine(cfg.model, cfg.parallel, cfg.optim, cfg.stage, dims, fp8=cfg.train.fp8, **common)
 
 
+def launch_world_size(cfg: TrainConfig) -> int:
+    """torchrun's WORLD_SIZE; a dry run started without torchrun takes the job size the experiment
+    names (`cluster.gpus`), so `python launch/train.py +experiment=qwen2vl dry_run=true` shows the
+    cluster layout from a login node."""
+    if "WORLD_SIZE" not in os.environ and cfg.dry_run and cfg.cluster.gpus:
+        return cfg.cluster.gpus
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     from qvl_train.parallel.dims import ParallelDims
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launch_world_size(cfg)
     cfg.validate(world_size)  # before any process group exists
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     if cfg.dry_run:
