@@ -389,7 +389,8 @@ def main() -> int:
     part("attention", "Packed attention (bf16 on GPU)", lambda: check_attention(args.device, args.quick))
     part("parity", "HF parity (max|Δlogits| / max|ref|)", lambda: check_parity(args.device, args.quick))
     backends = ["auto"] if args.quick else ["auto", "flex"]
-    part("throughput", "Training step, ~2B Qwen2.5-VL-style, one device (MFU: same analytic FLOPs for every row)",
+    size = "tiny (--quick)" if args.quick else "~2B"
+    part("throughput", f"Training step, {size} Qwen2.5-VL-style, one device (MFU: same analytic FLOPs for every row)",
          lambda: check_throughput(args.device, args.quick, backends, hf=not args.no_hf, tokens=args.tokens))
     report["wall_s"] = time.perf_counter() - t0
     print(f"\nwall {report['wall_s']:.0f} s")
