@@ -16,7 +16,7 @@ ls build/wheels/megatron_core-*.whl build/wheels/deepspeed-*.whl >/dev/null 2>&1
 python -m pip install -q --upgrade --no-deps --no-index --no-compile --target "$SITE" build/wheels/*.whl
 export PYTHONPATH="$SITE:${PYTHONPATH:-}"
 python -c "import megatron.core, transformers; print('megatron-core', megatron.core.__version__, 'transformers', transformers.__version__)"
-python -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1
+python -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1 || echo "(the HF + DeepSpeed row will say why)"
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 timeout 450 python benchmarks/gpu_check.py --json "${OUT:-/tmp}/gpu_check.json"
