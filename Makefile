@@ -37,12 +37,21 @@ test: setup data
 	$(PY) -m pytest -q tests
 
 # Wheels that benchmarks/gpu_check.sh installs on a lent GPU machine (Python 3.12 there, no index):
-# megatron-core, and the transformers stack the parity reference is pinned to (constraints.txt).
-GPU_WHEELS := megatron-core==0.16.1 transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.36.2
+# megatron-core, the transformers stack the parity reference is pinned to (constraints.txt), and the
+# runtime requirements of DeepSpeed (the HF + ZeRO-2 baseline of the throughput check) besides torch/numpy.
+GPU_WHEELS := megatron-core==0.16.1 transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.36.2 \
+  hjson==3.1.0 py-cpuinfo==9.0.0 msgpack==1.2.4 einops==0.8.2 ninja==1.13.2 psutil==7.2.2 packaging==26.4 \
+  tqdm==4.70.1 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+  typing-extensions==4.16.0
+DEEPSPEED := deepspeed==0.19.8
 gpu-wheels: setup
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
 	  -d build/wheels $(GPU_WHEELS)
+	@# DeepSpeed is an sdist only: built here without its ops (they would need nvcc); the wheel must be pure Python
+	rm -f build/wheels/deepspeed-*.whl
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w build/wheels $(DEEPSPEED)
+	@ls build/wheels/deepspeed-*-py3-none-any.whl >/dev/null || { echo "deepspeed did not build as a py3-none-any wheel"; exit 1; }
 
 clean:
 	rm -rf outputs $(SYNTH) $(VALID)

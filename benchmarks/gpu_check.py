@@ -7,8 +7,13 @@
    `qvl_train.tools.hf_parity` with PyTorch's kernels (the lent GPUs have no TE / flash-attn).
 2. Packed attention kernels: the per-sample SDPA loop vs FlexAttention (eager and compiled) on a
    16k-token pack of 40 documents: max difference and time per call, side by side in one run.
-3. Training throughput: a ~0.5B Qwen2-VL-shaped model in bf16, megatron engine, world of one,
-   8k-token packed micro-batches with images: tokens/s and step time.
+3. Training throughput and MFU, one device, bf16: a ~2.0 B Qwen2.5-VL-style model (the 3B's windowed
+   ViT, a 24-layer Qwen2.5-1.5B-wide LLM) on one pack of a realistic image mix (224² to 1008×700 px,
+   multi-image and text-only samples; `image_mix`), our megatron engine (one row per attention
+   backend) side by side with transformers' Qwen2_5_VLForConditionalGeneration + DeepSpeed ZeRO-2
+   (torch AdamW, sdpa) on the same samples as a right-padded batch (HF packs only with flash-attn,
+   which the lent GPUs lack). Same analytic FLOPs (`qvl_train.monitor.flops`) for every row's MFU;
+   `speed_vs_hf` is the tokens/s ratio. `--no-hf` leaves DeepSpeed out.
 
 Prints one table per part and writes everything to --json. `--device cpu --quick` is the smoke test
 that keeps this script working on machines without a GPU.
@@ -137,63 +142,211 @@ def check_attention(device: str, quick: bool) -> list[dict]:
     return rows
 
 
-def check_throughput(device: str, quick: bool, attention_backend: str = "auto") -> dict:
-    from data_pipelines.schema import PackedBatch
-    from qvl_train.config import LLMConfig, ModelConfig, OptimConfig, ParallelConfig, StageConfig, VisionConfig
-    from qvl_train.engines.megatron import MegatronEngine
-    from qvl_train.parallel.dims import ParallelDims
-    from qvl_train.tools.hf_parity import synthetic_packed_batch
+def _mfu_config(quick: bool):
+    """The throughput check's model: a ~2.0 B Qwen2.5-VL-style config (the released 3B's ViT — 32×1280,
+    RMSNorm + SwiGLU, 112-px windows, full attention in blocks 7/15/23/31 — and a Qwen2.5-1.5B-wide
+    LLM of 24 layers, tied embeddings); `quick`: a tiny one of the same kind."""
+    from qvl_train.config import LLMConfig, ModelConfig, VisionConfig
 
     if quick:
-        vision = VisionConfig(depth=2, hidden_size=64, num_heads=4, mlp_ratio=2.0)
+        vision = VisionConfig(depth=2, hidden_size=64, num_heads=4, intermediate_size=96, norm="rmsnorm", mlp="swiglu",
+                              window_size=112, fullatt_block_indexes=[1])
         llm = LLMConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                        num_query_groups=2, vocab_size=151936, mrope_section=[4, 2, 2])
-        max_tokens, steps = 1024, 3
+                        num_query_groups=2, vocab_size=151936, mrope_section=[4, 2, 2], tie_word_embeddings=True)
     else:
-        vision = VisionConfig(depth=8, hidden_size=1024, num_heads=16, mlp_ratio=4.0)
-        llm = LLMConfig(num_layers=12, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12,
-                        num_query_groups=2, vocab_size=151936)
-        max_tokens, steps = 8192, 10
-    cfg = ModelConfig(generation="qwen2_vl", vision=vision, llm=llm, attention_backend=attention_backend)
+        vision = VisionConfig(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, norm="rmsnorm",
+                              mlp="swiglu", window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+        llm = LLMConfig(num_layers=24, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12,
+                        num_query_groups=2, vocab_size=151936, rope_theta=1000000.0, mrope_section=[16, 24, 24],
+                        norm_eps=1e-6, tie_word_embeddings=True)
+    return ModelConfig(generation="qwen2_5_vl", vision=vision, llm=llm)
+
+
+def image_mix(quick: bool) -> list:
+    """One segment list per sample, taken in turn to fill a pack (`hf_parity.synthetic_samples`): a
+    realistic SFT mix of image sizes and aspect ratios (grids in 14-px patches: 224², 448², 640×480,
+    336×1008, 1008×700), two multi-image samples and two text-only ones; `quick`: grids ÷ 4."""
+    def img(h: int, w: int) -> tuple:
+        return ("image", (1, h // 8 * 2, w // 8 * 2) if quick else (1, h, w))
+
+    def text(n: int) -> tuple:
+        return ("text", max(4, n // 8) if quick else n)
+
+    return [
+        [text(40), img(16, 16), text(180)],                      # 224×224
+        [text(60), img(34, 46), text(240)],                      # 640×480 (landscape)
+        [text(900)],                                             # text only
+        [text(30), img(50, 72), text(320)],                      # 1008×700 (document-sized)
+        [text(50), img(32, 32), text(60), img(24, 24), text(200)],  # two images (448², 336²)
+        [text(40), img(72, 24), text(150)],                      # 336×1008 (portrait)
+        [text(600)],                                             # text only
+        [text(30), img(16, 16), text(20), img(16, 16), text(20), img(16, 16), text(120)],  # three 224² images
+    ]
+
+
+def _world():
+    """A fresh one-rank world (gloo on CPU, NCCL on GPU) with megatron-core's groups."""
     import torch.distributed as dist
     from megatron.core import parallel_state
+
+    from qvl_train.config import ParallelConfig
+    from qvl_train.parallel.dims import ParallelDims
 
     if dist.is_initialized():  # the parity part ran in a one-rank world of its own
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
     dims = ParallelDims.from_config(ParallelConfig(), 1)
     dims.initialize()
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    engine = MegatronEngine(cfg, ParallelConfig(), OptimConfig(lr=1e-4, warmup_steps=0), StageConfig(), dims,
-                            seed=0, max_steps=steps, dtype=dtype)
-    n_params = sum(p.numel() for p in engine.model.parameters())
+    return dims
 
-    gen = torch.Generator().manual_seed(0)  # text + one image per sample, ~1k tokens each
-    batch: PackedBatch = synthetic_packed_batch(cfg, max_tokens, [("text", 300), ("image", (1, 28, 28)), ("text", 500)], gen)
-    batch.pixel_values = batch.pixel_values.to(dtype)
-    used = batch.num_tokens
-    times = []
+
+def _timed_steps(device: str, steps: int, step_fn) -> tuple[float, float]:
+    """(median seconds of `steps` calls of `step_fn(i)` after one warm-up call, the last call's loss)."""
+    times, loss = [], float("nan")
     for step in range(steps + 1):
         _sync(device)
         t0 = time.perf_counter()
-        result = engine.train_step([batch], step)
+        loss = step_fn(step)
         _sync(device)
         times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times[1:])
-    from qvl_train.monitor.flops import packed_batch_flops, peak_tflops
+    return statistics.median(times[1:]), loss
 
-    flops = packed_batch_flops(cfg, batch)
-    tflops = flops.training / step_s / 1e12
+
+def _release(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _row(name: str, n_params: int, tokens: int, step_s: float, flops: int, device: str, loss: float, dtype, note: str) -> dict:
+    from qvl_train.monitor.flops import peak_tflops
+
+    tflops = flops / step_s / 1e12
     peak = peak_tflops(0.0, torch.cuda.get_device_name() if device.startswith("cuda") else "cpu")
+    return {"system": name, "params": n_params, "tokens_per_step": tokens, "step_time_s": step_s,
+            "tokens_per_s": tokens / step_s, "model_tflops": tflops, "mfu": tflops / peak if peak else float("nan"),
+            "loss_last": loss, "dtype": str(dtype).replace("torch.", ""),
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan"),
+            "input": note}
+
+
+def _ours_row(cfg, batch, device: str, steps: int, dtype, attention_backend: str, flops: int) -> dict:
+    """The megatron engine, world of one, on the packed micro-batch."""
+    from qvl_train.config import OptimConfig, ParallelConfig, StageConfig
+    from qvl_train.engines.megatron import MegatronEngine
     from qvl_train.models.attention import resolve_backend
 
-    out = {"attention": resolve_backend(attention_backend), "params": n_params, "tokens_per_step": used, "step_time_s": step_s, "tokens_per_s": used / step_s,
-           "model_tflops": tflops, "mfu": tflops / peak if peak else float("nan"),
-           "loss_last": float(result.loss), "dtype": str(dtype).replace("torch.", "")}
-    if device.startswith("cuda"):
-        out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    cfg.attention_backend = attention_backend
+    dims = _world()
+    engine = MegatronEngine(cfg, ParallelConfig(), OptimConfig(lr=1e-4, warmup_steps=0), StageConfig(), dims,
+                            seed=0, max_steps=steps + 1, dtype=dtype)
+    n_params = sum(p.numel() for p in engine.model.parameters())
+    step_s, loss = _timed_steps(device, steps, lambda i: float(engine.train_step([batch], i).loss))
+    row = _row(f"ours megatron ({resolve_backend(attention_backend)})", n_params, batch.num_tokens, step_s, flops,
+               device, loss, dtype, f"1 pack of {len(batch.cu_seqlens) - 1} samples")
     dims.destroy()
-    return out
+    return row  # the engine goes with this frame; the caller then releases its memory
+
+
+def hf_padded_inputs(samples: list[dict]) -> dict:
+    """The samples as the official finetune scripts give them to HF (no flash-attn, so no packing): one
+    right-padded batch with an attention mask, labels = the tokens (pad: -100; HF shifts them)."""
+    width = max(s["input_ids"].numel() for s in samples)
+    ids = torch.full((len(samples), width), 151643)
+    mask = torch.zeros(len(samples), width, dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = s["input_ids"].numel()
+        ids[i, :n], mask[i, :n] = s["input_ids"], 1
+    kw = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100), "use_cache": False}
+    pix = [p for s in samples for p in s["pixels"]]
+    if pix:
+        kw["pixel_values"] = torch.cat(pix)
+        kw["image_grid_thw"] = torch.tensor([g for s in samples for g in s["grids"]], dtype=torch.long)
+    return kw
+
+
+def _hf_deepspeed_row(cfg, samples: list[dict], device: str, steps: int, dtype, flops: int) -> dict:
+    """transformers' Qwen2_5_VLForConditionalGeneration of the same config (sdpa attention), wrapped in
+    `deepspeed.initialize` (ZeRO-2, bf16 on GPU, torch AdamW: no compiled DeepSpeed op), world of one."""
+    import deepspeed
+    import transformers
+
+    from qvl_train.config import EngineConfig, OptimConfig
+    from qvl_train.engines.deepspeed import _init_deepspeed_comm, deepspeed_config
+    from qvl_train.tools.convert import hf_config_dict
+
+    dims = _world()
+    conf = transformers.Qwen2_5_VLConfig(**hf_config_dict(cfg, "bfloat16" if dtype == torch.bfloat16 else "float32"))
+    conf._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.Qwen2_5_VLForConditionalGeneration(conf).to(dtype)
+    model.config.use_cache = False
+    n_params = sum(p.numel() for p in model.parameters())
+    optim_cfg = OptimConfig(lr=1e-4, warmup_steps=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
+                                  eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay)
+    _init_deepspeed_comm()
+    ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                       config=deepspeed_config(EngineConfig(name="deepspeed", zero_stage=2), optim_cfg, dtype, 1))
+    kw = hf_padded_inputs(samples)
+    kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+    if "pixel_values" in kw:
+        kw["pixel_values"] = kw["pixel_values"].to(dtype)
+
+    def step(_):
+        loss = ds(**kw).loss
+        ds.backward(loss)
+        ds.step()
+        return float(loss)
+
+    step_s, loss = _timed_steps(device, steps, step)
+    b, width = kw["input_ids"].shape
+    real = int(kw["attention_mask"].sum())
+    row = _row("HF + DeepSpeed ZeRO-2 (sdpa)", n_params, real, step_s, flops, device, loss, dtype,
+               f"padded batch {b}×{width} ({1 - real / (b * width):.0%} padding)")
+    dims.destroy()
+    return row  # the model and optimizer go with this frame; the caller then releases their memory
+
+
+def check_throughput(device: str, quick: bool, backends=("auto",), hf: bool = True, tokens: int = 0) -> list[dict]:
+    """Training step of the ~2 B Qwen2.5-VL-style model on one device, forward + backward + AdamW step,
+    median of the steps after one warm-up: our megatron engine on one packed micro-batch of the image mix
+    (one row per attention backend), then HF + DeepSpeed ZeRO-2 on the same samples as a padded batch.
+    Every row's MFU uses the same FLOPs: our analytic counter for the real (unpadded) tokens. `tokens`:
+    the pack's slots (default 4,096 — five samples, ~45% of them visual — so that the HF side, which
+    pads to the longest sample and keeps fp32 logits for its loss, fits an 80 GB GPU; 1,024 with `quick`)."""
+    from qvl_train.monitor.flops import packed_batch_flops
+    from qvl_train.tools.hf_parity import synthetic_packed_batch, synthetic_samples
+
+    cfg = _mfu_config(quick)
+    max_tokens, steps = tokens or (1024 if quick else 4096), 2 if quick else 8
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    samples = synthetic_samples(cfg, max_tokens, image_mix(quick), torch.Generator().manual_seed(0))
+    batch = synthetic_packed_batch(cfg, max_tokens, None, None, samples=samples)
+    batch.pixel_values = batch.pixel_values.to(dtype)
+    flops = packed_batch_flops(cfg, batch).training
+    _release(device)
+    rows = []
+    for b in backends:
+        rows.append(_ours_row(cfg, batch, device, steps, dtype, b, flops))
+        _release(device)
+    if hf:
+        try:
+            rows.append(_hf_deepspeed_row(cfg, samples, device, steps, dtype, flops))
+            _release(device)
+        except Exception as exc:  # reported in the table; our rows stay
+            import traceback
+
+            traceback.print_exc()
+            rows.append({**{k: float("nan") for k in rows[0]}, "system": "HF + DeepSpeed ZeRO-2 (sdpa)",
+                         "input": f"FAILED {type(exc).__name__}: {exc}"[:200]})
+    for r in rows:
+        r["speed_vs_hf"] = r["tokens_per_s"] / rows[-1]["tokens_per_s"] if hf else float("nan")
+    return rows
 
 
 def _table(rows: list[dict]) -> str:
@@ -210,6 +363,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small shapes (CPU smoke test)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-hf", action="store_true", help="throughput: skip the HF + DeepSpeed ZeRO-2 row")
+    ap.add_argument("--tokens", type=int, default=0, help="throughput: slots of the pack (default 4096; 1024 with --quick)")
     args = ap.parse_args()
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     print(f"# gpu_check on {env['device']} (torch {env['torch']})")
@@ -234,7 +389,9 @@ def main() -> int:
     part("attention", "Packed attention (bf16 on GPU)", lambda: check_attention(args.device, args.quick))
     part("parity", "HF parity (max|Δlogits| / max|ref|)", lambda: check_parity(args.device, args.quick))
     backends = ["auto"] if args.quick else ["auto", "flex"]
-    part("throughput", "Training step", lambda: [check_throughput(args.device, args.quick, b) for b in backends])
+    size = "tiny (--quick)" if args.quick else "~2B"
+    part("throughput", f"Training step, {size} Qwen2.5-VL-style, one device (MFU: same analytic FLOPs for every row)",
+         lambda: check_throughput(args.device, args.quick, backends, hf=not args.no_hf, tokens=args.tokens))
     report["wall_s"] = time.perf_counter() - t0
     print(f"\nwall {report['wall_s']:.0f} s")
     if args.json:

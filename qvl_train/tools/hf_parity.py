@@ -129,17 +129,28 @@ def _packed_batch(samples, cfg):
     )
 
 
-def synthetic_packed_batch(cfg, max_tokens: int, segments, gen: torch.Generator):
-    """A `PackedBatch` of `max_tokens` slots filled with random samples of `segments` (whole samples;
-    the padding tail has no labels), for benchmarks that need realistic shapes without data."""
+def synthetic_samples(cfg, max_tokens: int, segments, gen: torch.Generator) -> list[dict]:
+    """Random samples (`build_sample`) of `segments` until the next one would pass `max_tokens` in all.
+
+    `segments` is one sample's segment list (every sample alike) or a list of them, taken in turn
+    (cycling): a mix of image sizes, multi-image and text-only samples in one pack."""
+    mix = segments if segments and isinstance(segments[0], list) else [segments]
     samples, used = [], 0
     while True:
-        s = build_sample(segments, cfg, gen)
+        s = build_sample(mix[len(samples) % len(mix)], cfg, gen)
         n = s["input_ids"].numel()
         if used + n > max_tokens:
-            break
+            return samples
         samples.append(s)
         used += n
+
+
+def synthetic_packed_batch(cfg, max_tokens: int, segments, gen: torch.Generator, samples=None):
+    """A `PackedBatch` of `max_tokens` slots filled with random samples of `segments` (whole samples,
+    see `synthetic_samples`, or the given `samples`; the padding tail has no labels), for benchmarks
+    that need realistic shapes without data."""
+    samples = synthetic_samples(cfg, max_tokens, segments, gen) if samples is None else samples
+    used = sum(s["input_ids"].numel() for s in samples)
     batch = _packed_batch(samples, cfg)
     pad = max_tokens - used
     batch.input_ids = torch.cat([batch.input_ids, torch.full((pad,), 151643)])
