@@ -2,7 +2,7 @@
 full shape from the model's own sharded state dict, see grad_probe.py) is within 1e-5 relative of the
 one-process run, for the models where tensor parallelism has the most to get wrong — Qwen3-VL
 (DeepStack mergers, q/k norms, embeddings tied across pipeline stages) and Qwen2.5-VL (window-ordered ViT) — at tp=2,
-tp=2 with sequence parallelism (LLM and ViT), tp=2 × dp=2 with sequence parallelism, pp=2, context
+tp=2 with sequence parallelism (LLM and ViT), tp=2 × dp=2 with sequence parallelism, pp=2, tp=2 × pp=2, context
 parallel cp=2 and tp=2 × cp=2 with sequence parallelism, and the
 interleaved schedule pp=2 vpp=2 (Qwen3-VL with 6 LLM layers, 4 on the first stage so that chunk 0
 holds both DeepStack layers: rank 0 [0 1] [3 4], rank 1 [2] [5]; 4 micro-batches, so the schedule
@@ -52,6 +52,7 @@ def references(tmp_path_factory, data_root):
         ("qwen3_tp2_sp_dp2", "qwen3", 4, [*QWEN3, "parallel.tp=2", "parallel.sp=true"], True),
         # tied embeddings across stages: the last stage's output weight is a copy of stage 0's embedding
         ("qwen3_pp2", "qwen3", 2, [*QWEN3, "parallel.pp=2", "parallel.first_stage_layers=2"], False),
+        ("qwen3_tp2_pp2", "qwen3", 4, [*QWEN3, "parallel.tp=2", "parallel.pp=2", "parallel.first_stage_layers=2"], False),
         ("qwen2_5_tp2_sp", "qwen2_5", 2, [*QWEN25, "parallel.tp=2", "parallel.sp=true"], True),
         # context parallel: zigzag split, K/V all-gather, ViT shared over CP ranks, DeepStack features split
         ("qwen3_cp2", "qwen3", 2, [*QWEN3, "parallel.cp=2"], False),
