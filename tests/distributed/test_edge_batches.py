@@ -2,7 +2,7 @@
 micro-batches carry no image or video while the other rank's do, text-only and video-only packs, a
 micro-batch without media between ones with media under pipeline parallelism. Each layout completes
 the step (no hang: every rank reduces the same gradients) with the single-process loss and every
-gradient within 1e-5 relative; at stage3_sft the frozen ViT gets no gradient and no optimizer state."""
+gradient within 1e-5 relative (MoE also with each expert split over tp=2, etp=2); at stage3_sft the frozen ViT gets no gradient and no optimizer state."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def references(tmp_path_factory):
         ("tp2_sp_dp2", 4, [DENSE, "parallel.tp=2", "parallel.sp=true"]),
         ("pp2_dp2", 4, [DENSE, "parallel.pp=2", "parallel.first_stage_layers=2"]),
         ("moe_ep2_dp2", 2, [MOE, "parallel.ep=2"]),
+        ("moe_tp2_sp_etp2", 2, [MOE, "parallel.tp=2", "parallel.sp=true", "parallel.etp=2"]),  # experts split by tp
     ],
 )
 def test_edge_micro_batches_match_one_process(tmp_path, references, name, nproc, overrides):
