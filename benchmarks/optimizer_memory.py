@@ -34,13 +34,12 @@ def _measure(rank: int, world_size: int, out: list) -> None:
     from qvl_train.config import OptimConfig, ParallelConfig, StageConfig
     from qvl_train.engines.megatron import MegatronEngine
     from qvl_train.models.tiny import packed_batch, tiny_model_config
-    from qvl_train.parallel.dims import ParallelDims
+    from qvl_train.parallel.dims import ParallelDims, megatron_groups
 
     ps.initialize_model_parallel()
     dims = ParallelDims(tp=1, pp=1, cp=1, dp=world_size, world_size=world_size)
     dims.rank, dims.dp_rank = rank, ps.get_data_parallel_rank()
-    dims.groups = {"tp": ps.get_tensor_model_parallel_group(), "pp": ps.get_pipeline_model_parallel_group(),
-                   "dp": ps.get_data_parallel_group(), "mp": ps.get_model_parallel_group(), "world": dist.group.WORLD}
+    dims.groups = megatron_groups()
     cfg = tiny_model_config()
     rows = []
     for dtype in (torch.float32, torch.bfloat16):

@@ -122,20 +122,7 @@ class ParallelDims:
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()  # the same for the CP ranks of a data-parallel rank: same batches
         self.cp_rank = ps.get_context_parallel_rank()
-        self.groups = {
-            "tp": ps.get_tensor_model_parallel_group(),
-            "pp": ps.get_pipeline_model_parallel_group(),
-            "dp": ps.get_data_parallel_group(),
-            "cp": ps.get_context_parallel_group(),
-            # replicated parameters (everything but routed experts) sum their gradients over dp × cp
-            "dp_cp": ps.get_data_parallel_group(with_context_parallel=True),
-            "mp": ps.get_model_parallel_group(),
-            "world": dist.group.WORLD,
-            # experts: their gradients are summed over the ranks holding the same experts ("edp"), their
-            # norm over the ranks holding different ones ("emp": expert tensor × expert × pipeline)
-            "edp": ps.get_expert_data_parallel_group(),
-            "emp": ps.get_expert_tensor_model_pipeline_parallel_group(),
-        }
+        self.groups = megatron_groups()
 
     def destroy(self) -> None:
         from megatron.core import parallel_state as ps
@@ -144,3 +131,24 @@ class ParallelDims:
             dist.barrier()
             ps.destroy_model_parallel()
             dist.destroy_process_group()
+
+
+def megatron_groups() -> dict[str, Any]:
+    """The process groups the framework uses, by name, from megatron-core's `parallel_state` (after
+    `initialize_model_parallel`)."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tp": ps.get_tensor_model_parallel_group(),
+        "pp": ps.get_pipeline_model_parallel_group(),
+        "dp": ps.get_data_parallel_group(),
+        "cp": ps.get_context_parallel_group(),
+        # replicated parameters (everything but routed experts) sum their gradients over dp × cp
+        "dp_cp": ps.get_data_parallel_group(with_context_parallel=True),
+        "mp": ps.get_model_parallel_group(),
+        "world": dist.group.WORLD,
+        # experts: their gradients are summed over the ranks holding the same experts ("edp"), their
+        # norm over the ranks holding different ones ("emp": expert tensor × expert × pipeline)
+        "edp": ps.get_expert_data_parallel_group(),
+        "emp": ps.get_expert_tensor_model_pipeline_parallel_group(),
+    }

@@ -49,7 +49,7 @@ def _reference(stage: str = "stage2_multitask"):
     singles = [dist.new_group([r]) for r in range(dist.get_world_size())]
     own = singles[dist.get_rank()]
     dims = ParallelDims(tp=1, pp=1, cp=1, dp=1, world_size=1,
-                        groups={"tp": own, "pp": own, "dp": own, "mp": own, "world": own})
+                        groups={"tp": own, "pp": own, "dp": own, "cp": own, "dp_cp": own, "mp": own, "world": own})
     return MegatronEngine(tiny_model_config(), ParallelConfig(), _optim(), StageConfig(stage), dims,
                           seed=5, max_steps=STEPS)
 

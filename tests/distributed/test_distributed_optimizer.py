@@ -37,21 +37,18 @@ def _one_rank_dims():
     singles = [dist.new_group([r]) for r in range(dist.get_world_size())]
     own = singles[dist.get_rank()]
     return ParallelDims(tp=1, pp=1, cp=1, dp=1, world_size=1,
-                        groups={"tp": own, "pp": own, "dp": own, "dp_cp": own, "mp": own, "world": own})
+                        groups={"tp": own, "pp": own, "dp": own, "cp": own, "dp_cp": own, "mp": own, "world": own})
 
 
 def _real_dims():
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from qvl_train.parallel.dims import ParallelDims
+    from qvl_train.parallel.dims import ParallelDims, megatron_groups
 
     dims = ParallelDims(tp=1, pp=1, cp=1, dp=2, world_size=2)
     dims.rank, dims.dp_rank = dist.get_rank(), ps.get_data_parallel_rank()
-    dims.groups = {"tp": ps.get_tensor_model_parallel_group(), "pp": ps.get_pipeline_model_parallel_group(),
-                   "dp": ps.get_data_parallel_group(), "dp_cp": ps.get_data_parallel_group(with_context_parallel=True),
-                   "mp": ps.get_model_parallel_group(),
-                   "world": dist.group.WORLD}
+    dims.groups = megatron_groups()
     return dims
 
 

@@ -138,15 +138,11 @@ def test_execution_sets_transformer_config_fields():
 
 # ------------------------------------------------------------- one-process steps of the tiny model
 def _one_rank_dims():
-    from megatron.core import parallel_state as ps
-
-    from qvl_train.parallel.dims import ParallelDims
+    from qvl_train.parallel.dims import ParallelDims, megatron_groups
 
     megatron_one_rank_world()
     dims = ParallelDims(tp=1, pp=1, cp=1, dp=1, world_size=1)
-    dims.groups = {"tp": ps.get_tensor_model_parallel_group(), "pp": ps.get_pipeline_model_parallel_group(),
-                   "dp": ps.get_data_parallel_group(), "mp": ps.get_model_parallel_group(),
-                   "world": torch.distributed.group.WORLD}
+    dims.groups = megatron_groups()
     return dims
 
 
