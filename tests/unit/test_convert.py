@@ -87,6 +87,8 @@ def test_config_json_round_trip(generation):
         ("qwen2_5_vl", []),
         # through a model built at tp=2 × pp=2 (4 processes saving their shards; tied embeddings across stages)
         ("qwen2_vl", ["--tp", "2", "--pp", "2"]),
+        # window-ordered ViT at tp=2
+        ("qwen2_5_vl", ["--tp", "2"]),
         # DeepStack into LLM layers 0-1 of 3: the first of two stages takes 2 layers
         ("qwen3_vl", ["--pp", "2"]),
     ],

@@ -71,6 +71,11 @@ def test_import_export_bit_identical(tmp_path):
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    # through a model built at tp=2 (ViT, resampler and LLM sharded on save, gathered on export)
+    _convert("import-hf", "--hf-dir", src, "--out", tmp_path / "ckpt_tp2", "--tp", "2")
+    _convert("export-hf", "--ckpt", tmp_path / "ckpt_tp2", "--out", tmp_path / "out_tp2")
+    c = load_hf_state_dict(tmp_path / "out_tp2")
+    assert sorted(c) == sorted(a) and all(torch.equal(a[k], c[k]) for k in a)
 
     # The same checkpoint as if trained from scratch (no HF source): everything generated.
     (ckpt / "hf_import.json").unlink()
