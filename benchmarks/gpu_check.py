@@ -42,26 +42,32 @@ def _sync(device: str) -> None:
 
 
 def _tiny_hf_dir(generation: str, out: Path, width: int) -> Path:
-    """A random (not default-initialised) small HF model of `generation`, saved as safetensors."""
+    """A random (not default-initialised) small HF model of `generation`, saved as safetensors. Qwen2-VL
+    and Qwen2.5-VL are widened to `width`; the Qwen3-VL models keep their tiny configs (fixed head_dim)."""
+    import json
+
     import transformers
 
-    from qvl_train.models.tiny import tiny_model_config, tiny_qwen2_5_vl_config
+    from qvl_train.models import tiny
     from qvl_train.tools.convert import hf_config_dict
 
-    cfg = tiny_model_config() if generation == "qwen2_vl" else tiny_qwen2_5_vl_config()
-    scale = width // cfg.llm.hidden_size
-    cfg.llm.hidden_size *= scale
-    cfg.llm.ffn_hidden_size *= scale
-    cfg.llm.mrope_section = [x * scale for x in cfg.llm.mrope_section]
-    cls = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
-           "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[generation]
-    conf = {"qwen2_vl": transformers.Qwen2VLConfig, "qwen2_5_vl": transformers.Qwen2_5_VLConfig}[generation]
+    cfg = {"qwen2_vl": tiny.tiny_model_config, "qwen2_5_vl": tiny.tiny_qwen2_5_vl_config,
+           "qwen3_vl": tiny.tiny_qwen3_vl_config, "qwen3_vl_moe": tiny.tiny_qwen3_vl_moe_config}[generation]()
+    if generation in ("qwen2_vl", "qwen2_5_vl"):
+        scale = width // cfg.llm.hidden_size
+        cfg.llm.hidden_size *= scale
+        cfg.llm.ffn_hidden_size *= scale
+        cfg.llm.mrope_section = [x * scale for x in cfg.llm.mrope_section]
+    cls = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+           "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}[generation]
+    path = out / generation
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf_config_dict(cfg, "float32"), indent=2))
     torch.manual_seed(0)
-    model = cls(conf(**hf_config_dict(cfg, "float32"))).float()
+    model = getattr(transformers, cls)(transformers.AutoConfig.from_pretrained(path)).float()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.05) if p.dim() > 1 else p.copy_(1.0 + 0.1 * torch.randn_like(p))
-    path = out / generation
     model.save_pretrained(path, safe_serialization=True)
     return path
 
@@ -71,7 +77,7 @@ def check_parity(device: str, quick: bool) -> list[dict]:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for generation in ("qwen2_vl", "qwen2_5_vl"):
+        for generation in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
             hf_dir = _tiny_hf_dir(generation, Path(tmp), width=64 if quick else 128)
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                 errs = hf_parity.run(str(hf_dir), device=device, dtype=dtype)
