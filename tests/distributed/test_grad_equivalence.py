@@ -10,13 +10,9 @@ reaches its steady state where activations and gradients cross between the ranks
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-import torch
 
-from tests.conftest import ROOT, clean_env, free_port
+from tests.conftest import ROOT, run_probe
 
 PROBE = ROOT / "tests" / "distributed" / "grad_probe.py"
 BASE = ["data.max_tokens=512", "train.global_batch_tokens=1024"]
@@ -26,14 +22,7 @@ QWEN3_6L = ["+experiment=tiny_qwen3_vl", "data.max_tokens=512", "train.global_ba
 
 
 def _probe(out, data_root, nproc: int, overrides: list[str]) -> dict:
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-    ]
-    cmd = [*launcher, str(PROBE), str(out), str(data_root), *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**clean_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    if proc.returncode:
-        raise AssertionError(f"grad probe failed ({' '.join(overrides)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return torch.load(out, weights_only=True)
+    return run_probe(PROBE, out, nproc, str(data_root), *overrides)
 
 
 @pytest.fixture(scope="module")
