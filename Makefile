@@ -34,7 +34,7 @@ demo: setup data
 	$(PY) -m qvl_train.monitor.summary $(DEMO_OUT)
 
 test: setup data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=40 tests
 
 # Wheels that benchmarks/gpu_check.sh installs on a lent GPU machine (Python 3.12 there, no index):
 # megatron-core, the transformers stack the parity reference is pinned to (constraints.txt), and the
