@@ -29,6 +29,10 @@ Backends (`model.attention_backend`):
 Context parallelism (`parallel.cp`): packed params carrying a `context_split` (a
 `ContextPackedSeqParams`) route every backend to `parallel/context.py`'s `context_attention`: this
 rank's zigzag rows attend to the all-gathered keys of their own sample under the document mask.
+The ``te`` backend in fp16/bf16 hands them to Transformer Engine's own context-parallel attention
+instead (`context_te`: a ring exchange of K/V chunks overlapped with the attention of the chunk in
+hand, `cp_comm_type="p2p"`, so no rank holds every key at once); TE's "thd" CP layout is the zigzag
+split's: each sample padded to a multiple of 2·cp, rank r holding its chunks r and 2·cp-1-r back to back.
 
 megatron calls core attention with `qkv_format="sbhd"` packed params from our model (see
 `rope.py` for why not "thd"); a "thd" call (`[t, heads, d]`, batch squeezed) is accepted too.
@@ -43,15 +47,19 @@ import math
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from qvl_train.parallel.context import context_attention
+from qvl_train.parallel.context import ZigzagSplit, context_attention
 
-__all__ = ["VarlenAttention", "varlen_sdpa", "varlen_flex", "varlen_torch", "varlen_flash", "varlen_te", "resolve_backend", "BACKENDS"]
+__all__ = [
+    "VarlenAttention", "varlen_sdpa", "varlen_flex", "varlen_torch", "varlen_flash", "varlen_te", "context_te",
+    "resolve_backend", "BACKENDS",
+]
 
 BACKENDS = ("auto", "sdpa_loop", "flex", "varlen", "flash_attn", "te")
 
@@ -237,6 +245,43 @@ def varlen_te(te_attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _cp_stream():
+    """The side stream TE's context-parallel attention overlaps its K/V exchange on (one per process)."""
+    return torch.cuda.Stream() if torch.cuda.is_available() else None
+
+
+def context_te(te_attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, split: ZigzagSplit, causal: bool,
+               comm_type: str = "p2p") -> Optional[torch.Tensor]:
+    """`parallel.cp` through Transformer Engine's context-parallel attention: q/k/v `[S, heads, d]` are this
+    rank's zigzag rows (`split`) → `[S, hq, d]`, or None for fp32 inputs (TE's fused kernels take fp16/bf16;
+    the caller then takes the exact all-gather path).
+
+    TE is told the CP group once per group, and per call the *global* sample bounds: `cu_seqlens_*` with
+    the true lengths n_i (keys past them are never attended) and `cu_seqlens_*_padded` with the padded
+    lengths 2·cp·c_i, of which this rank holds the 2·c_i rows `split.samples` places back to back;
+    rows past the last sample (the tensor-parallel multiple) get zeros, as in every backend."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if getattr(te_attention, "qvl_cp_group", None) is not split.group:
+        te_attention.set_context_parallel_group(
+            split.group, dist.get_process_group_ranks(split.group), _cp_stream(), comm_type
+        )
+        te_attention.qvl_cp_group = split.group
+    t, heads, dim = q.shape
+    true_len = [n for _, _, n in split.samples]
+    padded = [2 * c * split.cp for _, c, _ in split.samples]
+    cu, cu_padded = (torch.tensor([0, *lengths], dtype=torch.int32, device=q.device).cumsum(0, dtype=torch.int32)
+                     for lengths in (true_len, padded))
+    local = sum(2 * c for _, c, _ in split.samples)
+    out = te_attention(
+        q[:local], k[:local], v[:local], qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+        cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded, max_seqlen_q=max(padded, default=0),
+        max_seqlen_kv=max(padded, default=0), attn_mask_type="padding_causal" if causal else "padding",
+    ).view(local, heads, dim)
+    return torch.cat([out, out.new_zeros((t - local, heads, dim))]) if local < t else out
+
+
 _KERNELS = {"sdpa_loop": varlen_sdpa, "flex": varlen_flex, "varlen": varlen_torch, "flash_attn": varlen_flash}
 
 
@@ -269,6 +314,7 @@ class VarlenAttention(MegatronModule):
         self.heads_per_partition = divide(config.num_attention_heads, tp)
         self.groups_per_partition = divide(config.num_query_groups or config.num_attention_heads, tp)
         self.kernel = _KERNELS.get(self.backend)
+        self.context_kernel = None  # a backend's own context-parallel attention (TE's), else the all-gather path
         if self.backend == "te":  # parameter-free; kept out of the module tree so checkpoints stay TE-free
             te_attention = _te_attention()(
                 num_attention_heads=self.heads_per_partition, kv_channels=head_dim,
@@ -276,6 +322,7 @@ class VarlenAttention(MegatronModule):
                 attn_mask_type="padding_causal" if self.causal else "padding", softmax_scale=self.softmax_scale,
             )
             self.kernel = functools.partial(varlen_te, te_attention)
+            self.context_kernel = functools.partial(context_te, te_attention, comm_type=cp_comm_type or "p2p")
 
     def forward(
         self,
@@ -304,8 +351,11 @@ class VarlenAttention(MegatronModule):
         else:
             cu = torch.tensor([0, s], dtype=torch.int32)
         split = getattr(packed_seq_params, "context_split", None)
-        if split is not None:  # parallel.cp: this rank's zigzag rows, keys all-gathered (parallel/context.py)
-            out = context_attention(query[:, 0], key[:, 0], value[:, 0], split, causal, self.softmax_scale)
+        if split is not None:  # parallel.cp: this rank's zigzag rows; TE's CP attention, else keys all-gathered
+            q, k, v = query[:, 0], key[:, 0], value[:, 0]
+            out = self.context_kernel(q, k, v, split, causal) if self.context_kernel is not None else None
+            if out is None:
+                out = context_attention(q, k, v, split, causal, self.softmax_scale)
             return out.reshape(s, b, -1)
         outs = [fn(query[:, i], key[:, i], value[:, i], cu, causal, self.softmax_scale) for i in range(b)]
         return torch.stack(outs, dim=1).reshape(s, b, -1)

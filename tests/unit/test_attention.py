@@ -159,3 +159,65 @@ def test_te_backend_builds_te_attention_in_thd_format(monkeypatch):
     torch.testing.assert_close(out[:, 0].reshape(L, HQ, D), varlen_sdpa(q, k, v, CU, True, 1 / math.sqrt(D)))
     attn(q[:, None], k[:, None], v[:, None], None, attn_mask_type=AttnMaskType.no_mask, packed_seq_params=packed)
     assert calls[-1][-1] == "padding"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_te_context_parallel_attention_gets_the_zigzag_layout(monkeypatch, causal):
+    """parallel.cp with the te backend hands this rank's zigzag rows to Transformer Engine's own CP
+    attention. A stand-in with TE's documented contract (`set_context_parallel_group(group, ranks,
+    stream, comm_type)`; "thd" rows of each sequence padded to `cu_seqlens_*_padded`, split into 2·cp
+    chunks with rank r holding chunks r and 2·cp-1-r; keys past `cu_seqlens_*` never attended) holds
+    the full sequences, checks that the rows it is given are exactly that partition, and answers with
+    the full attention's rows: the module's output must then equal the per-sample reference."""
+    import qvl_train.models.attention as attention
+    from qvl_train.parallel.context import ContextPackedSeqParams, zigzag_split
+
+    cp, group = 2, object()
+    q, k, v = (x.bfloat16() for x in _qkv(5))
+    full = _reference(*(x.float() for x in (q, k, v)), causal)
+    groups, calls = [], []
+
+    class DotProductAttention(torch.nn.Module):
+        def __init__(self, num_attention_heads, kv_channels, num_gqa_groups=None, attention_dropout=0.0,
+                     qkv_format="sbhd", attn_mask_type="causal", softmax_scale=None):
+            super().__init__()
+
+        def set_context_parallel_group(self, cp_group, cp_global_ranks, cp_stream, cp_comm_type="p2p"):
+            groups.append((cp_group, cp_global_ranks, cp_comm_type))
+
+        def forward(self, lq, lk, lv, qkv_format=None, cu_seqlens_q=None, cu_seqlens_kv=None, cu_seqlens_q_padded=None,
+                    cu_seqlens_kv_padded=None, max_seqlen_q=None, max_seqlen_kv=None, attn_mask_type=None):
+            calls.append((qkv_format, attn_mask_type, cu_seqlens_q.tolist(), cu_seqlens_q_padded.tolist(), max_seqlen_q))
+            assert torch.equal(cu_seqlens_q, cu_seqlens_kv) and torch.equal(cu_seqlens_q_padded, cu_seqlens_kv_padded)
+            rows = []  # TE's partition of the padded sequences: global row of each local row, -1 = padding
+            for s0, s1, p0, p1 in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(),
+                                      cu_seqlens_q_padded[:-1].tolist(), cu_seqlens_q_padded[1:].tolist()):
+                c = (p1 - p0) // (2 * cp)
+                assert (p1 - p0) % (2 * cp) == 0 and s1 - s0 <= p1 - p0
+                for chunk in (rank, 2 * cp - 1 - rank):
+                    rows += [s0 + p if p < s1 - s0 else -1 for p in range(chunk * c, (chunk + 1) * c)]
+            assert lq.shape[0] == len(rows) == cu_seqlens_q_padded[-1] // cp
+            real = torch.tensor([i for i, r in enumerate(rows) if r >= 0])
+            src = torch.tensor([r for r in rows if r >= 0])
+            for local, whole in ((lq, q), (lk, k), (lv, v)):
+                assert torch.equal(local[real], whole[src])
+            out = torch.zeros(lq.shape[0], HQ, D, dtype=lq.dtype)
+            out[real] = full[src].to(lq.dtype)
+            return out.reshape(lq.shape[0], -1)
+
+    monkeypatch.setattr(attention, "_te_attention", lambda: DotProductAttention)
+    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention, "_cp_stream", lambda: None)
+    monkeypatch.setattr(attention.dist, "get_process_group_ranks", lambda g: [0, 1])
+    cfg = TransformerConfig(num_layers=1, hidden_size=HQ * D, num_attention_heads=HQ, num_query_groups=HKV, kv_channels=D, attention_dropout=0.0)
+    attn = VarlenAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal if causal else AttnMaskType.no_mask, backend="te")
+    for rank in range(cp):
+        split = zigzag_split(CU, cp, rank, multiple=4, group=group)  # rows past the samples: the TP multiple
+        packed = ContextPackedSeqParams(qkv_format="sbhd", cu_seqlens_q=CU, cu_seqlens_kv=CU, context_split=split)
+        local = [split.take(x)[:, None] for x in (q, k, v)]
+        out = attn(*local, None, packed_seq_params=packed)[:, 0].reshape(-1, HQ, D)
+        torch.testing.assert_close(out.float(), split.take(full), atol=1e-2, rtol=1e-2)
+        # fp32 (parity runs) keeps the exact all-gather path and never calls TE
+        assert attention.context_te(None, *(x.float()[:, 0] for x in local), split, causal) is None
+    assert groups == [(group, [0, 1], "p2p")]  # set once per group
+    assert calls[0] == ("thd", "padding_causal" if causal else "padding", [0, 5, 12, 20], [0, 8, 16, 24], 8)
