@@ -776,10 +776,11 @@ class TrainConfig:
                 "optim.distributed=true with a mixture-of-experts model is not available yet (expert gradients "
                 "are reduced over their own group by the engine's optimizer); set optim.distributed=false"
             )
-        if llm.num_experts and self.model.lora.enabled:
+        if llm.num_experts and self.model.lora.enabled and (p.tp > 1 or p.etp > 1):
             raise ConfigError(
-                "model.lora with a mixture-of-experts model is not available yet (adapters wrap dense linear "
-                "layers only); set model.lora.rank=0"
+                f"model.lora with a mixture-of-experts model runs at parallel.tp=1 parallel.etp=1 (got tp={p.tp}, "
+                f"etp={p.etp}): megatron's MoE layers need sequence parallelism under tensor parallelism, and "
+                "adapters take the full sequence; split the experts with parallel.ep and the layers with parallel.pp"
             )
         if llm.num_experts and p.tp > 1 and not p.sp:
             raise ConfigError(

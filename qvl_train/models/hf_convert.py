@@ -326,6 +326,13 @@ def lora_to_hf(
     rows, so each HF module gets the same A and its rows of B — the same row transform as the weight.
     """
     rules = {ours: (hf_keys, kind) for ours, hf_keys, kind in _rules(cfg)}
+    routed = sorted(ours for ours in factors if rules[ours][1].startswith("expert_"))
+    if routed:
+        raise ValueError(
+            f"{len(routed)} adapters sit on routed experts (e.g. {routed[0]}); transformers keeps a MoE layer's "
+            "experts as fused [experts, …] tensors, which a PEFT LoRA adapter cannot target: export merged "
+            "(without --lora-adapter), or train with model.lora.targets=[linear_qkv,linear_proj] to get a PEFT adapter"
+        )
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for ours, (a, b) in factors.items():
         hf_keys, kind = rules[ours]

@@ -20,7 +20,9 @@ Checkpoints store the sharded factor with the base layer's rule (the SwiGLU `lin
 into gate / up halves like its weight), so adapters reshard across layouts. `init_weights` draws A
 like any matrix (normal, layout-independent) and sets B to zero: step 0 computes the base model.
 The engine trains only the adapters (`is_lora_param`); base weights get no gradient and no optimizer
-state. Export (`tools/convert.py`): `merged_state_dict` (W + scale · B A) or `adapter_factors` mapped
+state. In a mixture-of-experts layer (megatron's `SequentialMLP` of local specs) every routed expert's
+`linear_fc1` / `linear_fc2` gets its own factors, named and checkpointed under the expert's global index
+like its weights, and reduced over the expert-data-parallel group like them (`engines/moe.is_expert_param`). Export (`tools/convert.py`): `merged_state_dict` (W + scale · B A) or `adapter_factors` mapped
 to HF module names by `hf_convert.lora_to_hf` (a PEFT adapter).
 """
 

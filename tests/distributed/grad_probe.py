@@ -88,6 +88,10 @@ def main(out: str, data_root: str, *overrides: str) -> None:
         recompute=cfg.train.recompute,
     )
     engine.optimizer.step = lambda *a, **k: None  # keep the gradients of step 1 as they are
+    if cfg.model.lora.enabled:  # B = 0 at init would leave every A without gradient: draw B (layout-independent)
+        from tests.unit.test_lora import _fill_b
+
+        _fill_b(engine.model)
     loader = StepLoader(cfg.data, micro_batches_per_step=cfg.micro_batches_per_step(), dp_rank=dims.dp_rank, dp_size=dims.dp)
     result = engine.train_step(loader.next_step(), 0)
     pieces = [None] * dims.world_size

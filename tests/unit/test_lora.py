@@ -72,6 +72,16 @@ def test_lora_config_is_checked():
     cfg.parallel = ParallelConfig(tp=2, sp=True)
     with pytest.raises(ConfigError, match="model.lora with parallel.sp=true"):
         cfg.validate(2)
+    from qvl_train.models.tiny import tiny_qwen3_vl_moe_config
+
+    cfg.model = tiny_qwen3_vl_moe_config(lora=LORA)  # MoE: experts over parallel.ep, tensor parallelism refused
+    cfg.data.generation = cfg.model.generation
+    cfg.parallel = ParallelConfig(ep=2)
+    cfg.validate(2)
+    for parallel in (ParallelConfig(tp=2, sp=True, ep=2), ParallelConfig(etp=2)):
+        cfg.parallel = parallel
+        with pytest.raises(ConfigError, match="mixture-of-experts model runs at parallel.tp=1 parallel.etp=1"):
+            cfg.validate(2)
 
 
 # ------------------------------------------------------------------ one process: freezing, checkpoints
@@ -202,40 +212,63 @@ def test_merged_and_peft_exports_match_the_lora_model(trained):
     assert (got_base - want).abs().max() > 1e-3  # the adapters changed the logits: the check is sharp
 
 
-def test_qwen3_vl_merged_and_peft_match(tmp_path):
-    """Qwen3-VL (DeepStack mergers, tied embeddings, no qkv bias), adapters in all towers, in memory."""
+@pytest.mark.parametrize("moe", [False, True], ids=["qwen3_vl", "qwen3_vl_moe"])
+def test_qwen3_vl_merged_and_peft_match(tmp_path, moe):
+    """Qwen3-VL (DeepStack mergers, tied embeddings, no qkv bias), adapters in all towers, in memory; and
+    Qwen3-VL-MoE, whose routed experts each get their own adapters: merged into HF's fused expert tensors,
+    while a PEFT adapter (which cannot target fused tensors) is refused with the way out, and taken with
+    attention-only targets."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     from qvl_train.models import build_model, init_weights
     from qvl_train.models.hf_convert import ours_to_hf
-    from qvl_train.models.lora import merged_state_dict
-    from qvl_train.models.tiny import tiny_qwen3_vl_config
+    from qvl_train.models.lora import lora_layers, merged_state_dict
+    from qvl_train.models.tiny import tiny_qwen3_vl_config, tiny_qwen3_vl_moe_config
     from qvl_train.tools.convert import _write_peft_adapter, hf_config_dict
     from tests.conftest import megatron_one_rank_world
 
     megatron_one_rank_world()
-    cfg = tiny_qwen3_vl_config(lora=replace(LORA, **ALL))
-    ours = build_model(cfg, ParallelConfig(), pre_process=True, post_process=True).eval()
-    init_weights(ours, seed=5, std=0.05)
-    _fill_b(ours, std=0.2)
-    _write_peft_adapter(ours, cfg, tmp_path, None, None)
-    assert "model.visual.deepstack_merger_list.1.linear_fc2" in json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    make_cfg = tiny_qwen3_vl_moe_config if moe else tiny_qwen3_vl_config
+    hf_cls, hf_config = ((transformers.Qwen3VLMoeForConditionalGeneration, transformers.Qwen3VLMoeConfig) if moe
+                         else (transformers.Qwen3VLForConditionalGeneration, transformers.Qwen3VLConfig))
 
-    def hf_model(sd):
-        model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**hf_config_dict(cfg, "float32")))
+    def ours_model(lora):
+        cfg = make_cfg(lora=lora)
+        model = build_model(cfg, ParallelConfig(), pre_process=True, post_process=True).eval()
+        init_weights(model, seed=5, std=0.05)
+        _fill_b(model, std=0.2)
+        return cfg, model
+
+    def hf_model(cfg, sd):
+        model = hf_cls(hf_config(**hf_config_dict(cfg, "float32")))
         missing, unexpected = model.load_state_dict(sd, strict=False)
-        assert not unexpected and missing == ["lm_head.weight"], (missing, unexpected)  # tied
+        tied = ["lm_head.weight"] if cfg.llm.tie_word_embeddings else []
+        assert not unexpected and missing == tied, (missing, unexpected)
         model.tie_weights()
         return model.float().eval()
 
-    base_sd = ours_to_hf({k: v for k, v in ours.state_dict().items() if "lora" not in k and "extra" not in k}, cfg, style="runtime")
+    def check_peft(cfg, ours, out):
+        _write_peft_adapter(ours, cfg, out, None, None)
+        base_sd = ours_to_hf({k: v for k, v in ours.state_dict().items() if "lora" not in k and "extra" not in k}, cfg, style="runtime")
+        with torch.no_grad():
+            got = peft.PeftModel.from_pretrained(hf_model(cfg, base_sd), out).eval()(**hf_kwargs(batch)).logits[0]
+        torch.testing.assert_close(got, ours.logits(batch)[: batch.num_tokens], rtol=1e-5, atol=1e-5)
+        return json.loads((out / "adapter_config.json").read_text())["target_modules"]
+
+    cfg, ours = ours_model(replace(LORA, **ALL))
     batch = packed_batch(cfg)
     with torch.no_grad():
         want = ours.logits(batch)[: batch.num_tokens]
-        got_merged = hf_model(ours_to_hf(merged_state_dict(ours), cfg, style="runtime"))(**hf_kwargs(batch)).logits[0]
-        got_peft = peft.PeftModel.from_pretrained(hf_model(base_sd), tmp_path).eval()(**hf_kwargs(batch)).logits[0]
+        got_merged = hf_model(cfg, ours_to_hf(merged_state_dict(ours), cfg, style="runtime"))(**hf_kwargs(batch)).logits[0]
     torch.testing.assert_close(got_merged, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got_peft, want, rtol=1e-5, atol=1e-5)
+    if not moe:
+        assert "model.visual.deepstack_merger_list.1.linear_fc2" in check_peft(cfg, ours, tmp_path)
+        return
+    assert any(".mlp.experts.local_experts.3.linear_fc2" in n for n in lora_layers(ours))
+    with pytest.raises(ValueError, match="fused .* tensors, which a PEFT LoRA adapter cannot target"):
+        _write_peft_adapter(ours, cfg, tmp_path / "refused", None, None)
+    cfg, ours = ours_model(replace(LORA, targets=["linear_qkv", "linear_proj"]))
+    assert "model.language_model.layers.1.self_attn.o_proj" in check_peft(cfg, ours, tmp_path / "attention")
 
 
 # ------------------------------------------------------------------------------- tp = 2 against tp = 1
