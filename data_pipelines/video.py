@@ -31,7 +31,9 @@ Then, for all: resize every frame with torch's native uint8 antialiased bicubic 
 `F.resize` runs for a uint8 tensor on CPU), normalise with the generation's mean/std (fused
 `(x - 255*mean) / (255*std)` in float32, as the fast processors do) and patchify with
 `vision.patchify`. Note the resize differs from the image processor's PIL bicubic:
-a video frame and the same picture as an image do not give identical pixels, in HF either.
+a video frame and the same picture as an image do not give identical pixels, in HF either. The loader
+ships the uint8 patches before the normalisation (`video_codes`, all T frames of each temporal patch);
+`video_norm_lut(mean, std)` is the [3, 256] table that the training device applies to them.
 
 Token and patch counts follow from the container metadata alone (`probe_video`, `video_plan`), so
 shards are indexed and planned without decoding frames. Decoding stops after the last sampled frame

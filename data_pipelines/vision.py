@@ -26,8 +26,13 @@ step by step, so the pixels the model sees in training are the pixels it sees at
 The visual token cost of an image is known from its stored (h, w) alone (`image_token_count`),
 which lets the stream plan and pack without decoding.
 
-Speed (benchmarks/preprocess.py): after PIL's decode and resize, which the parity requires, the only
-work left is one copy that reorders the uint8 pixels into patch order while converting them to
+The loader stops before step 4: `image_codes` gives the resized uint8 pixels in patch order (one frame,
+T = 1 columns), and `norm_lut(mean, std)` the [3, 256] table of their float values; the batch is
+normalised on the training device (`schema.PackedBatch.to`), so decode workers ship 1 byte per value.
+
+Speed (benchmarks/preprocess.py): after PIL's decode and resize, which the parity requires, the
+loader's only work is one uint8 copy into patch order (`patch_codes`). The float path of
+`preprocess_image` is one copy that reorders the uint8 pixels into patch order while converting them to
 float32, three in-place float32 passes that give exactly HF's values (checked exhaustively per
 mean/std), and one copy writing the T identical frames (`patchify_uint8`). Opt-in
 `decode_image(..., fast_decode=True)` (`data.fast_decode`) decodes large JPEGs at reduced scale
