@@ -263,9 +263,7 @@ def qwen_vl_codes(img: Image.Image, size: int = QWEN_VL_IMAGE_SIZE, patch: int =
         img = img.convert("RGB")
     if img.size != (size, size):
         img = img.resize((size, size), resample=Image.BICUBIC)
-    g = size // patch
-    x = np.asarray(img).reshape(g, patch, g, patch, 3).transpose(0, 2, 4, 1, 3)
-    return np.ascontiguousarray(x).reshape(g * g, 3, 1, patch * patch), (1, g, g)
+    return patch_codes(img, patch, 1)  # merge 1: rows are the patches in row-major order
 
 
 def qwen_vl_lut() -> np.ndarray:
@@ -300,13 +298,13 @@ def patchify_image(
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Image → (numpy pixel_values float32 [h*w patches, C*T*p*p], grid_thw (1, h/p, w/p)); the
     settings are explicit (the stream passes its config's). See `preprocess_image` for the public API."""
-    frame = resized_frame(img, patch_size * merge_size, min_pixels, max_pixels)
+    frame = np.asarray(resized_image(img, patch_size * merge_size, min_pixels, max_pixels))  # [H, W, 3]
     return patchify_uint8(frame[None], patch_size, temporal_patch_size, merge_size, mean, std)
 
 
-def resized_frame(img: Image.Image, factor: int, min_pixels: int, max_pixels: int) -> np.ndarray:
-    """Steps 1-3 of the module docstring: image → uint8 [H, W, 3] at its smart_resize target (RGB
-    conversion as HF's, PIL bicubic on uint8)."""
+def resized_image(img: Image.Image, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
+    """Steps 1-3 of the module docstring: the RGB image at its smart_resize target (RGB conversion as
+    HF's, PIL bicubic on uint8)."""
     if max_pixels < min_pixels:
         raise ValueError(f"max_pixels={max_pixels} must be >= min_pixels={min_pixels}")
     if img.mode != "RGB":
@@ -315,7 +313,7 @@ def resized_frame(img: Image.Image, factor: int, min_pixels: int, max_pixels: in
     rh, rw = smart_resize(height, width, factor, min_pixels, max_pixels)
     if (rw, rh) != img.size:
         img = img.resize((rw, rh), resample=Image.BICUBIC)
-    return np.asarray(img)
+    return img
 
 
 def image_codes(
@@ -330,20 +328,27 @@ def image_codes(
     columns are those of `patchify_image` with T = 1, so for every generation
     `norm_lut(...)[c, codes]` repeated T times along axis 2 is `patchify_image`'s output bit for bit.
     """
-    frame = resized_frame(img, patch_size * merge_size, min_pixels, max_pixels)
-    return patch_codes(frame, patch_size, merge_size)
+    return patch_codes(resized_image(img, patch_size * merge_size, min_pixels, max_pixels), patch_size, merge_size)
 
 
-def patch_codes(frame: np.ndarray, patch_size: int, merge_size: int) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """uint8 [H, W, C] (multiples of patch*merge) → uint8 [h*w, C, 1, p*p] in pixel_values row order
-    (t, h-block, w-block, mh, mw) and column order (C, ph, pw), grid (1, h, w): one copy of ~1 byte
-    per pixel value (~2 ms for 1148x840 here, against ~11 ms for `patchify_uint8`'s float32 output)."""
-    hh, ww, c = frame.shape
+def patch_codes(img: Image.Image, patch_size: int, merge_size: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """RGB image (sides multiples of patch*merge) → uint8 [h*w, C, 1, p*p] in pixel_values row order
+    (t, h-block, w-block, mh, mw) and column order (C, ph, pw), grid (1, h, w).
+
+    Fast because it moves whole rows of a patch at once: PIL splits the image into channel planes, and
+    in planes each patch row is p contiguous bytes, so the reorder copies p-byte items (a numpy void
+    view) instead of single bytes strided by the channel count (~3 ms for 1148x840 here, against
+    ~5 ms for the bytewise transpose of the interleaved RGB array and ~11 ms for `patchify_uint8`'s
+    float32 output)."""
     p, m = patch_size, merge_size
-    gh, gw = hh // p, ww // p
-    # -> (h-block, w-block, mh, mw, C, ph, pw)
-    x = frame.reshape(gh // m, m, p, gw // m, m, p, c).transpose(0, 3, 1, 4, 6, 2, 5)
-    return np.ascontiguousarray(x).reshape(gh * gw, c, 1, p * p), (1, gh, gw)
+    w, h = img.size
+    gh, gw = h // p, w // p
+    planes = np.empty((3, h, w), dtype=np.uint8)
+    for c, band in enumerate(img.split()):
+        planes[c] = np.asarray(band)
+    rows = planes.view(np.dtype((np.void, p))).reshape(3, gh // m, m, p, gw // m, m)  # items: p pixels of a patch row
+    x = rows.transpose(1, 4, 2, 5, 0, 3)  # -> (h-block, w-block, mh, mw, C, ph), each item (pw)
+    return np.ascontiguousarray(x).view(np.uint8).reshape(gh * gw, 3, 1, p * p), (1, gh, gw)
 
 
 def patchify_uint8(
