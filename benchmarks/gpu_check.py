@@ -15,6 +15,10 @@
    which the lent GPUs lack). Same analytic FLOPs (`qvl_train.monitor.flops`) for every row's MFU;
    `speed_vs_hf` is the tokens/s ratio. `--no-hf` leaves DeepSpeed out.
 
+4. Pixel normalisation on the device: the loader's uint8 codes of one step's worth of patches (images and
+   videos mixed) normalised by `PackedBatch.to(device)`'s gather (`schema.normalise_pixels`) on the
+   device and on the CPU: equal bit for bit, time per call and per 1148x840 image.
+
 Prints one table per part and writes everything to --json. `--device cpu --quick` is the smoke test
 that keeps this script working on machines without a GPU.
 """
@@ -355,6 +359,36 @@ def check_throughput(device: str, quick: bool, backends=("auto",), hf: bool = Tr
     return rows
 
 
+def check_pixels(device: str, quick: bool) -> dict:
+    """Part 4: `normalise_pixels` of random uint8 codes (qwen2_vl columns, images then videos) on `device`
+    vs on the CPU: identical, and how long it takes there."""
+    import numpy as np
+
+    from data_pipelines.schema import normalise_pixels
+    from data_pipelines.video import video_norm_lut
+    from data_pipelines.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, norm_lut
+
+    key = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    lut = torch.from_numpy(np.stack([norm_lut(*key), video_norm_lut(*key)]))
+    image_rows = 4920  # one 1148x840 image
+    grid = torch.tensor([[1, 60, 82]] * (2 if quick else 12) + [[4, 30, 41]] * (1 if quick else 4))
+    kind = torch.tensor([0] * (2 if quick else 12) + [1] * (1 if quick else 4))
+    rows = int(grid.prod(-1).sum())
+    codes = torch.randint(0, 256, (rows, 1176), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    want = normalise_pixels(codes, lut, grid, kind)
+    on_dev = codes.to(device)
+    got = normalise_pixels(on_dev, lut, grid, kind)
+    _sync(device)
+    calls = 3 if quick else 20
+    t = time.perf_counter()
+    for _ in range(calls):
+        normalise_pixels(on_dev, lut, grid, kind)
+    _sync(device)
+    per_call = (time.perf_counter() - t) / calls
+    return {"patch_rows": rows, "equal_to_cpu": bool(torch.equal(got.cpu(), want)), "ms_per_call": 1e3 * per_call,
+            "ms_per_1148x840_image": 1e3 * per_call * image_rows / rows}
+
+
 def _table(rows: list[dict]) -> str:
     keys = list(rows[0])
     fmt = lambda v: f"{v:.3e}" if isinstance(v, float) and (abs(v) < 1e-2 or abs(v) > 1e5) else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
@@ -398,11 +432,14 @@ def main() -> int:
     size = "tiny (--quick)" if args.quick else "~2B"
     part("throughput", f"Training step, {size} Qwen2.5-VL-style, one device (MFU: same analytic FLOPs for every row)",
          lambda: check_throughput(args.device, args.quick, backends, hf=not args.no_hf, tokens=args.tokens))
+    part("pixels", "Pixel normalisation of uint8 codes on the device (PackedBatch.to)",
+         lambda: check_pixels(args.device, args.quick))
     report["wall_s"] = time.perf_counter() - t0
     print(f"\nwall {report['wall_s']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     ok = not failed and all(r["verdict"] == "PASS" for r in report["parity"] if r["dtype"] == "fp32")
+    ok = ok and report["pixels"]["equal_to_cpu"]
     return 0 if ok else 1
 
 

@@ -22,6 +22,13 @@ between them (`time.sleep` of the time this GPU needs for the step's tokens at t
 rate, or `--train-step` seconds): `wait ms` is how long `next_step` blocks per step, `GPU idle` the
 share of wall time the GPU would wait (wait / (wait + step)), and `worker MB` the resident memory of one worker process.
 
+Then the worker → rank transfer of one image's pixels (`--transfer`, on by default; a 1148x840
+qwen2_vl image = 4,920 patches): the float32 pixel_values [4920, 1176] decode workers sent before
+against the uint8 codes [4920, 3, 1, 196] they send now — bytes, the worker's `to_wire` (a file in
+/dev/shm, or a pickle where there is none), the rank's `from_wire` (map, or unpickle; the pipe's own
+copying is not in these times) and its `pack` into the batch (`np.concatenate` of the floats before;
+`stream.pack_codes`, which writes the T = 2 copies, now); median wall time of a few repeats.
+
 Then planning ahead: GlobalPlanner at dp 32 x 4 micro-batches of 16,384 tokens on the realistic
 index of benchmarks/packing.py (no media), with a simulated training step of `--sim-step` seconds
 (sleep, which releases the GIL like CUDA work mostly does): how long `next_step` waits for its plan,
@@ -130,6 +137,39 @@ def measure_workers(data_dir: str, *, workers: int, max_tokens: int, micro: int,
             "gpu_idle": wait / (wait + sim), "worker_mb": rss}
 
 
+def transfer(repeats: int = 7) -> list[tuple[str, str, float, float, float]]:
+    """(form, channel, MB, worker ms, rank ms) for one 1148x840 image's pixels, float32 vs uint8 codes."""
+    import pickle
+
+    import numpy as np
+    import torch
+
+    from data_pipelines.stream import pack_codes
+    from data_pipelines.workers import _shm_dir, from_wire, to_wire
+
+    cfg = DataConfig(generation="qwen2_vl")
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, (4920, 3, 1, 196), dtype=np.uint8)
+    forms = {"float32 pixel_values": (np.repeat(codes, 2, axis=2).reshape(4920, -1).astype(np.float32),
+                                      lambda a: torch.from_numpy(np.concatenate([a]))),
+             "uint8 codes": (codes, lambda a: pack_codes(cfg, [a]))}
+    channels = {"/dev/shm": _shm_dir(), "pickle": None} if _shm_dir() else {"pickle": None}
+    out = []
+    for form, (array, pack) in forms.items():
+        for channel, shm in channels.items():
+            sent, got = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                msg = pickle.dumps(to_wire({"pixel_codes": [array]}, shm))
+                t1 = time.perf_counter()
+                pack(from_wire(pickle.loads(msg))["pixel_codes"][0])
+                t2 = time.perf_counter()
+                sent.append(t1 - t0)
+                got.append(t2 - t1)
+            out.append((form, channel, array.nbytes / 1e6, 1e3 * statistics.median(sent), 1e3 * statistics.median(got)))
+    return out
+
+
 def plan_overlap(sim_step: float, steps: int) -> list[tuple[str, float, float]]:
     """Mean seconds `next_step` spends obtaining its plan at dp32 x 4, inline vs planned ahead."""
     from benchmarks.packing import BUDGET, MAX_PIXELS, synthetic_index
@@ -163,21 +203,24 @@ def main(argv=None) -> None:
     ap.add_argument("--step-tokens", type=int, default=7984, help="tokens one GPU consumes per training step")
     ap.add_argument("--step-time", type=float, default=0.194, help="seconds of that training step")
     ap.add_argument("--sim-step", type=float, default=1.0, help="simulated step (s) of the plan-ahead part; 0 skips it")
-    ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated rows of: " + ", ".join(SIZES))
+    ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated rows of: " + ", ".join(SIZES) + " ('' skips them)")
     ap.add_argument("--workers", default="0,1,2", help="data.num_workers values of the decode-worker table ('' skips it)")
     ap.add_argument("--train-step", type=float, default=0.0,
                     help="simulated training step (s) of the worker table; 0: the step's tokens / consumption")
+    ap.add_argument("--transfer", action=argparse.BooleanOptionalAction, default=True,
+                    help="time one image's worker -> rank transfer, float32 vs uint8 codes")
     args = ap.parse_args(argv)
     need = args.step_tokens / args.step_time
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"worker = 1 process, dp 1, {args.micro} x {args.max_tokens}-token micro-batches per step, "
           f"{args.generation}; consumption {need:,.0f} tokens/s per GPU ({args.step_tokens} tokens / "
           f"{args.step_time} s); load average {load:.1f}")
-    print(f"{'images':<18} {'plan ms':>8} {'read ms':>8} {'build ms':>9} {'samples/s':>10} {'tokens/s':>9} "
-          f"{'img/s':>7} {'workers/GPU':>11}")
+    if args.sizes:
+        print(f"{'images':<18} {'plan ms':>8} {'read ms':>8} {'build ms':>9} {'samples/s':>10} {'tokens/s':>9} "
+              f"{'img/s':>7} {'workers/GPU':>11}")
     results, pooled = {}, {}
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
-    for name in args.sizes.split(","):
+    for name in filter(None, args.sizes.split(",")):  # --sizes '' skips the loader tables
         lo, hi = SIZES[name]
         with tempfile.TemporaryDirectory() as d:
             generate(d, args.samples, seed=0, samples_per_shard=100, min_side=lo, max_side=hi)
@@ -198,6 +241,11 @@ def main(argv=None) -> None:
             base = pooled.get(key.rsplit(" / ", 1)[0] + " / 0", r)["tokens_s"]
             print(f"{key:<22} {r['tokens_s']:>9,.0f} {r['tokens_s'] / base:>7.2f}x {1e3 * r['train_step_s']:>13.0f} "
                   f"{r['wait_ms']:>8.0f} {r['gpu_idle']:>7.0%} {r['first_step_s']:>12.1f} {r['worker_mb']:>9.0f}", flush=True)
+    if args.transfer:
+        print("worker -> rank transfer of one 1148x840 image's pixels (median wall ms):")
+        print(f"  {'form':<22} {'channel':<9} {'MB':>6} {'worker ms':>9} {'rank ms':>8}")
+        for form, channel, mb, sent, got in transfer():
+            print(f"  {form:<22} {channel:<9} {mb:>6.1f} {sent:>9.1f} {got:>8.1f}", flush=True)
     if args.sim_step > 0:
         print(f"planning dp32 x 4 micro-batches, 16,384 tokens, qwen2_5_vl, simulated step {args.sim_step} s:")
         for mode, mean, worst in plan_overlap(args.sim_step, steps=5):

@@ -236,19 +236,28 @@ class DataConfig:
 
 @dataclass
 class PackedBatch:
-    """One packed micro-batch (see module docstring). Shapes: L = max_tokens, P = patches, k = media."""
+    """One packed micro-batch (see module docstring). Shapes: L = max_tokens, P = patches, k = media.
+
+    Pixels travel as bytes: the loader's batches hold `pixel_values` as uint8 codes (the resized
+    pixels in patch order, 1 byte per value instead of 4) and `pixel_lut`, the table that maps a code to
+    the float the model takes. `to(device)` — which every engine calls before the forward — moves the
+    batch and then normalises there (`normalised`: a gather, bit-identical to the HF processors), so the
+    normalisation runs on the GPU and the loader ships a quarter of the bytes. A batch whose
+    pixel_values are already floats (`pixel_lut` None: tools, tests, tiny.py) is left as it is.
+    """
 
     input_ids: torch.Tensor  # [L] int64
     labels: torch.Tensor  # [L] int64: target of the prediction at i (next token, pre-shifted per sample); IGNORE_INDEX = no loss
     position_ids: torch.Tensor  # [3, L] int64 (t, h, w); text tokens have t = h = w; restart per sample
     cu_seqlens: torch.Tensor  # [n+1] int32 over the real samples; cu_seqlens[-1] == num_tokens
-    pixel_values: torch.Tensor  # [P, C*T*p*p] float32; rows (t, h-block, w-block, mh, mw)
+    pixel_values: torch.Tensor  # [P, C*T*p*p] float32, or uint8 codes with pixel_lut; rows (t, h-block, w-block, mh, mw)
     grid_thw: torch.Tensor  # [k, 3] int64, one row per image / video, in token order
     sample_ids: list[str]  # [n] stable ids, for exact resume and auditing
     num_tokens: int = 0  # real tokens (text + visual), no padding
     num_label_tokens: int = 0  # tokens with labels != IGNORE_INDEX
     num_visual_tokens: int = 0  # LLM tokens that carry visual embeddings
     media_kind: Optional[torch.Tensor] = None  # [k] int64: 0 image, 1 video (None = all images)
+    pixel_lut: Optional[torch.Tensor] = None  # [2, C, 256] float32: code v of channel c of a kind-k medium is pixel_lut[k, c, v]
 
     @property
     def num_samples(self) -> int:
@@ -259,8 +268,50 @@ class PackedBatch:
         return int(self.input_ids.numel())
 
     def to(self, device: torch.device | str) -> "PackedBatch":
+        """The batch on `device`, as the model takes it: moved, then its uint8 codes normalised there."""
         moved = {
             k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
             for k, v in self.__dict__.items()
         }
-        return PackedBatch(**moved)
+        return PackedBatch(**moved).normalised()
+
+    def normalised(self) -> "PackedBatch":
+        """This batch with float32 `pixel_values` on their device (itself when they are floats already)."""
+        if self.pixel_lut is None:
+            return self
+        pix = normalise_pixels(self.pixel_values, self.pixel_lut, self.grid_thw, self.media_kind)
+        return replace(self, pixel_values=pix, pixel_lut=None)
+
+
+ROWS_PER_GATHER = 16384
+"""Patch rows normalised per gather: bounds the int32 index temporary (~100 MB at 1,536 columns)."""
+
+
+def normalise_pixels(
+    codes: torch.Tensor, lut: torch.Tensor, grid_thw: torch.Tensor, media_kind: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """uint8 codes [P, C*T'*k] → float [P, C*T'*k]: value v in channel c of a row of a kind-K medium becomes
+    `lut[K, c, v]` (columns are channel-major, so channel = column // (columns / C)). Runs on the codes'
+    device (`lut`, `grid_thw` and `media_kind` are moved there; no host sync): one gather per
+    `ROWS_PER_GATHER` rows, exact by construction."""
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise TypeError(f"normalise_pixels expects uint8 codes [P, D], got {codes.dtype} {tuple(codes.shape)}")
+    device, (rows, cols) = codes.device, codes.shape
+    kinds, chans = lut.shape[0], lut.shape[1]
+    if cols % chans:
+        raise ValueError(f"pixel_values has {cols} columns, not a multiple of the {chans} channels of pixel_lut")
+    flat = lut.to(device).reshape(-1)
+    col_offset = (torch.arange(cols, device=device, dtype=torch.int32) // (cols // chans)) * 256  # [D]
+    row_offset = None  # [P, 1]: where the table of each row's media kind starts
+    if media_kind is not None and kinds > 1 and rows:
+        per_medium = grid_thw.to(device).prod(-1)
+        kind = torch.repeat_interleave(media_kind.to(device), per_medium, output_size=rows)
+        row_offset = (kind.to(torch.int32) * (chans * 256))[:, None]
+    out = torch.empty((rows, cols), dtype=lut.dtype, device=device)
+    for a in range(0, rows, ROWS_PER_GATHER):
+        b = min(rows, a + ROWS_PER_GATHER)
+        idx = codes[a:b].to(torch.int32).add_(col_offset)
+        if row_offset is not None:
+            idx.add_(row_offset[a:b])
+        torch.index_select(flat, 0, idx.view(-1), out=out[a:b].view(-1))
+    return out

@@ -84,9 +84,10 @@ from data_pipelines.positions import position_ids_for
 from data_pipelines.schema import IGNORE_INDEX, DataConfig, DataSource, PackedBatch
 from data_pipelines.sources import resolve_source
 from data_pipelines.text import PAD_ID, QwenTokenizer, get_tokenizer, message_parts
-from data_pipelines.video import BadVideo, VideoSettings, preprocess_video_with
+from data_pipelines.video import BadVideo, VideoSettings, preprocess_video_with, video_norm_lut
 from data_pipelines.vision import (
-    QWEN_VL_IMAGE_TOKENS, BadImage, decode_image, patchify_image, preprocess_qwen_vl, source_hw, vision_spec,
+    QWEN_VL_IMAGE_TOKENS, BadImage, decode_image, image_codes, norm_lut, qwen_vl_codes, qwen_vl_lut, source_hw,
+    vision_spec,
 )
 from data_pipelines.workers import DecodePool
 
@@ -134,7 +135,7 @@ def read_shard_members(path: str, keys: set[str]) -> tuple[dict[str, dict[str, b
 
 
 class SampleBuilder:
-    """Raw members of one sample → (input_ids, labels, positions, pixel_values, grids).
+    """Raw members of one sample → (input_ids, labels, positions, pixel codes, grids).
 
     With a `source`, its caps apply (`DataConfig.for_source`): its `max_pixels` for images, its
     `max_frames` for videos.
@@ -158,7 +159,7 @@ class SampleBuilder:
         except Exception as e:
             raise SkipSample("bad_json", f"{type(e).__name__}: {e}") from e
 
-        pixel_values, grids, counts, sizes, kinds = [], [], [], {}, []
+        codes, grids, counts, sizes, kinds = [], [], [], {}, []
         videos: list[tuple] = []  # (grid, timestamps, second_per_grid) per video part, in order
         try:
             media_parts = [p for m in messages for p in message_parts(m) if p.get("type") in ("image", "video")]
@@ -174,7 +175,7 @@ class SampleBuilder:
                 if cfg.generation == "qwen_vl":
                     raise SkipSample("bad_video", "Qwen-VL takes no video")
                 feats = self._video(blob)
-                pixel_values.append(feats.pixel_values.numpy())
+                codes.append(feats.pixel_values.numpy())
                 grids.append(feats.grid_thw)
                 kinds.append(1)
                 videos.append((feats.grid_thw, feats.frame_timestamps, feats.second_per_grid))
@@ -184,14 +185,13 @@ class SampleBuilder:
                     blob, fast_decode=cfg.fast_decode, factor=cfg.patch_size * cfg.merge_size,
                     min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                 )
-                pv, grid = preprocess_qwen_vl(img) if cfg.generation == "qwen_vl" else patchify_image(
-                    img, patch_size=cfg.patch_size, temporal_patch_size=cfg.temporal_patch_size,
-                    merge_size=cfg.merge_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                    mean=vision_spec(cfg.generation).mean, std=vision_spec(cfg.generation).std,  # Qwen3-VL: 0.5/0.5
-                )
+                pv, grid = qwen_vl_codes(img) if cfg.generation == "qwen_vl" else image_codes(
+                    img, patch_size=cfg.patch_size, merge_size=cfg.merge_size, min_pixels=cfg.min_pixels,
+                    max_pixels=cfg.max_pixels,
+                )  # uint8 codes, one frame: normalised on the training device (`pixel_lut`)
             except (BadImage, ValueError) as e:
                 raise SkipSample("bad_image", str(e)) from e
-            pixel_values.append(pv)
+            codes.append(pv)
             grids.append(grid)
             kinds.append(0)
             sizes[name] = (source_hw(img), (grid[1] * cfg.patch_size, grid[2] * cfg.patch_size))
@@ -209,7 +209,7 @@ class SampleBuilder:
         )
         return {
             "id": sample_id, "input_ids": ids, "labels": labels, "positions": positions,
-            "pixel_values": pixel_values, "grids": grids, "kinds": kinds,
+            "pixel_codes": codes, "grids": grids, "kinds": kinds,
             "visual_tokens": sum(counts) + sum(t * h * w for t, h, w in (v[0] for v in videos)) // merge2,
         }
 
@@ -219,7 +219,7 @@ class SampleBuilder:
         try:
             return preprocess_video_with(
                 blob, cfg.generation, VideoSettings.from_config(cfg), patch_size=cfg.patch_size,
-                merge_size=cfg.merge_size, temporal_patch_size=cfg.temporal_patch_size,
+                merge_size=cfg.merge_size, temporal_patch_size=cfg.temporal_patch_size, as_codes=True,
             )
         except (BadVideo, ValueError) as e:
             raise SkipSample("bad_video", str(e)) from e
@@ -253,7 +253,6 @@ def pack(cfg: DataConfig, samples: list[dict[str, Any]]) -> PackedBatch:
     so the model's loss is plainly `CE(logits[i], labels[i])` and `num_label_tokens` counts targets.
     """
     L = cfg.max_tokens
-    patch_dim = 3 * cfg.temporal_patch_size * cfg.patch_size * cfg.patch_size
     input_ids = torch.full((L,), PAD_ID, dtype=torch.int64)
     labels = torch.full((L,), IGNORE_INDEX, dtype=torch.int64)
     position_ids = torch.zeros((3, L), dtype=torch.int64)
@@ -269,14 +268,12 @@ def pack(cfg: DataConfig, samples: list[dict[str, Any]]) -> PackedBatch:
             labels[a : a + n - 1] = torch.tensor(s["labels"][1:], dtype=torch.int64)
         position_ids[:, a : a + n] = s["positions"]
         cu.append(a + n)
-        pvs.extend(s["pixel_values"])
+        pvs.extend(s["pixel_codes"])
         grids.extend(s["grids"])
         kinds.extend(s.get("kinds", [0] * len(s["grids"])))
         ids_out.append(s["id"])
         n_vis += s["visual_tokens"]
-    pixel_values = (
-        torch.from_numpy(np.concatenate(pvs, axis=0)) if pvs else torch.zeros((0, patch_dim), dtype=torch.float32)
-    )
+    pixel_values = pack_codes(cfg, pvs)
     grid_thw = torch.tensor(grids, dtype=torch.int64).reshape(-1, 3)
     return PackedBatch(
         input_ids=input_ids,
@@ -290,7 +287,34 @@ def pack(cfg: DataConfig, samples: list[dict[str, Any]]) -> PackedBatch:
         num_label_tokens=int((labels != IGNORE_INDEX).sum()),
         num_visual_tokens=n_vis,
         media_kind=torch.tensor(kinds, dtype=torch.int64) if any(kinds) else None,
+        pixel_lut=pixel_lut(cfg.generation),
     )
+
+
+def pack_codes(cfg: DataConfig, codes: list[np.ndarray]) -> torch.Tensor:
+    """Per-medium uint8 codes [N, C, T', p*p] → the batch's uint8 pixel_values [P, C*T*p*p], T = the
+    temporal patch size (1 for Qwen-VL): an image's single frame is written T times here, in the one
+    copy that joins the media (the workers ship it once)."""
+    t = 1 if cfg.generation == "qwen_vl" else cfg.temporal_patch_size
+    k = cfg.patch_size * cfg.patch_size
+    out = np.empty((sum(c.shape[0] for c in codes), 3, t, k), dtype=np.uint8)
+    row = 0
+    for c in codes:
+        out[row : row + c.shape[0]] = c  # broadcasts T' = 1 over the T frames
+        row += c.shape[0]
+    return torch.from_numpy(out.reshape(out.shape[0], 3 * t * k))
+
+
+def pixel_lut(generation: str) -> torch.Tensor:
+    """[2, 3, 256] float32 tables of `PackedBatch.pixel_lut` for `generation`: row 0 images (HF's image
+    processor arithmetic, `norm_lut`; Qwen-VL's torchvision transform, `qwen_vl_lut`), row 1 videos (the
+    fast video processors' fused arithmetic, `video_norm_lut`)."""
+    if generation == "qwen_vl":
+        image = video = qwen_vl_lut()
+    else:
+        spec = vision_spec(generation)
+        image, video = norm_lut(tuple(spec.mean), tuple(spec.std)), video_norm_lut(tuple(spec.mean), tuple(spec.std))
+    return torch.from_numpy(np.stack([image, video]))
 
 
 @dataclass

@@ -31,7 +31,9 @@ Then, for all: resize every frame with torch's native uint8 antialiased bicubic 
 `F.resize` runs for a uint8 tensor on CPU), normalise with the generation's mean/std (fused
 `(x - 255*mean) / (255*std)` in float32, as the fast processors do) and patchify with
 `vision.patchify`. Note the resize differs from the image processor's PIL bicubic:
-a video frame and the same picture as an image do not give identical pixels, in HF either.
+a video frame and the same picture as an image do not give identical pixels, in HF either. The loader
+ships the uint8 patches before the normalisation (`video_codes`, all T frames of each temporal patch);
+`video_norm_lut(mean, std)` is the [3, 256] table that the training device applies to them.
 
 Token and patch counts follow from the container metadata alone (`probe_video`, `video_plan`), so
 shards are indexed and planned without decoding frames. Decoding stops after the last sampled frame
@@ -51,7 +53,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from data_pipelines.vision import MAX_ASPECT_RATIO, patchify, smart_resize, vision_spec
+from data_pipelines.vision import MAX_ASPECT_RATIO, apply_lut, patchify, smart_resize, vision_spec
 
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
 QWEN3_GENERATIONS = ("qwen3_vl", "qwen3_vl_moe")
@@ -309,7 +311,7 @@ def video_plan(
 _VIDEO_LUTS: dict[tuple, np.ndarray] = {}
 
 
-def _video_norm_lut(mean: tuple, std: tuple) -> np.ndarray:
+def video_norm_lut(mean: tuple, std: tuple) -> np.ndarray:
     """[3, 256] float32: uint8 v → (v - f32(mean)*255) / (f32(std)*255), the fast processors' fused
     rescale+normalise in float32."""
     key = (mean, std)
@@ -337,16 +339,21 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 def video_pixels(frames: np.ndarray, plan: VideoPlan, *, patch_size: int, merge_size: int, temporal_patch_size: int,
                  mean: tuple, std: tuple) -> np.ndarray:
     """Decoded frames → pixel_values float32 [t*h*w, C*T*p*p] for `plan`."""
+    codes = video_codes(frames, plan, patch_size=patch_size, merge_size=merge_size,
+                        temporal_patch_size=temporal_patch_size)
+    return apply_lut(codes, video_norm_lut(tuple(mean), tuple(std))).reshape(codes.shape[0], -1)
+
+
+def video_codes(frames: np.ndarray, plan: VideoPlan, *, patch_size: int, merge_size: int,
+                temporal_patch_size: int) -> np.ndarray:
+    """Decoded frames → uint8 codes [t*h*w, C, T, p*p] for `plan` (what the loader ships; the T frames of
+    a temporal patch differ, so they are all kept): `video_norm_lut(mean, std)[c, code]` is the float value."""
     rh, rw = plan.resized
     u8 = resize_frames(frames, rh, rw)  # [n, 3, rh, rw]
-    lut = _video_norm_lut(tuple(mean), tuple(std))
-    x = np.empty(u8.shape, dtype=np.float32)
-    for c in range(3):
-        np.take(lut[c], u8[:, c], out=x[:, c])
-    pv, grid = patchify(x, patch_size, temporal_patch_size, merge_size)
+    codes, grid = patchify(u8, patch_size, temporal_patch_size, merge_size)
     if grid != plan.grid_thw:  # cannot happen unless plan and pixels disagree on the rules
         raise AssertionError(f"patchified grid {grid} != planned {plan.grid_thw}")
-    return pv
+    return codes.reshape(codes.shape[0], 3, temporal_patch_size, patch_size * patch_size)
 
 
 def preprocess_video(
@@ -371,9 +378,10 @@ def preprocess_video(
 
 def preprocess_video_with(
     src: VideoSource, generation: str, settings: VideoSettings, *, patch_size: int, merge_size: int,
-    temporal_patch_size: int, meta: Optional[VideoMeta] = None,
+    temporal_patch_size: int, meta: Optional[VideoMeta] = None, as_codes: bool = False,
 ) -> VideoFeatures:
-    """`preprocess_video` with explicit settings (the stream passes its config's)."""
+    """`preprocess_video` with explicit settings (the stream passes its config's). `as_codes=True`: the
+    loader's form, `pixel_values` = uint8 codes [t*h*w, C, T, p*p] (`video_codes`) instead of floats."""
     if settings.fps <= 0 or settings.min_frames < 1 or settings.max_frames < settings.min_frames:
         raise ValueError(f"video settings {settings}: need fps > 0 and 1 <= min_frames <= max_frames")
     spec = vision_spec(generation)
@@ -381,7 +389,7 @@ def preprocess_video_with(
     plan = video_plan(meta, generation, settings, patch_size=patch_size, merge_size=merge_size,
                       temporal_patch_size=temporal_patch_size)
     frames = decode_frames(src, plan.frame_indices)
-    pv = video_pixels(frames, plan, patch_size=patch_size, merge_size=merge_size,
-                      temporal_patch_size=temporal_patch_size, mean=spec.mean, std=spec.std)
+    sizes = dict(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size)
+    pv = video_codes(frames, plan, **sizes) if as_codes else video_pixels(frames, plan, **sizes, mean=spec.mean, std=spec.std)
     return VideoFeatures(torch.from_numpy(pv), plan.grid_thw, plan.second_per_grid, plan.frame_timestamps,
                          plan.frame_indices, meta.fps)

@@ -99,7 +99,7 @@ class GreedyMatch:
 
 def examples(batch, pred: torch.Tensor, generation: str, limit: int = 4) -> list[dict[str, Any]]:
     """The first `limit` samples of a micro-batch as a person reads them: its first image (uint8
-    H×W×3, un-normalised from the pixel rows), the prompt up to the answer (each image's pad run shown
+    H×W×3: the loader's pixel codes as they are, or float rows un-normalised), the prompt up to the answer (each image's pad run shown
     as `<image>`), the answer and the model's greedy answer at the same positions (`pred`: the argmax at
     every label position of the batch, as `GreedyMatch` keeps it)."""
     import numpy as np
@@ -132,11 +132,13 @@ def examples(batch, pred: torch.Tensor, generation: str, limit: int = 4) -> list
         media_before = sum(1 for a, b in zip(ids[:cu[j]], ids[1:cu[j] + 1]) if b in (IMAGE_PAD_ID, VIDEO_PAD_ID) and a != b)
         if any(i in (IMAGE_PAD_ID, VIDEO_PAD_ID) for i in ids[cu[j]:cu[j + 1]]) and media_before < len(media_rows):
             k = media_before
-            rows = batch.pixel_values[row_start[k]:row_start[k + 1]].float().cpu().numpy()
+            rows = batch.pixel_values[row_start[k]:row_start[k + 1]].cpu().numpy()
             frames = unpatchify(rows, batch.grid_thw.reshape(-1, 3)[k].tolist(), spec.patch_size,
                                 spec.temporal_patch_size, spec.merge_size)
-            mean, std = np.array(spec.mean).reshape(3, 1, 1), np.array(spec.std).reshape(3, 1, 1)
-            image = np.clip((frames[0] * std + mean) * 255 + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+            if frames.dtype != np.uint8:  # normalised floats: undo the normalisation (the loader's codes are the pixels)
+                mean, std = np.array(spec.mean).reshape(3, 1, 1), np.array(spec.std).reshape(3, 1, 1)
+                frames = np.clip((frames.astype(np.float32) * std + mean) * 255 + 0.5, 0, 255).astype(np.uint8)
+            image = frames[0].transpose(1, 2, 0)
         out.append({
             "sample_id": batch.sample_ids[j], "image": image, "prompt": "".join(prompt),
             "answer": tok.decode(batch.labels[targets[mine]].tolist()),

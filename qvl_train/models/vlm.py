@@ -116,7 +116,9 @@ class VLM(MegatronModule):
 
     def encode_media(self, batch: PackedBatch, encode) -> torch.Tensor:
         """`encode(pixel_values, grid_thw) → [n_vis, D]` over the micro-batch's media; under parallel.cp
-        each CP rank encodes its share and the rows are all-gathered (the ViT work is not repeated)."""
+        each CP rank encodes its share and the rows are all-gathered (the ViT work is not repeated).
+        A loader batch not yet normalised (uint8 codes; `PackedBatch.to` normalises) is normalised here."""
+        batch = batch.normalised()
         if self.context_parallel is None:
             return encode(batch.pixel_values, batch.grid_thw)
         return self.context_parallel.encode_media(encode, batch.pixel_values, batch.grid_thw, self.config.params_dtype)

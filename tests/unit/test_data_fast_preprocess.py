@@ -15,7 +15,8 @@ from data_pipelines.text import get_tokenizer
 from data_pipelines.vision import (
     VISION_SPECS,
     _float_path_exact,
-    _norm_lut,
+    apply_lut,
+    norm_lut,
     decode_image,
     normalise_uint8,
     patchify,
@@ -59,7 +60,7 @@ def test_float_normalisation_equals_hf_table_for_every_uint8():
         assert _float_path_exact(tuple(spec.mean), tuple(spec.std))
         u8 = (np.arange(3 * 300) % 256).astype(np.uint8).reshape(1, 3, 1, 300)
         got = normalise_uint8(u8, spec.mean, spec.std, repeat=2)
-        want = _norm_lut(tuple(spec.mean), tuple(spec.std))[np.arange(3)[:, None], u8[0, :, 0]]
+        want = norm_lut(tuple(spec.mean), tuple(spec.std))[np.arange(3)[:, None], u8[0, :, 0]]
         assert got.shape == (1, 3, 2, 300)
         assert np.array_equal(got[0, :, 0], want) and np.array_equal(got[0, :, 1], want)
 
@@ -152,5 +153,6 @@ def test_data_config_fast_decode_and_stream(large_jpeg):
     # same grid and tokens: the box is rendered in resized-image pixels from the source size
     assert a["grids"] == b["grids"] == [(1, 26, 36)] and a["input_ids"] == b["input_ids"]
     assert '"bbox_2d": [50, 36, 252, 182]' in tok.decode(a["input_ids"])
-    diff = np.abs(np.asarray(a["pixel_values"][0]) - np.asarray(b["pixel_values"][0]))
+    lut = norm_lut(tuple(SPEC.mean), tuple(SPEC.std))  # the loader ships uint8 codes: compare normalised values
+    diff = np.abs(apply_lut(a["pixel_codes"][0], lut) - apply_lut(b["pixel_codes"][0], lut))
     assert 0 < diff.max() < FAST_MAX_DIFF

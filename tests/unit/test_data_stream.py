@@ -87,7 +87,10 @@ def test_packed_batch_contract(synth_dir):
         n_pad = int((b.input_ids == 151655).sum())
         assert n_pad == b.num_visual_tokens == int((b.grid_thw.prod(1) // 4).sum())
         assert b.pixel_values.shape == (int(b.grid_thw.prod(1).sum()), PATCH_DIM)
-        assert b.pixel_values.dtype == torch.float32
+        assert b.pixel_values.dtype == torch.uint8 and b.pixel_lut.shape == (2, 3, 256)  # codes + their tables
+        moved = b.to("cpu")  # what the engines do: move, then normalise there
+        assert moved.pixel_values.dtype == torch.float32 and moved.pixel_lut is None
+        assert moved.pixel_values.shape == b.pixel_values.shape and moved.normalised() is moved
         for a, e in zip(b.cu_seqlens[:-1].tolist(), b.cu_seqlens[1:].tolist()):
             assert b.position_ids[:, a].tolist() == [0, 0, 0]  # restart per sample
             assert b.input_ids[a] == 151644
@@ -101,6 +104,7 @@ def test_packed_batch_contract(synth_dir):
     assert saw_image
     empty = pack(cfg, [])
     assert empty.pixel_values.shape == (0, PATCH_DIM) and empty.grid_thw.shape == (0, 3)
+    assert empty.to("cpu").pixel_values.shape == (0, PATCH_DIM)
     assert empty.cu_seqlens.tolist() == [0] and empty.num_tokens == 0
 
 
