@@ -360,10 +360,22 @@ class MegatronEngine:
             data_iterator=[iter(batches) for _ in models] if len(models) > 1 else iter(batches),
             model=models,
             num_microbatches=len(batches),
-            seq_length=batches[0].num_slots,
+            seq_length=self._pipeline_seq_length(batches),
             micro_batch_size=1,
             forward_only=forward_only,
         )
+
+    def _pipeline_seq_length(self, batches: list[PackedBatch]) -> int:
+        """The sequence length megatron's pipeline schedules size the stage-to-stage activations from
+        (they divide it by cp, and by tp under sequence parallelism). Packed rows all have `num_slots`;
+        under parallel.cp every micro-batch of the step is padded to the step's largest zigzag share
+        (`ContextParallel.step_rows`: one shape, no per-micro-batch shape exchange between stages)."""
+        if self.dims.cp == 1 or self.dims.pp == 1:
+            return batches[0].num_slots
+        rows = self.chunks[0].context_parallel.step_rows([b.cu_seqlens for b in batches])
+        for chunk in self.chunks:
+            chunk.context_parallel.rows = rows
+        return rows * self.dims.cp
 
     def _counted(self, p: torch.nn.Parameter) -> bool:
         """Whether this rank counts `p` in norms and totals: one tensor-parallel copy of a replicated
