@@ -6,7 +6,8 @@ How a step works (every layout computes the same step as one process):
      Packing, padding, micro-batch count and layout then never change the loss or its gradient
      (per-sample or per-micro-batch averaging is what makes packed losses drift elsewhere).
   2. megatron-core's schedule runs forward/backward (no pipelining, 1F1B across `pp` stages with
-     `[L, 1, H]` activations sent between stages, or with `parallel.vpp` the interleaved 1F1B over
+     `[L, 1, H]` activations sent between stages — under `parallel.cp` each rank's zigzag share, every
+     micro-batch padded to the step's largest share — or with `parallel.vpp` the interleaved 1F1B over
      this rank's model chunks, `parallel/pipeline.py`). `calculate_per_token_loss=True` keeps it from
      dividing by the micro-batch count: our loss is already normalised.
   3. Gradients are summed over data-parallel ranks (one flat all-reduce per dtype) — routed-expert
