@@ -286,8 +286,11 @@ class ParallelConfig:
     cp: int = 1
     """Context-parallel size: every packed sample's tokens are split over cp ranks (zigzag: 2·cp chunks,
     rank r keeps chunks r and 2·cp-1-r), keys/values all-gathered in the LLM's attention, the ViT's
-    images shared out among the cp ranks (see qvl_train/parallel/context.py). Combines with tp (and sp)
-    and dp; not with pp or MoE models yet (refused at validation)."""
+    images shared out among the cp ranks (see qvl_train/parallel/context.py). Combines with tp (and sp),
+    dp, pp (and vpp: each micro-batch of a step is padded to the step's largest CP share, so stages
+    exchange one activation shape) and MoE models (each CP rank routes its own tokens; the
+    load-balancing loss counts the tokens of the whole sequence, padding left out, and expert
+    gradients are summed over megatron's expert-data-parallel group, which spans the CP ranks)."""
     ep: int = 1
     """Expert-parallel size for MoE models: the experts of each layer are split over ep ranks, tokens
     travel by all-to-all. Not an extra factor of the world: ep·etp·pp must divide the world size."""
@@ -686,7 +689,6 @@ class TrainConfig:
             )
         self._validate_lora()
         self._validate_eval(dp)
-        self._validate_context_parallel()
         self._validate_interleaved(dp)
 
     def _validate_lora(self) -> None:
@@ -787,20 +789,6 @@ class TrainConfig:
                 f"parallel.tp={p.tp} with a mixture-of-experts model needs sequence parallelism (megatron-core's MoE "
                 "layers take sequence-parallel activations under tensor parallelism); add parallel.sp=true"
             )
-
-    def _validate_context_parallel(self) -> None:
-        """parallel.cp > 1: the combinations the context-parallel split does not cover yet."""
-        p = self.parallel
-        if p.cp == 1:
-            return
-        refused = (
-            (p.pp > 1, f"parallel.pp={p.pp} (pipeline stages need one activation shape, the split's varies per micro-batch)",
-             "parallel.pp=1"),
-            (bool(self.model.llm.num_experts), "a mixture-of-experts model", "a dense model"),
-        )
-        for bad, what, fix in refused:
-            if bad:
-                raise ConfigError(f"parallel.cp={p.cp} with {what} is not available yet; use {fix} or parallel.cp=1")
 
     def _validate_eval(self, dp: int) -> None:
         if self.eval.every and not self.data.valid:

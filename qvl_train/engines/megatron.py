@@ -6,7 +6,8 @@ How a step works (every layout computes the same step as one process):
      Packing, padding, micro-batch count and layout then never change the loss or its gradient
      (per-sample or per-micro-batch averaging is what makes packed losses drift elsewhere).
   2. megatron-core's schedule runs forward/backward (no pipelining, 1F1B across `pp` stages with
-     `[L, 1, H]` activations sent between stages, or with `parallel.vpp` the interleaved 1F1B over
+     `[L, 1, H]` activations sent between stages — under `parallel.cp` each rank's zigzag share, every
+     micro-batch padded to the step's largest share — or with `parallel.vpp` the interleaved 1F1B over
      this rank's model chunks, `parallel/pipeline.py`). `calculate_per_token_loss=True` keeps it from
      dividing by the micro-batch count: our loss is already normalised.
   3. Gradients are summed over data-parallel ranks (one flat all-reduce per dtype) — routed-expert
@@ -360,10 +361,22 @@ class MegatronEngine:
             data_iterator=[iter(batches) for _ in models] if len(models) > 1 else iter(batches),
             model=models,
             num_microbatches=len(batches),
-            seq_length=batches[0].num_slots,
+            seq_length=self._pipeline_seq_length(batches),
             micro_batch_size=1,
             forward_only=forward_only,
         )
+
+    def _pipeline_seq_length(self, batches: list[PackedBatch]) -> int:
+        """The sequence length megatron's pipeline schedules size the stage-to-stage activations from
+        (they divide it by cp, and by tp under sequence parallelism). Packed rows all have `num_slots`;
+        under parallel.cp every micro-batch of the step is padded to the step's largest zigzag share
+        (`ContextParallel.step_rows`: one shape, no per-micro-batch shape exchange between stages)."""
+        if self.dims.cp == 1 or self.dims.pp == 1:
+            return batches[0].num_slots
+        rows = self.chunks[0].context_parallel.step_rows([b.cu_seqlens for b in batches])
+        for chunk in self.chunks:
+            chunk.context_parallel.rows = rows
+        return rows * self.dims.cp
 
     def _counted(self, p: torch.nn.Parameter) -> bool:
         """Whether this rank counts `p` in norms and totals: one tensor-parallel copy of a replicated

@@ -11,8 +11,17 @@ routers were built before that, so they do not multiply by the token count).
 
 `end_step` returns, summed over all ranks:
 * `loss/moe_aux`: `coeff · Σ_layers mean_microbatch aux` — the term the gradient saw;
-* the expert load per layer: routed tokens per expert (padding slots included: they are routed
-  too), from a forward hook on each router (a wandb histogram per layer, a list in metrics.jsonl).
+* the expert load per layer: routed tokens per expert, from a forward hook on each router (a wandb
+  histogram per layer, a list in metrics.jsonl).
+
+Padding rows (the pack's tail past the last sample; under `parallel.cp` the zigzag split's padding)
+are routed through the experts like any row, but the model hands the routers a padding mask: megatron
+leaves them out of the aux loss and this monitor out of the load. Both then count the tokens of the
+samples only, which every layout has in common. Each rank's tracked aux value is its share
+(`E · Σ_i f_i · P_i` with `f_i` over the tensor × context-parallel group's tokens, `P_i` summed over
+this rank's rows and divided by that group's token count), so the shares of the tensor-parallel ranks
+(under sequence parallelism each routes its slice of the rows) and of the context-parallel ranks (each
+its zigzag share) add up to the aux loss of the whole sequence, as the load does: `end_step` sums them.
 """
 
 from __future__ import annotations
@@ -47,8 +56,11 @@ class MoEStepMonitor:
         # Once per routed token: under full recompute the first forward runs without grad and the
         # backward's recompute with it (the pass in which megatron also records the aux loss).
         if router.training and torch.is_grad_enabled():
-            routing_map = output[1]
-            self.load[router.layer_number - 1] += routing_map.reshape(-1, self.load.shape[1]).sum(0).double()
+            routing_map = output[1].reshape(-1, self.load.shape[1])
+            padding = inputs[1] if len(inputs) > 1 else None  # [rows, 1], True = padding (see the module docstring)
+            if padding is not None:
+                routing_map = routing_map[~padding.reshape(-1)]
+            self.load[router.layer_number - 1] += routing_map.sum(0).double()
 
     def begin_step(self, local_micro_batches: int) -> None:
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
@@ -67,7 +79,7 @@ class MoEStepMonitor:
         if tracked is not None:
             aux += tracked["values"].detach().to(aux.device, torch.float64)[: aux.shape[0]]
         both = torch.cat([aux[:, None], self.load], dim=1)
-        if self.dims.tp_rank != 0:  # tensor-parallel ranks see the same tokens: count them once
+        if self.dims.tp_rank != 0 and not self.config.sequence_parallel:  # the same rows on every TP rank: once
             both.zero_()
         dist.all_reduce(both, group=self.dims.groups["world"])
         aux_loss = self.coeff * float(both[:, 0].sum()) / self.micro_batches

@@ -49,12 +49,18 @@ class Execution:
         return kw
 
 
-def run_layer(layer, hidden_states: torch.Tensor, rotary_pos_emb: torch.Tensor, packed_seq_params) -> torch.Tensor:
+def run_layer(
+    layer, hidden_states: torch.Tensor, rotary_pos_emb: torch.Tensor, packed_seq_params, padding_mask=None
+) -> torch.Tensor:
     """One `TransformerLayer` on `[s, 1, h]` (no mask, packed segments), fully recomputed in the backward
-    when its config asks for `recompute_granularity="full"` (what `TransformerBlock` does for its own loop)."""
+    when its config asks for `recompute_granularity="full"` (what `TransformerBlock` does for its own loop).
+    `padding_mask` `[1, s]` (True = padding) reaches MoE routers (see `LanguageModel.forward`)."""
 
     def forward(h: torch.Tensor) -> torch.Tensor:
-        return layer(hidden_states=h, attention_mask=None, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params)[0]
+        return layer(
+            hidden_states=h, attention_mask=None, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params,
+            padding_mask=padding_mask,
+        )[0]
 
     if not (layer.config.recompute_granularity == "full" and layer.training and torch.is_grad_enabled()):
         return forward(hidden_states)
@@ -137,6 +143,14 @@ class SequenceShards:
         if not self.on or not self.pad:
             return x
         return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, self.pad))
+
+    def mask(self, padding_S: torch.Tensor) -> torch.Tensor:
+        """A per-row bool mask `[s]` → this rank's rows `[1, s/tp]` (megatron's `[batch, seq]` padding-mask
+        layout); the rows `scatter` pads with are padding too."""
+        if self.on:
+            padding_S = torch.cat([padding_S, padding_S.new_ones(self.pad)])
+            padding_S = tensor_parallel.scatter_to_sequence_parallel_region(padding_S.unsqueeze(1)).squeeze(1)
+        return padding_S.unsqueeze(0)
 
     def gather(self, h: torch.Tensor) -> torch.Tensor:
         if not self.on:

@@ -159,6 +159,7 @@ class Qwen2LanguageModel(MegatronModule):
         packed_seq_params,
         output_positions: Optional[torch.Tensor] = None,
         deepstack: Optional[tuple[torch.Tensor, list[torch.Tensor]]] = None,
+        padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Run this stage's layers; on the last stage also the final norm and output layer.
 
@@ -169,17 +170,23 @@ class Qwen2LanguageModel(MegatronModule):
         `deepstack = (positions [n], [features [n, H], …])` (Qwen3-VL, first stage only): feature i
         is added at `positions` to the output of global decoder layer i (0-based), so the layers
         run one by one here (the block still owns them: names and sharding stay megatron's).
+
+        `padding_mask` `[L]` (True at rows that hold no token of a sample) reaches megatron's MoE routers,
+        which leave those rows out of the load-balancing loss: it then counts the same tokens whatever
+        padding a layout adds (context parallelism's zigzag split pads each sample, see parallel/context.py).
         """
         shards = SequenceShards(self.config, rotary_pos_emb.shape[0])  # parallel.sp: L split over TP ranks
         if shards.pad:
             raise ValueError(f"sequence parallelism needs the packed length ({shards.rows}) to be a multiple of parallel.tp")
         if self.pre_process:
             hidden_L1H = shards.scatter(hidden_L1H)
+        padding = None if padding_mask is None else shards.mask(padding_mask)
         if deepstack is not None:
-            h = self._forward_deepstack(hidden_L1H, rotary_pos_emb, packed_seq_params, shards, *deepstack)
+            h = self._forward_deepstack(hidden_L1H, rotary_pos_emb, packed_seq_params, shards, *deepstack, padding=padding)
         else:
             h = self.decoder(
-                hidden_states=hidden_L1H, attention_mask=None, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params
+                hidden_states=hidden_L1H, attention_mask=None, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params,
+                padding_mask=padding,
             )
         if not self.post_process:
             return h
@@ -190,7 +197,7 @@ class Qwen2LanguageModel(MegatronModule):
         logits, _ = self.output_layer(h, weight=weight)
         return logits
 
-    def _forward_deepstack(self, h, rotary_pos_emb, packed_seq_params, shards, positions, features):
+    def _forward_deepstack(self, h, rotary_pos_emb, packed_seq_params, shards, positions, features, padding=None):
         if not self.pre_process:
             raise ValueError("DeepStack features are injected on the first pipeline stage only")
         stage_layers = {layer.layer_number - 1 for layer in self.decoder.layers}  # global, 0-based
@@ -201,7 +208,7 @@ class Qwen2LanguageModel(MegatronModule):
                 "on the first pipeline stage; raise parallel.first_stage_layers"
             )
         for layer in self.decoder.layers:
-            h = run_layer(layer, h, rotary_pos_emb, packed_seq_params)
+            h = run_layer(layer, h, rotary_pos_emb, packed_seq_params, padding)
             i = layer.layer_number - 1
             if i < len(features):
                 if shards.on:  # the features at full length, then this rank's slice of the sequence

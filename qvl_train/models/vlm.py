@@ -151,6 +151,16 @@ class VLM(MegatronModule):
         )
         return rope, packed
 
+    @staticmethod
+    def _padding_rows(batch: PackedBatch, split=None) -> torch.Tensor:
+        """`[L]` bool, True at rows that hold no sample's token: the pack's tail past `cu_seqlens[-1]`, or
+        under parallel.cp the split's padding rows. MoE routers leave them out of the load-balancing
+        loss (and the engine out of the expert load), so both count the same tokens in every layout."""
+        device = batch.input_ids.device
+        if split is not None:
+            return split.src.to(device) < 0
+        return torch.arange(batch.input_ids.shape[0], device=device) >= batch.cu_seqlens[-1].to(device)
+
     def forward(self, batch: PackedBatch, return_logits: bool = False) -> torch.Tensor:
         """Per-token loss `[L]` float32 on the last stage (vocab-parallel logits `[L, V/tp]` of every
         slot with `return_logits`: the parity tools under pipeline parallelism), else hidden states `[L, 1, H]`.
@@ -162,17 +172,18 @@ class VLM(MegatronModule):
         if split is not None and return_logits:
             raise ValueError("per-slot logits of the whole row are not available under parallel.cp; use parallel.cp=1")
         rope, packed = self._rope_and_packing(batch, split)
+        padding = self._padding_rows(batch, split) if self.cfg.llm.num_experts else None
         hidden, deepstack = self.embed_for_llm(batch) if self.pre_process else (None, None)
         if split is not None and self.pre_process:
             hidden, deepstack = split.take(hidden), split.localize(deepstack)
         if not self.post_process:
-            return self.llm(hidden, rope, packed, deepstack=deepstack)
+            return self.llm(hidden, rope, packed, deepstack=deepstack, padding_mask=padding)
         if return_logits:
-            return self.llm(hidden, rope, packed, deepstack=deepstack).squeeze(1)
+            return self.llm(hidden, rope, packed, deepstack=deepstack, padding_mask=padding).squeeze(1)
         # Logits only where a label is: the same per-token losses at a fraction of the output-layer cost.
         labels = batch.labels if split is None else split.labels(batch.labels)
         targets = torch.nonzero(labels != IGNORE_INDEX).squeeze(1)
-        logits_n1V = self.llm(hidden, rope, packed, output_positions=targets, deepstack=deepstack)
+        logits_n1V = self.llm(hidden, rope, packed, output_positions=targets, deepstack=deepstack, padding_mask=padding)
         loss_n1 = tensor_parallel.vocab_parallel_cross_entropy(logits_n1V.float(), labels[targets].unsqueeze(1))
         loss_L = torch.zeros(labels.shape[0], dtype=torch.float32, device=loss_n1.device)
         return loss_L.index_put((targets,), loss_n1.squeeze(1))

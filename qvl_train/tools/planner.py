@@ -3,8 +3,8 @@
     python launch/plan.py +experiment=qwen3vl_235b_thinking cluster.gpus=256 cluster.gpu=h100
 
 Context parallelism is modelled as `qvl_train/parallel/context.py` runs it (each rank holds 1/cp of the
-tokens and encodes ~1/cp of the patches; optimizer state sharded over dp·cp); training so far runs cp with
-pp = 1 on dense models only (TrainConfig refuses the rest), the planner still ranks those layouts.
+tokens and encodes ~1/cp of the patches; optimizer state sharded over dp·cp); training runs cp with tp (+ sp),
+pp (and vpp) and MoE models alike.
 
 A layout is (tp, pp, vpp, ep, etp, cp, dp, recompute) at the run's micro-batch (`data.max_tokens`
 tokens per packed micro-batch) and global batch (`train.global_batch_tokens`). The model is megatron's

@@ -100,7 +100,10 @@ def main(out: str, data_root: str, *overrides: str) -> None:
         grads = assemble([p for rank in pieces for p in rank])
         model = engine.model
         sp = {"llm": model.config.sequence_parallel, "vision": model.vision.config.sequence_parallel}
-        torch.save({"loss": result.loss, "grad_norm": result.grad_norm, "grads": grads, "sequence_parallel": sp}, out)
+        torch.save({
+            "loss": result.loss, "grad_norm": result.grad_norm, "grads": grads, "sequence_parallel": sp,
+            "moe_aux": result.moe_aux_loss, "expert_load": result.expert_load,  # MoE models (None / {} otherwise)
+        }, out)
     loader.close()
     dims.destroy()
 

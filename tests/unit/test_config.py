@@ -97,8 +97,8 @@ def test_user_keys_reach_the_typed_config():
         (["parallel.tp=2", "parallel.sp=true", "data.max_tokens=1023", "train.global_batch_tokens=1023"], 2,
          "data.max_tokens"),  # sequence parallelism splits the packed length over tp
         (["parallel.cp=2"], 3, "parallel.tp·pp·cp"),  # world not divisible by cp
-        (["parallel.cp=2", "parallel.pp=2"], 4, "parallel.pp=1"),  # cp with pipeline stages: refused
-        (["model=qwen3_vl_moe/tiny", "parallel.cp=2"], 2, "mixture-of-experts"),  # cp with MoE: refused
+        (["parallel.cp=2", "parallel.pp=2"], 2, "parallel.tp·pp·cp"),  # cp × pp needs cp·pp ranks
+        (["model=qwen3_vl_moe/tiny", "parallel.cp=2", "parallel.ep=4"], 2, "parallel.ep"),  # ep·etp·pp ∤ world
         # the interleaved schedule: pp > 1, whole layers per chunk, micro-batches per dp rank a multiple of pp
         (["parallel.vpp=2"], 1, "parallel.pp"),
         (["parallel.pp=2", "parallel.vpp=2"], 2, "parallel.vpp"),  # 2 layers, 4 chunks
@@ -116,6 +116,19 @@ def test_validation_errors_name_the_key(overrides, world, key):
     cfg = _compose("+experiment=tiny", *overrides)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         cfg.validate(world)
+
+
+def test_context_parallel_combines_with_pipeline_and_experts():
+    """cp × pp (with tp + sp, and with the interleaved schedule) and cp with a mixture-of-experts model
+    (with expert parallelism over the CP ranks) validate; they compute the one-process step
+    (tests/distributed/test_grad_equivalence.py)."""
+    _compose("+experiment=tiny", "parallel.cp=2", "parallel.pp=2").validate(4)
+    _compose("+experiment=tiny", "parallel.cp=2", "parallel.pp=2", "parallel.tp=2", "parallel.sp=true").validate(8)
+    _compose("+experiment=tiny_qwen3_vl", "parallel.cp=2", "parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=6",
+             "parallel.first_stage_layers=4").validate(4)
+    _compose("+experiment=tiny_qwen3_vl_moe", "parallel.cp=2").validate(2)
+    _compose("+experiment=tiny_qwen3_vl_moe", "parallel.cp=2", "parallel.ep=2").validate(2)
+    _compose("+experiment=tiny_qwen3_vl_moe", "parallel.cp=2", "parallel.ep=2", "parallel.tp=2", "parallel.sp=true").validate(4)
 
 
 def test_interleaved_layouts_validate():

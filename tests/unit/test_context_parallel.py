@@ -14,7 +14,7 @@ import torch
 
 from data_pipelines.schema import IGNORE_INDEX
 from qvl_train.models.attention import varlen_sdpa
-from qvl_train.parallel.context import ContextParallel, attend_gathered, zigzag_split
+from qvl_train.parallel.context import ContextParallel, attend_gathered, zigzag_rows, zigzag_split
 
 # Sample 0: 13 tokens, text 0-2, a 2×3 image (6 tokens) at 3-8 (M-RoPE t=3, h=3..4, w=3..5), text 9-12
 # (positions restart at 6 after the image). Sample 1: 7 text tokens. Sample 2: 17 text tokens. Tail: 3 slots.
@@ -106,6 +106,22 @@ def test_attention_over_gathered_keys_matches_per_sample_causal(cp):
     grads = torch.autograd.grad(total, (q, k, v))
     for g, g_ref, name in zip(grads, ref_grads, "qkv"):
         assert torch.allclose(g, g_ref, atol=1e-12), name
+
+
+def test_pipelined_step_pads_every_micro_batch_to_its_largest_share():
+    """Under pipeline parallelism every micro-batch of a step gets the same local row count (the stages
+    exchange one activation shape): the largest share of the step; padding rows take no token."""
+    short = torch.tensor([0, 5, 9], dtype=torch.int32)  # 4 + 2 rows per CP rank at cp=2; CU's: 8 + 4 + 10
+    cp = ContextParallel(2, 1, None, multiple=2)
+    assert [zigzag_rows(cu, 2, 2) for cu in (CU, short)] == [zigzag_split(CU, 2, 1, 2).rows, 6] == [22, 6]
+    rows = cp.step_rows([short, CU])
+    assert rows == 22
+    cp.rows = rows
+    own, padded = zigzag_split(short, 2, 1, 2), cp.split(short)
+    assert padded.rows == 22 and torch.equal(padded.src[: own.rows], own.src) and (padded.src[own.rows :] == -1).all()
+    assert padded.samples == own.samples
+    with pytest.raises(ValueError, match="needs 22 local rows"):
+        zigzag_split(CU, 2, 0, 2, rows=6)
 
 
 def test_media_share_is_contiguous_and_balanced():
