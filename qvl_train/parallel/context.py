@@ -14,8 +14,9 @@ What is split, what is shared (the model calls the hooks below; model files stay
   (`gather_kv`: autograd-correct, the backward sums the K/V gradients of every rank's queries and
   keeps this rank's rows), then every local query of sample i attends causally to the keys of sample i
   at positions <= its own global position (a `[2c, n_i]` mask per sample, one SDPA per sample: no
-  L × L mask). All-gather rather than a ring: one collective per layer, simple and exact; a ring
-  (or Transformer Engine's CP attention) is the memory-saving upgrade for 256K contexts on GPUs.
+  L × L mask). All-gather rather than a ring: one collective per layer, simple and exact. Where
+  Transformer Engine runs (the `te` backend, bf16), its own CP attention takes these rows instead: a
+  ring exchange of K/V chunks that never holds every key at once (`models/attention.context_te`).
 * **The ViT is shared, not repeated** (`encode_media`): the images / videos of the micro-batch are
   dealt to CP ranks in contiguous blocks (balanced by patch count); each rank runs the ViT + merger
   (and the DeepStack mergers) on its block only, and the merged embeddings are all-gathered
