@@ -30,8 +30,9 @@ dp rank 0 and reshaped into tensors of each parameter's shape, named after the m
 tensor (`optimizer.state.exp_avg.<key>`, `.exp_avg_sq.`, `.param.` = fp32 master); on load every rank
 reads what covers its slice. So a checkpoint written at dp=2 loads at dp=1 or dp=4 and at another
 tp/pp; expert state goes the same way over the expert-data-parallel group, keyed by the experts' global
-checkpoint keys, so an ep=2 checkpoint loads at ep=1. (`fully_sharded_model_space`, the fully parallel one, needs flattened ShardedTensors, which
-megatron-core 0.16 no longer supports; `dp_reshardable` cannot change tp/pp.)
+checkpoint keys, so an ep=2 checkpoint loads at ep=1. (`fully_sharded_model_space`, the fully parallel
+one, needs flattened ShardedTensors, which megatron-core 0.16 no longer supports; `dp_reshardable`
+cannot change tp/pp.)
 """
 
 from __future__ import annotations
