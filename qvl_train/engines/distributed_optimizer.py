@@ -93,7 +93,7 @@ class ShardedAdamW:
         self._group_meta = [(g["module"], g["weight_decay"]) for g in self.optimizer.param_groups]
         names = {p: n for n, p in model.named_parameters()}
         self._shards = [  # (module index, expert?, model param, this rank's fp32 slice of it)
-            (modules.index(module_of(names[p])), not p.allreduce, p, main)
+            (modules.index(module_of(names[p])), not getattr(p, "allreduce", True), p, main)
             for opt in self.optimizer.chained_optimizers  # one per kind of parameter (dense; MoE experts)
             for model_group, main_group in (
                 (opt.model_float16_groups, opt.shard_fp32_from_float16_groups),

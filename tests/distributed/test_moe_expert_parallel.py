@@ -11,9 +11,12 @@
 2. One step of the 6-layer model in the layouts a 235B-A22B run combines, each with the distributed
    optimizer, gradients assembled by `grad_probe.py` within 1e-5 of one process, with the same loss,
    grad norm, aux loss and expert load: tensor × expert parallel (tp=2 with sequence parallelism × ep=2,
-   4 processes) and the interleaved pipeline with experts (pp=2 vpp=2 × ep=2 × dp=2, 4 processes; chunk 0
-   of rank 0 holds layers 0-1 with the DeepStack injections, every chunk has its own config whose aux-loss
-   coefficient the step sets). The engine's own AdamW under tp × ep is in test_edge_batches.py.
+   4 processes); tp=2 + sp alone (ep=1: each tensor rank routes its own sequence slice through whole
+   experts, so their gradients are summed over both ranks, which megatron's DDP does only for parameters
+   marked expert-parallel); the interleaved pipeline with experts (pp=2 vpp=2 × ep=2 × dp=2, 4 processes;
+   chunk 0 of rank 0 holds layers 0-1 with the DeepStack injections, every chunk has its own config whose
+   aux-loss coefficient the step sets). The engine's own AdamW under tensor × expert parallelism is in
+   test_edge_batches.py (tp=2 + sp, etp=2).
 """
 
 from __future__ import annotations
@@ -63,15 +66,17 @@ def reference_6l(tmp_path_factory, data_root):
 
 
 @pytest.mark.parametrize(
-    "name, overrides, sp",
+    "name, nproc, overrides, sp",
     [
-        ("tp2_sp_ep2", ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"], True),
-        ("pp2_vpp2_ep2_dp2", ["parallel.pp=2", "parallel.vpp=2", "parallel.first_stage_layers=4", "parallel.ep=2"], False),
+        ("tp2_sp_ep2", 4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"], True),
+        # ep=1: experts whole on both tensor ranks, each routing its own sequence slice, so expert-dp (2) ≠ dp (1)
+        ("tp2_sp", 2, ["parallel.tp=2", "parallel.sp=true"], True),
+        ("pp2_vpp2_ep2_dp2", 4, ["parallel.pp=2", "parallel.vpp=2", "parallel.first_stage_layers=4", "parallel.ep=2"], False),
     ],
 )
-def test_expert_layouts_with_the_distributed_optimizer(tmp_path, data_root, reference_6l, name, overrides, sp):
+def test_expert_layouts_with_the_distributed_optimizer(tmp_path, data_root, reference_6l, name, nproc, overrides, sp):
     ref = reference_6l
-    got = run_probe(GRAD_PROBE, tmp_path / f"{name}.pt", 4, str(data_root), *MOE_6L, *overrides, "optim.distributed=true")
+    got = run_probe(GRAD_PROBE, tmp_path / f"{name}.pt", nproc, str(data_root), *MOE_6L, *overrides, "optim.distributed=true")
     assert got["sequence_parallel"]["llm"] == sp
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
