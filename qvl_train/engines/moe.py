@@ -77,7 +77,7 @@ class MoEStepMonitor:
         # slice of the sequence: its load counts those tokens, and its aux-loss value is its part of the
         # layer's loss (megatron's router all-reduces the token counts over tp × cp but sums the routing
         # probabilities locally), so every rank contributes. Without it the TP ranks would repeat each other.
-        if self.dims.tp_rank != 0 and not self.configs[0].sequence_parallel:
+        if self.dims.tp_rank != 0 and not any(c.sequence_parallel for c in self.configs):
             both.zero_()
         dist.all_reduce(both, group=self.dims.groups["world"])
         aux_loss = self.coeff * float(both[:, 0].sum()) / self.micro_batches
