@@ -3,8 +3,8 @@
     python benchmarks/layouts.py [--experiment tiny_qwen3_vl] [--steps 12] [--layouts single,dp2,tp2,...] [KEY=VALUE ...]
 
 Extra KEY=VALUE overrides apply to every layout (e.g. `model.llm.num_layers=6`, which pp2_vpp2 needs:
-4 model chunks, the first holding both DeepStack layers). The MoE layouts (ep2, tp2_sp_ep2) take
-`--experiment tiny_qwen3_vl_moe`.
+4 model chunks, the first holding both DeepStack layers). The MoE layouts (ep2, ep2_zero1, tp2_sp_ep2) take
+`--experiment tiny_qwen3_vl_moe` (which also runs pp2_vpp2 with `model.llm.num_layers=6`).
 
 Each layout trains the experiment for `--steps` optimizer steps from the same seed on the same
 synthetic shards (`data.max_tokens=1024`, 2 micro-batches per step) and reports the median step time
@@ -40,6 +40,7 @@ LAYOUTS = {
     "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2", "parallel.first_stage_layers=4"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.first_stage_layers=2"]),
     "ep2": (2, ["parallel.ep=2"]),
+    "ep2_zero1": (2, ["parallel.ep=2", "optim.distributed=true"]),
     "tp2_sp_ep2": (4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"]),
 }
 

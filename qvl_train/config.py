@@ -293,7 +293,9 @@ class ParallelConfig:
     gradients are summed over megatron's expert-data-parallel group, which spans the CP ranks)."""
     ep: int = 1
     """Expert-parallel size for MoE models: the experts of each layer are split over ep ranks, tokens
-    travel by all-to-all. Not an extra factor of the world: ep·etp·pp must divide the world size."""
+    travel by all-to-all. Not an extra factor of the world: ep·etp·pp must divide the world size.
+    Combines with tp (with sp), pp, vpp and optim.distributed (expert gradients and optimizer state
+    over the expert-data-parallel group: world / (ep·etp·pp) ranks holding the same experts)."""
     etp: int = 1
     """Tensor-parallel size inside experts (1 = each expert whole on its rank)."""
     vpp: int = 1
@@ -302,7 +304,8 @@ class ParallelConfig:
     (model.llm.num_layers / (pp·vpp) per chunk, or first_stage_layers / vpp on rank 0), layers
     dealt round-robin: with 4 layers, pp=2, vpp=2 rank 0 holds [0] [2], rank 1 [1] [3]. The ViT,
     projector and embedding are in chunk 0 of rank 0, the output layer in the last chunk of the
-    last rank. Micro-batches per step and data-parallel rank must be a multiple of pp."""
+    last rank. Micro-batches per step and data-parallel rank must be a multiple of pp. Works for MoE
+    models too (with ep and optim.distributed; each chunk's routers get the step's aux-loss scale)."""
     first_stage_layers: Optional[int] = None
     """LLM layers on the first pipeline stage (it also carries the ViT); None = even split."""
 
@@ -373,7 +376,8 @@ class OptimConfig:
     distributed: bool = False
     """megatron-core DistributedDataParallel (bucketed fp32 grad buffers, reduce-scatter) and its
     DistributedOptimizer: AdamW moments (and, with train.dtype=bf16, the fp32 master weights) sharded
-    over data-parallel ranks (ZeRO-1), 1/dp of the optimizer memory per rank. Off by default because a
+    over data-parallel ranks (ZeRO-1), 1/dp of the optimizer memory per rank; for MoE models the routed
+    experts' state over the expert-data-parallel ranks (world / (ep·etp·pp)). Off by default because a
     checkpoint's optimizer state is written in the format of the optimizer that wrote it: runs resume
     only with the setting they started with (the weights load either way through model.init_from)."""
 
@@ -748,9 +752,6 @@ class TrainConfig:
                 f"parallel.vpp={p.vpp}: eval.max_batches / dp = {self.eval.max_batches // dp} must be a multiple of "
                 f"parallel.pp={p.pp} (the interleaved schedule's micro-batch groups); change eval.max_batches"
             )
-        if llm.num_experts:
-            raise ConfigError(f"parallel.vpp={p.vpp} with a mixture-of-experts model is not available yet; "
-                              "set parallel.vpp=1")
 
     def _validate_experts(self, world_size: int) -> None:
         """Expert parallelism: megatron's rule (ep·etp·pp divides the world; experts divide over ep)."""
@@ -772,11 +773,6 @@ class TrainConfig:
         if llm.num_experts and p.etp > 1 and llm.moe_ffn_hidden_size % p.etp:
             raise ConfigError(
                 f"model.llm.moe_ffn_hidden_size={llm.moe_ffn_hidden_size} is not divisible by parallel.etp={p.etp}"
-            )
-        if llm.num_experts and self.optim.distributed:
-            raise ConfigError(
-                "optim.distributed=true with a mixture-of-experts model is not available yet (expert gradients "
-                "are reduced over their own group by the engine's optimizer); set optim.distributed=false"
             )
         if llm.num_experts and self.model.lora.enabled and (p.tp > 1 or p.etp > 1):
             raise ConfigError(

@@ -11,6 +11,11 @@
 * `DistributedOptimizer` (built through `get_megatron_optimizer`) keeps AdamW's moments, and for bf16
   parameters an fp32 master copy, only for this rank's slice; after the update the parameter buffers
   are all-gathered. Optimizer memory per rank is 1/dp of the non-distributed optimizer's.
+* Routed experts of MoE models (`mark_expert_params`: `param.allreduce = False`) get DDP's second set
+  of buffers, reduce-scattered over the expert-data-parallel group (the ranks holding the same experts:
+  world / (ep·etp·pp)), and a second DistributedOptimizer sharding their state over that group;
+  `get_megatron_optimizer` chains the two. Their squared gradient norms are summed over that group and
+  the expert model-parallel one (the engine's `_grad_norms`), the dense ones over dp × cp and tp × pp.
 
 Per-module learning rates and weight-decay exclusions are megatron `config_overrides`: every
 parameter is matched to its module (vision / projector / llm), which becomes a `module` key of its
@@ -24,8 +29,10 @@ Checkpoints go through the optimizer's `sharded_state_dict` in megatron's `fully
 dp rank 0 and reshaped into tensors of each parameter's shape, named after the model's own sharded
 tensor (`optimizer.state.exp_avg.<key>`, `.exp_avg_sq.`, `.param.` = fp32 master); on load every rank
 reads what covers its slice. So a checkpoint written at dp=2 loads at dp=1 or dp=4 and at another
-tp/pp. (`fully_sharded_model_space`, the fully parallel one, needs flattened ShardedTensors, which
-megatron-core 0.16 no longer supports; `dp_reshardable` cannot change tp/pp.)
+tp/pp; expert state goes the same way over the expert-data-parallel group, keyed by the experts' global
+checkpoint keys, so an ep=2 checkpoint loads at ep=1. (`fully_sharded_model_space`, the fully parallel
+one, needs flattened ShardedTensors, which megatron-core 0.16 no longer supports; `dp_reshardable`
+cannot change tp/pp.)
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class ShardedAdamW:
         # One DDP per model chunk (parallel.vpp: `ModelChunks`), as megatron's own training wraps them; the
         # interleaved schedule runs the list, one optimizer covers all their buffers.
         chunks = list(model) if isinstance(model, torch.nn.ModuleList) else [model]
+        mark_expert_params(model)
         self.ddps = [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c) for c in chunks]
         config = OptimizerConfig(
             optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, weight_decay=optim_cfg.weight_decay,
@@ -84,8 +92,8 @@ class ShardedAdamW:
         # do not tell modules apart: what is ours is put back after every load.
         self._group_meta = [(g["module"], g["weight_decay"]) for g in self.optimizer.param_groups]
         names = {p: n for n, p in model.named_parameters()}
-        self._shards = [  # (module index, model param, this rank's fp32 slice of it)
-            (modules.index(module_of(names[p])), p, main)
+        self._shards = [  # (module index, expert?, model param, this rank's fp32 slice of it)
+            (modules.index(module_of(names[p])), not getattr(p, "allreduce", True), p, main)
             for opt in self.optimizer.chained_optimizers  # one per kind of parameter (dense; MoE experts)
             for model_group, main_group in (
                 (opt.model_float16_groups, opt.shard_fp32_from_float16_groups),
@@ -108,13 +116,14 @@ class ShardedAdamW:
         self.optimizer.prepare_grads()
 
     def module_grad_sq(self, device, counted) -> torch.Tensor:
-        """Σ grad² per module over this rank's slices of the parameters `counted(param)` accepts (the
-        engine's rule: tensor-parallel duplicates and a tied embedding copy once); the caller sums it over
-        every rank (each element of a gradient lives in exactly one dp slice)."""
-        sq = torch.zeros(len(self.modules), dtype=torch.float64, device=device)
-        for index, param, main in self._shards:
-            if main.grad is not None and counted(param):
-                sq[index] += torch.linalg.vector_norm(main.grad.detach()).double() ** 2
+        """Σ grad² per module over this rank's slices, `[dense, routed experts] × modules`. Dense: the
+        parameters `counted(param)` accepts (the engine's rule: tensor-parallel duplicates and a tied
+        embedding copy once), each element in exactly one data-parallel slice; experts: every slice, each
+        element in exactly one expert-data-parallel slice. The caller sums each row over its groups."""
+        sq = torch.zeros(2, len(self.modules), dtype=torch.float64, device=device)
+        for index, expert, param, main in self._shards:
+            if main.grad is not None and (expert or counted(param)):
+                sq[int(expert), index] += torch.linalg.vector_norm(main.grad.detach()).double() ** 2
         return sq
 
     def step(self, lrs: dict[str, float], grad_norm: float) -> None:
@@ -168,8 +177,20 @@ class ShardedAdamW:
         parameters (fp32 parameters are updated in place, their slices are views, not copies)."""
         moments = sum(t.numel() * t.element_size() for _, st in self._inner_states()
                       for k, t in st.items() if k != "step")
-        masters = sum(main.numel() * main.element_size() for _, p, main in self._shards if p.dtype != torch.float32)
+        masters = sum(main.numel() * main.element_size() for *_, p, main in self._shards if p.dtype != torch.float32)
         return moments + masters
+
+
+def mark_expert_params(model: torch.nn.Module) -> None:
+    """Tag routed-expert weights `allreduce = False`, megatron's mark for parameters whose gradients DDP
+    reduces (and the distributed optimizer shards) over the expert-data-parallel group, in separate
+    buffers and a separate optimizer. megatron's layers set it only when `parallel.ep > 1`; at ep = 1
+    the expert-data-parallel ranks still differ from the dense ones whenever tp > 1 with etp = 1 (each
+    tensor-parallel rank routes its own slice of the sequence), so the mark follows the name here."""
+    from qvl_train.engines.moe import is_expert_param
+
+    for name, param in model.named_parameters():
+        param.allreduce = not is_expert_param(name)
 
 
 def _load_distributed(opt, state: dict) -> None:

@@ -16,8 +16,9 @@ How a step works (every layout computes the same step as one process):
      tensor-parallel duplicates once, summed over the model-parallel group (expert shards over the
      expert tensor×expert×pipeline group), then clipped; AdamW steps. With `optim.distributed=true`
      step 3 is megatron-core's DistributedDataParallel + DistributedOptimizer instead (reduce-scatter,
-     AdamW state and fp32 masters sharded over dp; see `engines/distributed_optimizer.py`); the step
-     result is the same.
+     AdamW state and fp32 masters sharded over dp, routed experts in their own buffers and optimizer
+     sharded over the expert-data-parallel group; see `engines/distributed_optimizer.py`); the step
+     result is the same, for dense and MoE models, with or without `parallel.vpp`.
   MoE models also report the load-balancing loss and the expert load (`engines/moe.py`).
 
 The optimizer has one pair of parameter groups (decayed / not decayed: norms and biases) per module,
@@ -417,8 +418,9 @@ class MegatronEngine:
         """Give a zero gradient to every trainable parameter this rank's micro-batches did not reach (the
         ViT on a data-parallel rank without images or on a context-parallel rank whose share of the media
         is empty, an expert no token was routed to, the output layer in a step without labels): every rank
-        then reduces the same tensors, and the optimizer steps every trainable parameter, as with
-        megatron's gradient buffers (`optim.distributed`)."""
+        then reduces the same tensors, and the optimizer steps every trainable parameter. With
+        `optim.distributed` nothing is needed: megatron's gradient buffers start at zero every step and
+        are reduce-scattered whole, so such a parameter (expert or dense) gets a zero gradient there too."""
         if self.sharded is None:
             for _, p in self._params:
                 if p.grad is None:
@@ -471,12 +473,16 @@ class MegatronEngine:
         Dense parameters: squares summed over the model-parallel group (tp × pp). Routed experts: every
         local shard counts, summed over the expert tensor × expert × pipeline group, so each expert
         is counted once whatever `parallel.ep` (its expert-data-parallel copies are not in that group).
-        With `optim.distributed` (dense models only) each rank holds a 1/dp slice of every gradient.
+        With `optim.distributed` each rank holds a 1/dp slice of every dense gradient and a 1/expert-dp
+        slice of every expert gradient: those squares are first summed over dp × cp ("dp_cp"), and
+        over the expert-data-parallel group ("edp") respectively.
         """
+        groups = self.dims.groups
         if self.sharded is not None:
-            total = self.sharded.module_grad_sq(self.dims.device, counted=self._counted)
-            dist.all_reduce(total, group=self.dims.groups["dp_cp"])  # the slices cover dp × cp ranks
-            dist.all_reduce(total, group=self.dims.groups["mp"])
+            sq = self.sharded.module_grad_sq(self.dims.device, counted=self._counted)  # [dense, expert] × modules
+            dist.all_reduce(sq[0], group=groups["dp_cp"])
+            if self.moe is not None:
+                dist.all_reduce(sq[1], group=groups["edp"])
         else:
             sq = torch.zeros(2, len(MODULES), dtype=torch.float64, device=self.dims.device)  # [dense, expert]
             for name, p in self._params:
@@ -485,10 +491,10 @@ class MegatronEngine:
                 expert = is_expert_param(name)
                 if expert or self._counted(p):
                     sq[int(expert), MODULES.index(_module_of(name))] += torch.linalg.vector_norm(p.grad.detach()).double() ** 2
-            dist.all_reduce(sq[0], group=self.dims.groups["mp"])
-            if self.moe is not None:
-                dist.all_reduce(sq[1], group=self.dims.groups["emp"])
-            total = sq.sum(0)
+        dist.all_reduce(sq[0], group=groups["mp"])
+        if self.moe is not None:
+            dist.all_reduce(sq[1], group=groups["emp"])
+        total = sq.sum(0)
         norms = {m: math.sqrt(v) for m, v in zip(MODULES, total.tolist())}
         return math.sqrt(float(total.sum())), norms
 

@@ -7,7 +7,10 @@ mean. So that packing and layout do not change it either, the step's aux loss is
 all micro-batches of the step (every data-parallel rank's): `begin_step` sets the routers'
 coefficient to `coeff / (micro-batches per rank · dp)` (the routers read it at every forward; the
 schedule's aux-loss scale stays 1 because the engine sets `calculate_per_token_loss`, and the
-routers were built before that, so they do not multiply by the token count).
+routers were built before that, so they do not multiply by the token count). Under `parallel.vpp`
+each model chunk is built with its own TransformerConfig, so the coefficient is set on the config of
+every router (one per chunk); router layer numbers are global, so the aux-loss tracker's and the
+load's rows are the model's layers whatever the chunking.
 
 `end_step` returns, summed over all ranks:
 * `loss/moe_aux`: `coeff · Σ_layers mean_microbatch aux` — the term the gradient saw;
@@ -46,11 +49,13 @@ class MoEStepMonitor:
         from megatron.core.transformer.moe.router import TopKRouter
 
         self.dims, self.coeff = dims, coeff
-        self.config = model.config  # the LLM's TransformerConfig, shared by its MoE layers
         self.load = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=dims.device)
-        for module in model.modules():
-            if isinstance(module, TopKRouter):
-                module.register_forward_hook(self._count)
+        routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
+        for router in routers:
+            router.register_forward_hook(self._count)
+        # The TransformerConfig objects the routers read their coefficient from: one per model chunk
+        # under parallel.vpp (each chunk is built with its own), shared by the chunk's MoE layers.
+        self.configs = list({id(r.config): r.config for r in routers}.values())
 
     def _count(self, router, inputs, output) -> None:
         # Once per routed token: under full recompute the first forward runs without grad and the
@@ -68,7 +73,8 @@ class MoEStepMonitor:
         clear_aux_losses_tracker()
         self.load.zero_()
         self.micro_batches = local_micro_batches * self.dims.dp
-        self.config.moe_aux_loss_coeff = self.coeff / self.micro_batches
+        for config in self.configs:
+            config.moe_aux_loss_coeff = self.coeff / self.micro_batches
 
     def end_step(self) -> tuple[float, dict[int, list[float]]]:
         """(aux loss of the step, {layer (0-based): routed tokens per expert}) over all ranks."""
@@ -79,7 +85,11 @@ class MoEStepMonitor:
         if tracked is not None:
             aux += tracked["values"].detach().to(aux.device, torch.float64)[: aux.shape[0]]
         both = torch.cat([aux[:, None], self.load], dim=1)
-        if self.dims.tp_rank != 0 and not self.config.sequence_parallel:  # the same rows on every TP rank: once
+        # Under sequence parallelism (required for MoE at tp > 1) each tensor-parallel rank routes its own
+        # slice of the sequence: its load counts those tokens, and its aux-loss value is its part of the
+        # layer's loss (megatron's router all-reduces the token counts over tp × cp but sums the routing
+        # probabilities locally), so every rank contributes. Without it the TP ranks would repeat each other.
+        if self.dims.tp_rank != 0 and not any(c.sequence_parallel for c in self.configs):
             both.zero_()
         dist.all_reduce(both, group=self.dims.groups["world"])
         aux_loss = self.coeff * float(both[:, 0].sum()) / self.micro_batches

@@ -3,7 +3,9 @@
     torchrun --nproc_per_node=N tests/distributed/grad_probe.py OUT.pt DATA_ROOT [hydra overrides…]
 
 The optimizer update is skipped, so the gradients are exactly what the step computed after its
-reductions (data-parallel sum, tensor-parallel partial sums). Each gradient is put together from the
+reductions (data-parallel sum, tensor-parallel partial sums). With `optim.distributed=true` they live
+in megatron DDP's `main_grad` buffers, of which each rank holds the reduced sum of its own slice only:
+the slices are all-gathered over each bucket's (expert-)data-parallel group first. Each gradient is put together from the
 model's own `sharded_state_dict` (global key, global shape, this rank's offsets, SwiGLU halves
 included), read through the gradients instead of the weights: the assembly knows nothing about the
 layout, so the same file format comes out of tp, pp, dp, sp, ep runs and of one process (under parallel.vpp
@@ -49,6 +51,24 @@ def full_gradients(model) -> list[tuple[str, tuple, tuple, "object"]]:
     return pieces
 
 
+def gather_main_grads(engine) -> None:
+    """optim.distributed: all-gather every bucket's reduce-scattered gradient slices over the group that
+    reduced them (dense: dp × cp, routed experts: expert-dp), then expose `main_grad` as `.grad`."""
+    import torch
+    import torch.distributed as dist
+
+    for ddp in engine.sharded.ddps:
+        for group in ddp.bucket_groups + ddp.expert_parallel_bucket_groups:
+            comm, size = group.intra_distributed_optimizer_instance_group, group.intra_distributed_optimizer_instance_size
+            for bucket in group.buckets:
+                shards = list(bucket.grad_data.chunk(size))
+                dist.all_gather(shards, shards[comm.rank()].clone(), group=comm)
+                bucket.grad_data.copy_(torch.cat(shards))
+    for p in engine.model.parameters():
+        if hasattr(p, "main_grad"):
+            p.grad = p.main_grad
+
+
 def assemble(pieces) -> dict:
     import torch
 
@@ -87,13 +107,15 @@ def main(out: str, data_root: str, *overrides: str) -> None:
         cfg.model, cfg.parallel, cfg.optim, cfg.stage, dims, seed=cfg.seed, max_steps=cfg.train.max_steps,
         recompute=cfg.train.recompute,
     )
-    engine.optimizer.step = lambda *a, **k: None  # keep the gradients of step 1 as they are
+    engine._update = lambda *a, **k: None  # keep the gradients of step 1 as they are (no clip, no step)
     if cfg.model.lora.enabled:  # B = 0 at init would leave every A without gradient: draw B (layout-independent)
         from tests.unit.test_lora import _fill_b
 
         _fill_b(engine.model)
     loader = StepLoader(cfg.data, micro_batches_per_step=cfg.micro_batches_per_step(), dp_rank=dims.dp_rank, dp_size=dims.dp)
     result = engine.train_step(loader.next_step(), 0)
+    if engine.sharded is not None:
+        gather_main_grads(engine)
     pieces = [None] * dims.world_size
     dist.all_gather_object(pieces, full_gradients(engine.model))
     if dims.rank == 0:
@@ -102,7 +124,7 @@ def main(out: str, data_root: str, *overrides: str) -> None:
         sp = {"llm": model.config.sequence_parallel, "vision": model.vision.config.sequence_parallel}
         torch.save({
             "loss": result.loss, "grad_norm": result.grad_norm, "grads": grads, "sequence_parallel": sp,
-            "moe_aux": result.moe_aux_loss, "expert_load": result.expert_load,  # MoE models (None / {} otherwise)
+            "moe_aux_loss": result.moe_aux_loss, "expert_load": result.expert_load,  # MoE models (None / {} otherwise)
         }, out)
     loader.close()
     dims.destroy()

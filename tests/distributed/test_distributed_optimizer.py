@@ -118,7 +118,7 @@ def _check(rank: int, world_size: int) -> None:
     result = bf16.train_step(_batches(cfg, 0, rank), 0)
     assert not result.skipped and result.module_grad_norms["vision"] == 0.0
     assert all(p.dtype == torch.bfloat16 for p in bf16.model.parameters())
-    masters = [main for _, _, main in bf16.sharded._shards]
+    masters = [main for *_, main in bf16.sharded._shards]
     assert masters and all(m.dtype == torch.float32 for m in masters)
     assert any(not torch.equal(m, m.bfloat16().float()) for m in masters)  # finer than bf16 after a step
     assert all(torch.equal(b, p) for b, p in zip(before, vit))

@@ -75,8 +75,8 @@ def test_gradients_match_one_process(tmp_path, data_root, references, name, ref,
     got = _probe(tmp_path / f"{name}.pt", data_root, nproc, overrides)
     assert got["sequence_parallel"] == {"llm": sp, "vision": sp}
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
-    if expected["moe_aux"] is not None:  # the load-balancing loss and the routed tokens per expert of the sequence
-        assert expected["moe_aux"] > 0 and got["moe_aux"] == pytest.approx(expected["moe_aux"], rel=1e-5)
+    if expected["moe_aux_loss"] is not None:  # the load-balancing loss and the routed tokens per expert of the sequence
+        assert expected["moe_aux_loss"] > 0 and got["moe_aux_loss"] == pytest.approx(expected["moe_aux_loss"], rel=1e-5)
         assert got["expert_load"] == expected["expert_load"] and sum(expected["expert_load"][0]) > 0
     assert sorted(got["grads"]) == sorted(expected["grads"])
     for key, g_ref in expected["grads"].items():

@@ -106,8 +106,6 @@ def test_user_keys_reach_the_typed_config():
          "parallel.first_stage_layers"),
         (["parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=4", "train.global_batch_tokens=3072"], 2,
          "train.global_batch_tokens"),  # 3 micro-batches, pp=2
-        (["model=qwen3_vl_moe/tiny", "parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=8",
-          "parallel.first_stage_layers=4"], 2, "parallel.vpp"),
         (["model=qwen3_vl/tiny", "parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=4"], 2,
          "parallel.first_stage_layers"),  # DeepStack layers 0-1, chunk 0 holds layer 0 only
     ],
@@ -132,10 +130,22 @@ def test_context_parallel_combines_with_pipeline_and_experts():
 
 
 def test_interleaved_layouts_validate():
-    """Even chunks, and an uneven first stage whose layers and the others' both divide by vpp."""
+    """Even chunks, and an uneven first stage whose layers and the others' both divide by vpp; also with
+    experts, expert parallelism and the distributed optimizer (the layout of a 235B-A22B run)."""
     _compose("+experiment=tiny", "parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=4").validate(2)
     _compose("+experiment=tiny_qwen3_vl", "parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=6",
              "parallel.first_stage_layers=4").validate(2)
+    _compose("+experiment=tiny_qwen3_vl_moe", "parallel.pp=2", "parallel.vpp=2", "model.llm.num_layers=8",
+             "parallel.first_stage_layers=4", "parallel.ep=2", "train.global_batch_tokens=4096",
+             "optim.distributed=true").validate(4)
+
+
+def test_experts_train_with_the_distributed_optimizer():
+    """optim.distributed=true with a MoE model at ep=2 and at tp=2+sp × ep=2 (experts sharded over their
+    own expert-data-parallel group)."""
+    _compose("+experiment=tiny_qwen3_vl_moe", "parallel.ep=2", "optim.distributed=true").validate(2)
+    _compose("+experiment=tiny_qwen3_vl_moe", "parallel.tp=2", "parallel.sp=true", "parallel.ep=2",
+             "optim.distributed=true").validate(4)
 
 
 @pytest.mark.parametrize(
