@@ -3,7 +3,7 @@
     python benchmarks/layouts.py [--experiment tiny_qwen3_vl] [--steps 12] [--layouts single,dp2,tp2,...] [KEY=VALUE ...]
 
 Extra KEY=VALUE overrides apply to every layout (e.g. `model.llm.num_layers=6`, which pp2_vpp2 needs:
-4 model chunks, the first holding both DeepStack layers). The MoE layouts (ep2, ep2_zero1, tp2_sp_ep2) take
+4 model chunks, the first holding both DeepStack layers). The MoE layouts (ep2, ep2_zero1, tp2_sp_ep2, cp2_ep2, ep2_lora) take
 `--experiment tiny_qwen3_vl_moe` (which also runs pp2_vpp2 with `model.llm.num_layers=6`).
 
 Each layout trains the experiment for `--steps` optimizer steps from the same seed on the same
@@ -42,6 +42,9 @@ LAYOUTS = {
     "ep2": (2, ["parallel.ep=2"]),
     "ep2_zero1": (2, ["parallel.ep=2", "optim.distributed=true"]),
     "tp2_sp_ep2": (4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"]),
+    "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2", "parallel.first_stage_layers=2"]),
+    "cp2_ep2": (2, ["parallel.cp=2", "parallel.ep=2"]),
+    "ep2_lora": (2, ["parallel.ep=2", "model.lora.rank=8"]),
 }
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` imports, launched as a script
+
 STEPS, RESUME_AT = 3, 1
 GRIDS = [[(1, 4, 4), (1, 4, 6)], [(1, 6, 4)], [None, (1, 4, 4)], [(2, 4, 4)]]
 UNUSED_EXPERT, IN_LAYER = 3, 2  # layer_number is 1-based
