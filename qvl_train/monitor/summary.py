@@ -29,7 +29,8 @@ def summarize(output_dir: str | Path, window: int = 10) -> str:
         first, last = mine[0], mine[-1]
         acc = (f", exact match {first['accuracy']:.1%} -> {last['accuracy']:.1%}"
                if first.get("accuracy") is not None and last.get("accuracy") is not None else "")
-        lines.insert(2, f"held-out {source:<8}loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} "
+        label = f"held-out {source}"
+        lines.insert(2, f"{label:<16} loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} "
                         f"(step {last['step']}){acc}")
     if latest.exists():
         lines.append(f"checkpoint       {out / 'checkpoints' / latest.read_text().strip()}")
