@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,7 +87,10 @@ def main() -> None:
     data_root = work / "data"
     subprocess.run([sys.executable, "-m", "data_pipelines.synth", "--out", str(data_root / "synth"), "--num-samples", "400",
                     "--seed", "0"], cwd=ROOT, check=True, capture_output=True)
-    results = {name: run(name, *LAYOUTS[name], args, data_root, work) for name in args.layouts.split(",")}
+    try:
+        results = {name: run(name, *LAYOUTS[name], args, data_root, work) for name in args.layouts.split(",")}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # every layout's checkpoints: hundreds of MB each
     base = results.get("single")
     print(f"{args.experiment} {' '.join(args.overrides)}, {args.steps} steps of 2×1024 tokens, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
