@@ -48,8 +48,18 @@ def vision_transformer_config(cfg: VisionConfig, *, tp: int, dtype: torch.dtype,
         add_bias_linear=True,
         add_qkv_bias=True,
         gated_linear_unit=cfg.mlp == "swiglu",  # Qwen2.5-VL: SwiGLU with biases on gate/up/down
-        activation_func={"swiglu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}.get(cfg.mlp, quick_gelu),
+        activation_func={"swiglu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}.get(cfg.mlp, _quick_gelu()),
     )
+
+
+def _quick_gelu():
+    """megatron's QuickGELU, `torch.compile`d into one kernel on a GPU. On the CPU the compile buys
+    nothing and costs every process 3 s (20 s with a cold inductor cache), so there it runs eagerly."""
+    return quick_gelu if torch.cuda.is_available() else _eager_quick_gelu
+
+
+def _eager_quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
 
 
 def vision_block(config, attention_backend: str, spec_backend: str) -> TransformerBlock:
