@@ -139,7 +139,7 @@ def zigzag_split(
             src.append(torch.where(p < n, s0 + p, -1))
         samples.append((off, c, n))
         off += 2 * c
-    needed = -(-max(off, 1) // multiple) * multiple
+    needed = zigzag_rows(cu_seqlens, cp, multiple)
     if rows is not None and (rows < needed or rows % multiple):
         raise ValueError(f"the zigzag split needs {needed} local rows (a multiple of {multiple}), asked to pad to {rows}")
     rows = needed if rows is None else rows
