@@ -7,7 +7,8 @@ parallel cp=2, tp=2 × cp=2 with sequence parallelism and cp=2 × pp=2, the tiny
 (also its load-balancing loss and expert load, padding rows left out of both), and the
 interleaved schedule pp=2 vpp=2 (Qwen3-VL with 6 LLM layers, 4 on the first stage so that chunk 0
 holds both DeepStack layers: rank 0 [0 1] [3 4], rank 1 [2] [5]; 4 micro-batches, so the schedule
-reaches its steady state where activations and gradients cross between the ranks at once)."""
+reaches its steady state where activations and gradients cross between the ranks at once), alone
+and with cp=2."""
 
 from __future__ import annotations
 
@@ -68,6 +69,9 @@ def references(tmp_path_factory, data_root):
         ("qwen3_moe_cp2_ep2", "qwen3_moe", 2, [*MOE, "parallel.cp=2", "parallel.ep=2"], False),
         # interleaved 1F1B, uneven: chunks [0 1] [3 4] on rank 0, [2] [5] on rank 1; tied embeddings
         ("qwen3_pp2_vpp2", "qwen3_6l", 2, [*QWEN3_6L, "parallel.pp=2", "parallel.vpp=2", "parallel.first_stage_layers=4"], False),
+        # the same chunks with every micro-batch of the step padded to its largest zigzag share (4 of them)
+        ("qwen3_cp2_pp2_vpp2", "qwen3_6l", 4,
+         [*QWEN3_6L, "parallel.cp=2", "parallel.pp=2", "parallel.vpp=2", "parallel.first_stage_layers=4"], False),
     ],
 )
 def test_gradients_match_one_process(tmp_path, data_root, references, name, ref, nproc, overrides, sp):
