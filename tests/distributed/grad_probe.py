@@ -66,6 +66,8 @@ def gather_main_grads(engine) -> None:
                 bucket.grad_data.copy_(torch.cat(shards))
     for p in engine.model.parameters():
         if hasattr(p, "main_grad"):
+            if p.dtype != p.main_grad.dtype:  # bf16 weights, fp32 gradient buffers (train.dtype=bf16)
+                p.grad_dtype = None
             p.grad = p.main_grad
 
 
@@ -105,7 +107,7 @@ def main(out: str, data_root: str, *overrides: str) -> None:
     dims.initialize()
     engine = MegatronEngine(
         cfg.model, cfg.parallel, cfg.optim, cfg.stage, dims, seed=cfg.seed, max_steps=cfg.train.max_steps,
-        recompute=cfg.train.recompute,
+        recompute=cfg.train.recompute, dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32,
     )
     engine._update = lambda *a, **k: None  # keep the gradients of step 1 as they are (no clip, no step)
     if cfg.model.lora.enabled:  # B = 0 at init would leave every A without gradient: draw B (layout-independent)

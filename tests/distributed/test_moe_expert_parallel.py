@@ -17,6 +17,8 @@
    chunk 0 of rank 0 holds layers 0-1 with the DeepStack injections, every chunk has its own config whose
    aux-loss coefficient the step sets). The engine's own AdamW under tensor × expert parallelism is in
    test_edge_batches.py (tp=2 + sp, etp=2).
+3. bf16 with the distributed optimizer (tp=2 + sp at ep=1) against the fp32 one-process gradients, within
+   twice the bf16 one-process run's own distance from them.
 """
 
 from __future__ import annotations
@@ -84,3 +86,28 @@ def test_expert_layouts_with_the_distributed_optimizer(tmp_path, data_root, refe
     assert len(ref["expert_load"]) == 6 and got["expert_load"] == ref["expert_load"]
     assert any(".experts." in k for k in ref["grads"])
     _close(got["grads"], ref["grads"], name)
+
+
+def test_bf16_tensor_parallel_experts_with_the_distributed_optimizer(tmp_path, data_root, reference_6l):
+    """bf16 weights, fp32 gradient buffers and master weights: tp=2 + sp at ep=1 (experts whole on both tensor
+    ranks, their gradients summed over expert-dp = 2) against the fp32 one-process gradients, each no further
+    from them than twice the bf16 one-process run's own rounding error (plus 0.5%). A missing expert reduction
+    would put the expert weights 50% off; bf16 rounding alone puts the ViT's layer norms up to ~20% off."""
+    truth = reference_6l
+    bf16 = [*MOE_6L, "train.dtype=bf16", "optim.distributed=true"]
+    single = run_probe(GRAD_PROBE, tmp_path / "single.pt", 1, str(data_root), *bf16)
+    got = run_probe(GRAD_PROBE, tmp_path / "tp2_sp.pt", 2, str(data_root), *bf16, "parallel.tp=2", "parallel.sp=true")
+    assert got["sequence_parallel"]["llm"]
+    for run in (single, got):
+        assert run["loss"] == pytest.approx(truth["loss"], rel=1e-4)
+        assert run["grad_norm"] == pytest.approx(truth["grad_norm"], rel=1e-2)
+        assert run["moe_aux_loss"] == pytest.approx(truth["moe_aux_loss"], rel=1e-3)
+    assert set(got["grads"]) == set(truth["grads"])
+
+    def err(run, name):
+        g = truth["grads"][name]
+        return float((run["grads"][name] - g).norm() / g.norm().clamp_min(1e-12))
+
+    assert any(".experts." in k for k in truth["grads"])
+    for name in truth["grads"]:
+        assert err(got, name) <= 2 * err(single, name) + 5e-3, (name, err(got, name), err(single, name))
