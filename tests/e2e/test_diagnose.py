@@ -45,7 +45,7 @@ def test_profile_stragglers_stacks_and_collective_timeout(tmp_path, data_root):
 
         # A rank that stops answering: the other one times out in its next collective and says where to look.
         workers[1].send_signal(signal.SIGSTOP)
-        time.sleep(25)  # > collective_timeout_s: rank 0 has given up by now
+        _wait_for(lambda: "collective timed out" in stacks[0].read_text(), 90, "rank 0 to time out")
         workers[1].send_signal(signal.SIGCONT)
         stdout, _ = proc.communicate(timeout=120)
     finally:
