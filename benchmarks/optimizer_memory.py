@@ -63,7 +63,7 @@ def print_table(dp: int, rows) -> None:
 
 
 def main() -> None:
-    from qvl_train.parallel.cpu import spawn_gloo
+    from qvl_train.compat.megatron_cpu import spawn_gloo
 
     print("| dp | train.dtype | optim.distributed | trainable params | optimizer state per rank | bytes / param |")
     print("| --- | --- | --- | --- | --- | --- |")

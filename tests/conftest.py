@@ -90,7 +90,7 @@ def megatron_one_rank_world() -> None:
     import torch
     from megatron.core import parallel_state
 
-    from qvl_train.parallel.cpu import install_cpu_compat
+    from qvl_train.compat.megatron_cpu import install_cpu_compat
 
     install_cpu_compat()
     if not torch.distributed.is_initialized():

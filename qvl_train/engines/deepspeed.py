@@ -76,17 +76,15 @@ def _init_deepspeed_comm() -> None:
 
     Its CPU backend would JIT-compile a shared-memory all-reduce (C++, about a minute, a compiler
     needed) that only DeepSpeed *inference* uses; training collectives go through torch.distributed,
-    so that build is skipped."""
-    import importlib
-    from unittest import mock
-
+    so that build is skipped (qvl_train/compat/deepspeed_comm.py)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    from qvl_train.compat.deepspeed_comm import skip_shm_build
+
     # DeepSpeed calls the collectives that torch 2.13 renamed: one FutureWarning per call and step otherwise
     warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
-    backend = importlib.import_module("deepspeed.comm.torch")  # the module (the package re-exports `torch`)
-    with mock.patch.object(backend, "build_shm_op", lambda: None):
+    with skip_shm_build():
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False)
 
 

@@ -8,7 +8,7 @@ The engine calls exactly this::
 
 megatron's `parallel_state` must be initialised by the caller before `build_model` (the TP layers
 read their group from it; `init_weights` reads the layout through `sharded_state_dict`). On a
-machine without CUDA call `qvl_train.parallel.cpu.install_cpu_compat()` first.
+machine without CUDA call `qvl_train.compat.megatron_cpu.install_cpu_compat()` first.
 
 A new generation = one builder function + one line in `_BUILDERS`.
 """

@@ -36,6 +36,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
+from qvl_train.compat.megatron_moe import install_moe_without_te
 from qvl_train.models.attention import VarlenAttention
 
 __all__ = ["te_available", "resolve_spec_backend", "layer_spec", "moe_spec", "block_spec", "TorchNorm", "fp8_missing", "resolve_fp8"]
@@ -115,16 +116,6 @@ def block_spec(config, layer: ModuleSpec, spec_backend: str = "local"):
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=TorchNorm)
 
 
-def _moe_without_te() -> None:
-    """megatron-core 0.16.1's router GEMM tests `te_general_gemm is not None`, but the name is only
-    bound when Transformer Engine imports (NameError otherwise); bind it to None then (the fp32
-    `torch.mm` path, which is also the one that matches HF's router to the last bit)."""
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-
 def moe_spec(spec_backend: str = "local") -> ModuleSpec:
     """megatron's `MoELayer`: `TopKRouter` + routed SwiGLU experts (Qwen3-VL-MoE has no shared expert).
 
@@ -132,7 +123,7 @@ def moe_spec(spec_backend: str = "local") -> ModuleSpec:
     `experts.local_experts.{j}.linear_fc1/linear_fc2`). TE backend: `TEGroupedMLP` (one grouped GEMM
     over the local experts); megatron maps both onto the same checkpoint keys.
     """
-    _moe_without_te()
+    install_moe_without_te()  # the router's GEMM without Transformer Engine (qvl_train/compat)
     if spec_backend == "te":
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider  # noqa: PLC0415 (TE only when asked)
 

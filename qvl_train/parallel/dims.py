@@ -96,7 +96,7 @@ class ParallelDims:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             backend = "nccl"
         else:
-            from qvl_train.parallel.cpu import install_cpu_compat
+            from qvl_train.compat.megatron_cpu import install_cpu_compat
 
             install_cpu_compat()
             backend = "gloo"

@@ -409,7 +409,7 @@ def _save_safetensors(sd: dict[str, torch.Tensor], out: Path, metadata_dtype: st
 def _single_process_world() -> None:
     from megatron.core import parallel_state
 
-    from qvl_train.parallel.cpu import install_cpu_compat
+    from qvl_train.compat.megatron_cpu import install_cpu_compat
 
     if not torch.cuda.is_available():
         install_cpu_compat()

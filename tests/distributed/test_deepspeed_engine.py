@@ -214,6 +214,6 @@ def _check(rank: int, world_size: int, tmp: str) -> None:
 
 
 def test_deepspeed_zero_matches_single_process_and_resumes(tmp_path):
-    from qvl_train.parallel.cpu import spawn_gloo
+    from qvl_train.compat.megatron_cpu import spawn_gloo
 
     spawn_gloo(_check, 2, str(tmp_path))

@@ -133,14 +133,14 @@ def _check(rank: int, world_size: int) -> None:
 
 
 def test_distributed_optimizer_matches_single_process_and_shards_state():
-    from qvl_train.parallel.cpu import spawn_gloo
+    from qvl_train.compat.megatron_cpu import spawn_gloo
 
     spawn_gloo(_check, 2)
 
 
 def test_cuda_type_names_only_inside_the_wrapped_calls():
     """The compat layer's `tensor.type()` renaming (for megatron's dtype asserts) is scoped."""
-    from qvl_train.parallel.cpu import _cuda_type_names, install_cpu_compat
+    from qvl_train.compat.megatron_cpu import _cuda_type_names, install_cpu_compat
 
     install_cpu_compat()
     t = torch.zeros(2)

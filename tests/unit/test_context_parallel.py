@@ -178,6 +178,6 @@ def _two_rank_worker(rank: int, world: int) -> None:
 
 
 def test_two_ranks_gather_keys_and_share_media():
-    from qvl_train.parallel.cpu import spawn_gloo
+    from qvl_train.compat.megatron_cpu import spawn_gloo
 
     spawn_gloo(_two_rank_worker, 2)

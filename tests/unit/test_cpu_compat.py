@@ -1,4 +1,4 @@
-"""megatron-core under gloo on CPU (qvl_train.parallel.cpu): TP layers and the pipeline schedules.
+"""megatron-core under gloo on CPU (qvl_train.compat.megatron_cpu): TP layers and the pipeline schedules.
 
 One 2-process spawn runs every check (process start + megatron import is most of the cost):
 * TP=2 ColumnParallelLinear → RowParallelLinear equals the single-device matmuls (output and grads),
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from megatron.core.enums import ModelType
 
-from qvl_train.parallel.cpu import install_cpu_compat, spawn_gloo
+from qvl_train.compat.megatron_cpu import install_cpu_compat, spawn_gloo
 
 H, S, MBS, N_MICRO = 8, 6, 1, 3
 

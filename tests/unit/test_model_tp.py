@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from qvl_train.parallel.cpu import spawn_gloo
+from qvl_train.compat.megatron_cpu import spawn_gloo
 
 
 def _entries(model):

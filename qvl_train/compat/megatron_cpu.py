@@ -66,7 +66,8 @@ or the distributed optimizer, which `tests/unit/test_cpu_compat.py` and
 `tests/distributed/test_distributed_optimizer.py` check under gloo.
 
 Call `install_cpu_compat()` once per process before building megatron modules or running a schedule;
-calling it again is a no-op.
+calling it again is a no-op. It refuses (`qvl_train.compat.PinMismatch`) to patch a megatron-core
+other than the pinned release.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["install_cpu_compat", "is_installed", "CPU"]
+from qvl_train.compat import require_pinned
+
+__all__ = ["install_cpu_compat", "is_installed", "spawn_gloo", "CPU"]
 
 CPU = torch.device("cpu")
 _INSTALLED = False
@@ -102,7 +105,7 @@ def _cpu_factory(fn):
         return fn(*args, **kwargs)
 
     wrapper.__name__ = getattr(fn, "__name__", "factory")
-    wrapper.__doc__ = f"CPU-redirecting wrapper of torch.{wrapper.__name__} (see qvl_train.parallel.cpu)."
+    wrapper.__doc__ = f"CPU-redirecting wrapper of torch.{wrapper.__name__} (see qvl_train.compat.megatron_cpu)."
     return wrapper
 
 
@@ -210,6 +213,7 @@ def install_cpu_compat() -> bool:
         return True
     if torch.cuda.is_available():
         return False
+    require_pinned("megatron-core")
 
     # 1-2: device queries and synchronisation in torch.cuda itself.
     torch.cuda.current_device = lambda: CPU  # type: ignore[assignment]
