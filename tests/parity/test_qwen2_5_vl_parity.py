@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from qvl_train.config import ParallelConfig  # noqa: E402
 from qvl_train.models import build_model  # noqa: E402
-from qvl_train.models.hf_qwen2_5_vl import hf_to_ours, ours_to_hf  # noqa: E402
+from qvl_train.models.hf_convert import hf_to_ours, ours_to_hf  # noqa: E402
 from qvl_train.models.tiny import packed_batch, tiny_qwen2_5_vl_config  # noqa: E402
 from qvl_train.models.vision.qwen2_5_vl import window_index  # noqa: E402
 from tests.conftest import megatron_one_rank_world  # noqa: E402

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from qvl_train.config import ParallelConfig  # noqa: E402
 from qvl_train.models import build_model  # noqa: E402
-from qvl_train.models.hf_qwen2_vl import hf_to_ours  # noqa: E402
+from qvl_train.models.hf_convert import hf_to_ours  # noqa: E402
 from qvl_train.models.tiny import packed_batch, tiny_model_config  # noqa: E402
 from tests.conftest import megatron_one_rank_world  # noqa: E402
 

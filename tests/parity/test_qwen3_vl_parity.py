@@ -22,7 +22,7 @@ pytest.importorskip("transformers.models.qwen3_vl")
 
 from qvl_train.config import ParallelConfig  # noqa: E402
 from qvl_train.models import build_model  # noqa: E402
-from qvl_train.models.hf_qwen3_vl import hf_to_ours, ours_to_hf  # noqa: E402
+from qvl_train.models.hf_convert import hf_to_ours, ours_to_hf  # noqa: E402
 from qvl_train.models.rope import mrope_freqs  # noqa: E402
 from qvl_train.models.tiny import packed_batch, tiny_qwen3_vl_config  # noqa: E402
 from tests.conftest import megatron_one_rank_world  # noqa: E402
