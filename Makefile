@@ -7,7 +7,7 @@ VALID := data/synth_valid
 DEMO_OUT ?= outputs/demo
 NPROC ?= 2
 
-.PHONY: setup data demo test gpu-wheels clean
+.PHONY: setup data demo test lint gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ demo: setup data
 
 test: setup data
 	$(PY) -m pytest -q --durations=40 tests
+
+# ruff (rules in pyproject.toml [tool.ruff]); not a prerequisite of `test` yet
+lint: setup
+	$(PY) -m ruff check qvl_train data_pipelines launch tests benchmarks
 
 # Wheels that benchmarks/gpu_check.sh installs on a lent GPU machine (Python 3.12 there, no index):
 # megatron-core, the transformers stack the parity reference is pinned to (constraints.txt), and the

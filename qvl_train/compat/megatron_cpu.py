@@ -289,8 +289,7 @@ def _with_cuda_type_names(fn):
 def _patch_optimizer_modules(factories: dict) -> None:
     from megatron.core import utils as mutils
     from megatron.core.distributed import param_and_grad_buffer
-    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler
-    from megatron.core.optimizer import optimizer as moptimizer
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler, optimizer as moptimizer
 
     for module in (param_and_grad_buffer, moptimizer, grad_scaler, clip_grads, mutils):
         module.torch = _TorchProxy(f"torch<cpu:{module.__name__}>", factories)
