@@ -11,7 +11,7 @@ What is the same as the megatron engine:
     forward). DeepSpeed *averages* gradients over the dp ranks, so each micro-batch backpropagates
     `dp · Σ CE / G` (and `backward(scale_wrt_gas=False)`): the reduced gradient is the gradient of the
     global per-token mean, whatever the micro-batch count — exact for a power-of-two dp;
-  - the optimizer: torch AdamW with the same parameter groups (per-module peak learning rates,
+  - the optimizer: torch AdamW with the same parameter groups (`engines/common.py`: per-module peak learning rates,
     no decay on norms and biases), the same schedule (set per group before each step), global-norm
     clipping (`gradient_clipping`, DeepSpeed's clip uses the same `clip / (norm + 1e-6)` factor);
     a step with a non-finite gradient is skipped (DeepSpeed's overflow check) and reported;
@@ -40,9 +40,8 @@ import torch.distributed as dist
 
 from data_pipelines.schema import PackedBatch
 from qvl_train.config import EngineConfig, ModelConfig, OptimConfig, ParallelConfig, StageConfig
-from qvl_train.engines.megatron import (
-    MODULES, MegatronEngine, StepResult, _module_of, apply_stage, module_lrs, param_groups, step_counts,
-)
+from qvl_train.engines.base import StepResult
+from qvl_train.engines.common import MODULES, apply_stage, llm_lr, module_lrs, module_of, param_groups, step_counts
 from qvl_train.loss import global_token_mean
 from qvl_train.parallel.dims import ParallelDims
 
@@ -143,14 +142,18 @@ class DeepSpeedEngine:
         return "deepspeed_bf16" if self.dtype == torch.bfloat16 else "per_param"
 
     def check_optimizer_format(self, saved: str) -> None:
+        """Refuse a checkpoint whose optimizer state this engine cannot read, saying what to do."""
         if saved != self.optimizer_format:
             raise RuntimeError(
-                f"the checkpoint's optimizer state has format {saved!r}, this run ({'bf16' if self.dtype == torch.bfloat16 else 'fp32'} "
+                f"the checkpoint's optimizer state has format {saved!r}, this run "
+                f"({'bf16' if self.dtype == torch.bfloat16 else 'fp32'} "
                 f"engine=deepspeed) reads {self.optimizer_format!r}: resume with the engine and train.dtype that wrote it, or "
                 "start a new output_dir with model.init_from=<checkpoint> to take its weights with a fresh optimizer"
             )
 
-    current_lr = MegatronEngine.current_lr  # the LLM group's rate; DeepSpeed keeps our groups and their keys
+    def current_lr(self) -> float:
+        """The LLM's learning rate (DeepSpeed keeps our parameter groups and their `module` keys)."""
+        return llm_lr(self.optimizer)
 
     # ----------------------------------------------------------------- step
     def train_step(self, batches: list[PackedBatch], step: int) -> StepResult:
@@ -216,7 +219,7 @@ class DeepSpeedEngine:
         for name, p in self._params:
             g = self._local_grad(p)
             if g is not None and g.numel():
-                sq[MODULES.index(_module_of(name))] += torch.linalg.vector_norm(g.detach().double()) ** 2
+                sq[MODULES.index(module_of(name))] += torch.linalg.vector_norm(g.detach().double()) ** 2
         dist.all_reduce(sq)
         return math.sqrt(float(sq.sum())), {m: math.sqrt(v) for m, v in zip(MODULES, sq.tolist())}
 

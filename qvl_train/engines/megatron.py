@@ -23,10 +23,11 @@ How a step works (every layout computes the same step as one process):
 
 The optimizer has one pair of parameter groups (decayed / not decayed: norms and biases) per module,
 each with its own peak learning rate (`optim.lr_vit`, `optim.lr_projector`, `optim.lr`) and the same
-schedule shape. AdamW state is checkpointed per parameter *name*, never per group index, so a run may
-change the grouping (e.g. give the ViT its own rate) and still resume an older checkpoint.
+schedule shape (`engines/common.py`, shared with the DeepSpeed engine). AdamW state is checkpointed
+per parameter *name*, never per group index, so a run may change the grouping (e.g. give the ViT its
+own rate) and still resume an older checkpoint.
 
-For the monitor, step 1 is an all-gather rather than an all-reduce: the same few numbers per
+For the monitor, step 1 is an all-gather rather than an all-reduce (`common.step_counts`): the same few numbers per
 data-parallel rank (plus the rank's model FLOPs from `monitor/flops.py`) arrive at every rank, so
 the sums and the data-parallel token imbalance come from one small collective.
 """
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator
 
@@ -43,133 +43,13 @@ import torch
 import torch.distributed as dist
 
 from data_pipelines.schema import PackedBatch
-from qvl_train.loss import global_token_mean
 from qvl_train.config import ModelConfig, OptimConfig, ParallelConfig, StageConfig
+from qvl_train.engines.base import StepResult
+from qvl_train.engines.common import MODULES, apply_stage, llm_lr, module_lrs, module_of, param_groups, step_counts
 from qvl_train.engines.moe import MoEStepMonitor, is_expert_param
+from qvl_train.loss import global_token_mean
 from qvl_train.parallel.dims import ParallelDims
-from qvl_train.parallel.pipeline import ModelChunks, local_name
-
-MODULES = ("vision", "projector", "llm")
-
-
-@dataclass
-class StepResult:
-    loss: float  # global per-label-token mean cross-entropy of the step
-    grad_norm: float
-    module_grad_norms: dict[str, float]
-    tokens: int  # real tokens over all data-parallel ranks
-    label_tokens: int
-    samples: int
-    visual_tokens: int
-    slots: int  # token slots (tokens + padding) over all data-parallel ranks
-    skipped: bool = False  # non-finite loss or gradient: no update was applied
-    flops: float = 0.0  # model FLOPs (forward + backward) of the step over all data-parallel ranks
-    dp_imbalance: float = 1.0  # max / mean of real tokens over data-parallel ranks
-    timings: dict[str, float] = field(default_factory=dict)  # fwd_bwd_s (this rank's own), optimizer_s (incl. dp sync)
-    lrs: dict[str, float] = field(default_factory=dict)  # learning rate of the step per module (vision / projector / llm)
-    moe_aux_loss: float | None = None  # MoE: load-balancing loss of the step (not part of `loss`)
-    expert_load: dict[int, list[float]] = field(default_factory=dict)  # MoE: layer → routed tokens per expert
-
-
-def step_counts(batches: list[PackedBatch], model_cfg: ModelConfig, dims: ParallelDims) -> dict:
-    """The step's token / sample / FLOP counts over every data-parallel rank (StepResult fields).
-
-    An all-gather rather than an all-reduce: the same few numbers per data-parallel rank arrive at
-    every rank, so the sums and the token imbalance come from one small collective. Called before
-    the forward: `label_tokens` is the denominator of the step's loss."""
-    from qvl_train.monitor.flops import packed_batch_flops
-
-    local = torch.tensor(
-        [
-            sum(b.num_label_tokens for b in batches),
-            sum(b.num_tokens for b in batches),
-            sum(b.num_samples for b in batches),
-            sum(b.num_visual_tokens for b in batches),
-            sum(b.num_slots for b in batches),
-            float(sum(packed_batch_flops(model_cfg, b).training for b in batches)),
-        ],
-        dtype=torch.float64,
-        device=dims.device,  # collectives run on the device (NCCL takes CUDA tensors only)
-    )
-    per_rank = [torch.empty_like(local) for _ in range(dims.dp)]
-    dist.all_gather(per_rank, local, group=dims.groups["dp"])
-    per_rank_LK = torch.stack(per_rank)  # [dp, 6]; integer counts are exact in float64
-    label_tokens, tokens, samples, visual, slots = (int(x) for x in per_rank_LK[:, :5].sum(0).tolist())
-    rank_tokens = per_rank_LK[:, 1]
-    return dict(
-        label_tokens=label_tokens, tokens=tokens, samples=samples, visual_tokens=visual, slots=slots,
-        flops=float(per_rank_LK[:, 5].sum()),
-        dp_imbalance=float(rank_tokens.max() / rank_tokens.mean()) if float(rank_tokens.sum()) > 0 else 1.0,
-    )
-
-
-def _decay_scale(style: str, progress: float) -> float:
-    """1 → 0 as progress goes 0 → 1: linear, cosine (half period) or 1 - sqrt (WSD's sqrt decay)."""
-    if style == "linear":
-        return 1.0 - progress
-    if style == "sqrt":
-        return 1.0 - math.sqrt(progress)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def lr_at(step: int, cfg: OptimConfig, max_steps: int, peak: float | None = None) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then the decay schedule.
-
-    `peak` (default `cfg.lr`) gives a module its own rate with the same shape: warmup to `peak`,
-    decay to `cfg.min_lr · peak / cfg.lr`. `wsd` holds the peak until the last
-    `cfg.wsd_decay_steps(max_steps)` steps, which decay (`cfg.decay_style`) to the floor, reached at
-    the last step (`max_steps - 1`).
-    """
-    peak = cfg.lr if peak is None else peak
-    floor = cfg.min_lr * peak / cfg.lr
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return peak
-    if cfg.schedule == "wsd":
-        decay = cfg.wsd_decay_steps(max_steps)
-        progress = min(1.0, max(0.0, (step - (max_steps - decay) + 1) / decay))
-        return floor + (peak - floor) * _decay_scale(cfg.decay_style, progress)
-    span = max(1, max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return floor + (peak - floor) * _decay_scale(cfg.schedule, progress)
-
-
-def module_lrs(step: int, cfg: OptimConfig, max_steps: int) -> dict[str, float]:
-    """Learning rate of each module (vision / projector / llm) at `step`."""
-    return {m: lr_at(step, cfg, max_steps, peak) for m, peak in cfg.peak_lrs().items()}
-
-
-def param_groups(named_params, cfg: OptimConfig) -> list[dict]:
-    """AdamW groups: per module, decayed weights and (weight_decay=0) norms / biases; empty groups dropped.
-
-    Each group carries `module` so the step can set its learning rate; the LLM's groups come first
-    (`param_groups[0]["lr"]` is the LLM's rate whenever the LLM trains).
-    """
-    groups = {(m, d): [] for m in ("llm", "projector", "vision") for d in (True, False)}
-    for name, param in named_params:
-        if param.requires_grad:
-            decays = not (param.ndim < 2 or name.endswith(".bias"))
-            groups[(_module_of(name), decays)].append(param)
-    peaks = cfg.peak_lrs()
-    return [
-        {"params": ps, "module": m, "lr": peaks[m], "weight_decay": cfg.weight_decay if d else 0.0}
-        for (m, d), ps in groups.items() if ps
-    ]
-
-
-def apply_stage(model: torch.nn.Module, stage: StageConfig, lora: bool = False) -> None:
-    """Only the stage's modules receive gradients (names start with vision. / projector. / llm.);
-    with `lora`, only their adapter factors (base weights frozen: no gradient, no optimizer state)."""
-    from qvl_train.models.lora import is_lora_param
-
-    for name, param in model.named_parameters():
-        param.requires_grad_(local_name(name).split(".", 1)[0] in stage.trainable and (not lora or is_lora_param(name)))
-
-
-def _module_of(name: str) -> str:
-    head = local_name(name).split(".", 1)[0]
-    return head if head in MODULES else "llm"
+from qvl_train.parallel.pipeline import ModelChunks
 
 
 class MegatronEngine:
@@ -201,7 +81,8 @@ class MegatronEngine:
         execution = Execution(
             recompute=recompute, fp8=resolve_fp8("off" if model_cfg.lora.enabled else fp8), sequence_parallel=parallel_cfg.sp,
         )
-        chunks = []  # one per virtual pipeline stage (parallel.vpp); chunk 0 of rank 0 embeds, the last chunk of the last rank has the loss
+        # one chunk per virtual pipeline stage (parallel.vpp): chunk 0 of rank 0 embeds, the last of the last rank has the loss
+        chunks = []
         for k in range(dims.vpp):
             chunk = build_model(
                 model_cfg, parallel_cfg, dtype=dtype, execution=execution, vp_stage=k if dims.vpp > 1 else None,
@@ -237,7 +118,7 @@ class MegatronEngine:
         if optim_cfg.distributed:
             from qvl_train.engines.distributed_optimizer import ShardedAdamW
 
-            self.sharded = ShardedAdamW(self.model, optim_cfg, dtype, _module_of, MODULES)
+            self.sharded = ShardedAdamW(self.model, optim_cfg, dtype, module_of, MODULES)
             self.optimizer = self.sharded.optimizer
         else:
             self.optimizer = torch.optim.AdamW(
@@ -258,7 +139,8 @@ class MegatronEngine:
         counts = torch.zeros(2, dtype=torch.float64, device=self.dims.device)
         for p in self.model.parameters():
             if self._counted(p):
-                counts += torch.tensor([p.numel() if p.requires_grad else 0, p.numel()], dtype=torch.float64, device=counts.device)
+                trainable = p.numel() if p.requires_grad else 0
+                counts += torch.tensor([trainable, p.numel()], dtype=torch.float64, device=counts.device)
         dist.all_reduce(counts, group=self.dims.groups["mp"])
         return int(counts[0]), int(counts[1])
 
@@ -286,8 +168,7 @@ class MegatronEngine:
 
     def current_lr(self) -> float:
         """The LLM's learning rate (the first group's when the LLM is frozen), for the metrics line."""
-        groups = self.optimizer.param_groups
-        return next((g["lr"] for g in groups if g["module"] == "llm"), groups[0]["lr"])
+        return llm_lr(self.optimizer)
 
     # ------------------------------------------------------------------ step
     def train_step(self, batches: list[PackedBatch], step: int) -> StepResult:
@@ -490,7 +371,7 @@ class MegatronEngine:
                     continue
                 expert = is_expert_param(name)
                 if expert or self._counted(p):
-                    sq[int(expert), MODULES.index(_module_of(name))] += torch.linalg.vector_norm(p.grad.detach()).double() ** 2
+                    sq[int(expert), MODULES.index(module_of(name))] += torch.linalg.vector_norm(p.grad.detach()).double() ** 2
         dist.all_reduce(sq[0], group=groups["mp"])
         if self.moe is not None:
             dist.all_reduce(sq[1], group=groups["emp"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qvl_train.engines.megatron import StepResult
+from qvl_train.engines.base import StepResult
 from qvl_train.monitor.metrics import moe_record, train_record
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qvl_train.config import ConfigError, OptimConfig, TrainConfig, TrainLoopConfig
-from qvl_train.engines.megatron import lr_at, module_lrs, param_groups
+from qvl_train.engines.common import lr_at, module_lrs, param_groups
 from qvl_train.monitor.metrics import lr_record
 from tests.conftest import megatron_one_rank_world  # noqa: E402
 
