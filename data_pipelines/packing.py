@@ -36,9 +36,14 @@ Steps and compute balancing (`data.balance`)
 samples of the step, the packing efficiency and the planner state do not depend on balancing or
 on the dp size), then rearranges those samples among the step's micro-batches:
 
-* `compute` (default): weight = estimated training compute of the sample (`ComputeModel`, from the
-  index alone: ViT linear + window/full attention per image, LLM linear per token + causal
-  attention quadratic in the sample's own length);
+* `compute` (default): weight = forward FLOPs of the sample under the model being trained, from the
+  index alone (`GlobalPlanner.flops`). The FLOP model is not computed here: the data side never
+  imports `qvl_train` and holds no architecture numbers, so whoever builds the planner hands in a
+  `flop_model(grid_thw, tokens, label_tokens) -> FLOPs` callable; training passes
+  `qvl_train.monitor.flops.SampleFlops(cfg.model)`, the very `batch_flops` that MFU counts (ViT with
+  its windows, mergers incl. DeepStack or the resampler, LLM linear with MoE router + top-k experts,
+  causal attention in the sample's own length, logits at label positions). Built without one (data
+  tools, tests), `compute` balances tokens, like `tokens`;
 * `tokens`: weight = the sample's tokens;
 * `none`: the micro-batches stay as packed (the order of the stream).
 
@@ -59,7 +64,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -79,105 +84,23 @@ def _rng(*parts: Any) -> random.Random:
 
 
 # ------------------------------------------------------------------------------ compute estimate
-@dataclass(frozen=True)
-class ComputeModel:
-    """Analytic forward FLOPs of one sample, from its index entry (no decoding).
+FlopModel = Callable[[Sequence[tuple[int, int, int]], int, int], float]
+"""`flop_model(grid_thw, tokens, label_tokens) -> forward FLOPs` of ONE sample: its media grids `(t, h, w)`
+in patches (an image is t = 1), its LLM tokens (text + visual) and its label tokens. Built on the
+training side from the model config (`qvl_train.monitor.flops.SampleFlops`); it must pickle (a
+module-level class or function) when the planner crosses into another process."""
 
-    The training cost is ~3x the forward for every term, so the factor cancels in every ratio we use
-    (balancing, imbalance) and is left out. Matrix products count 2 FLOPs per multiply-add.
-
-    Vision tower, per image of `n = gh*gw` patches (grid from `smart_resize` of the stored (h, w)
-    with the run's pixel bounds; an image is one temporal patch of T frames):
-
-    * patch embedding `2*n*(3*T*p^2)*d` and per layer `2*n*(4*d^2 + k*d*I)` (q, k, v, o; MLP with
-      k = 3 matrices if gated (SwiGLU), else 2);
-    * attention `4*d*sum(len_w^2)` per layer (QK^T and AV, non-causal) over the attention groups:
-      a full-attention layer has one group of n patches (per frame); a window layer (Qwen2.5-VL,
-      `window` merged units a side) has the windows of the merged grid, exactly, edge windows
-      included: `sum len_w^2 = merge^4 * (sum_x a_x^2) * (sum_y b_y^2)`;
-    * patch merger(s) per LLM token `2*(m^2 d)^2 + 2*(m^2 d)*D` (Qwen3-VL has 1 + 3 DeepStack ones).
-
-    LLM, per sample of N tokens (text + visual): per token `2*L*(d*(d + 2*kv) + d*d + 3*d*I) + 2*d*V`
-    (attention projections with grouped kv, SwiGLU MLP, LM head) and causal attention
-    `2*L*d*N^2` (half of QK^T and AV). The quadratic term is in the sample's OWN length: packed
-    samples never attend to each other.
-
-    Constants: the released 7B/8B configurations of each generation (`COMPUTE_MODELS`); only the
-    ratios between samples matter, and the ViT/LLM ratio of the larger models is similar.
-    """
-
-    vit_hidden: int
-    vit_layers: int
-    vit_mlp: int
-    vit_gated: bool
-    vit_full_layers: int  # layers with full attention over the image; the others use windows
-    vit_window: int  # window side in merged units (0 = no window layers)
-    vit_mergers: int
-    llm_hidden: int
-    llm_layers: int
-    llm_mlp: int
-    llm_kv_dim: int
-    llm_vocab: int
-
-    def image_flops(self, gh: int, gw: int, *, patch_size: int, merge_size: int, temporal: int = 2, frames: int = 1) -> float:
-        """Forward FLOPs of the vision tower + merger for one image/video grid (frames temporal patches)."""
-        d, m = self.vit_hidden, merge_size
-        n = gh * gw * frames
-        k = 3 if self.vit_gated else 2
-        linear = 2.0 * n * (3 * temporal * patch_size * patch_size) * d
-        linear += 2.0 * n * (4 * d * d + k * d * self.vit_mlp) * self.vit_layers
-        full = frames * float(gh * gw) ** 2
-        attn = 4.0 * d * full * self.vit_full_layers
-        n_window_layers = self.vit_layers - self.vit_full_layers
-        if n_window_layers:
-            def sq(units: int) -> float:
-                w = self.vit_window
-                q, r = divmod(units, w)
-                return q * w * w + r * r
-            win = frames * float(m ** 4) * sq(max(1, gh // m)) * sq(max(1, gw // m))
-            attn += 4.0 * d * win * n_window_layers
-        tokens = n / (m * m)
-        merger = self.vit_mergers * tokens * 2.0 * ((m * m * d) ** 2 + m * m * d * self.llm_hidden)
-        return linear + attn + merger
-
-    def llm_flops(self, n_tokens: int) -> float:
-        d, kv = self.llm_hidden, self.llm_kv_dim
-        per_token = 2.0 * self.llm_layers * (d * (d + 2 * kv) + d * d + 3 * d * self.llm_mlp) + 2.0 * d * self.llm_vocab
-        return per_token * n_tokens + 2.0 * self.llm_layers * d * float(n_tokens) ** 2
-
-
-COMPUTE_MODELS: dict[str, ComputeModel] = {
-    # Qwen2-VL-7B: ViT 32 layers, 1280 wide, GELU MLP 5120, full attention everywhere; Qwen2-7B LLM.
-    "qwen2_vl": ComputeModel(1280, 32, 5120, False, 32, 0, 1, 3584, 28, 18944, 512, 152064),
-    # Qwen2.5-VL-7B: ViT 32 layers, SwiGLU 3420, full attention in layers 7/15/23/31, windows of
-    # 112 px = 4 merged units elsewhere; Qwen2.5-7B LLM.
-    "qwen2_5_vl": ComputeModel(1280, 32, 3420, True, 4, 4, 1, 3584, 28, 18944, 512, 152064),
-    # Qwen3-VL-8B: ViT 27 layers, 1152 wide, GELU MLP 4304, full attention, 1 + 3 DeepStack mergers;
-    # Qwen3-8B LLM (36 layers, 4096, 8 kv heads of 128).
-    "qwen3_vl": ComputeModel(1152, 27, 4304, False, 27, 0, 4, 4096, 36, 12288, 1024, 151936),
-}
-COMPUTE_MODELS["qwen3_vl_moe"] = COMPUTE_MODELS["qwen3_vl"]  # dense estimate; balancing needs ratios only
-COMPUTE_MODELS["qwen_vl"] = COMPUTE_MODELS["qwen2_vl"]
 
 BALANCE_MODES = ("compute", "tokens", "none")
 
 
-def sample_flops(
-    model: ComputeModel, n_text_tokens: int, images: Sequence[Sequence[int]], *, patch_size: int, merge_size: int,
-    min_pixels: int, max_pixels: int, temporal: int = 2, video_grids: Sequence[Sequence[int]] = (),
-) -> float:
-    """Estimated forward FLOPs of one sample: its images and videos (grids `(t, h, w)` in patches)
-    through the ViT, then all its tokens through the LLM."""
-    vit, tokens = 0.0, int(n_text_tokens)
-    for t, gh, gw in video_grids:
-        vit += model.image_flops(gh, gw, patch_size=patch_size, merge_size=merge_size, temporal=temporal, frames=t)
-        tokens += t * gh * gw // (merge_size * merge_size)
-    for h, w in images:
-        rh, rw = smart_resize(int(h), int(w), patch_size * merge_size, min_pixels, max_pixels)
-        gh, gw = rh // patch_size, rw // patch_size
-        vit += model.image_flops(gh, gw, patch_size=patch_size, merge_size=merge_size, temporal=temporal)
-        tokens += gh * gw // (merge_size * merge_size)
-    return vit + model.llm_flops(tokens)
+def image_grid(
+    height: int, width: int, *, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int, int]:
+    """Patch grid `(1, h, w)` of one image of source size (height, width) under dynamic resolution
+    (`smart_resize` to a multiple of patch·merge within the pixel bounds), from the index alone."""
+    rh, rw = smart_resize(int(height), int(width), patch_size * merge_size, min_pixels, max_pixels)
+    return (1, rh // patch_size, rw // patch_size)
 
 
 def capped_cost(tokens: int, has_media: bool, limit: int) -> int:
@@ -325,7 +248,10 @@ class _Cursor:
 class GlobalPlanner:
     """Infinite, deterministic sequence of packed micro-batch plans (lists of `Ref`)."""
 
-    def __init__(self, cfg: DataConfig, indices: list[dict[str, Any]]):
+    def __init__(self, cfg: DataConfig, indices: list[dict[str, Any]], flop_model: Optional[FlopModel] = None):
+        """`flop_model`: FLOPs of one sample under the model being trained (`FlopModel`; training passes
+        `qvl_train.monitor.flops.SampleFlops(cfg.model)`). Without one, `data.balance=compute` balances
+        tokens (`self.weighting` says which weight is in use) and `flops()` is unavailable."""
         if len(indices) != len(cfg.sources):
             raise ValueError("one index per data source is required")
         self.cfg = cfg
@@ -355,7 +281,9 @@ class GlobalPlanner:
         self.balance = str(getattr(cfg, "balance", "compute"))
         if self.balance not in BALANCE_MODES:
             raise ValueError(f"data.balance={self.balance!r}; valid: {', '.join(BALANCE_MODES)}")
-        self.compute_model = COMPUTE_MODELS[cfg.generation]
+        self.flop_model = flop_model
+        self.weighting = "tokens" if self.balance == "compute" and flop_model is None else self.balance
+        """The weight balancing uses: `compute` (FLOPs from `flop_model`), `tokens` or `none`."""
 
     # ----------------------------------------------------------------------------- the order
     def _perm(self, n: int, *key: Any) -> list[int]:
@@ -439,24 +367,37 @@ class GlobalPlanner:
         return self.limits[ref[0]]
 
     def flops(self, ref: Ref) -> float:
-        """Estimated forward FLOPs of a usable sample (ComputeModel), from the index only."""
+        """Forward FLOPs of a usable sample under `flop_model`, from the index only.
+
+        The sample as the loader will build it: each image's grid from `smart_resize` under its source's
+        pixel bounds, each video's planned grid, its planned LLM tokens (`cost`, so a truncated text-only
+        sample costs its limit) and as label tokens its text tokens (an upper bound: the index does not
+        say how many belong to prompts; visual tokens and video timestamps never carry loss).
+        """
+        if self.flop_model is None:
+            raise ValueError("GlobalPlanner has no flop_model: pass the model's FLOP model (training: "
+                             "qvl_train.monitor.flops.SampleFlops(cfg.model)) to estimate FLOPs")
         f = self._flops_cache.get(ref)
         if f is None:
-            e = self.entry(ref)
-            cfg = self.cfg
-            plans = self.video_plans(ref) if e.get("videos") else []
-            n_text = text_tokens(e, cfg.generation) + sum(p.extra_text_tokens(cfg.generation) for p in plans)
-            if is_text_only(e):
-                n_text = min(n_text, self.token_budget(ref))
-            f = sample_flops(
-                self.compute_model, n_text, e["images"], patch_size=cfg.patch_size, merge_size=cfg.merge_size,
-                min_pixels=cfg.min_pixels, max_pixels=self.max_pixels[ref[0]], temporal=cfg.temporal_patch_size,
-                video_grids=[p.grid_thw for p in plans],
-            )
+            f = self.flop_model(*self.flop_inputs(ref))
             if len(self._flops_cache) > 100_000:
                 self._flops_cache.clear()
             self._flops_cache[ref] = f
         return f
+
+    def flop_inputs(self, ref: Ref) -> tuple[list[tuple[int, int, int]], int, int]:
+        """`(grid_thw, tokens, label_tokens)` of a usable sample, what `flop_model` receives (see `flops`)."""
+        e, cfg = self.entry(ref), self.cfg
+        grids = [tuple(p.grid_thw) for p in self.video_plans(ref)] if e.get("videos") else []
+        grids += [image_grid(h, w, patch_size=cfg.patch_size, merge_size=cfg.merge_size, min_pixels=cfg.min_pixels,
+                             max_pixels=self.max_pixels[ref[0]]) for h, w in e["images"]]
+        tokens = self.cost(ref)
+        labels = min(text_tokens(e, cfg.generation), tokens)
+        return grids, tokens, labels
+
+    def weight(self, ref: Ref) -> float:
+        """What balancing evens out for one sample (`self.weighting`): its FLOPs, else its tokens."""
+        return self.flops(ref) if self.weighting == "compute" else float(self.cost(ref))
 
     def video_plans(self, ref: Ref) -> list[VideoPlan]:
         """Frames and grids of a sample's videos (`entry_video_plans`)."""
@@ -474,7 +415,7 @@ class GlobalPlanner:
             return plans
         refs = [r for p in plans for r in p]
         tokens = {r: self.cost(r) for r in refs}
-        weight = tokens if self.balance == "tokens" else {r: self.flops(r) for r in refs}
+        weight = tokens if self.weighting == "tokens" else {r: self.flops(r) for r in refs}
         return balance_step(plans, weight, tokens, self.cfg.max_tokens)
 
     def entry(self, ref: Ref) -> dict[str, Any]:

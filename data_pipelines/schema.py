@@ -133,9 +133,11 @@ class DataConfig:
     """Candidates the packer looks ahead to fill a micro-batch (best fit); part of the data order."""
     balance: str = "compute"
     """How the samples of one step are spread over its micro-batches (and so over dp ranks), after
-    packing by tokens: `compute` evens out the estimated FLOPs (ViT + LLM, quadratic attention; see
-    `data_pipelines.packing.ComputeModel`), `tokens` evens out token counts, `none` keeps the packing
-    order. Never changes which samples form a step, nor the token budget; safe to change on resume."""
+    packing by tokens: `compute` evens out the FLOPs of the model being trained (the FLOP model the
+    training side hands the loader, the count MFU uses: `qvl_train.monitor.flops.SampleFlops`; a
+    loader built without one evens out tokens), `tokens` evens out token counts, `none` keeps the
+    packing order. Never changes which samples form a step, nor the token budget; safe to change on
+    resume."""
     plan_ahead: bool = True
     """Plan step S+1 in a background thread while step S trains (the plan is identical to planning
     inline; it is not part of the loader state, so resume stays exact)."""

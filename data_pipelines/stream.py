@@ -79,7 +79,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from data_pipelines.packing import GlobalPlanner, Ref
+from data_pipelines.packing import FlopModel, GlobalPlanner, Ref
 from data_pipelines.positions import position_ids_for
 from data_pipelines.schema import IGNORE_INDEX, DataConfig, DataSource, PackedBatch
 from data_pipelines.sources import resolve_source
@@ -350,7 +350,11 @@ class PrefetchedStep:
 class StepLoader:
     """One dp rank's view of the global packed stream; see the module docstring."""
 
-    def __init__(self, cfg: DataConfig, *, micro_batches_per_step: int, dp_rank: int, dp_size: int, root: str = "."):
+    def __init__(self, cfg: DataConfig, *, micro_batches_per_step: int, dp_rank: int, dp_size: int, root: str = ".",
+                 flop_model: Optional[FlopModel] = None):
+        """`flop_model`: FLOPs of one sample under the model being trained, for `data.balance=compute` and
+        the imbalance stats (`packing.FlopModel`; training passes `qvl_train.monitor.flops.SampleFlops`).
+        Without one the planner balances and measures tokens."""
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if micro_batches_per_step < 1 or micro_batches_per_step % dp_size:
@@ -366,7 +370,7 @@ class StepLoader:
         self.micro_batches_per_step = micro_batches_per_step
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.sources = [resolve_source(s.path, s.index, root) for s in cfg.sources]
-        self.planner = GlobalPlanner(cfg, [src.index for src in self.sources])
+        self.planner = GlobalPlanner(cfg, [src.index for src in self.sources], flop_model)
         self.builders = make_builders(cfg)
         self.builder = self.builders[0]
         self.read_skipped: dict[str, int] = {}
@@ -420,23 +424,27 @@ class StepLoader:
         """Planning stats of the step last returned by `next_step()` (identical on every rank).
 
         `packing_efficiency`: planned real tokens / slots of the step; `dp_imbalance`: max / mean of
-        the estimated compute (ComputeModel FLOPs) over dp ranks; `mb_imbalance`: the same over the
-        step's micro-batches; `est_flops`: estimated forward FLOPs of the whole step. Empty before the
-        first step. Estimates from the index: read-time skips are not reflected.
+        the estimated compute (the `flop_model`'s FLOPs; tokens without one) over dp ranks;
+        `mb_imbalance`: the same over the step's micro-batches; `est_flops` (with a `flop_model` only):
+        estimated forward FLOPs of the whole step. Empty before the first step. Estimates from the
+        index: read-time skips are not reflected.
         """
         return dict(self._last_stats)
 
     def _plan_stats(self, plans: list[list[Ref]]) -> dict[str, float]:
         p = self.planner
-        mb = np.array([sum(p.flops(r) for r in plan) for plan in plans], dtype=np.float64)
+        weigh = p.flops if p.flop_model is not None else p.cost
+        mb = np.array([sum(weigh(r) for r in plan) for plan in plans], dtype=np.float64)
         toks = sum(p.cost(r) for plan in plans for r in plan)
         ranks = np.array([mb[r :: self.dp_size].sum() for r in range(self.dp_size)])
-        return {
+        stats = {
             "packing_efficiency": toks / (len(plans) * self.cfg.max_tokens),
             "dp_imbalance": float(ranks.max() / ranks.mean()) if ranks.sum() > 0 else 1.0,
             "mb_imbalance": float(mb.max() / mb.mean()) if mb.sum() > 0 else 1.0,
-            "est_flops": float(mb.sum()),
         }
+        if p.flop_model is not None:
+            stats["est_flops"] = float(mb.sum())
+        return stats
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable, identical on all ranks, dp-size independent (taken between steps)."""

@@ -50,7 +50,11 @@ def _own_layout(cfg: TrainConfig, world: int) -> Layout:
 
 
 def _workload(cfg: TrainConfig, args) -> Workload:
-    return Workload(cfg.data.max_tokens, cfg.train.global_batch_tokens, args.visual_share, args.label_share)
+    # causal attention FLOPs grow with each sample's own length; by default the whole micro-batch is
+    # one sample (an upper bound: the step time is not underestimated for long-context data)
+    sample = args.sample_tokens or cfg.data.max_tokens
+    return Workload(cfg.data.max_tokens, cfg.train.global_batch_tokens, args.visual_share, args.label_share,
+                    sample_tokens=sample, image_patches=args.image_patches)
 
 
 def report(cfg: TrainConfig, args, name: str) -> int:
@@ -94,6 +98,9 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=5)
     ap.add_argument("--visual-share", type=float, default=0.5, help="share of LLM tokens that are visual")
     ap.add_argument("--label-share", type=float, default=0.5, help="share of tokens carrying loss")
+    ap.add_argument("--sample-tokens", type=float, default=0,
+                    help="E[s²]/E[s] of the packed samples' lengths (attention FLOPs); default data.max_tokens")
+    ap.add_argument("--image-patches", type=float, default=1024, help="ViT patches of a typical image")
     ap.add_argument("--experiments", action="store_true", help="check every cluster experiment's own layout")
     args = ap.parse_args(argv)
     try:

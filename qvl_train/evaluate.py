@@ -162,6 +162,7 @@ class Evaluator:
 
     def __init__(self, cfg: TrainConfig, dims, num_examples: int = 4) -> None:
         from data_pipelines.stream import StepLoader
+        from qvl_train.monitor.flops import SampleFlops
 
         self.dims = dims
         self.generation, self.num_examples = cfg.data.generation, num_examples
@@ -171,6 +172,7 @@ class Evaluator:
             StepLoader(
                 replace(cfg.data, sources=[replace(src, weight=1.0)], valid=[], plan_ahead=False),
                 micro_batches_per_step=cfg.eval.max_batches, dp_rank=dims.dp_rank, dp_size=dims.dp,
+                flop_model=SampleFlops(cfg.model),
             )
             for src in (cfg.data.valid if self.every else [])
         ]

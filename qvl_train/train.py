@@ -131,7 +131,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     from qvl_train.checkpoint.manager import CheckpointManager
     from qvl_train.evaluate import Evaluator
     from qvl_train.monitor.diagnose import StackDumper, StepProfiler
-    from qvl_train.monitor.flops import peak_tflops
+    from qvl_train.monitor.flops import SampleFlops, peak_tflops
     from qvl_train.monitor.metrics import MetricsWriter, Progress, train_record
     from qvl_train.monitor.trace import DataTrace
     from qvl_train.monitor.wandb import WandbLogger
@@ -153,7 +153,9 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     log.info("parameters  %s trainable of %s (%.2f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
              f"; LoRA rank {lora.rank} on {'/'.join(lora.targets)} of {'/'.join(lora.modules)}" if lora.enabled else "")
     micro = cfg.micro_batches_per_step()
-    loader = StepLoader(cfg.data, micro_batches_per_step=micro, dp_rank=dims.dp_rank, dp_size=dims.dp)
+    # the packer balances dp ranks by this model's FLOPs, the same count as MFU (monitor/flops.py)
+    loader = StepLoader(cfg.data, micro_batches_per_step=micro, dp_rank=dims.dp_rank, dp_size=dims.dp,
+                        flop_model=SampleFlops(cfg.model))
     ckpt = CheckpointManager(
         out / "checkpoints", dims, keep_last=cfg.checkpoint.keep_last, init_from=cfg.model.init_from,
         async_save=cfg.checkpoint.async_save,

@@ -34,6 +34,18 @@ forward on the recomputed layers; it is *not* counted (MFU counts model FLOPs, n
 
 MFU = achieved model FLOP/s per device ÷ peak dense FLOP/s per device (`train.peak_tflops`, or
 `PEAK_TFLOPS` by `torch.cuda.get_device_name()`: bf16 dense tensor-core peaks).
+
+One FLOP model, three users
+---------------------------
+These rules are the framework's only FLOP arithmetic:
+* MFU (`engines/megatron.py`, `benchmarks/gpu_check.py`): `packed_batch_flops` of each micro-batch;
+* the packer's compute balancing (`data_pipelines/packing.py`): the data side never imports
+  `qvl_train`, so the training side hands it `SampleFlops(cfg.model)`, a picklable callable
+  `(grid_thw, tokens, label_tokens) -> forward FLOPs` of ONE sample = `batch_flops` of that sample
+  alone. The packer then balances the work of the model actually trained (its ViT windows, DeepStack
+  mergers, resampler, MoE router + top-k experts), not the shapes of some other model;
+* the layout planner (`qvl_train/tools/planner.py`): `expected_flops` of a micro-batch described by
+  averages (sample length, image size, visual and label shares), built from `batch_flops` calls.
 """
 
 from __future__ import annotations
@@ -43,7 +55,10 @@ from typing import Optional, Sequence
 
 from qvl_train.config import ModelConfig
 
-__all__ = ["Flops", "batch_flops", "packed_batch_flops", "peak_tflops", "PEAK_TFLOPS"]
+__all__ = [
+    "Flops", "SampleFlops", "batch_flops", "expected_flops", "packed_batch_flops", "peak_tflops", "routed_expert_flops",
+    "PEAK_TFLOPS",
+]
 
 # bf16 dense peak TFLOP/s per device (datasheets; no sparsity). Matched in order against the CUDA
 # device name, so the specific names come first.
@@ -78,6 +93,10 @@ class Flops:
 
     def __add__(self, other: "Flops") -> "Flops":
         return Flops(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def scaled(self, k: float) -> "Flops":
+        """Every part times `k` (floats: expectations, as the planner's `expected_flops` forms them)."""
+        return Flops(**{f.name: getattr(self, f.name) * k for f in fields(self)})
 
 
 def _window_sq_sum(extent: int, window: int) -> int:
@@ -134,6 +153,21 @@ def _vision(cfg: ModelConfig, grid_thw: Sequence[Sequence[int]]) -> tuple[int, i
     return linear, attention, projector
 
 
+def _mlp_weights(cfg: ModelConfig) -> tuple[int, int]:
+    """(weights every token multiplies, weights of the routed experts it passes) of one LLM MLP:
+    a dense SwiGLU is (3·H·F, 0); a MoE layer is its router H·E and k experts of 3·H·I each."""
+    l = cfg.llm
+    if l.num_experts:
+        return l.hidden_size * l.num_experts, l.moe_router_topk * 3 * l.hidden_size * l.moe_ffn_hidden_size
+    return 3 * l.hidden_size * l.ffn_hidden_size, 0
+
+
+def routed_expert_flops(cfg: ModelConfig, tokens: float) -> float:
+    """Forward FLOPs of the routed experts over `tokens` LLM tokens (part of `Flops.llm_linear`; 0 for
+    a dense LLM). The planner slows this share down when each expert sees few tokens."""
+    return cfg.llm.num_layers * 2 * tokens * _mlp_weights(cfg)[1]
+
+
 def batch_flops(
     cfg: ModelConfig, grid_thw: Sequence[Sequence[int]], seq_lens: Sequence[int], label_tokens: int
 ) -> Flops:
@@ -143,10 +177,7 @@ def batch_flops(
     d = l.head_dim or h // heads
     q, kv = heads * d, l.num_query_groups * d
     tokens = sum(seq_lens)
-    if l.num_experts:  # router, then the top-k routed SwiGLU experts each token passes through
-        mlp = h * l.num_experts + l.moe_router_topk * 3 * h * l.moe_ffn_hidden_size
-    else:
-        mlp = 3 * h * l.ffn_hidden_size
+    mlp = sum(_mlp_weights(cfg))  # dense SwiGLU, or the router + the top-k experts a token passes
     per_layer = 2 * tokens * (h * q + 2 * h * kv + q * h + mlp)
     attention = l.num_layers * 2 * sum(s * s for s in seq_lens) * heads * d  # causal half
     vision_linear, vision_attention, projector = _vision(cfg, grid_thw)
@@ -166,6 +197,44 @@ def packed_batch_flops(cfg: ModelConfig, batch) -> Flops:
     seq_lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
     grids = [tuple(int(x) for x in row) for row in batch.grid_thw.reshape(-1, 3).tolist()]
     return batch_flops(cfg, grids, seq_lens, int(batch.num_label_tokens))
+
+
+@dataclass(frozen=True, eq=False)
+class SampleFlops:
+    """The packer's FLOP model of `cfg`: forward FLOPs of ONE sample, `batch_flops` of it alone.
+
+    `SampleFlops(cfg.model)(grid_thw, tokens, label_tokens)`: its media grids `(t, h, w)` in patches
+    (images t = 1), its LLM tokens (text + visual) and its label tokens. This is the callable the
+    training side passes to `data_pipelines.stream.StepLoader(..., flop_model=...)` (the data side
+    cannot import this module): it balances compute across dp ranks by exactly the FLOPs MFU counts.
+    The ×3 of training cancels in every ratio the packer forms, so the forward is returned. A plain
+    dataclass of a `ModelConfig`, so it pickles (loader worker processes, plan-ahead threads).
+    """
+
+    model: ModelConfig
+
+    def __call__(self, grid_thw: Sequence[Sequence[int]], tokens: int, label_tokens: int) -> float:
+        return float(batch_flops(self.model, grid_thw, [tokens], label_tokens).forward)
+
+
+def expected_flops(
+    cfg: ModelConfig, tokens: float, *, sample_tokens: float, visual_share: float, label_share: float,
+    image_grid: Sequence[int], image_tokens: int,
+) -> Flops:
+    """Forward FLOPs of `tokens` LLM tokens described by averages, for the layout planner.
+
+    Samples of `sample_tokens` tokens (at most `tokens`; for causal attention the right length is
+    E[s²]/E[s]), a `visual_share` of the tokens from images of patch grid `image_grid` giving
+    `image_tokens` LLM tokens each, a `label_share` carrying loss. Every part is a `batch_flops` of one
+    sample / one image scaled by how many fit in `tokens`: the same per-operation rules as MFU and the
+    packer, in expectation (so the result has float parts).
+    """
+    s = max(1.0, min(float(sample_tokens), float(tokens)))
+    llm = batch_flops(cfg, [], [s], 0).scaled(tokens / s)
+    out = batch_flops(cfg, [], [], label_share * tokens)
+    images = visual_share * tokens / image_tokens if image_tokens else 0.0
+    media = batch_flops(cfg, [tuple(image_grid)], [], 0).scaled(images) if images else Flops()
+    return llm + out + media
 
 
 def peak_tflops(configured: float = 0.0, device_name: Optional[str] = None) -> Optional[float]:

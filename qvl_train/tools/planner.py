@@ -27,8 +27,12 @@ micro-batches under 1F1B):
   logits at label positions on the last stage, and a fixed 4 GiB for the CUDA context, NCCL buffers
   and allocator fragmentation.
 
-Step time: model FLOPs (6 × active parameters × tokens + attention) at `MATMUL_EFFICIENCY` of the
-GPU's bf16 peak (× 4/3 with full recompute); the routed experts' share runs slower when each expert
+Step time: model FLOPs at `MATMUL_EFFICIENCY` of the GPU's bf16 peak (× 4/3 with full recompute). The
+FLOPs are the ones MFU and the packer count (`qvl_train/monitor/flops.py`, `expected_flops`): a
+micro-batch of `data.max_tokens` tokens in samples of `Workload.sample_tokens` (causal attention in
+each sample's own length), a `visual_share` of them from images of `image_patches` patches (ViT with
+its windows, mergers or resampler), logits at the `label_share` positions, MoE layers at their router +
+top-k experts; times 3 for training. The routed experts' share runs slower when each expert
 sees few tokens per micro-batch (t / (t + `EXPERT_GEMM_HALF`), t = tokens per expert on a rank, which
 expert parallelism raises); plus the pipeline bubble (pp−1)/(m·vpp), plus exposed
 communication: tensor-parallel all-gather/reduce-scatter per layer (NVLink within a node, the network
@@ -49,6 +53,7 @@ from typing import Iterable, Optional
 
 from qvl_train.config import ModelConfig
 from qvl_train.models.params import count_parameters
+from qvl_train.monitor.flops import expected_flops, routed_expert_flops
 
 GiB = 2**30
 
@@ -128,10 +133,10 @@ class Workload:
 
     micro_tokens: int  # tokens of one packed micro-batch (data.max_tokens)
     global_tokens: int  # tokens of one optimizer step (train.global_batch_tokens)
-    visual_share: float = 0.5  # share of LLM tokens that are visual (ViT work: 4 patches each)
+    visual_share: float = 0.5  # share of LLM tokens that are visual (ViT work: merge² patches each)
     label_share: float = 0.5  # share of tokens carrying loss (logits computed only there)
-    sample_tokens: float = 1024  # mean tokens of one packed sample (attention memory of the CPU path)
-    image_patches: float = 1024  # mean ViT patches of one image (attention memory of the CPU path)
+    sample_tokens: float = 1024  # tokens of one packed sample, E[s²]/E[s] (attention FLOPs; CPU-path memory)
+    image_patches: float = 1024  # ViT patches of one image (ViT attention FLOPs; CPU-path memory)
 
 
 # --------------------------------------------------------------------------- model arithmetic
@@ -199,18 +204,26 @@ def _vision_elements_per_patch(
     return in_flight * (v.depth * per_block + pixels)
 
 
+def _image(cfg: ModelConfig, patches: float) -> tuple[tuple[int, int, int], int]:
+    """A representative image of about `patches` patches: its grid (1, h, w) and its LLM tokens. A
+    fixed-size input (`vision.image_size`, Qwen-VL) has its own grid; a resampler gives `num_queries`
+    tokens, a merger one per merge² patches."""
+    v = cfg.vision
+    m = v.spatial_merge_size
+    if v.image_size:
+        side = v.image_size // v.patch_size
+    else:
+        side = max(m, round(math.sqrt(patches) / m) * m)
+    return (1, side, side), v.num_queries or side * side // (m * m)
+
+
 def _step_flops(cfg: ModelConfig, work: Workload) -> float:
-    """Model FLOPs (forward + backward) of one optimizer step."""
-    counts = count_parameters(cfg)
-    l = cfg.llm
-    p = _llm_parts(cfg)
-    active_llm = counts["active"] - counts["vision"] - counts["projector"] - p["embed"] + l.vocab_size * l.hidden_size * work.label_share
-    tokens = work.global_tokens
-    linear = 6 * active_llm * tokens
-    attention = 3 * 2 * l.num_layers * work.micro_tokens * p["q"] * tokens / 2  # causal, whole-pack bound
-    patches = 4 * work.visual_share * tokens
-    vision = 6 * (counts["vision"] + counts["projector"]) * patches
-    return linear + attention + vision
+    """Model FLOPs (forward + backward) of one optimizer step: 3 × `expected_flops` of its tokens."""
+    grid, image_tokens = _image(cfg, work.image_patches)
+    f = expected_flops(cfg, work.global_tokens, sample_tokens=min(work.sample_tokens, work.micro_tokens),
+                       visual_share=work.visual_share, label_share=work.label_share, image_grid=grid,
+                       image_tokens=image_tokens)
+    return 3 * f.forward
 
 
 # --------------------------------------------------------------------------- prediction
@@ -252,7 +265,7 @@ def predict(
     world = lo.tp * lo.pp * lo.cp * lo.dp
     flops = _step_flops(cfg, work)
     l = cfg.llm
-    expert_flops = 6 * L * l.moe_router_topk * 3 * l.hidden_size * l.moe_ffn_hidden_size * work.global_tokens if l.num_experts else 0.0
+    expert_flops = 3 * routed_expert_flops(cfg, work.global_tokens)
     slowdown = 1.0
     if l.num_experts:  # tokens one expert GEMM sees: this rank's routed copies, gathered over EP, per local expert
         per_expert = work.micro_tokens / lo.cp * l.moe_router_topk * lo.ep / l.num_experts

@@ -187,3 +187,37 @@ def test_moe_layers_count_the_router_and_the_active_experts():
     l.num_experts, l.moe_router_topk = 0, 0
     l.ffn_hidden_size = l.moe_ffn_hidden_size  # a dense layer as wide as one expert, without the router
     assert top1 - batch_flops(cfg, [], [10, 6], 0).llm_linear == l.num_layers * 2 * 16 * l.hidden_size * 4
+
+
+def test_sample_flops_is_batch_flops_of_one_sample():
+    """`SampleFlops` (what the packer balances by) is `batch_flops` of the sample alone, and a packed
+    micro-batch's `batch_flops` is the sum of its samples' (sample-local attention, no cross terms)."""
+    import pickle
+
+    from qvl_train.models.tiny import tiny_qwen3_vl_moe_config
+    from qvl_train.monitor.flops import SampleFlops
+
+    for cfg in (_tiny(), _tiny_qwen3(), tiny_qwen3_vl_moe_config()):
+        f = SampleFlops(cfg)
+        a, b = ([(1, 2, 4)], 5, 3), ([(1, 4, 4), (2, 2, 2)], 9, 2)
+        assert f(*a) == batch_flops(cfg, a[0], [a[1]], a[2]).forward
+        assert f(*a) + f(*b) == batch_flops(cfg, a[0] + b[0], [a[1], b[1]], a[2] + b[2]).forward
+        assert pickle.loads(pickle.dumps(f))(*b) == f(*b)
+
+
+def test_expected_flops_and_routed_experts():
+    """The planner's `expected_flops` is `batch_flops` in expectation: whole samples and images give the
+    exact count of the micro-batch they describe; the routed-expert share is the top-k experts' work."""
+    from qvl_train.models.tiny import tiny_qwen3_vl_moe_config
+    from qvl_train.monitor.flops import expected_flops, routed_expert_flops
+
+    cfg = tiny_qwen3_vl_moe_config()
+    # 4 samples of 64 tokens = 256 tokens; 25% visual = 64 tokens = 4 images of 16 tokens (grid 8×8 / 2²);
+    # labels on half the tokens
+    want = batch_flops(cfg, [(1, 8, 8)] * 4, [64] * 4, 128)
+    got = expected_flops(cfg, 256, sample_tokens=64, visual_share=0.25, label_share=0.5, image_grid=(1, 8, 8),
+                         image_tokens=16)
+    assert got.forward == pytest.approx(want.forward, rel=1e-12)
+    l = cfg.llm
+    assert routed_expert_flops(cfg, 256) == l.num_layers * 2 * 256 * l.moe_router_topk * 3 * l.hidden_size * l.moe_ffn_hidden_size
+    assert routed_expert_flops(_tiny(), 256) == 0
