@@ -172,7 +172,10 @@ def transfer(repeats: int = 7) -> list[tuple[str, str, float, float, float]]:
 
 def plan_overlap(sim_step: float, steps: int) -> list[tuple[str, float, float]]:
     """Mean seconds `next_step` spends obtaining its plan at dp32 x 4, inline vs planned ahead."""
-    from benchmarks.packing import BUDGET, MAX_PIXELS, synthetic_index
+    from benchmarks.packing import BUDGET, MAX_PIXELS, model_yaml, synthetic_index
+    from qvl_train.monitor.flops import SampleFlops
+
+    flop_model = SampleFlops(model_yaml("qwen2_5_vl/7b"))  # balance=compute as training plans it
 
     out = []
     with tempfile.TemporaryDirectory() as d:
@@ -180,7 +183,7 @@ def plan_overlap(sim_step: float, steps: int) -> list[tuple[str, float, float]]:
         for ahead in (False, True):
             cfg = DataConfig(sources=[DataSource(d)], max_tokens=BUDGET, max_pixels=MAX_PIXELS,
                              generation="qwen2_5_vl", plan_ahead=ahead)
-            ld = StepLoader(cfg, micro_batches_per_step=128, dp_rank=0, dp_size=32)
+            ld = StepLoader(cfg, micro_batches_per_step=128, dp_rank=0, dp_size=32, flop_model=flop_model)
             waits = []
             for i in range(steps + 1):
                 t = time.perf_counter()

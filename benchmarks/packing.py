@@ -48,6 +48,7 @@ from qvl_train.config import LLMConfig, ModelConfig, VisionConfig
 from qvl_train.monitor.flops import SampleFlops, batch_flops
 
 BUDGET = 16384
+MAX_PIXELS = 28 * 28 * 2048  # the Qwen2/2.5-VL bound (benchmarks/loader.py); per model: (patch·merge)²·2048
 MODELS = Path(__file__).resolve().parents[1] / "configs" / "model"
 DEFAULT_MODELS = ("qwen2_5_vl/7b", "qwen3_vl/8b", "qwen3_vl_moe/30b_a3b")
 
