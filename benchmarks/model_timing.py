@@ -64,7 +64,7 @@ def _models(generation: str):
 
 def _steps(generation: str):
     """Two closures, one forward+backward step each (gradients dropped after each), and the loss check."""
-    from qvl_train.models.vlm import IMAGE_PAD_ID, VIDEO_PAD_ID
+    from data_pipelines.text import IMAGE_PAD_ID, VIDEO_PAD_ID
     from qvl_train.tools.hf_parity import packed_pair, packed_sample_segments
 
     cfg, hf, ours = _models(generation)

@@ -20,13 +20,14 @@ import sys
 import tarfile
 from typing import Any, Iterator, Optional
 
+from data_pipelines import generations
 from data_pipelines.packing import entry_video_plans
 from data_pipelines.schema import IGNORE_INDEX, DataConfig
 from data_pipelines.shards import INDEX_NAME, read_index, text_tokens
-from data_pipelines.stream import SUPPORTED_GENERATIONS, SampleBuilder, SkipSample
+from data_pipelines.stream import SampleBuilder, SkipSample
 from data_pipelines.text import IMAGE_PAD_ID, QWEN_VL_SPECIAL_TOKENS, VIDEO_PAD_ID, get_tokenizer
 from data_pipelines.video import BadVideo
-from data_pipelines.vision import QWEN_VL_IMAGE_TOKENS, planned_image_tokens
+from data_pipelines.vision import planned_image_tokens
 
 LOSS_OPEN, LOSS_CLOSE = "⟦", "⟧"
 
@@ -105,7 +106,7 @@ def describe_sample(builder: SampleBuilder, members: dict[str, bytes], entry: Op
                    f"frames of {size}, " if row else "")
             label, n_vid = f"video {n_vid}", n_vid + 1
         lines.append(f"   {label}: {src}grid (t,h,w)=({t},{gh},{gw}) patches, {t * gh * gw} ViT patches, "
-                     f"{QWEN_VL_IMAGE_TOKENS if cfg.generation == 'qwen_vl' else t * gh * gw // merge2} LLM tokens")
+                     f"{generations.get(cfg.generation).fixed_image_tokens or t * gh * gw // merge2} LLM tokens")
     if entry is not None:
         n_text = text_tokens(entry, cfg.generation)
         planned = n_text + sum(
@@ -124,11 +125,14 @@ def describe_sample(builder: SampleBuilder, members: dict[str, bytes], entry: Op
 def inspect(path: str, generation: str = "qwen2_vl", n: int = 5, min_pixels: Optional[int] = None,
             max_pixels: Optional[int] = None) -> str:
     """The text `python -m data_pipelines.inspect` prints."""
-    if generation not in SUPPORTED_GENERATIONS:
-        raise SystemExit(f"error: --generation {generation!r}: the data side renders {', '.join(SUPPORTED_GENERATIONS)}")
+    try:
+        image = generations.get(generation).image
+    except ValueError as e:
+        raise SystemExit(f"error: --generation: {e}") from None
     kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    if generation == "qwen_vl":  # fixed 448² input: no temporal patches, no merge
-        kw = {"min_pixels": 448 * 448, "max_pixels": 448 * 448, **kw, "temporal_patch_size": 1, "merge_size": 1}
+    # exactly what training sees: the generation's patch, merge and temporal sizes and pixel bounds
+    kw = {"min_pixels": image.min_pixels, "max_pixels": image.max_pixels, **kw, "patch_size": image.patch_size,
+          "temporal_patch_size": image.temporal_patch_size, "merge_size": image.merge_size}
     cfg = DataConfig(generation=generation, **kw)
     builder = SampleBuilder(cfg, get_tokenizer())
     if os.path.isdir(path):
@@ -168,7 +172,7 @@ def inspect(path: str, generation: str = "qwen2_vl", n: int = 5, min_pixels: Opt
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_pipelines.inspect", description=__doc__.split("\n\n")[0])
     ap.add_argument("path", help="a shard directory (with index.json) or one .tar shard")
-    ap.add_argument("--generation", default="qwen2_vl", help=f"one of {', '.join(SUPPORTED_GENERATIONS)}")
+    ap.add_argument("--generation", default="qwen2_vl", help=f"one of {', '.join(generations.NAMES)}")
     ap.add_argument("--n", type=int, default=5, help="samples to show")
     ap.add_argument("--min-pixels", type=int, default=None)
     ap.add_argument("--max-pixels", type=int, default=None)

@@ -109,23 +109,23 @@ def qwen3_vl_position_ids(
     return mrope_position_ids(input_ids, image_grid_thw, frames, merge_size, image_token_id, video_token_id)
 
 
+def sequential_position_ids(input_ids) -> torch.Tensor:
+    """1-D RoPE (Qwen-VL): every token, image pads included, gets its index, in all three rows."""
+    return torch.arange(len(input_ids), dtype=torch.int64).expand(3, -1).contiguous()
+
+
 def position_ids_for(
     generation: str, input_ids, image_grid_thw=(), video_grid_thw=(), merge_size: int = 2,
     video_second_per_grid: Sequence[float] | None = None, tokens_per_second: int = 2,
 ) -> torch.Tensor:
-    """Position ids [3, n] of one sample for `generation` (qwen2_vl, qwen2_5_vl, qwen3_vl).
+    """Position ids [3, n] of one sample for `generation` (its `DataSpec.positions`).
 
-    `video_second_per_grid` (one per video) is used by Qwen2.5-VL only. Qwen-VL has 1-D RoPE: every
-    token, image pads included, gets its index, in all three rows."""
-    if generation == "qwen_vl":
-        return torch.arange(len(input_ids), dtype=torch.int64).expand(3, -1).contiguous()
-    if generation in ("qwen3_vl", "qwen3_vl_moe"):
-        return qwen3_vl_position_ids(input_ids, image_grid_thw, video_grid_thw, merge_size)
-    if generation == "qwen2_5_vl":
-        spg = [1.0] * len(_rows(video_grid_thw)) if video_second_per_grid is None else video_second_per_grid
-        return mrope_position_ids(input_ids, image_grid_thw, video_grid_thw, merge_size,
-                                  video_second_per_grid=spg, tokens_per_second=tokens_per_second)
-    return mrope_position_ids(input_ids, image_grid_thw, video_grid_thw, merge_size)
+    `video_second_per_grid` (one per video) is used by Qwen2.5-VL only (absolute-time M-RoPE)."""
+    from data_pipelines import generations
+
+    return generations.get(generation).positions(
+        input_ids, image_grid_thw, video_grid_thw, merge_size, video_second_per_grid, tokens_per_second
+    )
 
 
 def _rows(grid: Sequence[Sequence[int]] | torch.Tensor) -> list:

@@ -65,8 +65,8 @@ from typing import Any, Optional
 
 from PIL import Image
 
+from data_pipelines import generations
 from data_pipelines.text import (
-    COUNT_GENERATIONS,
     QwenTokenizer,
     get_tokenizer,
     message_parts,
@@ -249,7 +249,7 @@ def index_entry(sample_id: str, key: str, counts: dict[str, int], sizes: list[li
     """One sample's index entry from its per-generation text token counts (`text_token_counts`)."""
     most = max(counts.values())
     entry: dict[str, Any] = {"id": sample_id, "key": key, "n_text_tokens": most}
-    smaller = {g: counts[g] for g in COUNT_GENERATIONS if counts[g] < most}
+    smaller = {key: n for key, n in counts.items() if n < most}
     if smaller:
         entry["n_text_tokens_by_generation"] = smaller
     entry["images"] = sizes
@@ -258,8 +258,8 @@ def index_entry(sample_id: str, key: str, counts: dict[str, int], sizes: list[li
 
 def text_tokens(entry: dict[str, Any], generation: str) -> int:
     """Planned text tokens of an index entry under `generation` (exact, or an upper bound with boxes)."""
-    g = "qwen3_vl" if generation == "qwen3_vl_moe" else generation
-    return int(entry.get("n_text_tokens_by_generation", {}).get(g, entry["n_text_tokens"]))
+    key = generations.get(generation).count_key
+    return int(entry.get("n_text_tokens_by_generation", {}).get(key, entry["n_text_tokens"]))
 
 
 def write_index(out_dir: str, shards: list[dict[str, Any]]) -> str:

@@ -79,23 +79,18 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from data_pipelines import generations
 from data_pipelines.packing import FlopModel, GlobalPlanner, Ref
 from data_pipelines.positions import position_ids_for
 from data_pipelines.schema import IGNORE_INDEX, DataConfig, DataSource, PackedBatch
 from data_pipelines.sources import resolve_source
 from data_pipelines.text import PAD_ID, QwenTokenizer, get_tokenizer, message_parts
 from data_pipelines.video import BadVideo, VideoSettings, preprocess_video_with, video_norm_lut
-from data_pipelines.vision import (
-    QWEN_VL_IMAGE_TOKENS, BadImage, decode_image, image_codes, norm_lut, qwen_vl_codes, qwen_vl_lut, source_hw,
-    vision_spec,
-)
+from data_pipelines.vision import BadImage, decode_image, image_codes, norm_lut, source_hw
 from data_pipelines.workers import DecodePool
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-"""Qwen-VL: fixed 448² images, 256 tokens each, 1-D positions, no video. Qwen2.5-VL shares Qwen2-VL's tokenizer, chat template, image preprocessing and image position
-ids (only its video position ids differ: absolute time); Qwen3-VL needs its own."""
 
 
 class SkipSample(Exception):
@@ -166,14 +161,15 @@ class SampleBuilder:
         except Exception as e:
             raise SkipSample("bad_json", str(e)) from e
         merge2 = cfg.merge_size * cfg.merge_size
+        spec = generations.get(cfg.generation)
         for part in media_parts:
             name = str(part.get("name", "")).lower()
             blob = members.get(name)
             if blob is None:
                 raise SkipSample("missing_member", f"{part['type']} member {name!r} absent")
             if part["type"] == "video":
-                if cfg.generation == "qwen_vl":
-                    raise SkipSample("bad_video", "Qwen-VL takes no video")
+                if spec.video is None:
+                    raise SkipSample("bad_video", f"{spec.name} takes no video")
                 feats = self._video(blob)
                 codes.append(feats.pixel_values.numpy())
                 grids.append(feats.grid_thw)
@@ -185,7 +181,7 @@ class SampleBuilder:
                     blob, fast_decode=cfg.fast_decode, factor=cfg.patch_size * cfg.merge_size,
                     min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                 )
-                pv, grid = qwen_vl_codes(img) if cfg.generation == "qwen_vl" else image_codes(
+                pv, grid = spec.fixed_image(img, as_codes=True) if spec.fixed_image else image_codes(
                     img, patch_size=cfg.patch_size, merge_size=cfg.merge_size, min_pixels=cfg.min_pixels,
                     max_pixels=cfg.max_pixels,
                 )  # uint8 codes, one frame: normalised on the training device (`pixel_lut`)
@@ -195,7 +191,7 @@ class SampleBuilder:
             grids.append(grid)
             kinds.append(0)
             sizes[name] = (source_hw(img), (grid[1] * cfg.patch_size, grid[2] * cfg.patch_size))
-            counts.append(QWEN_VL_IMAGE_TOKENS if cfg.generation == "qwen_vl" else grid[0] * grid[1] * grid[2] // merge2)
+            counts.append(spec.fixed_image_tokens or grid[0] * grid[1] * grid[2] // merge2)
         try:
             ids, labels = self.tok.encode_conversation(
                 messages, counts, generation=cfg.generation, image_sizes=sizes,
@@ -295,7 +291,7 @@ def pack_codes(cfg: DataConfig, codes: list[np.ndarray]) -> torch.Tensor:
     """Per-medium uint8 codes [N, C, T', p*p] → the batch's uint8 pixel_values [P, C*T*p*p], T = the
     temporal patch size (1 for Qwen-VL): an image's single frame is written T times here, in the one
     copy that joins the media (the workers ship it once)."""
-    t = 1 if cfg.generation == "qwen_vl" else cfg.temporal_patch_size
+    t = 1 if generations.get(cfg.generation).fixed_image else cfg.temporal_patch_size  # a fixed input has no time axis
     k = cfg.patch_size * cfg.patch_size
     out = np.empty((sum(c.shape[0] for c in codes), 3, t, k), dtype=np.uint8)
     row = 0
@@ -309,10 +305,11 @@ def pixel_lut(generation: str) -> torch.Tensor:
     """[2, 3, 256] float32 tables of `PackedBatch.pixel_lut` for `generation`: row 0 images (HF's image
     processor arithmetic, `norm_lut`; Qwen-VL's torchvision transform, `qwen_vl_lut`), row 1 videos (the
     fast video processors' fused arithmetic, `video_norm_lut`)."""
-    if generation == "qwen_vl":
-        image = video = qwen_vl_lut()
+    gen = generations.get(generation)
+    if gen.fixed_image_lut is not None:
+        image = video = gen.fixed_image_lut()
     else:
-        spec = vision_spec(generation)
+        spec = gen.image
         image, video = norm_lut(tuple(spec.mean), tuple(spec.std)), video_norm_lut(tuple(spec.mean), tuple(spec.std))
     return torch.from_numpy(np.stack([image, video]))
 
@@ -361,11 +358,7 @@ class StepLoader:
             raise ValueError(
                 f"micro_batches_per_step={micro_batches_per_step} must be a positive multiple of dp_size={dp_size}"
             )
-        if cfg.generation not in SUPPORTED_GENERATIONS:
-            raise NotImplementedError(
-                f"data.generation={cfg.generation!r}: the data side implements {SUPPORTED_GENERATIONS} "
-                "(their templates, tokens, normalisation and image M-RoPE)"
-            )
+        generations.check(cfg.generation)
         self.cfg = cfg
         self.micro_batches_per_step = micro_batches_per_step
         self.dp_rank, self.dp_size = dp_rank, dp_size

@@ -85,6 +85,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from data_pipelines import generations
 from data_pipelines.schema import IGNORE_INDEX
 
 QWEN_PAT_STR = (
@@ -140,11 +141,8 @@ Qwen2-VL encoder (its vocabulary stays 151,657); `QwenTokenizer.special` and `de
 THINK_START_ID = QWEN3_SPECIAL_TOKENS["<think>"]
 THINK_END_ID = QWEN3_SPECIAL_TOKENS["</think>"]
 DEFAULT_SYSTEM = "You are a helpful assistant."
-DEFAULT_SYSTEM_GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl")
-"""Generations whose chat template adds a `DEFAULT_SYSTEM` turn when a conversation has none
+"""Added when a conversation has no system turn by the templates whose `DataSpec.default_system` is set
 (Qwen2-VL / Qwen2.5-VL's `{% if loop.first and message['role'] != 'system' %}`); Qwen3-VL adds none."""
-THINK_TOKEN_GENERATIONS = ("qwen3_vl", "qwen3_vl_moe")
-"""Generations whose tokenizer has `<think>` / `</think>` as added tokens (elsewhere they are plain text)."""
 ROLES = ("system", "user", "assistant")
 
 
@@ -259,9 +257,11 @@ class QwenTokenizer:
             ids.extend(tok_ids)
             labels.extend(tok_ids if train else [IGNORE_INDEX] * len(tok_ids))
 
+        spec = generations.get(generation)
+        image_start, image_pad, image_end = (self.special(t) for t in spec.image_tokens)
         turns = list(messages)
         thinks = think_blocks(turns)
-        if turns[0].get("role") != "system" and generation in DEFAULT_SYSTEM_GENERATIONS:
+        if turns[0].get("role") != "system" and spec.default_system:
             turns.insert(0, {"role": "system", "content": DEFAULT_SYSTEM})
             thinks.insert(0, None)
         for turn, think in zip(turns, thinks):
@@ -278,7 +278,7 @@ class QwenTokenizer:
             parts = message_parts(turn)
             if think is not None:
                 parts = _lstrip_newlines(parts)
-                if generation in THINK_TOKEN_GENERATIONS:
+                if spec.think_tokens:
                     self._flush(header, True, header, train, emit)
                     emit([THINK_START_ID], train)
                     self._flush(f"\n{think}\n", False, header, train, emit)
@@ -296,7 +296,7 @@ class QwenTokenizer:
                     while k < len(parts) and parts[k].get("type") == "box":
                         run.append(parts[k])
                         k += 1
-                    for text, special in render_boxes(run, generation, image_sizes):
+                    for text, special in render_boxes(run, spec.grounding, image_sizes):
                         if special:
                             self._flush(pending, pending_header, header, train, emit)
                             pending, pending_header = "", False
@@ -310,14 +310,11 @@ class QwenTokenizer:
                     pending, pending_header = "", False
                     n = int(image_token_counts[img_i])
                     img_i += 1
-                    if generation == "qwen_vl":
-                        emit([QWEN_VL_IMG_START_ID] + [QWEN_VL_IMAGE_PAD_ID] * n + [QWEN_VL_IMG_END_ID], False)
-                    else:
-                        emit([VISION_START_ID] + [IMAGE_PAD_ID] * n + [VISION_END_ID], False)
+                    emit([image_start] + [image_pad] * n + [image_end], False)
                 elif kind == "video":
                     video = None if videos is None else videos[vid_i]
                     vid_i += 1
-                    for seg in video_segments(generation, video, merge_size):
+                    for seg in video_segments(spec, video, merge_size, self.special):
                         if isinstance(seg, str):  # Qwen3-VL's timestamp text joins the running text
                             pending += seg
                         else:
@@ -356,25 +353,22 @@ class QwenTokenizer:
         emit(toks[k:], train)
 
     def text_token_counts(self, messages: Sequence[dict[str, Any]]) -> dict[str, int]:
-        """Template tokens without image pads (but with vision start/end) per generation, as stored
-        in index.json: each of `COUNT_GENERATIONS`, plus `qwen_vl` when the sample has box parts
-        (rendered with worst-case coordinates, so the counts are upper bounds)."""
+        """Template tokens without image pads (but with the image wrappers) under each of the registry's
+        `count_keys()`, as stored in index.json (boxes rendered with worst-case coordinates, so the
+        counts are upper bounds)."""
         n_images = sum(1 for m in messages for p in message_parts(m) if p.get("type") == "image")
-        has_box = any(p.get("type") == "box" for m in messages for p in message_parts(m))
-        gens = BOX_GENERATIONS if has_box else ("qwen2_vl", "qwen3_vl")
-        counts = {g: len(self.encode_conversation(messages, [0] * n_images, generation=g)[0]) for g in gens}
-        counts.setdefault("qwen2_5_vl", counts["qwen2_vl"])  # the same template; boxes are what differ
-        return counts
+        return {
+            key: len(self.encode_conversation(messages, [0] * n_images, generation=generations.first_with_count_key(key).name)[0])
+            for key in generations.count_keys()
+        }
 
     def count_text_tokens(self, messages: Sequence[dict[str, Any]]) -> int:
         """The largest of `text_token_counts` (index.json's `n_text_tokens`: a bound for any generation)."""
         return max(self.text_token_counts(messages).values())
 
 
-COUNT_GENERATIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-"""Generations whose text token count the shard index records when it differs from the largest."""
-BOX_GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-_WORST = {"qwen_vl": 999, "qwen2_vl": 999, "qwen2_5_vl": 99999, "qwen3_vl": 1000}
+_WORST = {"qwen_vl_tags": 999, "special_tokens": 999, "json_absolute": 99999, "json_relative": 1000}
+"""The coordinate with the most digits each grounding format can write (the index's token bound)."""
 
 
 def validate_box(part: Mapping[str, Any]) -> list[float]:
@@ -392,12 +386,13 @@ def validate_box(part: Mapping[str, Any]) -> list[float]:
 
 
 def render_boxes(
-    boxes: Sequence[Mapping[str, Any]], generation: str, image_sizes: Optional[Mapping[str, tuple]]
+    boxes: Sequence[Mapping[str, Any]], grounding: str, image_sizes: Optional[Mapping[str, tuple]]
 ) -> list[tuple[str, bool]]:
-    """A run of consecutive box parts → [(text, is_special_token)] for `generation` (module docstring)."""
-    g = "qwen3_vl" if generation == "qwen3_vl_moe" else generation
-    if g not in BOX_GENERATIONS:
-        raise ValueError(f"no grounding format for generation {generation!r}; known: {', '.join(BOX_GENERATIONS)}")
+    """A run of consecutive box parts → [(text, is_special_token)] in the grounding format `grounding`
+    (`DataSpec.grounding`, one of `generations.GROUNDING_FORMATS`; module docstring)."""
+    g = grounding
+    if g not in _WORST:
+        raise ValueError(f"unknown grounding format {grounding!r}; known: {', '.join(_WORST)}")
     rendered = []
     for part in boxes:
         x1, y1, x2, y2 = validate_box(part)
@@ -414,19 +409,19 @@ def render_boxes(
             if name not in image_sizes:
                 raise ValueError(f"box part refers to image {name!r}, not in this sample ({sorted(image_sizes)})")
             (h, w), (rh, rw) = image_sizes[name]
-            if g in ("qwen_vl", "qwen2_vl"):
+            if g in ("qwen_vl_tags", "special_tokens"):
                 c = [min(999, max(0, math.floor(v / s * 1000))) for v, s in ((x1, w), (y1, h), (x2, w), (y2, h))]
-            elif g == "qwen3_vl":
+            elif g == "json_relative":
                 c = [min(1000, max(0, round(v / s * 1000))) for v, s in ((x1, w), (y1, h), (x2, w), (y2, h))]
             else:
                 c = [min(r, max(0, round(v * r / s))) for v, s, r in ((x1, w, rw), (y1, h, rh), (x2, w, rw), (y2, h, rh))]
         rendered.append((ref, c))
     out: list[tuple[str, bool]] = []
-    if g == "qwen_vl":
+    if g == "qwen_vl_tags":
         for ref, c in rendered:
             out += [("<ref>", True), (ref, False), ("</ref>", True),
                     ("<box>", True), (f"({c[0]},{c[1]}),({c[2]},{c[3]})", False), ("</box>", True)]
-    elif g == "qwen2_vl":
+    elif g == "special_tokens":
         for ref, c in rendered:
             out += [("<|object_ref_start|>", True), (ref, False), ("<|object_ref_end|>", True),
                     ("<|box_start|>", True), (f"({c[0]},{c[1]}),({c[2]},{c[3]})", False), ("<|box_end|>", True)]
@@ -482,27 +477,33 @@ def _lstrip_newlines(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def video_segments(generation: str, video: Optional[tuple], merge_size: int = 2) -> list:
+def video_segments(spec: "generations.DataSpec | str", video: Optional[tuple], merge_size: int = 2, special=None) -> list:
     """One video part → segments: `str` (text that joins the surrounding text run) or `list[int]` (ids, no loss).
 
+    `spec`: the generation's `DataSpec`; `special`: token string → id (default: the tokenizer's).
     `video = (grid_thw, frame_timestamps)` with the grid in patches and one timestamp (seconds) per
     temporal patch; None gives `[<|vision_start|>, <|vision_end|>]` (what the shard index counts).
 
-    * Qwen2-VL / Qwen2.5-VL: `<|vision_start|>` + `<|video_pad|>` x t*h*w/merge^2 + `<|vision_end|>`;
-    * Qwen3-VL: per temporal patch `<{t:.1f} seconds>` + `<|vision_start|>` + h*w/merge^2 pads +
-      `<|vision_end|>`, as `Qwen3VLProcessor` expands `<|vision_start|><|video_pad|><|vision_end|>`.
+    * without timestamps (Qwen2-VL / Qwen2.5-VL): start + `<|video_pad|>` x t*h*w/merge^2 + end;
+    * with timestamps (Qwen3-VL): per temporal patch `<{t:.1f} seconds>` + start + h*w/merge^2 pads +
+      end, as `Qwen3VLProcessor` expands `<|vision_start|><|video_pad|><|vision_end|>`.
     """
+    spec = generations.get(spec) if isinstance(spec, str) else spec
+    special = special or get_tokenizer().special
+    start, pad, end = (special(t) for t in spec.video_tokens)
     if video is None:
-        return [[VISION_START_ID, VISION_END_ID]]
+        return [[start, end]]
+    if spec.video is None:
+        raise ValueError(f"{spec.name} takes no video")
     (t, h, w), stamps = video
     per_frame = int(h) * int(w) // (merge_size * merge_size)
-    if generation not in ("qwen3_vl", "qwen3_vl_moe"):
-        return [[VISION_START_ID] + [VIDEO_PAD_ID] * (int(t) * per_frame) + [VISION_END_ID]]
+    if not spec.video.timestamps:
+        return [[start] + [pad] * (int(t) * per_frame) + [end]]
     if len(stamps) != int(t):
         raise ValueError(f"video grid has {t} temporal patches but {len(stamps)} timestamps")
     out: list = []
     for sec in stamps:
-        out += [f"<{sec:.1f} seconds>", [VISION_START_ID] + [VIDEO_PAD_ID] * per_frame + [VISION_END_ID]]
+        out += [f"<{sec:.1f} seconds>", [start] + [pad] * per_frame + [end]]
     return out
 
 

@@ -53,25 +53,25 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from data_pipelines import generations
 from data_pipelines.vision import MAX_ASPECT_RATIO, apply_lut, patchify, smart_resize, vision_spec
 
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
-QWEN3_GENERATIONS = ("qwen3_vl", "qwen3_vl_moe")
 DEFAULT_FPS = 2.0
 DEFAULT_MIN_FRAMES = 4
 DEFAULT_MAX_FRAMES = 768
-VIDEO_PIXELS: dict[str, tuple[int, int]] = {
-    "qwen2_vl": (128 * 28 * 28, 28 * 28 * 768),
-    "qwen2_5_vl": (128 * 28 * 28, 28 * 28 * 768),
-    "qwen3_vl": (128 * 32 * 32, 32 * 32 * 768),
-    "qwen3_vl_moe": (128 * 32 * 32, 32 * 32 * 768),
-}
-"""Default (min_pixels, max_pixels) of the HF video processors (4.57.6 class defaults). Qwen2/2.5-VL
-bound each frame; Qwen3-VL bounds all frames together (t * h * w)."""
 
 
 class BadVideo(ValueError):
     """A video that cannot be decoded or sampled; the stream skips the sample, make_shards rejects it."""
+
+
+def video_rules(generation: str) -> generations.VideoRules:
+    """`generation`'s video rules (`DataSpec.video`); BadVideo when it takes no video."""
+    rules = generations.get(generation).video
+    if rules is None:
+        raise BadVideo(f"{generation} takes no video")
+    return rules
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class VideoSettings:
                    cfg.video_min_pixels, cfg.video_max_pixels)
 
     def pixels(self, generation: str) -> tuple[int, int]:
-        lo, hi = VIDEO_PIXELS[generation]
+        lo, hi = video_rules(generation).pixels
         return (lo if self.min_pixels is None else int(self.min_pixels),
                 hi if self.max_pixels is None else int(self.max_pixels))
 
@@ -135,7 +135,7 @@ class VideoPlan:
         none for Qwen2/2.5-VL; for Qwen3-VL the `<t seconds>` text of every temporal patch (one token per
         character of the number, plus `<`, ` seconds` and `>`: exact standalone, an upper bound next to
         other text) and a start/end pair per further temporal patch."""
-        if generation not in QWEN3_GENERATIONS:
+        if not video_rules(generation).timestamps:
             return 0
         stamps = sum(len(f"{s:.1f}") + 3 for s in self.frame_timestamps)
         return stamps + 2 * (len(self.frame_timestamps) - 1)
@@ -232,7 +232,7 @@ def encode_video(frames: np.ndarray, fps: int) -> bytes:
 def sample_frame_indices(meta: VideoMeta, generation: str, s: VideoSettings, temporal_patch_size: int = 2) -> np.ndarray:
     """Indices of the frames the generation's HF video processor samples (module docstring)."""
     total, T = meta.total_frames, temporal_patch_size
-    if generation in QWEN3_GENERATIONS:
+    if video_rules(generation).timestamps:
         n = int(total / meta.fps * s.fps)
         n = min(min(max(n, s.min_frames), s.max_frames), total)
         return np.linspace(0, total - 1, n).round().astype(np.int64)
@@ -295,7 +295,7 @@ def video_plan(
     indices = sample_frame_indices(meta, generation, settings, T)
     n = len(indices)
     try:
-        if generation in QWEN3_GENERATIONS:
+        if video_rules(generation).timestamps:  # Qwen3-VL: the pixel budget over all frames
             rh, rw = qwen3_smart_resize(n, meta.height, meta.width, T, p * m, lo, hi)
         else:
             rh, rw = smart_resize(meta.height, meta.width, p * m, lo, hi)
@@ -362,7 +362,7 @@ def preprocess_video(
 ) -> VideoFeatures:
     """Video file path or encoded bytes → `VideoFeatures` for `generation` (module docstring).
 
-    Defaults are the HF video processor's (fps 2, 4..768 frames, `VIDEO_PIXELS`). Raises BadVideo for an
+    Defaults are the HF video processor's (fps 2, 4..768 frames, the generation's `VideoRules.pixels`). Raises BadVideo for an
     unreadable, empty or too short video, ValueError for an unknown generation.
     """
     spec = vision_spec(generation)

@@ -38,8 +38,8 @@ mean/std), and one copy writing the T identical frames (`patchify_uint8`). Opt-i
 `decode_image(..., fast_decode=True)` (`data.fast_decode`) decodes large JPEGs at reduced scale
 (libjpeg draft mode): faster, not bit-identical.
 
-Per-generation settings (`VISION_SPECS`)
-----------------------------------------
+Per-generation settings (`DataSpec.image` in `data_pipelines/generations/`)
+--------------------------------------------------------------------------
 * `qwen2_vl`, `qwen2_5_vl`: patch 14, merge 2, T 2, OpenAI CLIP mean/std, pixels 56*56 .. 28*28*1280
   (the defaults of `Qwen2VLImageProcessor` in transformers 4.57.6; the hub's preprocessor_config.json
   of the released checkpoints allows up to 12,845,056 pixels — pass `max_pixels` to use that).
@@ -198,21 +198,11 @@ class VisionSpec:
         return self.patch_size * self.merge_size
 
 
-_QWEN2 = VisionSpec(14, 2, 2, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 56 * 56, 28 * 28 * 1280)
-_QWEN3 = VisionSpec(16, 2, 2, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 65536, 16777216)
-VISION_SPECS: dict[str, VisionSpec] = {
-    "qwen2_vl": _QWEN2, "qwen2_5_vl": _QWEN2, "qwen3_vl": _QWEN3, "qwen3_vl_moe": _QWEN3,
-}
-
-
 def vision_spec(generation: str) -> VisionSpec:
-    try:
-        return VISION_SPECS[generation]
-    except KeyError:
-        raise ValueError(
-            f"generation {generation!r} has no patch-based image preprocessing; use one of "
-            f"{', '.join(VISION_SPECS)} (qwen_vl uses a fixed 448x448 input)"
-        ) from None
+    """The image preprocessing settings of `generation` (`DataSpec.image` of its registry entry)."""
+    from data_pipelines import generations
+
+    return generations.get(generation).image
 
 
 def preprocess_image(
@@ -226,10 +216,13 @@ def preprocess_image(
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"preprocess_image expects a PIL.Image.Image, got {type(image).__name__}")
-    if generation == "qwen_vl":
-        pv, grid = preprocess_qwen_vl(image)
+    from data_pipelines import generations
+
+    gen = generations.get(generation)
+    if gen.fixed_image is not None:
+        pv, grid = gen.fixed_image(image, as_codes=False)
         return torch.from_numpy(pv), grid
-    spec = vision_spec(generation)
+    spec = gen.image
     pv, grid = patchify_image(
         image, patch_size=spec.patch_size, temporal_patch_size=spec.temporal_patch_size,
         merge_size=spec.merge_size, min_pixels=spec.min_pixels if min_pixels is None else int(min_pixels),
@@ -247,7 +240,10 @@ QWEN_VL_IMAGE_TOKENS = 256
 def planned_image_tokens(generation: str, height: int, width: int, **bounds) -> int:
     """LLM tokens of one image of source size (height, width) under `generation`: 256 for Qwen-VL,
     else `image_token_count(height, width, **bounds)` (patch_size, merge_size, min/max_pixels)."""
-    return QWEN_VL_IMAGE_TOKENS if generation == "qwen_vl" else image_token_count(height, width, **bounds)
+    from data_pipelines import generations
+
+    fixed = generations.get(generation).fixed_image_tokens
+    return fixed if fixed else image_token_count(height, width, **bounds)
 
 
 def preprocess_qwen_vl(img: Image.Image, size: int = QWEN_VL_IMAGE_SIZE, patch: int = QWEN_VL_PATCH) -> tuple[np.ndarray, tuple[int, int, int]]:

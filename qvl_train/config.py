@@ -12,14 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from data_pipelines.schema import GENERATIONS, DataConfig, DataSource
+from data_pipelines.schema import DataConfig, DataSource
+from qvl_train import generations
 
 STAGES = ("stage1_align", "stage2_multitask", "stage3_sft")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 DECAY_STYLES = ("linear", "cosine", "sqrt")
 RECOMPUTE = ("none", "selective", "full")
 FP8_MODES = ("off", "auto", "hybrid", "e4m3")
-IMPLEMENTED_GENERATIONS = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 LORA_MODULES = ("llm", "projector", "vision")
 
@@ -177,7 +177,7 @@ class ModelConfig:
     """Which model to build and how to initialise it (config group `model/`)."""
 
     generation: str = "qwen2_vl"
-    """One of qwen_vl, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe."""
+    """A registered generation (`qvl_train/generations/`): qwen_vl, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     """Vision encoder."""
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -192,12 +192,26 @@ class ModelConfig:
     te, else flash_attn, else varlen, else flex on CUDA where each is installed."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Low-rank adapters (off by default); with them only the adapters train."""
+    image_token_id: Optional[int] = None
+    """Id of the token whose positions take the image embeddings; None = the generation tokenizer's
+    image pad (`DataSpec.image_tokens`: `<|image_pad|>`, Qwen-VL's `<imgpad>`)."""
+    video_token_id: Optional[int] = None
+    """Id of the token whose positions take the video embeddings; None = the tokenizer's `<|video_pad|>`
+    (stays None for a generation without video)."""
 
     def __post_init__(self) -> None:
-        if self.generation not in GENERATIONS:
-            raise ConfigError(
-                f"model.generation={self.generation!r} is unknown; valid: {', '.join(GENERATIONS)}"
-            )
+        from data_pipelines import generations as data_generations
+
+        try:
+            spec = generations.get(self.generation)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        data = data_generations.get(self.generation)
+        special = data.special_tokens()
+        if self.image_token_id is None:
+            self.image_token_id = special[data.image_tokens[1]]
+        if self.video_token_id is None and data.video is not None:
+            self.video_token_id = special[data.video_tokens[1]]
         if self.attention_backend not in ("auto", "sdpa_loop", "flex", "varlen", "flash_attn", "te"):
             raise ConfigError(
                 f"model.attention_backend={self.attention_backend!r}; valid: auto, sdpa_loop, flex, varlen, flash_attn, te"
@@ -219,8 +233,8 @@ class ModelConfig:
             raise ConfigError(f"model.vision.norm={self.vision.norm!r}; valid: layernorm, rmsnorm")
         if self.vision.mlp not in ("quick_gelu", "swiglu", "gelu_tanh", "gelu"):
             raise ConfigError(f"model.vision.mlp={self.vision.mlp!r}; valid: quick_gelu, swiglu, gelu_tanh, gelu")
-        if self.generation == "qwen_vl":
-            self._check_qwen_vl()
+        if spec.check is not None:
+            spec.check(self)
         if self.vision.window_size is not None:
             unit = self.vision.patch_size * self.vision.spatial_merge_size
             if self.vision.window_size % unit:
@@ -240,33 +254,17 @@ class ModelConfig:
                 f"model.llm.num_experts={llm.num_experts} needs 0 < model.llm.moe_router_topk <= num_experts "
                 f"(got {llm.moe_router_topk}) and model.llm.moe_ffn_hidden_size > 0 (got {llm.moe_ffn_hidden_size})"
             )
-        if (llm.num_experts > 0) != (self.generation == "qwen3_vl_moe"):
+        if (llm.num_experts > 0) != spec.experts:
+            moe = [n for n in generations.NAMES if generations.get(n).experts]
             raise ConfigError(
-                f"model.generation={self.generation!r} with model.llm.num_experts={llm.num_experts}: only qwen3_vl_moe "
-                "has experts (num_experts > 0) and it must have them"
+                f"model.generation={self.generation!r} with model.llm.num_experts={llm.num_experts}: only "
+                f"{', '.join(moe)} have experts (num_experts > 0) and they must have them"
             )
         if llm.moe_aux_loss_coeff < 0:
             raise ConfigError("model.llm.moe_aux_loss_coeff must be >= 0 (0 = no load-balancing loss)")
         bad = [i for i in self.vision.fullatt_block_indexes if not 0 <= i < self.vision.depth]
         if bad:
             raise ConfigError(f"model.vision.fullatt_block_indexes {bad} are outside 0..depth-1={self.vision.depth - 1}")
-
-    def _check_qwen_vl(self) -> None:
-        """Qwen-VL: fixed square input, a square number of queries and of position rows, no merge."""
-        v = self.vision
-        if not v.image_size or v.image_size % v.patch_size:
-            raise ConfigError(f"model.vision.image_size={v.image_size} must be a multiple of patch_size={v.patch_size} (448)")
-        for key in ("num_queries", "num_position_embeddings"):
-            n = getattr(v, key) or 0
-            if n < 1 or int(n**0.5) ** 2 != n:
-                raise ConfigError(f"model.vision.{key}={n} must be a square number (256 for Qwen-VL)")
-        if v.temporal_patch_size != 1 or v.spatial_merge_size != 1:
-            raise ConfigError("Qwen-VL has no temporal patches and no merger: set model.vision.temporal_patch_size=1 "
-                              "and model.vision.spatial_merge_size=1")
-        heads = v.resampler_heads or self.llm.hidden_size // 128
-        if heads < 1 or self.llm.hidden_size % heads:
-            raise ConfigError(f"model.vision.resampler_heads={v.resampler_heads}: the LLM width {self.llm.hidden_size} "
-                              "must split into that many heads (0 = hidden_size / 128)")
 
 
 @dataclass
@@ -626,16 +624,10 @@ class TrainConfig:
         p, llm, vit = self.parallel, self.model.llm, self.model.vision
         self.engine.check_layout(self)
         p.check_available()
-        if self.model.generation not in IMPLEMENTED_GENERATIONS:
-            raise ConfigError(
-                f"model.generation={self.model.generation!r} is not implemented yet; "
-                f"implemented: {', '.join(IMPLEMENTED_GENERATIONS)}"
-            )
-        if self.data.generation != self.model.generation:
-            raise ConfigError(
-                f"data.generation={self.data.generation!r} differs from model.generation="
-                f"{self.model.generation!r}; remove the data.generation override"
-            )
+        try:
+            generations.check_data_matches(self.model.generation, self.data.generation)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         model_parallel = p.tp * p.pp * p.cp
         if world_size % model_parallel:
             raise ConfigError(

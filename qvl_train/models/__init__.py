@@ -10,18 +10,19 @@ megatron's `parallel_state` must be initialised by the caller before `build_mode
 read their group from it; `init_weights` reads the layout through `sharded_state_dict`). On a
 machine without CUDA call `qvl_train.compat.megatron_cpu.install_cpu_compat()` first.
 
-A new generation = one builder function + one line in `_BUILDERS`.
+A new generation = one entry of the registry (`qvl_train/generations/`): its `ModelSpec.build` is called here.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
+from qvl_train import generations
 from qvl_train.config import ModelConfig, ParallelConfig
 from qvl_train.models.common import Execution
 from qvl_train.models.specs import resolve_spec_backend
@@ -39,51 +40,7 @@ def _spec_backend(cfg: ModelConfig, parallel: ParallelConfig) -> str:
     return "local" if cfg.lora.enabled or parallel.cp > 1 else resolve_spec_backend()
 
 
-def _build_qwen2_vl(
-    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution,
-    vp_stage: Optional[int] = None,
-) -> VLM:
-    return VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=_spec_backend(cfg, parallel), execution=execution, vp_stage=vp_stage)
-
-
-def _build_qwen2_5_vl(
-    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution,
-    vp_stage: Optional[int] = None,
-) -> VLM:
-    from qvl_train.models.vision.qwen2_5_vl import Qwen2_5VisionTransformer
-
-    return VLM(
-        cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype,
-        spec_backend=_spec_backend(cfg, parallel), vision_cls=Qwen2_5VisionTransformer, execution=execution, vp_stage=vp_stage,
-    )
-
-
-def _build_qwen3_vl(
-    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution,
-    vp_stage: Optional[int] = None,
-) -> VLM:
-    from qvl_train.models.vlm import Qwen3VLM
-
-    return Qwen3VLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=_spec_backend(cfg, parallel), execution=execution, vp_stage=vp_stage)
-
-
-def _build_qwen_vl(
-    cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype: torch.dtype, execution: Execution,
-    vp_stage: Optional[int] = None,
-) -> VLM:
-    from qvl_train.models.vision.qwen_vl import QwenVLM
-
-    return QwenVLM(cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, spec_backend=_spec_backend(cfg, parallel), execution=execution, vp_stage=vp_stage)
-
-
-_BUILDERS: dict[str, Callable[..., VLM]] = {
-    "qwen_vl": _build_qwen_vl,
-    "qwen2_vl": _build_qwen2_vl,
-    "qwen2_5_vl": _build_qwen2_5_vl,
-    "qwen3_vl": _build_qwen3_vl,
-    "qwen3_vl_moe": _build_qwen3_vl,  # the same model; the LLM's layers get megatron's MoELayer (num_experts > 0)
-}
-IMPLEMENTED = tuple(_BUILDERS)
+IMPLEMENTED = generations.NAMES
 
 
 def build_model(
@@ -100,13 +57,12 @@ def build_model(
     With `cfg.lora` on, the target layers carry adapters (`models/lora.py`).
     """
     try:
-        builder = _BUILDERS[cfg.generation]
-    except KeyError:
-        raise NotImplementedError(
-            f"model.generation={cfg.generation!r} is not implemented; implemented: {', '.join(IMPLEMENTED)}"
-        ) from None
-    model = builder(
-        cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype, execution=execution, vp_stage=vp_stage
+        spec = generations.get(cfg.generation)
+    except ValueError as e:
+        raise NotImplementedError(str(e)) from None
+    model = spec.build(
+        cfg, parallel, pre_process=pre_process, post_process=post_process, dtype=dtype,
+        spec_backend=_spec_backend(cfg, parallel), execution=execution, vp_stage=vp_stage,
     )
     for param in model.parameters():
         param.data = param.data.to(dtype)

@@ -30,10 +30,9 @@ from qvl_train.config import ModelConfig
 
 __all__ = [
     "hf_to_ours", "ours_to_hf", "lora_to_hf", "detect_style", "detect_expert_layout", "EXPERT_LAYOUTS", "fuse_qkv", "split_qkv",
-    "SUPPORTED",
+    "rules_dynamic_vit", "rules_qwen_vl", "rules_qwen3_vl",
 ]
 
-SUPPORTED = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 EXPERT_LAYOUTS = ("hub", "transposed")
 
 
@@ -81,13 +80,15 @@ def _from_canonical(key: str, style: str) -> str:
 
 
 def _rules(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
-    """(our key, canonical HF keys, transform) for every tensor of the model."""
-    if cfg.generation not in SUPPORTED:
-        raise ValueError(f"HF conversion covers {SUPPORTED}, not {cfg.generation!r}")
-    if cfg.generation in ("qwen3_vl", "qwen3_vl_moe"):
-        return _rules_qwen3_vl(cfg)
-    if cfg.generation == "qwen_vl":
-        return _rules_qwen_vl(cfg)
+    """(our key, canonical HF keys, transform) for every tensor of the model: the generation's
+    `ModelSpec.hf_rules` (one of the rule sets below)."""
+    from qvl_train import generations
+
+    return generations.get(cfg.generation).hf_rules(cfg)
+
+
+def rules_dynamic_vit(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
+    """Qwen2-VL / Qwen2.5-VL: ViT blocks (LayerNorm + QuickGELU or RMSNorm + SwiGLU), merger, Qwen2 LLM."""
     vit, llm = cfg.vision, cfg.llm
     rms = vit.norm == "rmsnorm"
     R: list[tuple[str, tuple[str, ...], str]] = [("vision.patch_embed.proj.weight", ("visual.patch_embed.proj.weight",), "patch")]
@@ -127,7 +128,7 @@ def _rules(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
     return R
 
 
-def _rules_qwen_vl(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
+def rules_qwen_vl(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
     """Qwen-VL: the names of its public remote code (`modeling_qwen.py` + `visual.py` of Qwen/Qwen-VL).
 
     ViT blocks: `attn.in_proj` is already per head [q|k|v] (megatron's layout for ng = nh); the
@@ -170,7 +171,7 @@ def _rules_qwen_vl(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
     return R
 
 
-def _rules_qwen3_vl(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
+def rules_qwen3_vl(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
     """Qwen3-VL (HF `Qwen3VLForConditionalGeneration`, 4.57): ViT with patch bias, `pos_embed`,
     LayerNorm blocks with `mlp.linear_fc1/linear_fc2`; merger `norm`/`linear_fc1`/`linear_fc2`;
     `deepstack_merger_list.{j}`; Qwen3 LLM (no qkv bias, `q_norm`/`k_norm` per head)."""

@@ -6,6 +6,7 @@ embeddings are counted once, as the safetensors totals on the model pages do.
 
 from __future__ import annotations
 
+from qvl_train import generations
 from qvl_train.config import ModelConfig
 
 __all__ = ["count_parameters"]
@@ -28,7 +29,7 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     vision = patch + v.depth * (2 * norm + attn + mlp)
     width = hv * v.spatial_merge_size**2
     projector = norm + width * width + width + width * l.hidden_size + l.hidden_size
-    if cfg.generation == "qwen_vl":  # + ln_pre; the resampler instead of the merger
+    if generations.get(cfg.generation).projector == "resampler":  # Qwen-VL: + ln_pre; the resampler, no merger
         vision += 2 * hv
         projector = _qwen_vl_resampler(v.num_queries, hv, l.hidden_size)
     # Qwen3-VL DeepStack mergers: the same MLP with a LayerNorm over the joined width

@@ -12,7 +12,6 @@ import torch
 
 from data_pipelines.schema import IGNORE_INDEX, PackedBatch
 from qvl_train.config import LLMConfig, ModelConfig, VisionConfig
-from qvl_train.models.vlm import IMAGE_PAD_ID
 
 __all__ = ["tiny_model_config", "tiny_qwen2_5_vl_config", "tiny_qwen3_vl_config", "tiny_qwen3_vl_moe_config", "packed_batch"]
 
@@ -78,14 +77,14 @@ def tiny_qwen3_vl_moe_config(**overrides) -> ModelConfig:
     return cfg
 
 
-def _sample(n_before: int, grid: tuple[int, int, int] | None, n_after: int, merge: int, gen: torch.Generator):
+def _sample(n_before: int, grid: tuple[int, int, int] | None, n_after: int, merge: int, gen: torch.Generator, pad_id: int):
     """(input_ids, position_ids [3, n]) of one sample: text, optional image, text."""
     ids = [torch.randint(0, 151000, (n_before,), generator=gen)]
     pos = [torch.arange(n_before).expand(3, -1)]
     start = n_before
     if grid is not None:
         t, h, w = grid[0], grid[1] // merge, grid[2] // merge
-        ids.append(torch.full((t * h * w,), IMAGE_PAD_ID))
+        ids.append(torch.full((t * h * w,), pad_id))
         tt = torch.arange(t).view(-1, 1, 1).expand(t, h, w).flatten()
         hh = torch.arange(h).view(1, -1, 1).expand(t, h, w).flatten()
         ww = torch.arange(w).view(1, 1, -1).expand(t, h, w).flatten()
@@ -113,7 +112,7 @@ def packed_batch(
     v = cfg.vision
     ids, pos, lens, pix, thw = [], [], [], [], []
     for grid, (nb, na) in zip(grids, texts):
-        i, p = _sample(nb, grid, na, v.spatial_merge_size, gen)
+        i, p = _sample(nb, grid, na, v.spatial_merge_size, gen, cfg.image_token_id)
         ids.append(i)
         pos.append(p)
         lens.append(i.numel())
@@ -137,5 +136,5 @@ def packed_batch(
         sample_ids=[f"s{i}" for i in range(len(lens))],
         num_tokens=n,
         num_label_tokens=int((labels != IGNORE_INDEX).sum()),
-        num_visual_tokens=int((input_ids == IMAGE_PAD_ID).sum()),
+        num_visual_tokens=int((input_ids == cfg.image_token_id).sum()),
     )

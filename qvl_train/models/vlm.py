@@ -36,12 +36,7 @@ from qvl_train.models.rope import mrope_freqs
 from qvl_train.models.vision.qwen2_vl import Qwen2VisionTransformer
 from qvl_train.parallel.context import ContextPackedSeqParams
 
-__all__ = ["VLM", "Qwen3VLM", "IMAGE_PAD_ID", "VIDEO_PAD_ID"]
-
-IMAGE_PAD_ID = 151655
-"""`<|image_pad|>`: one per merged image token (Qwen2-VL / 2.5-VL tokenizer)."""
-VIDEO_PAD_ID = 151656
-"""`<|video_pad|>`: one per merged video token."""
+__all__ = ["VLM", "Qwen3VLM"]
 
 
 class VLM(MegatronModule):
@@ -92,6 +87,12 @@ class VLM(MegatronModule):
         self.llm = llm
         self.context_parallel = None  # parallel.cp: a `ContextParallel`, set by the engine (parallel/context.py)
 
+    def media_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Indices of the tokens that take visual embeddings: `model.image_token_id` (one per merged image
+        token) and `model.video_token_id`, the generation tokenizer's pads unless the config sets them."""
+        ids = [i for i in (self.cfg.image_token_id, self.cfg.video_token_id) if i is not None]
+        return torch.nonzero(torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))).squeeze(1)
+
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand the received activation here (a list with one tensor)."""
         if isinstance(input_tensor, (list, tuple)):
@@ -105,7 +106,7 @@ class VLM(MegatronModule):
         if batch.pixel_values.numel() == 0:
             return h_L1H
         vis_VH = self.encode_media(batch, lambda pix, grid: self.projector(self.vision(pix, grid)))
-        pos = torch.nonzero((batch.input_ids == IMAGE_PAD_ID) | (batch.input_ids == VIDEO_PAD_ID)).squeeze(1)
+        pos = self.media_positions(batch.input_ids)
         if pos.numel() != vis_VH.shape[0]:
             raise ValueError(
                 f"{pos.numel()} image/video pad tokens but {vis_VH.shape[0]} visual embeddings "
@@ -228,7 +229,7 @@ class Qwen3VLM(VLM):
         hidden = self.cfg.llm.hidden_size
         both = self.encode_media(batch, self._encode_with_deepstack)  # [n_vis, H·(1 + deepstack layers)]
         vis_VH, deep = both[:, :hidden], (list(both[:, hidden:].split(hidden, dim=1)) if both.shape[1] > hidden else [])
-        pos = torch.nonzero((batch.input_ids == IMAGE_PAD_ID) | (batch.input_ids == VIDEO_PAD_ID)).squeeze(1)
+        pos = self.media_positions(batch.input_ids)
         if pos.numel() != vis_VH.shape[0]:
             raise ValueError(
                 f"{pos.numel()} image/video pad tokens but {vis_VH.shape[0]} visual embeddings "

@@ -53,6 +53,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
+from qvl_train import generations
 from qvl_train.config import ModelConfig
 
 __all__ = [
@@ -121,7 +122,7 @@ def _qwen_vl_vision(cfg: ModelConfig, grid_thw: Sequence[Sequence[int]]) -> tupl
 
 
 def _vision(cfg: ModelConfig, grid_thw: Sequence[Sequence[int]]) -> tuple[int, int, int]:
-    if cfg.generation == "qwen_vl":
+    if generations.get(cfg.generation).projector == "resampler":  # Qwen-VL
         return _qwen_vl_vision(cfg, grid_thw)
     v = cfg.vision
     hv, m = v.hidden_size, v.spatial_merge_size

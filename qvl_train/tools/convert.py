@@ -50,6 +50,7 @@ from typing import Optional
 
 import torch
 
+from qvl_train import generations
 from qvl_train.config import LLMConfig, LoRAConfig, ModelConfig, VisionConfig
 
 __all__ = [
@@ -68,249 +69,25 @@ SIDE_FILES = (
     "qwen.tiktoken", "configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py", "tokenization_qwen.py",
     "visual.py",
 )
-_HF_MODEL_TYPES = {
-    "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-    "qwen": "QWenLMHeadModel",
-}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _SHARD_BYTES = 5 * 1024**3
 
 
 # ---------------------------------------------------------------------------------------- configs
 def model_config_from_hf(hf: dict) -> ModelConfig:
-    """`config.json` of a Qwen2-VL / Qwen2.5-VL checkpoint (flat or with `text_config`) → ModelConfig."""
-    model_type = hf.get("model_type")
-    if model_type not in _HF_MODEL_TYPES:
-        raise ValueError(f"config.json model_type={model_type!r}; convertible: {', '.join(_HF_MODEL_TYPES)}")
-    if model_type == "qwen":
-        return _qwen_vl_config_from_hf(hf)
-    t = {**hf, **(hf.get("text_config") or {})}
-    v = hf["vision_config"]
-    rope = t.get("rope_scaling") or {}
-    if model_type in ("qwen3_vl", "qwen3_vl_moe"):
-        return _qwen3_vl_config_from_hf(t, hf["vision_config"], rope, hf)
-    llm = LLMConfig(
-        num_layers=t["num_hidden_layers"], hidden_size=t["hidden_size"], ffn_hidden_size=t["intermediate_size"],
-        num_attention_heads=t["num_attention_heads"], num_query_groups=t["num_key_value_heads"],
-        vocab_size=t["vocab_size"], rope_theta=float(t.get("rope_theta", 1e6)),
-        mrope_section=list(rope.get("mrope_section", [16, 24, 24])), norm_eps=float(t.get("rms_norm_eps", 1e-6)),
-        qkv_bias=True, tie_word_embeddings=bool(hf.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
-    )
-    common = dict(
-        depth=v["depth"], num_heads=v["num_heads"], patch_size=v.get("patch_size", 14),
-        temporal_patch_size=v.get("temporal_patch_size", 2), spatial_merge_size=v.get("spatial_merge_size", 2),
-        in_channels=v.get("in_channels", v.get("in_chans", 3)),
-    )
-    if model_type == "qwen2_vl":
-        vision = VisionConfig(hidden_size=v["embed_dim"], mlp_ratio=float(v.get("mlp_ratio", 4.0)), **common)
-    else:
-        out = v.get("out_hidden_size", llm.hidden_size)
-        if out != llm.hidden_size:
-            raise ValueError(f"vision_config.out_hidden_size={out} differs from the LLM width {llm.hidden_size}")
-        vision = VisionConfig(
-            hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"], norm="rmsnorm", mlp="swiglu",
-            window_size=v.get("window_size", 112), fullatt_block_indexes=list(v.get("fullatt_block_indexes", [])),
-            tokens_per_second=int(v.get("tokens_per_second", 2)), **common,
-        )
-    return ModelConfig(generation=model_type, vision=vision, llm=llm)
-
-
-def _qwen_vl_config_from_hf(hf: dict) -> ModelConfig:
-    """Qwen-VL `config.json` (`model_type: qwen`, ViT settings under `visual`) → ModelConfig."""
-    v = hf.get("visual")
-    if not v:
-        raise ValueError("config.json has model_type 'qwen' but no 'visual' section: a text-only Qwen, not Qwen-VL")
-    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
-    head_dim = hf.get("kv_channels", hidden // heads)
-    llm = LLMConfig(
-        num_layers=hf["num_hidden_layers"], hidden_size=hidden, ffn_hidden_size=hf["intermediate_size"] // 2,
-        num_attention_heads=heads, num_query_groups=heads, vocab_size=hf["vocab_size"],
-        rope_theta=float(hf.get("rotary_emb_base", 10000)), mrope_section=[head_dim // 2, 0, 0],
-        norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)), qkv_bias=True,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        head_dim=None if head_dim * heads == hidden else head_dim,
-    )
-    if v.get("output_dim", hidden) != hidden:
-        raise ValueError(f"visual.output_dim={v['output_dim']} differs from the LLM width {hidden}")
-    vision = VisionConfig(
-        depth=v["layers"], hidden_size=v["width"], num_heads=v["heads"], intermediate_size=int(v["width"] * v["mlp_ratio"]),
-        patch_size=v["patch_size"], temporal_patch_size=1, spatial_merge_size=1, mlp="gelu", image_size=v["image_size"],
-        num_position_embeddings=v.get("num_position_embeddings", 256), num_queries=v.get("n_queries", 256),
-        resampler_heads=v.get("resampler_heads", 0),
-    )
-    return ModelConfig(generation="qwen_vl", vision=vision, llm=llm)
-
-
-def _qwen_vl_config_dict(cfg: ModelConfig, dtype: str) -> dict:
-    """`config.json` as released with Qwen/Qwen-VL (remote code `QWenLMHeadModel`). Settings the released
-    code hard-codes (256 position rows, LLM width / 128 resampler heads) are written only when they differ."""
-    v, l = cfg.vision, cfg.llm
-    head_dim = l.head_dim or l.hidden_size // l.num_attention_heads
-    visual = {
-        "heads": v.num_heads, "image_size": v.image_size, "image_start_id": 151857, "layers": v.depth,
-        "mlp_ratio": round((v.intermediate_size or v.hidden_size * v.mlp_ratio) / v.hidden_size, 4),
-        "output_dim": l.hidden_size, "patch_size": v.patch_size, "width": v.hidden_size,
-    }
-    if v.num_queries != 256:
-        visual["n_queries"] = v.num_queries
-    if v.num_position_embeddings != 256:
-        visual["num_position_embeddings"] = v.num_position_embeddings
-    if v.resampler_heads and v.resampler_heads != l.hidden_size // 128:
-        visual["resampler_heads"] = v.resampler_heads
-    return {
-        "architectures": ["QWenLMHeadModel"], "attn_dropout_prob": 0.0,
-        "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
-        "bf16": dtype == "bfloat16", "emb_dropout_prob": 0.0, "fp16": dtype == "float16", "fp32": dtype == "float32",
-        "hidden_size": l.hidden_size, "initializer_range": 0.02, "intermediate_size": 2 * l.ffn_hidden_size,
-        "kv_channels": head_dim, "layer_norm_epsilon": l.norm_eps, "max_position_embeddings": 8192, "model_type": "qwen",
-        "no_bias": True, "num_attention_heads": l.num_attention_heads, "num_hidden_layers": l.num_layers,
-        "onnx_safe": None, "rotary_emb_base": int(l.rope_theta) if float(l.rope_theta).is_integer() else l.rope_theta, "rotary_pct": 1.0, "scale_attn_weights": True,
-        "seq_length": 2048, "tie_word_embeddings": l.tie_word_embeddings, "tokenizer_type": "QWenTokenizer",
-        "torch_dtype": dtype, "transformers_version": "4.31.0", "use_cache": True, "use_dynamic_ntk": True,
-        "use_flash_attn": False, "use_logn_attn": True, "visual": visual, "vocab_size": l.vocab_size,
-    }
-
-
-def _qwen3_vl_config_from_hf(t: dict, v: dict, rope: dict, hf: dict) -> ModelConfig:
-    """Qwen3-VL `config.json` (nested `text_config` / `vision_config`) → ModelConfig."""
-    llm = LLMConfig(
-        num_layers=t["num_hidden_layers"], hidden_size=t["hidden_size"], ffn_hidden_size=t["intermediate_size"],
-        num_attention_heads=t["num_attention_heads"], num_query_groups=t["num_key_value_heads"],
-        head_dim=t.get("head_dim", 128), vocab_size=t["vocab_size"], rope_theta=float(t.get("rope_theta", 5e6)),
-        mrope_section=list(rope.get("mrope_section", [24, 20, 20])), mrope_interleaved=True,
-        norm_eps=float(t.get("rms_norm_eps", 1e-6)), qkv_bias=bool(t.get("attention_bias", False)), qk_norm=True,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
-    )
-    if v.get("out_hidden_size", llm.hidden_size) != llm.hidden_size:
-        raise ValueError(f"vision_config.out_hidden_size={v['out_hidden_size']} differs from the LLM width {llm.hidden_size}")
-    vision = VisionConfig(
-        depth=v["depth"], hidden_size=v["hidden_size"], num_heads=v["num_heads"], intermediate_size=v["intermediate_size"],
-        norm="layernorm", mlp="gelu_tanh", patch_size=v.get("patch_size", 16), temporal_patch_size=v.get("temporal_patch_size", 2),
-        spatial_merge_size=v.get("spatial_merge_size", 2), in_channels=v.get("in_channels", 3), patch_bias=True,
-        num_position_embeddings=v.get("num_position_embeddings", 2304),
-        deepstack_visual_indexes=list(v.get("deepstack_visual_indexes", [])),
-    )
-    generation = hf.get("model_type", "qwen3_vl")
-    if generation == "qwen3_vl_moe":
-        _set_moe_from_hf(llm, t)
-    return ModelConfig(generation=generation, vision=vision, llm=llm)
-
-
-def _set_moe_from_hf(llm: LLMConfig, t: dict) -> None:
-    """Qwen3-VL-MoE `text_config` expert fields → `llm` (every layer sparse, top-k renormalised)."""
-    if t.get("decoder_sparse_step", 1) != 1 or t.get("mlp_only_layers"):
-        raise ValueError(
-            "config.json: decoder_sparse_step != 1 or mlp_only_layers (dense layers between MoE layers) is not "
-            "supported; every released Qwen3-VL-MoE model has experts in every layer"
-        )
-    if not t.get("norm_topk_prob", True):
-        raise ValueError("config.json: norm_topk_prob=false is not supported (Qwen3-VL-MoE renormalises the top-k weights)")
-    llm.num_experts = t["num_experts"]
-    llm.moe_ffn_hidden_size = t["moe_intermediate_size"]
-    llm.moe_router_topk = t["num_experts_per_tok"]
-    llm.moe_aux_loss_coeff = float(t.get("router_aux_loss_coef", 0.001))
-
-
-def _qwen3_vl_config_dict(cfg: ModelConfig, dtype: str) -> dict:
-    """Qwen3-VL `config.json` in the released (nested) layout, transformers 4.57 field names."""
-    v, l = cfg.vision, cfg.llm
-    moe = {
-        "num_experts": l.num_experts, "moe_intermediate_size": l.moe_ffn_hidden_size,
-        "num_experts_per_tok": l.moe_router_topk, "norm_topk_prob": True, "decoder_sparse_step": 1,
-        "mlp_only_layers": [], "router_aux_loss_coef": l.moe_aux_loss_coeff,
-    } if l.num_experts else {}
-    return {
-        "architectures": [_HF_MODEL_TYPES[cfg.generation]],
-        "model_type": cfg.generation,
-        "image_token_id": 151655, "video_token_id": 151656,
-        "vision_start_token_id": 151652, "vision_end_token_id": 151653,
-        "tie_word_embeddings": l.tie_word_embeddings,
-        "text_config": {
-            "model_type": f"{cfg.generation}_text", "attention_bias": l.qkv_bias, "attention_dropout": 0.0, **moe,
-            "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": l.head_dim or l.hidden_size // l.num_attention_heads,
-            "hidden_act": "silu", "hidden_size": l.hidden_size, "initializer_range": 0.02,
-            "intermediate_size": l.ffn_hidden_size, "max_position_embeddings": 262144,
-            "num_attention_heads": l.num_attention_heads, "num_hidden_layers": l.num_layers,
-            "num_key_value_heads": l.num_query_groups, "rms_norm_eps": l.norm_eps, "rope_theta": l.rope_theta,
-            "rope_scaling": {"rope_type": "default", "mrope_section": list(l.mrope_section), "mrope_interleaved": True},
-            "tie_word_embeddings": l.tie_word_embeddings, "dtype": dtype, "use_cache": True, "vocab_size": l.vocab_size,
-        },
-        "vision_config": {
-            "model_type": cfg.generation, "depth": v.depth, "hidden_size": v.hidden_size, "hidden_act": "gelu_pytorch_tanh",
-            "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "in_channels": v.in_channels,
-            "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size,
-            "temporal_patch_size": v.temporal_patch_size, "out_hidden_size": l.hidden_size,
-            "num_position_embeddings": v.num_position_embeddings,
-            "deepstack_visual_indexes": list(v.deepstack_visual_indexes), "initializer_range": 0.02,
-        },
-        "torch_dtype": dtype,
-    }
+    """A released `config.json` → ModelConfig (the mapping of the generation whose `model_type` it has)."""
+    return generations.from_hf_model_type(hf.get("model_type")).config_from_hf(hf)
 
 
 def hf_config_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict:
     """A `config.json` in the released checkpoints' format for `cfg` (flat for Qwen2/2.5-VL, nested for Qwen3-VL)."""
-    v, l = cfg.vision, cfg.llm
-    if cfg.generation in ("qwen3_vl", "qwen3_vl_moe"):
-        return _qwen3_vl_config_dict(cfg, dtype)
-    if cfg.generation == "qwen_vl":
-        return _qwen_vl_config_dict(cfg, dtype)
-    if cfg.generation == "qwen2_vl":
-        vision = dict(
-            depth=v.depth, embed_dim=v.hidden_size, mlp_ratio=v.mlp_ratio, num_heads=v.num_heads, in_chans=v.in_channels,
-            hidden_size=l.hidden_size, hidden_act="quick_gelu", patch_size=v.patch_size,
-            spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
-        )
-    elif cfg.generation == "qwen2_5_vl":
-        vision = dict(
-            depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_heads=v.num_heads,
-            in_chans=v.in_channels, out_hidden_size=l.hidden_size, hidden_act="silu", patch_size=v.patch_size,
-            spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
-            window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes),
-            tokens_per_second=v.tokens_per_second,
-        )
-    else:
-        raise ValueError(f"export covers {tuple(_HF_MODEL_TYPES)}, not {cfg.generation!r}")
-    return {
-        "architectures": [_HF_MODEL_TYPES[cfg.generation]],
-        "model_type": cfg.generation,
-        "attention_dropout": 0.0,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-        "vision_start_token_id": 151652,
-        "vision_end_token_id": 151653,
-        "vision_token_id": 151654,
-        "image_token_id": 151655,
-        "video_token_id": 151656,
-        "hidden_act": "silu",
-        "hidden_size": l.hidden_size,
-        "initializer_range": 0.02,
-        "intermediate_size": l.ffn_hidden_size,
-        "max_position_embeddings": 128000 if cfg.generation == "qwen2_5_vl" else 32768,
-        "max_window_layers": l.num_layers,
-        "num_attention_heads": l.num_attention_heads,
-        "num_hidden_layers": l.num_layers,
-        "num_key_value_heads": l.num_query_groups,
-        "rms_norm_eps": l.norm_eps,
-        "rope_theta": l.rope_theta,
-        "rope_scaling": {"type": "mrope", "mrope_section": list(l.mrope_section)},
-        "sliding_window": 32768,
-        "use_sliding_window": False,
-        "tie_word_embeddings": l.tie_word_embeddings,
-        "torch_dtype": dtype,
-        "use_cache": True,
-        "vocab_size": l.vocab_size,
-        "vision_config": vision,
-    }
+    return generations.get(cfg.generation).hf_config(cfg, dtype)
 
 
 def _generation_config(generation: str = "qwen2_vl") -> dict:
     """The sampling-free defaults of the released Instruct models' generation_config.json (Qwen-VL-Chat's
     remote `chat()` also reads `chat_format` and `max_window_size`)."""
-    if generation == "qwen_vl":
-        return {"chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643, "max_window_size": 6144,
-                "max_new_tokens": 512, "do_sample": False}
-    return {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643], "do_sample": False}
+    return dict(generations.get(generation).hf_generation_config)
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
@@ -493,10 +270,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, ep:
 
 # ------------------------------------------------------------------------------------------ export
 def _released_style(cfg: ModelConfig) -> str:
-    """Key spelling of the released checkpoints (for a model not imported from HF): Qwen3-VL (dense and
-    MoE) ships `model.language_model.*` / `model.visual.*` (``runtime``), which transformers 4.57 loads
-    for those classes; Qwen2/2.5-VL ship `model.layers.*` / `visual.*` (``hub``)."""
-    return "runtime" if cfg.generation in ("qwen3_vl", "qwen3_vl_moe") else "hub"
+    """Key spelling of the released checkpoints (for a model not imported from HF): `ModelSpec.hf_key_style`
+    (Qwen3-VL ships `model.language_model.*` / `model.visual.*`, ``runtime``, which transformers 4.57
+    loads for those classes; Qwen2/2.5-VL ship `model.layers.*` / `visual.*`, ``hub``)."""
+    return generations.get(cfg.generation).hf_key_style
 
 
 def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, lora_adapter: bool = False) -> Path:

@@ -10,7 +10,7 @@ them generated here, so `AutoTokenizer` and `AutoImageProcessor` load the export
   the data pipeline does (the default system turn of Qwen2-VL / Qwen2.5-VL, none for Qwen3-VL; one
   `<|image_pad|>` per image, which the processor expands to the image's token count);
 * `preprocessor_config.json` — `Qwen2VLImageProcessor` with the generation's patch size, merge size,
-  mean/std and pixel range (`data_pipelines.vision.VISION_SPECS`).
+  mean/std and pixel range (`DataSpec.image` of `data_pipelines/generations/`).
 
 Qwen-VL (v1) gets the same kind of fast tokenizer without remote code: the released tokenizer's
 special tokens (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, 205 `<|extra_i|>`, then `<ref>` …
@@ -29,7 +29,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-GENERATED = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+from qvl_train import generations
+
 
 _CHAT_TEMPLATE = r"""{%- if DEFAULT_SYSTEM and messages[0]['role'] != 'system' -%}
 {{- '<|im_start|>system\n' + DEFAULT_SYSTEM + '<|im_end|>\n' -}}
@@ -59,28 +60,29 @@ _CHAT_TEMPLATE = r"""{%- if DEFAULT_SYSTEM and messages[0]['role'] != 'system' -
 def chat_template(generation: str, image_tokens: int = 256) -> str:
     """The ChatML template of `generation` (its default system turn and media wrappers substituted;
     `image_tokens`: Qwen-VL's fixed count of `<imgpad>` per image, its resampler's queries)."""
-    from data_pipelines.text import DEFAULT_SYSTEM, DEFAULT_SYSTEM_GENERATIONS
+    from data_pipelines import generations as data_generations
+    from data_pipelines.text import DEFAULT_SYSTEM
 
-    system = repr(DEFAULT_SYSTEM) if generation in DEFAULT_SYSTEM_GENERATIONS else "''"
-    if generation == "qwen_vl":
-        image = f"'<img>' + '<imgpad>' * {int(image_tokens)} + '</img>'"
-        video = "raise_exception('Qwen-VL takes images only, not videos')"
+    spec = data_generations.get(generation)
+    system = repr(DEFAULT_SYSTEM) if spec.default_system else "''"
+    start, pad, end = spec.image_tokens
+    if spec.fixed_image_tokens:  # written out: no processor expands it
+        image = f"'{start}' + '{pad}' * {int(image_tokens)} + '{end}'"
+    else:  # one pad, which the processor expands to the image's token count
+        image = "'" + "".join(spec.image_tokens) + "'"
+    if spec.video is None:
+        video = f"raise_exception('{generation} takes images only, not videos')"
     else:
-        image, video = "'<|vision_start|><|image_pad|><|vision_end|>'", "'<|vision_start|><|video_pad|><|vision_end|>'"
+        video = "'" + "".join(spec.video_tokens) + "'"
     return _CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", system).replace("IMAGE", image).replace("VIDEO", video)
 
 
 def special_tokens(generation: str) -> dict[str, int]:
-    """Special token → id of `generation`'s tokenizer, in id order from 151643 without gaps (the
-    converter numbers them in order after the 151,643 BPE tokens)."""
-    from data_pipelines.text import QWEN3_SPECIAL_TOKENS, QWEN_VL_SPECIAL_TOKENS, SPECIAL_TOKENS
+    """Special token → id of `generation`'s tokenizer (`DataSpec.special_tokens`), in id order from
+    151643 without gaps (the converter numbers them in order after the 151,643 BPE tokens)."""
+    from data_pipelines import generations as data_generations
 
-    if generation == "qwen_vl":  # the released tokenization_qwen.py: 3 ChatML tokens, 205 extras, the tags
-        chatml = {n: SPECIAL_TOKENS[n] for n in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
-        extras = {f"<|extra_{i}|>": 151646 + i for i in range(205)}
-        return {**chatml, **extras, **QWEN_VL_SPECIAL_TOKENS}
-    extra = QWEN3_SPECIAL_TOKENS if generation in ("qwen3_vl", "qwen3_vl_moe") else {}
-    return {**SPECIAL_TOKENS, **extra}
+    return data_generations.get(generation).special_tokens()
 
 
 def write_tokenizer_files(out: Path, generation: str, image_tokens: int = 256) -> None:
@@ -99,7 +101,7 @@ def write_tokenizer_files(out: Path, generation: str, image_tokens: int = 256) -
         raise RuntimeError(f"special tokens got other ids than the data pipeline's (got, want): {wrong}")
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        model_max_length=8192 if generation == "qwen_vl" else 131072,
+        model_max_length=generations.get(generation).hf_model_max_length,
         chat_template=chat_template(generation, image_tokens), clean_up_tokenization_spaces=False,
     )
     tokenizer.save_pretrained(str(out))
@@ -107,11 +109,12 @@ def write_tokenizer_files(out: Path, generation: str, image_tokens: int = 256) -
 
 def write_preprocessor_config(out: Path, generation: str) -> None:
     """`preprocessor_config.json` for `Qwen2VLImageProcessor` with the data pipeline's settings
-    (Qwen-VL: `CLIPImageProcessor`, see `_qwen_vl_preprocessor_config`)."""
+    (Qwen-VL: its `ModelSpec.hf_preprocessor`, a `CLIPImageProcessor` of the fixed 448² transform)."""
     from data_pipelines.vision import vision_spec
 
-    if generation == "qwen_vl":
-        (out / "preprocessor_config.json").write_text(json.dumps(_qwen_vl_preprocessor_config(), indent=2) + "\n")
+    fixed = generations.get(generation).hf_preprocessor
+    if fixed is not None:
+        (out / "preprocessor_config.json").write_text(json.dumps(fixed(), indent=2) + "\n")
         return
     spec = vision_spec(generation)
     config = {
@@ -125,24 +128,10 @@ def write_preprocessor_config(out: Path, generation: str) -> None:
     (out / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _qwen_vl_preprocessor_config() -> dict:
-    """Qwen-VL's released image transform (`visual.py`: Resize((448, 448), bicubic) → ToTensor →
-    Normalize with CLIP mean/std) as a `CLIPImageProcessor`: an exact-size resize, no crop."""
-    from data_pipelines.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, QWEN_VL_IMAGE_SIZE
-
-    return {
-        "image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True, "do_resize": True,
-        "size": {"height": QWEN_VL_IMAGE_SIZE, "width": QWEN_VL_IMAGE_SIZE}, "resample": 3, "do_center_crop": False,
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
-    }
-
-
 def write_generated_files(out: Path, generation: str, image_tokens: int = 256) -> list[str]:
     """Tokenizer and preprocessor files for `generation` where `out` lacks them; the names written
     (`image_tokens`: `<imgpad>` per image in Qwen-VL's template)."""
-    if generation not in GENERATED:
-        return []
+    generations.check(generation)
     written = []
     if not (out / "tokenizer_config.json").exists():
         write_tokenizer_files(out, generation, image_tokens)

@@ -37,7 +37,6 @@ import torch
 if TYPE_CHECKING:
     from data_pipelines.schema import PackedBatch
 
-IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 151655, 151656, 151652, 151653
 TOLERANCE = 1e-5
 BF16_TOLERANCE = 5e-2
 """bf16 rounds every activation to 8 bits of mantissa: a sanity bound, not a parity check."""
@@ -89,7 +88,11 @@ def mrope_ids(segments, merge: int, video_scale: int) -> torch.Tensor:
 
 def build_sample(segments, cfg, gen: torch.Generator) -> dict:
     """Token ids, pixel rows per media (in order), grids and kinds of one sample."""
+    from data_pipelines import generations as data_generations
+
     v = cfg.vision
+    special = data_generations.get(cfg.generation).special_tokens()
+    start, end = special["<|vision_start|>"], special["<|vision_end|>"]
     cols = v.in_channels * v.temporal_patch_size * v.patch_size**2
     ids, pix, grids, kinds = [], [], [], []
     for kind, arg in segments:
@@ -98,11 +101,12 @@ def build_sample(segments, cfg, gen: torch.Generator) -> dict:
             continue
         t, h, w = arg
         n_tok = t * h * w // v.spatial_merge_size**2
-        ids += [torch.tensor([VISION_START]), torch.full((n_tok,), IMAGE_PAD if kind == "image" else VIDEO_PAD), torch.tensor([VISION_END])]
+        pad = cfg.image_token_id if kind == "image" else cfg.video_token_id
+        ids += [torch.tensor([start]), torch.full((n_tok,), pad), torch.tensor([end])]
         pix.append(torch.randn(t * h * w, cols, generator=gen))
         grids.append(arg)
         kinds.append(kind)
-    video_scale = v.tokens_per_second if cfg.generation == "qwen2_5_vl" else 1
+    video_scale = v.tokens_per_second if data_generations.get(cfg.generation).video_absolute_time else 1
     return {
         "input_ids": torch.cat(ids),
         "position_ids": mrope_ids(segments, v.spatial_merge_size, video_scale),

@@ -13,7 +13,7 @@ from data_pipelines.schema import DataConfig
 from data_pipelines.stream import SampleBuilder
 from data_pipelines.text import get_tokenizer
 from data_pipelines.vision import (
-    VISION_SPECS,
+    vision_spec,
     _float_path_exact,
     apply_lut,
     norm_lut,
@@ -25,7 +25,7 @@ from data_pipelines.vision import (
     source_hw,
 )
 
-SPEC = VISION_SPECS["qwen2_5_vl"]
+SPEC = vision_spec("qwen2_5_vl")
 MAX_PIXELS = 28 * 28 * 256  # a smaller budget than the default keeps the images (and the test) small
 BOUNDS = dict(factor=SPEC.factor, min_pixels=SPEC.min_pixels, max_pixels=MAX_PIXELS)
 FAST_MAX_DIFF, FAST_MEAN_DIFF = 0.3, 0.04
@@ -56,7 +56,7 @@ def large_jpeg():
 
 
 def test_float_normalisation_equals_hf_table_for_every_uint8():
-    for spec in (VISION_SPECS["qwen2_vl"], VISION_SPECS["qwen3_vl"]):
+    for spec in (vision_spec("qwen2_vl"), vision_spec("qwen3_vl")):
         assert _float_path_exact(tuple(spec.mean), tuple(spec.std))
         u8 = (np.arange(3 * 300) % 256).astype(np.uint8).reshape(1, 3, 1, 300)
         got = normalise_uint8(u8, spec.mean, spec.std, repeat=2)

@@ -91,13 +91,13 @@ def test_decode_guards():
 
 
 # ------------------------------------------------------------------ public API: preprocess_image
-from data_pipelines.vision import VISION_SPECS, preprocess_image  # noqa: E402
+from data_pipelines.vision import preprocess_image, vision_spec  # noqa: E402
 
 _HF_CACHE = {}
 
 
 def _hf(generation, min_pixels, max_pixels):
-    spec = VISION_SPECS[generation]
+    spec = vision_spec(generation)
     key = (generation, min_pixels, max_pixels)
     if key not in _HF_CACHE:  # settings of the released checkpoints (see vision.py); min/max passed explicitly
         _HF_CACHE[key] = Qwen2VLImageProcessor(
@@ -127,9 +127,9 @@ SIZES = [(1, 1), (2, 1), (1, 200), (1000, 5), (5, 1000), (37, 61), (100, 1), (33
 
 @pytest.mark.parametrize("generation", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_preprocess_image_matches_hf_grid_of_modes_and_sizes(generation):
-    spec = VISION_SPECS[generation]
+    spec = vision_spec(generation)
     if generation == "qwen2_5_vl":  # same image processor settings as Qwen2-VL: one case suffices
-        assert spec == VISION_SPECS["qwen2_vl"]
+        assert spec == vision_spec("qwen2_vl")
         img = _in_mode(_render(90, 50, seed=1), "RGBA")
         ref = _hf(generation, spec.min_pixels, spec.max_pixels)(images=[img], return_tensors="np")
         pv, grid = preprocess_image(img, generation)
@@ -161,7 +161,7 @@ def test_preprocess_image_limits_and_large_grids():
     assert preprocess_image(Image.new("RGB", (8, 8)), "qwen_vl")[1] == (1, 32, 32)  # fixed 448² (test_qwen_vl_data.py)
     # 8000x8000 and other large sizes: grids only (the full preprocessing would be slow)
     for generation, factor in (("qwen2_vl", 28), ("qwen3_vl", 32)):
-        spec = VISION_SPECS[generation]
+        spec = vision_spec(generation)
         for h, w in [(8000, 8000), (8000, 40), (7999, 6001), (4000, 3000), (1, 1), (200, 40000)]:
             ours = smart_resize(h, w, factor, spec.min_pixels, spec.max_pixels)
             assert ours == hf_smart_resize(h, w, factor, spec.min_pixels, spec.max_pixels)

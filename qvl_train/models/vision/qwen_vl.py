@@ -36,11 +36,9 @@ from qvl_train.models.vision.qwen2_vl import vision_block, vision_transformer_co
 from qvl_train.models.vlm import VLM
 
 __all__ = [
-    "QwenVLVisionTransformer", "QwenVLResampler", "QwenVLM", "QWEN_VL_IMAGE_PAD_ID", "sincos_2d", "interpolate_abs_pos",
+    "QwenVLVisionTransformer", "QwenVLResampler", "QwenVLM", "sincos_2d", "interpolate_abs_pos",
 ]
 
-QWEN_VL_IMAGE_PAD_ID = 151859
-"""`<imgpad>` of the Qwen-VL tokenizer (`<img>` = 151857, `</img>` = 151858)."""
 
 
 def interpolate_abs_pos(table: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -156,8 +154,6 @@ class QwenVLM(VLM):
     gives three equal position rows, so any `mrope_section` is plain RoPE); visual embeddings go to
     the `<imgpad>` positions between `<img>` and `</img>`."""
 
-    visual_token_ids = (QWEN_VL_IMAGE_PAD_ID,)
-
     def __init__(
         self, cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool, post_process: bool, dtype=torch.float32,
         spec_backend: str = "local", execution: Execution = Execution(), vp_stage=None,
@@ -172,7 +168,7 @@ class QwenVLM(VLM):
         if batch.pixel_values.numel() == 0:
             return h_L1H
         vis_VH = self.encode_media(batch, lambda pix, grid: self.projector(self.vision(pix, grid)))
-        pos = torch.nonzero(batch.input_ids == QWEN_VL_IMAGE_PAD_ID).squeeze(1)
+        pos = self.media_positions(batch.input_ids)  # `<imgpad>`: model.image_token_id
         if pos.numel() != vis_VH.shape[0]:
             raise ValueError(
                 f"{pos.numel()} <imgpad> tokens but {vis_VH.shape[0]} visual embeddings "
