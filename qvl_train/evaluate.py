@@ -12,6 +12,7 @@ the training loader, the optimizer or the RNG state, so training is the same wit
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import replace
 from typing import Any
@@ -20,6 +21,8 @@ import torch
 
 from data_pipelines.schema import DataSource
 from qvl_train.config import TrainConfig
+
+log = logging.getLogger("qvl_train")
 
 
 class GreedyMatch:
@@ -99,9 +102,9 @@ class GreedyMatch:
 
 def examples(batch, pred: torch.Tensor, generation: str, limit: int = 4) -> list[dict[str, Any]]:
     """The first `limit` samples of a micro-batch as a person reads them: its first image (uint8
-    H×W×3: the loader's pixel codes as they are, or float rows un-normalised), the prompt up to the answer (each image's pad run shown
-    as `<image>`), the answer and the model's greedy answer at the same positions (`pred`: the argmax at
-    every label position of the batch, as `GreedyMatch` keeps it)."""
+    H×W×3: the loader's pixel codes as they are, or float rows un-normalised), the prompt up to the
+    answer (each image's pad run shown as `<image>`), the answer and the model's greedy answer at the
+    same positions (`pred`: the argmax at every label position of the batch, as `GreedyMatch` keeps it)."""
     import numpy as np
 
     from data_pipelines.schema import IGNORE_INDEX
@@ -181,6 +184,22 @@ class Evaluator:
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
+
+    def maybe_log(self, engine, step: int, runlog) -> None:
+        """When `due(step)` (all ranks): evaluate every source and report it through `runlog`
+        (monitor/runlog.py) on rank 0 — a metrics.jsonl line with the examples as text,
+        `eval/<source>/{loss,accuracy,label_tokens}` and an examples table in wandb, a log line."""
+        if not self.due(step):
+            return
+        for record in self.run(engine, step):
+            if not runlog.active:
+                continue
+            shown, name = record.pop("examples"), record["source"]
+            runlog.write({**record, "examples": [{k: v for k, v in e.items() if k != "image"} for e in shown]})
+            runlog.wandb.log({f"eval/{name}/{k}": record[k] for k in ("loss", "accuracy", "label_tokens")}, step=step)
+            runlog.wandb.log_examples(f"eval/{name}/examples", shown, step=step)
+            log.info("eval        step %d  %s  loss %.4f  exact match %.1f%% of %d",
+                     step, name, record["loss"], 100 * record["accuracy"], record["answers"])
 
     def run(self, engine, step: int) -> list[dict[str, Any]]:
         records = []

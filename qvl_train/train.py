@@ -7,18 +7,19 @@ and the loss of a step is Σ token cross-entropy over the global batch ÷ its la
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from qvl_train.config import TrainConfig
+from qvl_train.engines.base import Engine
 
 log = logging.getLogger("qvl_train")
 
@@ -70,33 +71,29 @@ def _save_run_info(cfg: TrainConfig, resolved_yaml: str) -> None:
     (out / "git_commit.txt").write_text(_git_commit() + "\n")
 
 
-def _global_data_stats(local: dict[str, int], dims) -> dict[str, int]:
-    """Skip counts summed over data-parallel ranks (each sample is read by one dp rank's group)."""
-    import torch.distributed as dist
-
-    gathered: list = [None] * dims.world_size
-    dist.all_gather_object(gathered, local if dims.tp_rank == dims.pp_rank == dims.cp_rank == 0 else {})
-    total: dict[str, int] = {"data_skipped": 0}
-    for stats in gathered:
-        for key, n in stats.items():
-            total[key] = total.get(key, 0) + int(n)
-    return total
+def _start_logging(cfg: TrainConfig, dims, resolved_yaml: str) -> bool:
+    """Log lines on stdout from global rank 0 only, which also writes config.yaml and git_commit.txt
+    and shows the layout; returns whether this rank is that one."""
+    rank0 = dims.is_logging_rank
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format="%(message)s", stream=sys.stdout)
+    if rank0:
+        _save_run_info(cfg, resolved_yaml)
+        log.info(describe(cfg, dims.world_size))
+    return rank0
 
 
-def _straggler_stats(own_s: float, hosts: list, threshold: float, dims) -> dict[str, float]:
-    """Every rank's own step time (data + forward/backward) → `straggler/*` metrics; warns on rank 0."""
-    from qvl_train.monitor.diagnose import straggler_report
+def _build_engine(cfg: TrainConfig, dims) -> Engine:
+    """`engine=megatron` (every parallel layout) or `engine=deepspeed` (ZeRO over data-parallel ranks);
+    logs the parameter counts."""
+    engine = _make_engine(cfg, dims, torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32)
+    trainable, total = engine.parameter_counts()
+    lora = cfg.model.lora
+    log.info("parameters  %s trainable of %s (%.2f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
+             f"; LoRA rank {lora.rank} on {'/'.join(lora.targets)} of {'/'.join(lora.modules)}" if lora.enabled else "")
+    return engine
 
-    times = [torch.zeros(1, dtype=torch.float64, device=dims.device) for _ in range(dims.world_size)]
-    torch.distributed.all_gather(times, torch.tensor([own_s], dtype=torch.float64, device=dims.device))
-    metrics, warning = straggler_report([float(t) for t in times], hosts, threshold)
-    if warning and dims.is_logging_rank:
-        log.warning(warning)
-    return metrics
 
-
-def _build_engine(cfg: TrainConfig, dims, dtype: torch.dtype):
-    """`engine=megatron` (every parallel layout) or `engine=deepspeed` (ZeRO over data-parallel ranks)."""
+def _make_engine(cfg: TrainConfig, dims, dtype: torch.dtype) -> Engine:
     common = dict(seed=cfg.seed, max_steps=cfg.train.max_steps, dtype=dtype, recompute=cfg.train.recompute)
     if cfg.engine.name == "deepspeed":
         from qvl_train.engines.deepspeed import DeepSpeedEngine
@@ -117,7 +114,33 @@ def launch_world_size(cfg: TrainConfig) -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _end_process_groups(dims, exc_type, exc, tb) -> bool:
+    """The last teardown on every exit path. A run that ends well meets the other ranks at a barrier
+    (`dims.destroy`); after an exception this rank's groups go at once (the others may never arrive)."""
+    if exc_type is None:
+        dims.destroy()
+    elif torch.distributed.is_initialized():
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+    return False  # the exception, if any, goes on
+
+
+def _diverged(bad_streak: int, step: int, max_bad_steps: int, kept, rank0: bool) -> SystemExit:
+    """The bad-step stop: what happened, which checkpoint is left and what to do (rank 0's message)."""
+    return SystemExit(
+        f"stopping: {bad_streak} consecutive steps (up to step {step}) had a non-finite loss "
+        f"or gradient (train.max_bad_steps={max_bad_steps}); no checkpoint written. "
+        f"Last good checkpoint: {kept or 'none'}. Lower optim.lr or check the data, then rerun to resume."
+        if rank0 else 1
+    )
+
+
 def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
+    """Train `cfg` on this rank. Everything the run opens (process groups, signal handlers, loader and
+    decode workers, the async checkpoint writer, wandb) is closed once by one ExitStack, on every exit
+    path: the last step, a stop signal, the bad-step stop, an exception."""
     from qvl_train.parallel.dims import ParallelDims
 
     world_size = launch_world_size(cfg)
@@ -131,70 +154,47 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     from qvl_train.checkpoint.manager import CheckpointManager
     from qvl_train.evaluate import Evaluator
     from qvl_train.monitor.diagnose import StackDumper, StepProfiler
-    from qvl_train.monitor.flops import SampleFlops, peak_tflops
-    from qvl_train.monitor.metrics import MetricsWriter, Progress, train_record
+    from qvl_train.monitor.flops import SampleFlops
+    from qvl_train.monitor.runlog import RunLog
     from qvl_train.monitor.trace import DataTrace
-    from qvl_train.monitor.wandb import WandbLogger
     from qvl_train.signals import StopOnSignal
 
-    dims.initialize(timeout_s=cfg.train.collective_timeout_s)
-    stopper = StopOnSignal()  # early: loading a large checkpoint can take much of a 120 s warning
-    rank0 = dims.is_logging_rank
-    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format="%(message)s", stream=sys.stdout)
-    out = Path(cfg.output_dir)
-    if rank0:
-        _save_run_info(cfg, resolved_yaml)
-        log.info(describe(cfg, world_size))
+    out, train = Path(cfg.output_dir), cfg.train
+    with contextlib.ExitStack() as teardown:  # unwinds in reverse order; the process groups go last
+        dims.initialize(timeout_s=train.collective_timeout_s)
+        teardown.push(partial(_end_process_groups, dims))
+        stopper = StopOnSignal()  # early: loading a large checkpoint can take much of a 120 s warning
+        teardown.callback(stopper.restore)
+        rank0 = _start_logging(cfg, dims, resolved_yaml)
+        engine = _build_engine(cfg, dims)
+        loader = teardown.enter_context(contextlib.closing(StepLoader(  # balances dp ranks by the MFU's FLOP count
+            cfg.data, micro_batches_per_step=cfg.micro_batches_per_step(), dp_rank=dims.dp_rank, dp_size=dims.dp,
+            flop_model=SampleFlops(cfg.model))))
+        ckpt = teardown.enter_context(CheckpointManager(
+            out / "checkpoints", dims, keep_last=cfg.checkpoint.keep_last, init_from=cfg.model.init_from,
+            async_save=cfg.checkpoint.async_save, every=cfg.checkpoint.every))
+        evaluator = teardown.enter_context(contextlib.closing(Evaluator(cfg, dims)))
+        state, how = ckpt.restore(engine, resume=cfg.checkpoint.resume, init_from=cfg.model.init_from)
+        if state.data:
+            loader.load_state_dict(state.data)
+        log.info("start: %s at step %d", how, state.step)
+        runlog = teardown.enter_context(RunLog(cfg, dims, state))  # wandb finished on every exit path
+        trace = None
+        if cfg.data.trace and dims.tp_rank == dims.pp_rank == dims.cp_rank == 0:
+            trace = teardown.enter_context(contextlib.closing(DataTrace(out, dims.dp_rank, state.step)))
+        profiler = StepProfiler(cfg.profile.steps, out, dims.rank)
+        stacks = teardown.enter_context(StackDumper(out, dims.rank, train.collective_timeout_s))  # → output_dir/stacks/
+        bad_streak = 0  # consecutive skipped (non-finite) steps; every rank sees the same verdict
 
-    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
-    engine = _build_engine(cfg, dims, dtype)
-    trainable, total = engine.parameter_counts()
-    lora = cfg.model.lora
-    log.info("parameters  %s trainable of %s (%.2f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
-             f"; LoRA rank {lora.rank} on {'/'.join(lora.targets)} of {'/'.join(lora.modules)}" if lora.enabled else "")
-    micro = cfg.micro_batches_per_step()
-    # the packer balances dp ranks by this model's FLOPs, the same count as MFU (monitor/flops.py)
-    loader = StepLoader(cfg.data, micro_batches_per_step=micro, dp_rank=dims.dp_rank, dp_size=dims.dp,
-                        flop_model=SampleFlops(cfg.model))
-    ckpt = CheckpointManager(
-        out / "checkpoints", dims, keep_last=cfg.checkpoint.keep_last, init_from=cfg.model.init_from,
-        async_save=cfg.checkpoint.async_save,
-    )
-    evaluator = Evaluator(cfg, dims)
-    state, how = ckpt.restore(engine, resume=cfg.checkpoint.resume, init_from=cfg.model.init_from)
-    if state.data:
-        loader.load_state_dict(state.data)
-    log.info("start: %s at step %d", how, state.step)
-
-    metrics = MetricsWriter(out / "metrics.jsonl", resume_step=state.step) if rank0 else None
-    wandb = WandbLogger(cfg.wandb, out, asdict(cfg), state.wandb_run_id) if rank0 else None
-    run_id = [wandb.run_id if wandb is not None else None]
-    torch.distributed.broadcast_object_list(run_id, src=0)  # every rank saves the same TrainState
-    state.wandb_run_id = run_id[0]
-    trace = DataTrace(out, dims.dp_rank, state.step) if cfg.data.trace and dims.tp_rank == dims.pp_rank == dims.cp_rank == 0 else None
-    progress = Progress(cfg.train.max_steps, state.step)
-    peak = peak_tflops(cfg.train.peak_tflops)
-    bad_streak = 0  # consecutive skipped (non-finite) steps; every rank sees the same verdict
-    profiler = StepProfiler(cfg.profile.steps, out, dims.rank)
-    hosts: list = [None] * dims.world_size
-    torch.distributed.all_gather_object(hosts, socket.gethostname())
-    stacks = StackDumper(out, dims.rank, cfg.train.collective_timeout_s)
-
-    with stacks:  # SIGUSR2 / a stall / a collective timeout → output_dir/stacks/rank{R}.txt
-        while state.step < cfg.train.max_steps:
+        while state.step < train.max_steps:
             t0 = time.perf_counter()
             profiler.before_step(state.step + 1)
             batches = loader.next_step()
             plan = loader.last_step_stats()  # estimates from the shard index, identical on every rank
             t_data = time.perf_counter() - t0
             result = engine.train_step(batches, state.step)
-            if (written := ckpt.poll()) is not None:
-                log.info("checkpoint %s complete", written)
-            state.step += 1
-            state.consumed_samples += result.samples
-            state.consumed_tokens += result.tokens
-            state.skipped_steps += int(result.skipped)
-            state.data = loader.state_dict()
+            ckpt.poll()  # an async save whose files are all written becomes `latest`
+            state.advance(result, loader.state_dict())
             step_time = time.perf_counter() - t0
             if trace is not None:
                 trace.write(state.step, [b.sample_ids for b in batches])
@@ -202,81 +202,18 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
                 log.info("profile     %s", traced)
             stacks.heartbeat(state.step)
             bad_streak = bad_streak + 1 if result.skipped else 0
-            diverged = cfg.train.max_bad_steps > 0 and bad_streak >= cfg.train.max_bad_steps
+            diverged = train.max_bad_steps > 0 and bad_streak >= train.max_bad_steps
 
-            if evaluator.due(state.step) and not diverged:  # before the checkpoint: a resume keeps its lines
-                for record in evaluator.run(engine, state.step):
-                    if rank0:
-                        shown = record.pop("examples")
-                        metrics.write({**record, "examples": [{k: v for k, v in e.items() if k != "image"} for e in shown]})
-                        name = record["source"]
-                        wandb.log({f"eval/{name}/{k}": record[k] for k in ("loss", "accuracy", "label_tokens")},
-                                  step=state.step)
-                        wandb.log_examples(f"eval/{name}/examples", shown, step=state.step)
-                        log.info("eval        step %d  %s  loss %.4f  exact match %.1f%% of %d",
-                                 state.step, name, record["loss"], 100 * record["accuracy"], record["answers"])
-
-            # Checkpoint: never after the bad-step limit; no periodic save inside a bad streak, so
-            # `latest` stays a checkpoint written after a finite step.
+            if not diverged:  # before the checkpoint: a resume keeps its lines
+                evaluator.maybe_log(engine, state.step, runlog)
             stop = stopper.agreed()
-            every = cfg.checkpoint.every
-            periodic = every and state.step % every == 0 and bad_streak == 0
-            t_ckpt = 0.0
-            if not diverged and (stop or periodic or state.step == cfg.train.max_steps):
-                t1 = time.perf_counter()
-                step_dir = ckpt.save(engine, state)
-                if stop or state.step == cfg.train.max_steps:
-                    ckpt.wait()  # the process is about to end: its last checkpoint must be complete
-                t_ckpt = time.perf_counter() - t1
-                log.info("checkpoint %s%s", step_dir, " (writing in the background)" if ckpt.pending else "")
-
-            log_now = state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps or diverged
-            skipped = _global_data_stats(loader.stats(), dims) if log_now else {}
-            own_s = t_data + result.timings["fwd_bwd_s"]
-            stragglers = _straggler_stats(own_s, hosts, cfg.train.straggler_threshold, dims) if log_now else {}
-            if rank0 and log_now:
-                record = train_record(
-                    state.step, result, lr=engine.current_lr(), step_time_s=step_time,
-                    data_s=t_data, checkpoint_s=t_ckpt, world_size=dims.world_size, peak_tflops=peak,
-                    skipped_steps=state.skipped_steps,
-                )
-                record.update(skipped)
-                record.update(stragglers)
-                record.update({f"data/plan_{k}": v for k, v in plan.items() if k != "est_flops"})
-                metrics.write(record)
-                wandb.log(record, step=state.step)
-                progress.update(state.step, result.loss, record["tokens_per_s"], step_time)
-            if diverged:
-                ckpt.wait()  # a save of a good step still in flight becomes the checkpoint to fall back to
-                latest = out / "checkpoints" / "latest"
-                kept = (out / "checkpoints" / latest.read_text().strip()) if latest.exists() else None
-                message = (
-                    f"stopping: {bad_streak} consecutive steps (up to step {state.step}) had a non-finite loss "
-                    f"or gradient (train.max_bad_steps={cfg.train.max_bad_steps}); no checkpoint written. "
-                    f"Last good checkpoint: {kept or 'none'}. Lower optim.lr or check the data, then rerun to resume."
-                )
-                if rank0:
-                    metrics.close()
-                    wandb.finish()
-                if trace is not None:
-                    trace.close()
-                stopper.restore()
-                dims.destroy()
-                raise SystemExit(message if rank0 else 1)
+            t_ckpt = ckpt.maybe_save(engine, state, ending=bool(stop) or state.step == train.max_steps,
+                                     bad_streak=bad_streak, diverged=diverged)
+            runlog.train_step(state.step, result, lr=engine.current_lr(), loader=loader, plan=plan, data_s=t_data,
+                              step_s=step_time, checkpoint_s=t_ckpt, skipped_steps=state.skipped_steps, force=diverged)
+            if diverged:  # a save of a good step still in flight becomes the checkpoint to fall back to
+                raise _diverged(bad_streak, state.step, train.max_bad_steps, ckpt.last_good(), rank0)
             if stop:
                 log.info("signal %d: stopped after step %d with a checkpoint; rerun the same command to resume", stop, state.step)
                 break
 
-    if rank0:
-        metrics.close()
-        wandb.finish()
-        log.info("metrics     %s", out / "metrics.jsonl")
-        log.info("checkpoint  %s", out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip())
-        if wandb.run_dir:
-            log.info("wandb       %s  (upload: wandb sync %s)", wandb.run_dir, wandb.run_dir)
-    if trace is not None:
-        trace.close()
-    evaluator.close()
-    loader.close()
-    stopper.restore()
-    dims.destroy()

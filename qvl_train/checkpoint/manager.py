@@ -34,6 +34,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -66,6 +67,14 @@ class TrainState:
     wandb_run_id: Optional[str] = None
     layout: dict[str, int] = field(default_factory=dict)
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, over the whole run
+
+    def advance(self, result, data: dict[str, Any]) -> None:
+        """Count one finished step (the engine's `StepResult`) and take the loader's cursor after it."""
+        self.step += 1
+        self.consumed_samples += result.samples
+        self.consumed_tokens += result.tokens
+        self.skipped_steps += int(result.skipped)
+        self.data = data
 
 
 def step_dir_name(step: int) -> str:
@@ -203,11 +212,12 @@ class CheckpointManager:
 
     def __init__(
         self, root: str | Path, dims: ParallelDims, *, keep_last: int = 0, init_from: Optional[str] = None,
-        async_save: bool = False,
+        async_save: bool = False, every: int = 0,
     ) -> None:
         self.root = Path(root)
         self.dims = dims
         self.keep_last = keep_last
+        self.every = every  # `maybe_save`: a periodic checkpoint every this many steps (0: none)
         self.init_from = init_from
         self._async = None
         if async_save:
@@ -230,6 +240,29 @@ class CheckpointManager:
         )
 
     # ----------------------------------------------------------------- save
+    def maybe_save(self, engine, state: TrainState, *, ending: bool, bad_streak: int, diverged: bool) -> float:
+        """The run's save policy, after each step (all ranks); returns the seconds it took.
+
+        A checkpoint every `every` steps and when the process is about to end (`ending`: the last step
+        or a stop signal; then it is waited for, complete before the process exits). Never once the
+        bad-step limit is reached (`diverged`), and no periodic save inside a streak of skipped
+        (non-finite) steps, so `latest` stays a checkpoint written after a finite step."""
+        periodic = self.every and state.step % self.every == 0 and bad_streak == 0
+        if diverged or not (ending or periodic):
+            return 0.0
+        t0 = time.perf_counter()
+        step_dir = self.save(engine, state)
+        if ending:
+            self.wait()  # the process is about to end: its last checkpoint must be complete
+        log.info("checkpoint %s%s", step_dir, " (writing in the background)" if self.pending else "")
+        return time.perf_counter() - t0
+
+    def last_good(self) -> Optional[Path]:
+        """The step directory `latest` names (after any save in flight has completed), or None."""
+        self.wait()
+        latest = self.root / LATEST
+        return self.root / latest.read_text().strip() if latest.exists() else None
+
     def save(self, engine, state: TrainState) -> Path:
         """Save `state` (all ranks). Synchronous by default; with `async_save` the tensors are staged
         (a fork's copy-on-write snapshot on CPU, a device-to-host copy on GPU), written by a background
@@ -283,7 +316,10 @@ class CheckpointManager:
             return None
         done = self.pending
         self._async.maybe_finalize_async_calls(blocking=False)
-        return done if self.pending is None else None
+        if self.pending is not None:
+            return None
+        log.info("checkpoint %s complete", done)
+        return done
 
     def wait(self) -> Optional[Path]:
         """Block until an async save in flight is complete (all ranks); returns its directory."""
@@ -292,6 +328,29 @@ class CheckpointManager:
         done = self.pending
         self._async.maybe_finalize_async_calls(blocking=True)
         return done
+
+    def close(self, abort: bool = False) -> None:
+        """Once, at the end of the run (all ranks). A save in flight is completed, or with `abort` (the
+        run failed: other ranks may be gone, so no collective) its writer process is killed and reaped:
+        that step never becomes `complete`, and resume takes the previous checkpoint."""
+        if self._async is None:
+            return
+        if not abort:
+            self.wait()
+        for call in self._async.async_calls:  # megatron's AsyncCallsQueue keeps one writer per save
+            process = getattr(call.async_caller, "process", None)
+            if process is not None and process.is_alive():
+                process.kill()
+                process.join()
+        self._async.async_calls.clear()
+        self._async, self.pending = None, None
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close(abort=exc is not None)
+        return False
 
     def _protected(self, latest: Path) -> set[Path]:
         keep = {latest.resolve()}
@@ -412,8 +471,10 @@ class CheckpointManager:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Checkpoint manifests: verify a step directory or write one for a trusted checkpoint.")
-    parser.add_argument("--write-manifest", metavar="STEP_DIR", help="hash the files of a trusted step directory into manifest.json")
+    parser = argparse.ArgumentParser(
+        description="Checkpoint manifests: verify a step directory or write one for a trusted checkpoint.")
+    parser.add_argument("--write-manifest", metavar="STEP_DIR",
+                        help="hash the files of a trusted step directory into manifest.json")
     parser.add_argument("--verify", metavar="STEP_DIR", help="check a step directory against its manifest")
     args = parser.parse_args()
     if args.write_manifest:

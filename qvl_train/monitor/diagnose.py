@@ -76,8 +76,10 @@ class StackDumper:
             stalled = time.monotonic() - self._beat
             if stalled > self.stall_s and self._stalled_at != self._step:
                 self._stalled_at = self._step
-                self.dump(f"no progress for {stalled:.0f} s after step {self._step} (train.collective_timeout_s={self.stall_s:g})")
-                log.warning("rank %d: step %d has not finished after %.0f s; stacks in %s", self.rank, self._step + 1, stalled, self.path)
+                self.dump(f"no progress for {stalled:.0f} s after step {self._step} "
+                          f"(train.collective_timeout_s={self.stall_s:g})")
+                log.warning("rank %d: step %d has not finished after %.0f s; stacks in %s",
+                            self.rank, self._step + 1, stalled, self.path)
 
     def __enter__(self) -> "StackDumper":
         return self

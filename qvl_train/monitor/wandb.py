@@ -63,6 +63,8 @@ class WandbLogger:
             table.add_data(r["sample_id"], image, r["prompt"], r["answer"], r["model_answer"])
         self.run.log({key: table}, step=step)
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
+        """End the run; a non-zero `exit_code` marks it failed (the offline run records it for `wandb sync`)."""
         if self.run is not None:
-            self.run.finish()
+            self.run.finish(exit_code=exit_code)
+            self.run = None
