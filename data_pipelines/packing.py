@@ -62,12 +62,14 @@ Everything here is deterministic and computed identically on every rank.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from data_pipelines import generations
 from data_pipelines.schema import DataConfig
 from data_pipelines.shards import text_tokens
 from data_pipelines.video import BadVideo, VideoMeta, VideoPlan, VideoSettings, video_plan
@@ -370,9 +372,10 @@ class GlobalPlanner:
         """Forward FLOPs of a usable sample under `flop_model`, from the index only.
 
         The sample as the loader will build it: each image's grid from `smart_resize` under its source's
-        pixel bounds, each video's planned grid, its planned LLM tokens (`cost`, so a truncated text-only
-        sample costs its limit) and as label tokens its text tokens (an upper bound: the index does not
-        say how many belong to prompts; visual tokens and video timestamps never carry loss).
+        pixel bounds (a fixed-size input, `DataSpec.fixed_image`: that square), each video's planned
+        grid, its planned LLM tokens (`cost`, so a truncated text-only sample costs its limit) and as
+        label tokens its text tokens (an upper bound: the index does not say how many belong to prompts;
+        visual tokens and video timestamps never carry loss).
         """
         if self.flop_model is None:
             raise ValueError("GlobalPlanner has no flop_model: pass the model's FLOP model (training: "
@@ -389,8 +392,13 @@ class GlobalPlanner:
         """`(grid_thw, tokens, label_tokens)` of a usable sample, what `flop_model` receives (see `flops`)."""
         e, cfg = self.entry(ref), self.cfg
         grids = [tuple(p.grid_thw) for p in self.video_plans(ref)] if e.get("videos") else []
-        grids += [image_grid(h, w, patch_size=cfg.patch_size, merge_size=cfg.merge_size, min_pixels=cfg.min_pixels,
-                             max_pixels=self.max_pixels[ref[0]]) for h, w in e["images"]]
+        spec = generations.get(cfg.generation)
+        if spec.fixed_image is not None:  # every image resized to one square (Qwen-VL: 448², its pixel bound)
+            side = math.isqrt(spec.image.max_pixels) // spec.image.patch_size
+            grids += [(1, side, side)] * len(e["images"])
+        else:
+            grids += [image_grid(h, w, patch_size=cfg.patch_size, merge_size=cfg.merge_size, min_pixels=cfg.min_pixels,
+                                 max_pixels=self.max_pixels[ref[0]]) for h, w in e["images"]]
         tokens = self.cost(ref)
         labels = min(text_tokens(e, cfg.generation), tokens)
         return grids, tokens, labels

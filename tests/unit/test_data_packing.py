@@ -162,6 +162,17 @@ def test_packer_cost_is_batch_flops_of_the_sample(model, generation, patch):
         assert more(*moe_text) - planner.flops(refs[0]) == router  # 3E more router columns, same experts
 
 
+def test_packer_cost_of_a_fixed_size_input():
+    """Qwen-VL resizes every image to 448²: the packer costs each as that 32×32-patch grid (ViT + resampler),
+    whatever its stored size, as the loader builds it."""
+    model = model_yaml("qwen_vl/tiny")
+    cfg = DataConfig(sources=[DataSource("x")], generation="qwen_vl", merge_size=1, max_tokens=4096)
+    planner = GlobalPlanner(cfg, [_flop_index()], SampleFlops(model))
+    grids, tokens, labels = planner.flop_inputs((0, 0, 3))
+    assert grids == [(1, 32, 32)] * 3 and tokens == 120 + 3 * 256 and labels == 120
+    assert planner.flops((0, 0, 3)) == batch_flops(model, grids, [tokens], labels).forward
+
+
 def test_flop_model_on_the_released_config():
     """Qwen2.5-VL-7B: a visual token costs ~1.3× a text token; attention is quadratic in the sample's own
     length; the packer's weight pickles (it may be planned in another process)."""
