@@ -260,12 +260,21 @@ def _one_process_logits(hf_dir: Path, cfg, batches: dict, device: str, dtype: to
     return logits
 
 
-def _compare(hf_dir: Path, cfg, per_kind: dict, ours_logits: dict, device: str, dtype: torch.dtype) -> dict[str, float]:
-    """Run the HF model of SRC on each kind's samples → `max|Δlogits| / max|ref logits|` per kind."""
+def hf_class(hf_dir: Path):
+    """The transformers class of the checkpoint in `hf_dir`: the registry's `hf_architecture` of its
+    config.json `model_type` (transformers 4.57's `save_pretrained` may write `architectures` only
+    inside `text_config`, which `import-hf` accepts too)."""
     import transformers
 
-    cls = getattr(transformers, json.loads((hf_dir / "config.json").read_text())["architectures"][0])
-    hf = cls.from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    from qvl_train import generations
+
+    model_type = json.loads((Path(hf_dir) / "config.json").read_text()).get("model_type")
+    return getattr(transformers, generations.from_hf_model_type(model_type).hf_architecture)
+
+
+def _compare(hf_dir: Path, cfg, per_kind: dict, ours_logits: dict, device: str, dtype: torch.dtype) -> dict[str, float]:
+    """Run the HF model of SRC on each kind's samples → `max|Δlogits| / max|ref logits|` per kind."""
+    hf = hf_class(hf_dir).from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     results = {}
     with torch.no_grad():
         for kind, samples in per_kind.items():

@@ -83,3 +83,19 @@ def test_first_stage_layers():
     assert first_stage_layers(5, 3, deepstack=3) == 3
     with pytest.raises(ValueError, match="fewer stages"):
         first_stage_layers(2, 2, deepstack=2)
+
+
+def test_hf_parity_tool_without_top_level_architectures(checkpoints, tmp_path):
+    """A config.json with `architectures` only inside `text_config` (as transformers 4.57's
+    `save_pretrained` can write it, and `import-hf` accepts): the class comes from `model_type`."""
+    import json
+    import shutil
+
+    src = shutil.copytree(checkpoints[0], tmp_path / "no_architectures")
+    conf = json.loads((src / "config.json").read_text())
+    arch = conf.pop("architectures")
+    conf.setdefault("text_config", {})["architectures"] = arch
+    (src / "config.json").write_text(json.dumps(conf))
+    lines = _tool("--hf-dir", src, "--kinds", "text_only,one_image")
+    assert lines[-1].startswith("PASS"), lines
+    assert {line.split()[0] for line in lines[:-1]} == {"text_only", "one_image"}
