@@ -1,8 +1,8 @@
 """Convert the data sets users already have into training shards.
 
     python -m data_pipelines.make_shards --format qwen-finetune|llava|interleaved \\
-        --input FILE.json|.jsonl --media-root DIR --out DIR [--samples-per-shard N] [--workers N] \\
-        [--max-source-pixels P]
+        --input FILE.json|.jsonl [--media-root DIR] --out DIR [--samples-per-shard N] [--workers N] \\
+        [--max-source-pixels P] [--overwrite]
 
 Formats
 -------
@@ -17,6 +17,23 @@ Formats
   ``reasoning_content``) string field, else from a ``<think>…</think>`` block in its ``value``, split
   off as the Qwen3 chat template does (reasoning = the text before ``</think>`` after ``<think>``,
   content = the text after it, leading newlines removed); it becomes the turn's ``reasoning``.
+  The same format also reads the released Qwen-VL (v1) ``finetune.py`` records, whose images are
+  inline spans instead of an ``image`` field: ``{"id": ..., "conversations": [{"from": "user", "value":
+  "Picture 1: <img>path/to/img.jpg</img>\\nWhat is ...?"}, {"from": "assistant", "value": "..."}]}``.
+  Each ``<img>PATH</img>`` span of a user turn becomes an image member (PATH resolved like every other
+  media path, below) and an image part at that place; the text around it is kept verbatim (``Picture
+  1: `` and the ``\\n`` after the span, as Qwen-VL's ``from_list_format`` writes them), so each
+  generation's template renders its own image tokens there (Qwen-VL: ``<img>`` + 256 ``<imgpad>`` +
+  ``</img>``). ``<image>`` tags and ``<img>`` spans may be mixed; images are numbered in order of
+  appearance. Qwen-VL's grounding is kept as box parts (the shard's canonical box, pixel coordinates
+  in the original image): ``<ref>R</ref><box>(x1,y1),(x2,y2)</box>`` becomes ``{"type": "box", "ref":
+  R, "box": [x1·W/1000, y1·H/1000, x2·W/1000, y2·H/1000], "image": <the latest image before it>}``
+  with W×H the size of that image (Qwen-VL's coordinates are ``floor(x/W·1000)`` on [0, 1000); the
+  pixel value is the left edge of that bin, so rendering it back for ``qwen_vl`` / ``qwen2_vl``
+  gives the original numbers exactly (1000, which Qwen-VL never writes, becomes 999), ``qwen3_vl`` the same numbers on [0, 1000], ``qwen2_5_vl`` the
+  pixels of its resized image). A ``<box>`` without a ``<ref>`` before it becomes a box with an empty
+  ``ref``; a ``<ref>R</ref>`` without a ``<box>`` after it (a referring expression in a question)
+  keeps R as plain text (a box part is the only form of grounding markup in a shard).
 * ``llava`` — LLaVA's instruction JSON (``{"id", "image"?: path, "conversations": [...]}``): same
   roles, tag and reasoning rules; records without ``image`` are text-only samples.
 * ``interleaved`` — OBELICS-style web documents, JSONL with aligned ``texts`` / ``images`` lists
@@ -25,7 +42,19 @@ Formats
   of its text carries loss (a system turn, e.g. Qwen2-VL's default one, does not). Images carry
   no loss, as everywhere.
 
-Media paths are relative to ``--media-root`` (absolute paths are used as they are).
+Media paths are relative to ``--media-root`` (default: the input file's folder; absolute paths are
+used as they are); a relative path that leaves ``--media-root`` (``../x.jpg``) is an ``outside_root``
+rejection, a URL a ``missing_file`` one (download first).
+
+Inline image references are never trained as text: any text (in every format, reasoning included)
+that still looks like one after conversion — ``<img>…</img>`` (e.g. in LLaVA or interleaved data, or an
+unclosed ``<img>``), an HTML ``<img …>``, or an ``<image>`` placeholder left over after the tags were
+matched with the images (e.g. inside an interleaved document's text) — makes the record an
+``inline_image`` rejection naming the reference.
+
+``--out`` must not already hold shards: a folder with ``shard-*.tar``, ``index.json`` or
+``report.json`` is refused (stale shards beside new ones would be trained on) unless ``--overwrite``,
+which removes exactly those files (and this tool's leftover temporary files) first, nothing else.
 
 Nothing is dropped silently: every record becomes a sample or a rejection with a reason. Rejections
 are named by the record's ``id`` field, else by its line number (``.jsonl``, 1-based) or its index
@@ -44,6 +73,11 @@ in the list (``.json``, 0-based), listed on screen and in ``OUT/report.json``. R
 ``too_few_tags``       fewer ``<image>`` tags than images, or ``<video>`` tags than videos
 ``unreadable_video``   a video file that cannot be opened or decoded, or holds 0 frames
 ``duplicate_id``       the same ``id`` appeared earlier in the input (ids must be unique)
+``inline_image``       text that still looks like an inline image reference after conversion
+                       (``<img>…</img>``, ``<img …>``, a leftover ``<image>``)
+``outside_root``       a relative media path that leaves --media-root (``..``)
+``bad_box``            a Qwen-VL ``<box>`` that is not ``(x1,y1),(x2,y2)`` on [0, 1000] with
+                       x1 <= x2, y1 <= y2, or that no image precedes
 =====================  =============================================================
 
 ``--workers N`` reads and validates media in N processes; the output is identical for any N (results
@@ -55,6 +89,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -74,6 +109,16 @@ FORMATS = ("qwen-finetune", "llava", "interleaved")
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
 _TAGS = re.compile("(<image>|<video>)")
+# qwen-finetune also reads Qwen-VL (v1) inline images and grounding (module docstring)
+_QWEN_TAGS = re.compile(r"(<image>|<video>|<img>[^<>\n]*</img>|(?:<ref>[^<>]*</ref>)?<box>[^<>]*</box>|<ref>[^<>]*</ref>)")
+_IMG_SPAN = re.compile(r"<img>([^<>\n]*)</img>")
+_REF_BOX = re.compile(r"(?:<ref>([^<>]*)</ref>)?<box>([^<>]*)</box>")
+_BOX_COORDS = re.compile(r"\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*")
+_INLINE_IMAGE = re.compile(r"<img\b[^>]*>.*?</img>|</?img\b[^>]*>|<image>", re.I | re.S)
+"""Text that still looks like an inline image reference after conversion (an `inline_image` rejection)."""
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+OUTPUT_FILES = re.compile(r"shard-\d+\.tar|\.shard-\d+\.tar\.tmp|index\.json(?:\.tmp)?|report\.json|\.report\.json\.tmp")
+"""The files this tool writes into --out (the only ones --overwrite removes)."""
 MAX_ASPECT_RATIO = 200
 REASONS = {
     "bad_json_line": "bad JSON line",
@@ -87,6 +132,9 @@ REASONS = {
     "too_few_tags": "fewer <image>/<video> tags than images/videos",
     "unreadable_video": "unreadable or 0-frame video",
     "duplicate_id": "duplicate id",
+    "inline_image": "inline image reference left in the text",
+    "outside_root": "media path outside --media-root",
+    "bad_box": "malformed Qwen-VL <box>",
 }
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
@@ -171,16 +219,19 @@ def _paths(data: dict, field: str) -> list[str]:
 
 
 def convert_conversations(data: dict, fmt: str) -> tuple[list[dict], list[str], list[str]]:
-    """qwen-finetune / llava record → (messages with image parts named img{i} and video parts named
-    vid{i}, image paths, video paths)."""
-    paths = _paths(data, "image")
+    """qwen-finetune / llava record → (messages with image parts named img{i}, video parts named
+    vid{i} and, for Qwen-VL grounding, box parts in Qwen-VL units marked `_qwen_vl_box` (converted to
+    pixels once the image sizes are known: `_boxes_to_pixels`), image paths, video paths)."""
+    field_paths = _paths(data, "image")
     videos = _paths(data, "video")
     convs = data.get("conversations")
     if convs is None:
         raise Reject("empty_conversation", "no 'conversations' field")
     if not isinstance(convs, list):
         raise Reject("bad_record", "'conversations' must be a list of {from, value}")
+    splitter = _QWEN_TAGS if fmt == "qwen-finetune" else _TAGS
     messages: list[dict] = []
+    paths: list[Optional[str]] = []  # per image part in order; None = the next `image` field entry
     n_tags = n_video_tags = 0
     for k, turn in enumerate(convs):
         if not isinstance(turn, dict) or not isinstance(turn.get("value", ""), str):
@@ -190,29 +241,97 @@ def convert_conversations(data: dict, fmt: str) -> tuple[list[dict], list[str], 
             raise Reject("bad_record", f"turn {k} has unknown 'from'={turn.get('from')!r}; use human, gpt or system")
         value, reasoning = turn_reasoning(turn, role, k)
         parts: list[dict] = []
-        pieces = _TAGS.split(value)  # text, tag, text, tag, ..., text
-        for piece in pieces:
-            if piece == IMAGE_TAG:
-                parts.append({"type": "image", "name": f"img{n_tags}"})  # extension added later
+        pieces = splitter.split(value)  # text, tag, text, tag, ..., text
+        n_media = 0
+        for j, piece in enumerate(pieces):
+            if j % 2 == 0:  # text between tags
+                if piece:
+                    parts.append({"type": "text", "text": piece})
+            elif piece == IMAGE_TAG:
+                parts.append({"type": "image", "name": f"img{len(paths)}"})  # extension added later
+                paths.append(None)
                 n_tags += 1
+                n_media += 1
             elif piece == VIDEO_TAG:
                 parts.append({"type": "video", "name": f"vid{n_video_tags}"})
                 n_video_tags += 1
-            elif piece:
-                parts.append({"type": "text", "text": piece})
-        if role != "user" and len(pieces) > 1:
-            raise Reject("bad_record", f"turn {k} ({turn.get('from')}) holds an <image>/<video> tag; only human turns may")
+                n_media += 1
+            elif piece.startswith("<img>"):
+                path = _IMG_SPAN.fullmatch(piece).group(1).strip()
+                if not path:
+                    raise Reject("inline_image", f"turn {k}: an empty <img></img> span")
+                parts.append({"type": "image", "name": f"img{len(paths)}"})
+                paths.append(path)
+                n_media += 1
+            elif "<box>" in piece:
+                parts.append(_qwen_vl_box(piece, len(paths), k))
+            else:  # a <ref> without a <box>: its text stays (module docstring)
+                parts.append({"type": "text", "text": piece[len("<ref>"):-len("</ref>")]})
+        if role != "user" and n_media:
+            raise Reject("bad_record",
+                         f"turn {k} ({turn.get('from')}) holds an <image>/<video>/<img> tag; only human turns may")
         messages.append({"role": role, "content": parts})
         if reasoning is not None:
             messages[-1]["reasoning"] = reasoning
-    if not messages or not any(p["type"] == "text" and p["text"].strip() for m in messages for p in m["content"]):
+    if not messages or not any((p["type"] == "text" and p["text"].strip()) or p["type"] == "box"
+                               for m in messages for p in m["content"]):
         raise Reject("empty_conversation", "no turns with text")
     if not any(m["role"] == "assistant" and (m["content"] or m.get("reasoning")) for m in messages):
         raise Reject("empty_conversation", "no assistant turn with text to train on")
-    for tag, n, have, what in ((IMAGE_TAG, n_tags, len(paths), "images"), (VIDEO_TAG, n_video_tags, len(videos), "videos")):
+    for tag, n, have, what in ((IMAGE_TAG, n_tags, len(field_paths), "images"),
+                               (VIDEO_TAG, n_video_tags, len(videos), "videos")):
         if n != have:
             raise Reject("too_many_tags" if n > have else "too_few_tags", f"{n} {tag} tags, {have} {what}")
-    return messages, paths, videos
+    field = iter(field_paths)
+    return messages, [next(field) if p is None else p for p in paths], videos
+
+
+def _qwen_vl_box(piece: str, n_images_before: int, k: int) -> dict:
+    """`<ref>R</ref><box>(x1,y1),(x2,y2)</box>` (or a bare `<box>`) → a box part in Qwen-VL units on
+    [0, 1000], referring to the latest image before it (converted to pixels by `_boxes_to_pixels`)."""
+    m = _REF_BOX.fullmatch(piece)
+    coords = _BOX_COORDS.fullmatch(m.group(2)) if m else None
+    if coords is None:
+        raise Reject("bad_box", f"turn {k}: {piece[:80]!r} is not <box>(x1,y1),(x2,y2)</box>")
+    box = [int(v) for v in coords.groups()]
+    if max(box) > 1000 or box[2] < box[0] or box[3] < box[1]:
+        raise Reject("bad_box", f"turn {k}: {box} must lie on [0, 1000] with x1 <= x2 and y1 <= y2")
+    if n_images_before == 0:
+        raise Reject("bad_box", f"turn {k}: {piece[:80]!r} comes before any image (a box refers to the latest image)")
+    return {"type": "box", "ref": m.group(1) or "", "box": box, "image": f"img{n_images_before - 1}",
+            "_qwen_vl_box": True}
+
+
+def _to_pixels(v: int, size: int) -> float:
+    """Qwen-VL coordinate v = floor(x/size·1000) → the pixel x at the left edge of its bin, nudged up by
+    float ulps where needed so that floor(x/size·1000) gives v back exactly."""
+    x = v * size / 1000
+    while v < 1000 and math.floor(x / size * 1000) < v:
+        x = math.nextafter(x, math.inf)
+    return x
+
+
+def _boxes_to_pixels(messages: list[dict], sizes: dict[str, tuple[int, int]]) -> None:
+    """Convert the Qwen-VL box parts (Qwen-VL units) in place to the shard's pixel coordinates of their
+    image (`sizes`: image part name → (w, h))."""
+    for m in messages:
+        for part in m["content"]:
+            if part.pop("_qwen_vl_box", False):
+                w, h = sizes[part["image"]]
+                x1, y1, x2, y2 = part["box"]
+                part["box"] = [_to_pixels(x1, w), _to_pixels(y1, h), _to_pixels(x2, w), _to_pixels(y2, h)]
+
+
+def check_no_inline_images(messages: list[dict]) -> None:
+    """Reject (`inline_image`) a converted sample whose text still looks like an inline image reference."""
+    for k, m in enumerate(messages):
+        texts = [p.get("text", "") for p in m["content"] if p["type"] == "text"]
+        texts += [p.get("ref", "") for p in m["content"] if p["type"] == "box"] + [m.get("reasoning") or ""]
+        for text in texts:
+            hit = _INLINE_IMAGE.search(str(text))
+            if hit:
+                raise Reject("inline_image", f"turn {k} ({m['role']}) text holds {hit.group(0)[:80]!r}; images must "
+                             "be image members, not text (check the input format and its image tags)")
 
 
 def turn_reasoning(turn: dict, role: str, k: int) -> tuple[str, Optional[str]]:
@@ -257,7 +376,17 @@ def convert_interleaved(data: dict) -> tuple[list[dict], list[str]]:
 
 
 def _resolve(media_root: str, path: str) -> str:
-    return path if os.path.isabs(path) else os.path.join(media_root, path)
+    """A record's media path → a file path: absolute paths as they are, relative ones under
+    `media_root` and never outside it (`outside_root`); URLs are not fetched (`missing_file`)."""
+    if _URL.match(path):
+        raise Reject("missing_file", f"{path}: URLs are not fetched; download the file and give its path")
+    if os.path.isabs(path):
+        return path
+    root = os.path.abspath(media_root)
+    full = os.path.normpath(os.path.join(root, path))
+    if os.path.commonpath([root, full]) != root:
+        raise Reject("outside_root", f"{path} leaves --media-root {media_root}")
+    return full
 
 
 def load_image(path: str, max_source_pixels: int) -> tuple[bytes, str]:
@@ -317,6 +446,7 @@ def process_record(args: tuple[Record, str, str, int]) -> dict[str, Any]:
             video_paths: list[str] = []
         else:
             messages, paths, video_paths = convert_conversations(rec.data, fmt)
+        check_no_inline_images(messages)
         videos: dict[str, bytes] = {}
         names: dict[str, str] = {}
         for i, p in enumerate(video_paths):
@@ -324,14 +454,19 @@ def process_record(args: tuple[Record, str, str, int]) -> dict[str, Any]:
             names[f"vid{i}"] = f"vid{i}.{ext}"
             videos[names[f"vid{i}"]] = blob
         images: dict[str, bytes] = {}
+        sizes: dict[str, tuple[int, int]] = {}
         for i, p in enumerate(paths):
             blob, ext = load_image(_resolve(media_root, p), max_px)
             names[f"img{i}"] = f"img{i}.{ext}"
             images[names[f"img{i}"]] = blob
+            sizes[f"img{i}"] = Image.open(io.BytesIO(blob)).size  # header only (validated above)
+        _boxes_to_pixels(messages, sizes)
         for m in messages:
             for part in m["content"]:
                 if part["type"] in ("image", "video"):
                     part["name"] = names[part["name"]]
+                elif part["type"] == "box":
+                    part["image"] = names[part["image"]]
         return {"ok": True, "messages": messages, "images": images, "videos": videos}
     except Reject as e:
         return {"ok": False, "reason": e.reason, "detail": e.detail}
@@ -357,19 +492,44 @@ def _results(records: list[Record], fmt: str, media_root: str, max_px: int, work
 
 
 # ------------------------------------------------------------------------------------ driving
+def prepare_out_dir(out_dir: str, overwrite: bool) -> list[str]:
+    """Refuse an `out_dir` that already holds this tool's output (shards, index, report) unless
+    `overwrite`, which removes exactly those files (never anything else); returns the removed names."""
+    if not os.path.isdir(out_dir):
+        if os.path.exists(out_dir):
+            raise SystemExit(f"error: --out {out_dir} exists and is not a directory")
+        return []
+    ours = sorted(n for n in os.listdir(out_dir) if OUTPUT_FILES.fullmatch(n)
+                  and os.path.isfile(os.path.join(out_dir, n)))
+    if ours and not overwrite:
+        shown = ", ".join(ours[:4]) + (f" and {len(ours) - 4} more" if len(ours) > 4 else "")
+        raise SystemExit(
+            f"error: --out {out_dir} already holds shards or an index ({shown}); new shards beside them would "
+            "be mixed with the old ones. Pass --overwrite to remove them first (only shard-*.tar, index.json "
+            "and report.json are removed), or choose another --out."
+        )
+    for name in ours:
+        os.remove(os.path.join(out_dir, name))
+    return ours
+
+
 def make_shards(
-    fmt: str, input_path: str, media_root: str, out_dir: str, *, samples_per_shard: int = 1000, workers: int = 1,
-    max_source_pixels: int = MAX_SOURCE_PIXELS, progress: bool = True,
+    fmt: str, input_path: str, media_root: Optional[str], out_dir: str, *, samples_per_shard: int = 1000, workers: int = 1,
+    max_source_pixels: int = MAX_SOURCE_PIXELS, progress: bool = True, overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Convert `input_path` into shards in `out_dir`; returns the report (also written to report.json)."""
+    """Convert `input_path` into shards in `out_dir`; returns the report (also written to report.json).
+    An `out_dir` that already holds shards is refused unless `overwrite` (`prepare_out_dir`)."""
     if fmt not in FORMATS:
         raise SystemExit(f"error: --format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
+    if media_root is None:  # paths relative to the input file, as Qwen-VL's finetune.py reads them from its cwd
+        media_root = os.path.dirname(os.path.abspath(input_path))
     if not os.path.isdir(media_root):
         raise SystemExit(f"error: --media-root {media_root} is not a directory; pass the folder image paths are relative to")
     if samples_per_shard < 1 or workers < 1:
         raise SystemExit("error: --samples-per-shard and --workers must be >= 1")
     t0 = time.perf_counter()
     records, total = read_records(input_path)
+    removed = prepare_out_dir(out_dir, overwrite)
     rejected: list[dict[str, Any]] = []
     seen: set[str] = set()
     os.makedirs(out_dir, exist_ok=True)
@@ -395,7 +555,8 @@ def make_shards(
         "format": fmt, "input": os.path.abspath(input_path), "media_root": os.path.abspath(media_root),
         "out": os.path.abspath(out_dir), "records": total, "written": writer.num_samples,
         "rejected": len(rejected), "rejected_by_reason": dict(sorted(counts.items())),
-        "shards": writer.shard_names, "seconds": round(time.perf_counter() - t0, 2), "rejections": rejected,
+        "shards": writer.shard_names, "removed_before": removed, "seconds": round(time.perf_counter() - t0, 2),
+        "rejections": rejected,
     }
     tmp = os.path.join(out_dir, ".report.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -405,7 +566,9 @@ def make_shards(
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    lines = [
+    lines = [f"removed {len(report['removed_before'])} files of an earlier run from {report['out']} (--overwrite)"
+             ] if report.get("removed_before") else []
+    lines += [
         f"converted {report['written']} of {report['records']} records into {len(report['shards'])} shards "
         f"in {report['out']} ({report['seconds']} s); rejected {report['rejected']}"
         + (": " + ", ".join(f"{k} {v}" for k, v in report["rejected_by_reason"].items()) if report["rejected"] else "")
@@ -423,17 +586,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--format", required=True, choices=FORMATS)
     ap.add_argument("--input", required=True, help="FILE.json (a list of records) or FILE.jsonl (one per line)")
-    ap.add_argument("--media-root", required=True, help="directory that image/video paths are relative to")
+    ap.add_argument("--media-root", default=None,
+                    help="directory that image/video paths are relative to (default: the --input file's folder)")
     ap.add_argument("--out", required=True, help="output shard directory (created)")
     ap.add_argument("--samples-per-shard", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=1, help="processes that read and validate media")
     ap.add_argument("--max-source-pixels", type=int, default=MAX_SOURCE_PIXELS,
                     help="reject images whose header claims more pixels (decompression bomb guard)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="--out may hold shards of an earlier run: remove its shard-*.tar, index.json and "
+                         "report.json first (nothing else)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     report = make_shards(
         args.format, args.input, args.media_root, args.out, samples_per_shard=args.samples_per_shard,
         workers=args.workers, max_source_pixels=args.max_source_pixels, progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     print("\n".join(summary_lines(report)))
     if report["written"] == 0:

@@ -81,6 +81,10 @@ def test_qwen_finetune_every_rejection_reason(tmp_path, media):
         {"id": "video", "video": "clip.mp4", "conversations": _conv("<video>x")},
         {"id": "missingvideo", "video": "gone.mp4", "conversations": _conv("<video>x")},
         {"id": "good1", "image": "a.png", "conversations": _conv("<image>again")},  # duplicate id
+        {"id": "inline", "image": "a.png", "conversations": _conv("<image> and <img>b.jpg")},  # unclosed span
+        {"id": "outside", "image": "../a.png", "conversations": _conv("<image>x")},
+        {"id": "badbox", "conversations": [{"from": "user", "value": "<img>a.png</img>where?"},
+                                           {"from": "assistant", "value": "<box>(1,2)</box>"}]},
     ]
     report, out = _run(tmp_path, "qwen-finetune", recs, media, bad_lines=['{"id": "broken", "image": '])
     by = {r["record"].split(" (")[0]: r["reason"] for r in report["rejections"]}
@@ -90,12 +94,12 @@ def test_qwen_finetune_every_rejection_reason(tmp_path, media):
         "id=fewtags": "too_few_tags", "id=notags": "too_few_tags", "id=empty": "empty_conversation",
         "id=noanswer": "empty_conversation", "id=badrole": "bad_record", "id=emptyvideo": "unreadable_video",
         "id=video": "unreadable_video", "id=missingvideo": "missing_file", "id=good1": "duplicate_id",
-        "line 20": "bad_json_line",
+        "id=inline": "inline_image", "id=outside": "outside_root", "id=badbox": "bad_box", "line 23": "bad_json_line",
     }
-    assert report["written"] == 4 and report["records"] == 20 == report["written"] + report["rejected"]
+    assert report["written"] == 4 and report["records"] == 23 == report["written"] + report["rejected"]
     assert set(by.values()) == set(REASONS)  # every reason exercised
     on_disk = json.load(open(os.path.join(out, "report.json")))
-    assert on_disk["rejected"] == 16 and on_disk["rejected_by_reason"]["too_few_tags"] == 2
+    assert on_disk["rejected"] == 19 and on_disk["rejected_by_reason"]["too_few_tags"] == 2
 
     samples = _members(out)
     assert set(samples) == {"good1", "good2", "cmyk", "in-4"}
@@ -195,3 +199,141 @@ def test_reasoning_passes_through(tmp_path, media):
     assert {"tagged", "field"} <= set(ids) and loader.stats()["data_skipped"] == 0
     # one <think> per thinking sample
     assert sum(int((b.input_ids == 151667).sum()) for b in batches) == ids.count("tagged") + ids.count("field")
+
+
+# --------------------------------------------------------------------- Qwen-VL (v1) finetune format
+def _qwen_vl_data(tmp_path):
+    """A Qwen-VL finetune.py JSON next to its images (paths relative to the JSON's folder)."""
+    (tmp_path / "imgs").mkdir(parents=True)
+    Image.new("RGB", (640, 480), (220, 20, 20)).save(tmp_path / "imgs" / "red.jpg", quality=90)
+    Image.new("RGB", (300, 200), (20, 20, 220)).save(tmp_path / "imgs" / "blue.png")
+    records = [
+        {"id": "identity_0", "conversations": [
+            {"from": "user", "value": "Picture 1: <img>imgs/red.jpg</img>\nWhat colour is it?"},
+            {"from": "assistant", "value": "Red."}]},
+        {"id": "identity_1", "conversations": [
+            {"from": "user", "value": "Picture 1: <img>imgs/red.jpg</img>\nPicture 2: <img>imgs/blue.png</img>\n"
+                                      "Where is <ref>the blue area</ref>?"},
+            {"from": "assistant", "value": "<ref>the blue area</ref><box>(100,250),(999,1000)</box> and "
+                                           "<box>(0,0),(3,7)</box>"}]},
+        {"id": "identity_2", "conversations": [{"from": "user", "value": "Hello"},
+                                               {"from": "assistant", "value": "Hi!"}]},
+    ]
+    inp = tmp_path / "train.json"
+    inp.write_text(json.dumps(records))
+    return inp
+
+
+def test_qwen_vl_v1_inline_images_and_grounding(tmp_path):
+    from data_pipelines.inspect import inspect
+    from data_pipelines.stream import SampleBuilder
+    from data_pipelines.text import get_tokenizer
+
+    inp = _qwen_vl_data(tmp_path)
+    report = make_shards("qwen-finetune", str(inp), None, str(tmp_path / "out"), progress=False)  # root: JSON's folder
+    assert report["written"] == 3 and report["rejected"] == 0
+    samples = _members(str(tmp_path / "out"))
+    doc, entry, members = samples["identity_0"]
+    assert doc["messages"][0]["content"] == [
+        {"type": "text", "text": "Picture 1: "}, {"type": "image", "name": "img0.jpg"},
+        {"type": "text", "text": "\nWhat colour is it?"}]
+    assert members["img0.jpg"] == (tmp_path / "imgs" / "red.jpg").read_bytes() and entry["images"] == [[480, 640]]
+    doc, entry, members = samples["identity_1"]
+    assert entry["images"] == [[480, 640], [200, 300]] and set(members) >= {"img0.jpg", "img1.png"}
+    user, answer = doc["messages"][0]["content"], doc["messages"][1]["content"]
+    assert [p["type"] for p in user] == ["text", "image", "text", "image", "text", "text", "text"]
+    assert user[-2:] == [{"type": "text", "text": "the blue area"}, {"type": "text", "text": "?"}]  # lone <ref>: text
+    box1, _, box2 = answer  # a box refers to the latest image before it (Picture 2: 300x200), in its pixels
+    assert box1["type"] == "box" and box1["ref"] == "the blue area" and box1["image"] == "img1.png"
+    assert box1["box"] == pytest.approx([30.0, 50.0, 299.7, 200.0]) and box2["ref"] == ""
+    assert answer[1] == {"type": "text", "text": " and "}
+
+    tok = get_tokenizer()
+    members = samples["identity_1"][2]
+    # Qwen-VL renders its own image tokens at the span and gives the original box numbers back
+    s = SampleBuilder(DataConfig(generation="qwen_vl", patch_size=14, temporal_patch_size=1, merge_size=1,
+                                 min_pixels=448 * 448, max_pixels=448 * 448), tok).build(members)
+    text = tok.decode(s["input_ids"])
+    assert text.count("<img>") == 2 and text.count("<imgpad>") == 512 and "imgs/" not in text
+    assert "Picture 1: <img>" in text and "</img>\nPicture 2: <img>" in text
+    assert "<ref>the blue area</ref><box>(100,250),(999,999)</box> and <ref></ref><box>(0,0),(3,7)</box>" in text
+    # Qwen2-VL: its own image and grounding tokens, the same numbers on [0, 1000)
+    s = SampleBuilder(DataConfig(generation="qwen2_vl", max_pixels=50176), tok).build(members)
+    text = tok.decode(s["input_ids"])
+    assert text.count("<|vision_start|>") == 2 and s["visual_tokens"] > 0
+    assert "<|object_ref_start|>the blue area<|object_ref_end|><|box_start|>(100,250),(999,999)<|box_end|>" in text
+    # inspect sees the images (it used to print "visual 0")
+    out = inspect(str(tmp_path / "out"), "qwen_vl", n=3)
+    assert "visual 256" in out and "visual 512" in out and "image 1: 300x200 px" in out
+
+
+def test_inline_image_references_are_rejected_in_every_format(tmp_path, media):
+    cases = {
+        "qwen-finetune": [
+            {"id": "unclosed", "conversations": _conv("Picture 1: <img>a.png\nWhat?")},
+            {"id": "html", "image": "a.png", "conversations": _conv('<image>\nlike <img src="b.jpg">?')},
+            {"id": "upper", "image": "a.png", "conversations": _conv("<image> and <IMAGE>")},
+            {"id": "empty", "conversations": _conv("<img></img> what?")},
+            {"id": "in_reasoning", "image": "a.png",
+             "conversations": _conv("<image>q", "<think>see <img>b.jpg</img></think>red")},
+            {"id": "ok", "image": "a.png", "conversations": _conv("<image>What is an <imgur> link?")},
+        ],
+        "llava": [
+            {"id": "span", "conversations": _conv("Picture 1: <img>a.png</img>\nWhat?")},
+            {"id": "answer", "image": "a.png", "conversations": _conv("<image>q", "it is <img>b.jpg</img>")},
+            {"id": "ok", "image": "a.png", "conversations": _conv("<image>q")},
+        ],
+        "interleaved": [
+            {"id": "leftover", "texts": ["See <image> below.", None], "images": [None, "a.png"]},
+            {"id": "span", "texts": ["<img>b.jpg</img> shows it.", None], "images": [None, "a.png"]},
+            {"id": "ok", "texts": ["Text.", None], "images": [None, "a.png"]},
+        ],
+    }
+    for fmt, recs in cases.items():
+        report, out = _run(tmp_path / fmt, fmt, recs, media)
+        by = {r["record"].split(" (")[0]: (r["reason"], r["detail"]) for r in report["rejections"]}
+        assert set(by) == {f"id={r['id']}" for r in recs if r["id"] != "ok"}, fmt
+        assert {reason for reason, _ in by.values()} == {"inline_image"}, by
+        assert report["written"] == 1 and "ok" in _members(out)
+    assert "'<img>b.jpg</img>'" in by["id=span"][1] and "image members, not text" in by["id=span"][1]
+
+
+def test_media_paths_stay_under_the_root(tmp_path, media):
+    recs = [{"id": "up", "conversations": _conv("<img>../media/a.png</img>x")},
+            {"id": "deep", "conversations": _conv("<img>sub/../../a.png</img>x")},
+            {"id": "url", "conversations": _conv("<img>https://example.com/a.png</img>x")},
+            {"id": "abs", "conversations": _conv(f"<img>{media}/a.png</img>x")},  # absolute: used as written
+            {"id": "inside", "conversations": _conv("<img>./x/../a.png</img>x")}]
+    report, out = _run(tmp_path, "qwen-finetune", recs, media)
+    assert {r["record"].split(" (")[0]: r["reason"] for r in report["rejections"]} == {
+        "id=up": "outside_root", "id=deep": "outside_root", "id=url": "missing_file"}
+    assert set(_members(out)) == {"abs", "inside"}
+
+
+# ------------------------------------------------------------------------------------- --overwrite
+def test_out_dir_with_shards_is_refused_unless_overwrite(tmp_path, media, capsys):
+    recs = [{"id": f"s{i}", "image": "a.png", "conversations": _conv("<image>q", f"a{i}")} for i in range(5)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    out = tmp_path / "out"
+    args = ["--format", "qwen-finetune", "--input", str(inp), "--media-root", media, "--out", str(out), "--no-progress"]
+    assert main(args + ["--samples-per-shard", "2"]) == 0
+    assert sorted(os.listdir(out)) == ["index.json", "report.json", "shard-000000.tar", "shard-000001.tar",
+                                       "shard-000002.tar"]
+    (out / "notes.txt").write_text("mine")
+    (out / "shard-keep").mkdir()
+    before = {n: (out / n).read_bytes() for n in os.listdir(out) if n.endswith(".tar")}
+    with pytest.raises(SystemExit, match="--overwrite") as e:
+        main(args + ["--samples-per-shard", "5"])
+    assert "already holds shards" in str(e.value) and "index.json" in str(e.value)
+    assert {n: (out / n).read_bytes() for n in os.listdir(out) if n.endswith(".tar")} == before  # untouched
+    capsys.readouterr()
+    assert main(args + ["--samples-per-shard", "5", "--overwrite"]) == 0
+    assert "removed 5 files of an earlier run" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["index.json", "notes.txt", "report.json", "shard-000000.tar", "shard-keep"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [s["id"] for sh in read_index(str(out))["shards"] for s in sh["samples"]] == [f"s{i}" for i in range(5)]
+    # an empty or fresh folder needs no flag; a folder with only other files neither
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "readme.md").write_text("x")
+    assert make_shards("qwen-finetune", str(inp), media, str(tmp_path / "other"), progress=False)["written"] == 5
