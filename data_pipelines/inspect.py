@@ -6,10 +6,14 @@ For each of the first N samples: its id, shard and key; the rendered token seque
 special tokens, where every run of visual pad tokens is collapsed to ``<|image_pad|>×N``; the tokens
 that carry loss wrapped in ``⟦…⟧`` (before the next-token shift: ``⟦red<|im_end|>⟧`` means the model is
 trained to produce "red" and then stop); each image's source size, resized size, patch grid (t, h, w)
-and LLM token count (each video's frame count, fps, size and sampled frames too); and the cost estimate the packer uses (text tokens + visual tokens, from the
-index) next to the real count.
+and LLM token count (each video's frame count, fps, size and sampled frames too); and the cost
+estimate the packer uses (text tokens + visual tokens, from the index) next to the real count.
 
-It uses the same code as training (`stream.SampleBuilder`), so what it prints is what a run packs.
+It uses the same code as training (`stream.SampleBuilder`) with the generation's own patch, merge and
+temporal sizes and pixel bounds (its `DataSpec`, the values its model configs train with), so what it
+prints is what a run packs; pass ``--min-pixels`` / ``--max-pixels`` when the run caps pixels
+(``data.min_pixels`` / ``data.max_pixels``, e.g. the tiny experiments' 50176).
+`tests/unit/test_data_inspect.py` checks the numbers against the loader for every generation.
 """
 
 from __future__ import annotations
