@@ -1,4 +1,4 @@
-"""Checkpoint conversion between Hugging Face and the framework (Qwen2-VL, Qwen2.5-VL).
+"""Checkpoint conversion between Hugging Face and the framework, for every registered generation.
 
     python launch/convert.py import-hf --hf-dir SRC --out DST [--tp N --pp N --ep N]   # then: launch/train.py ... model.init_from=DST
     python launch/convert.py export-hf --ckpt SRC --out DST [--dtype bf16|fp16|fp32]
@@ -19,7 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="convert.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from qvl_train import generations
+
+    listed = ", ".join(f"{n} (config.json model_type {generations.get(n).hf_model_type!r})" for n in generations.NAMES)
+    p = argparse.ArgumentParser(
+        prog="convert.py", description=__doc__ + f"\nGenerations (qvl_train.generations.NAMES): {listed}.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import-hf", help="HF checkpoint dir → framework checkpoint (dist_checkpointing)")
     imp.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")

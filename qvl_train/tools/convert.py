@@ -1,4 +1,8 @@
-"""Hugging Face ⇄ framework checkpoints for Qwen2-VL and Qwen2.5-VL (`launch/convert.py` is the CLI).
+"""Hugging Face ⇄ framework checkpoints of every registered generation (`launch/convert.py` is the CLI).
+
+The generations are those of `qvl_train.generations.NAMES` (today Qwen-VL, Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL and Qwen3-VL-MoE; `launch/convert.py --help` lists them from the registry): a checkpoint's
+`config.json` `model_type` picks its `ModelSpec`, whose HF mapping converts config and weights.
 
     python launch/convert.py import-hf --hf-dir SRC --out DST
     python launch/convert.py export-hf --ckpt SRC --out DST [--dtype bf16|fp16|fp32] [--lora-adapter]
@@ -28,7 +32,9 @@ The HF side files come from the import the checkpoint descends from (`hf/` of th
 checkpoint, found through `model.init_from` of training runs); without one, config.json and
 generation_config.json are generated from the ModelConfig, and so are the tokenizer and image-processor
 files (`tools/hf_files.py`; for Qwen-VL v1 a fast tokenizer and a CLIP image-processor config, its
-modeling remote code is not generated).
+modeling remote code is not generated). The image processor's `min_pixels` / `max_pixels` are the
+run's (`data:` of its config.yaml) when the checkpoint comes from a training output_dir, generated or
+copied; otherwise the generation's defaults (generated) or the source's (copied).
 Import then export reproduces every source tensor bit for bit: names (hub or runtime spelling, as
 the source), dtypes, and a tied `lm_head` copy if the source had one.
 A LoRA run exports merged (W + alpha/r · B A: a plain HF model), or with `--lora-adapter` as a PEFT
@@ -69,6 +75,11 @@ SIDE_FILES = (
     "qwen.tiktoken", "configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py", "tokenization_qwen.py",
     "visual.py",
 )
+HF_CONFIG_VERSION = "4.57.0"
+"""`transformers_version` of a generated `config.json`: the release series whose layout it follows (the
+reference pinned in pyproject.toml). Released checkpoints all carry the key, and transformers
+4.57.3–4.x warns "incorrect regex pattern … will lead to incorrect tokenization" (its Mistral check,
+`_patch_mistral_regex`) for a local tokenizer whose config.json lacks it or names a version in that range."""
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _SHARD_BYTES = 5 * 1024**3
 
@@ -117,6 +128,21 @@ def read_model_config(step_dir: Path) -> tuple[ModelConfig, Optional[str]]:
     raise FileNotFoundError(
         f"no {MODEL_CONFIG} (import) or config.yaml (training output_dir) found for {step_dir}"
     )
+
+
+def read_run_pixel_range(step_dir: Path) -> tuple[Optional[int], Optional[int]]:
+    """(data.min_pixels, data.max_pixels) of the training run that wrote `step_dir` (its output_dir's
+    `config.yaml`, as `read_model_config` finds it); (None, None) for a checkpoint without one (an import)."""
+    for d in (step_dir, step_dir.parent):
+        if (d / MODEL_CONFIG).exists():
+            return None, None
+    for d in (step_dir.parent.parent, step_dir.parent):
+        if (d / "config.yaml").exists():
+            from omegaconf import OmegaConf
+
+            data = OmegaConf.to_container(OmegaConf.load(d / "config.yaml"), resolve=True).get("data") or {}
+            return data.get("min_pixels"), data.get("max_pixels")
+    return None, None
 
 
 def _import_root(step_dir: Path, seen: int = 0) -> Optional[Path]:
@@ -323,12 +349,19 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, lo
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    pixels = read_run_pixel_range(step_dir)
     _save_safetensors(hf_sd, out, dtype or "")
     side = root / HF_SIDE_DIR if root is not None else None
     if side is not None and (side / "config.json").exists():
         for name in SIDE_FILES:
             if (side / name).exists():
                 shutil.copy2(side / name, out / name)
+        if any(v is not None for v in pixels) and generations.get(cfg.generation).hf_preprocessor is None \
+                and (out / "preprocessor_config.json").exists():  # the run's image pixel bounds, not the source's
+            from qvl_train.tools.hf_files import set_pixel_range
+
+            pre = set_pixel_range(json.loads((out / "preprocessor_config.json").read_text()), *pixels)
+            (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
         if dtype:  # the weights changed dtype: say so in config.json
             conf = json.loads((out / "config.json").read_text())
             conf["torch_dtype"] = str(_DTYPES[dtype]).removeprefix("torch.")
@@ -337,8 +370,10 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, lo
         from qvl_train.tools.hf_files import write_generated_files
 
         torch_dtype = str(_DTYPES[dtype or "bf16"]).removeprefix("torch.")
-        (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, torch_dtype), indent=2) + "\n")
-        write_generated_files(out, cfg.generation, image_tokens=cfg.vision.num_queries)
+        conf = {**hf_config_dict(cfg, torch_dtype)}
+        conf.setdefault("transformers_version", HF_CONFIG_VERSION)
+        (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+        write_generated_files(out, cfg.generation, image_tokens=cfg.vision.num_queries, min_pixels=pixels[0], max_pixels=pixels[1])
     if not (out / "generation_config.json").exists():
         (out / "generation_config.json").write_text(json.dumps(_generation_config(cfg.generation), indent=2) + "\n")
     return out

@@ -9,8 +9,10 @@ them generated here, so `AutoTokenizer` and `AutoImageProcessor` load the export
   `<|endoftext|>` as padding, and a ChatML chat template that renders text, images and videos the way
   the data pipeline does (the default system turn of Qwen2-VL / Qwen2.5-VL, none for Qwen3-VL; one
   `<|image_pad|>` per image, which the processor expands to the image's token count);
-* `preprocessor_config.json` — `Qwen2VLImageProcessor` with the generation's patch size, merge size,
-  mean/std and pixel range (`DataSpec.image` of `data_pipelines/generations/`).
+* `preprocessor_config.json` — `Qwen2VLImageProcessor` with the generation's patch size, merge size
+  and mean/std (`DataSpec.image` of `data_pipelines/generations/`), and the pixel range the run
+  trained at (`data.min_pixels` / `data.max_pixels` of its config.yaml; the generation's defaults when
+  the checkpoint has no run config).
 
 Qwen-VL (v1) gets the same kind of fast tokenizer without remote code: the released tokenizer's
 special tokens (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, 205 `<|extra_i|>`, then `<ref>` …
@@ -28,9 +30,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from qvl_train import generations
 
+
+MODEL_INPUT_NAMES = ("input_ids", "attention_mask")
+"""What the exported tokenizer returns (the released Qwen2-VL / Qwen3-VL `Qwen2TokenizerFast`'s)."""
 
 _CHAT_TEMPLATE = r"""{%- if DEFAULT_SYSTEM and messages[0]['role'] != 'system' -%}
 {{- '<|im_start|>system\n' + DEFAULT_SYSTEM + '<|im_end|>\n' -}}
@@ -86,8 +92,20 @@ def special_tokens(generation: str) -> dict[str, int]:
 
 
 def write_tokenizer_files(out: Path, generation: str, image_tokens: int = 256) -> None:
-    """`tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` into `out`."""
-    from transformers import PreTrainedTokenizerFast
+    """`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`, `vocab.json` and
+    `merges.txt` into `out`, as the released Qwen2-VL / Qwen3-VL tokenizers ship them:
+
+    * class `Qwen2Tokenizer` (loaded as `Qwen2TokenizerFast`), whose `model_input_names` are
+      `input_ids` and `attention_mask` only (a bare `PreTrainedTokenizerFast` also returns
+      `token_type_ids`, which `model.generate(**tok(text))` rejects); written out in the config too;
+    * the pre-tokenizer `Split(QWEN_PAT_STR, isolated)` then `ByteLevel` without its own regex, and
+      `ByteLevel` post-processor / decoder without prefix space or offset trimming (the released
+      `tokenizer.json`'s settings). No NFC normalizer, unlike the released one: the ids are those of the
+      data pipeline's tokenizer (`data_pipelines.text`, tiktoken, which does not normalise), the ids
+      the model was trained on.
+    """
+    from tokenizers import Regex, decoders, pre_tokenizers, processors
+    from transformers import Qwen2TokenizerFast
     from transformers.integrations.tiktoken import TikTokenConverter
 
     from data_pipelines.text import QWEN_PAT_STR, _qwen_tiktoken_path
@@ -99,17 +117,41 @@ def write_tokenizer_files(out: Path, generation: str, image_tokens: int = 256) -
     wrong = {n: (backend.token_to_id(n), i) for n, i in specials.items() if backend.token_to_id(n) != i}
     if wrong:
         raise RuntimeError(f"special tokens got other ids than the data pipeline's (got, want): {wrong}")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        model_max_length=generations.get(generation).hf_model_max_length,
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PAT_STR), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    backend.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=backend, unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        model_max_length=generations.get(generation).hf_model_max_length, model_input_names=list(MODEL_INPUT_NAMES),
         chat_template=chat_template(generation, image_tokens), clean_up_tokenization_spaces=False,
+        split_special_tokens=False, errors="replace",
     )
     tokenizer.save_pretrained(str(out))
 
 
-def write_preprocessor_config(out: Path, generation: str) -> None:
-    """`preprocessor_config.json` for `Qwen2VLImageProcessor` with the data pipeline's settings
-    (Qwen-VL: its `ModelSpec.hf_preprocessor`, a `CLIPImageProcessor` of the fixed 448² transform)."""
+def set_pixel_range(config: dict, min_pixels: Optional[int], max_pixels: Optional[int]) -> dict:
+    """`config` (a `Qwen2VLImageProcessor` preprocessor_config) with `min_pixels` / `max_pixels` and
+    the `size` edges that transformers reads them from set to the given bounds (None: left as is)."""
+    config = dict(config)
+    size = dict(config.get("size") or {})
+    for key, edge, value in (("min_pixels", "shortest_edge", min_pixels), ("max_pixels", "longest_edge", max_pixels)):
+        if value is not None:
+            config[key] = size[edge] = int(value)
+    if size:
+        config["size"] = size
+    return config
+
+
+def write_preprocessor_config(
+    out: Path, generation: str, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
+) -> None:
+    """`preprocessor_config.json` for `Qwen2VLImageProcessor` with the data pipeline's settings: the
+    generation's (`DataSpec.image`), with the pixel bounds a run trained at when given (its
+    `data.min_pixels` / `data.max_pixels`). Qwen-VL: its `ModelSpec.hf_preprocessor`, a
+    `CLIPImageProcessor` of the fixed 448² transform (no pixel bounds)."""
     from data_pipelines.vision import vision_spec
 
     fixed = generations.get(generation).hf_preprocessor
@@ -125,18 +167,24 @@ def write_preprocessor_config(out: Path, generation: str) -> None:
         "size": {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
         "patch_size": spec.patch_size, "temporal_patch_size": spec.temporal_patch_size, "merge_size": spec.merge_size,
     }
+    config = set_pixel_range(config, min_pixels, max_pixels)
     (out / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def write_generated_files(out: Path, generation: str, image_tokens: int = 256) -> list[str]:
+def write_generated_files(
+    out: Path, generation: str, image_tokens: int = 256, min_pixels: Optional[int] = None,
+    max_pixels: Optional[int] = None,
+) -> list[str]:
     """Tokenizer and preprocessor files for `generation` where `out` lacks them; the names written
-    (`image_tokens`: `<imgpad>` per image in Qwen-VL's template)."""
+    (`image_tokens`: `<imgpad>` per image in Qwen-VL's template; `min_pixels` / `max_pixels`: the run's
+    image pixel bounds, None = the generation's defaults)."""
     generations.check(generation)
     written = []
     if not (out / "tokenizer_config.json").exists():
+        before = {p.name for p in out.iterdir()}
         write_tokenizer_files(out, generation, image_tokens)
-        written += ["tokenizer.json", "tokenizer_config.json"]
+        written += sorted({p.name for p in out.iterdir()} - before)
     if not (out / "preprocessor_config.json").exists():
-        write_preprocessor_config(out, generation)
+        write_preprocessor_config(out, generation, min_pixels, max_pixels)
         written.append("preprocessor_config.json")
     return written

@@ -10,7 +10,11 @@ pipeline stages.
 from __future__ import annotations
 
 import json
+import logging
+import re
+import shutil
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -111,16 +115,29 @@ def test_import_export_bit_identical(generation, layout, tmp_path):
     assert (out / "generation_config.json").exists() and (out / "model.safetensors.index.json").exists()
 
 
-def test_export_without_import_metadata_loads_in_transformers(tmp_path):
-    """A checkpoint with no HF source (as from a run started from scratch): generated config.json,
-    bf16 default overridden to fp32; the HF class loads it and gives the source model's logits."""
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """A tiny Qwen2.5-VL imported (`imported`: the import root, with its HF side files) and exported as a
+    checkpoint with no HF source (`out`: generated config, tokenizer and image processor; fp32)."""
+    from qvl_train.tools.hf_files import write_preprocessor_config
+
     cfg = tiny_qwen2_5_vl_config()
     hf = _hf_model(cfg, seed=1)
-    src, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
+    tmp = tmp_path_factory.mktemp("scratch")
+    src, imported, ckpt, out = tmp / "hf", tmp / "imported", tmp / "ckpt", tmp / "out"
     hf.save_pretrained(src, safe_serialization=True)
-    _convert("import-hf", "--hf-dir", src, "--out", ckpt)
+    write_preprocessor_config(src, "qwen2_5_vl")  # as a hub source ships it: the generation's defaults
+    _convert("import-hf", "--hf-dir", src, "--out", imported)
+    shutil.copytree(imported, ckpt)
     (ckpt / "hf_import.json").unlink()
     _convert("export-hf", "--ckpt", ckpt / "step_0000000", "--out", out, "--dtype", "fp32")
+    return {"hf": hf, "imported": imported, "ckpt": ckpt, "out": out, "tmp": tmp}
+
+
+def test_export_without_import_metadata_loads_in_transformers(scratch):
+    """A checkpoint with no HF source (as from a run started from scratch): generated config.json,
+    bf16 default overridden to fp32; the HF class loads it and gives the source model's logits."""
+    hf, out = scratch["hf"], scratch["out"]
     back, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
     ids = torch.randint(0, 1000, (1, 12))
@@ -150,3 +167,98 @@ def test_export_without_import_metadata_loads_in_transformers(tmp_path):
     pixels, grid = preprocess_image(image, "qwen2_5_vl")
     assert got["image_grid_thw"].tolist() == [list(grid)]
     torch.testing.assert_close(got["pixel_values"], torch.as_tensor(pixels), rtol=0, atol=1e-5)
+
+
+def _pipeline_ids(text: str, specials: dict[str, int]) -> list[int]:
+    """The data pipeline's ids of `text`, its special-token strings as their ids (as the template places them)."""
+    from data_pipelines.text import get_tokenizer
+
+    ours, ids = get_tokenizer(), []
+    for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        ids += [specials[part]] if part in specials else ours.encode(part)
+    return ids
+
+
+def test_exported_tokenizer_generates_like_the_released_one(scratch):
+    """`model.generate(**tok(text))` on a generated export: no `token_type_ids`, no "incorrect regex
+    pattern" warning (transformers 4.57.3+'s Mistral check, which fires for a config.json without
+    `transformers_version`), the released tokenizer class, and ids equal to the data pipeline's on
+    text with special tokens, digits, CJK, emoji, combining accents and whitespace runs."""
+    from data_pipelines import generations as data_generations
+
+    out = scratch["out"]
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler, hf_logger = Keep(level=logging.DEBUG), logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tok = transformers.AutoTokenizer.from_pretrained(out)
+            model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out).eval()
+            text = "<|im_start|>user\nHi   there!\t\t12345 猫在屋顶上 🙂 cafe\u0301\n\n  <|im_end|>\n<|im_start|>assistant\n"
+            enc = tok(text, return_tensors="pt")
+            gen = model.generate(**enc, max_new_tokens=2, do_sample=False)
+    finally:
+        hf_logger.removeHandler(handler)
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+    assert not [m for m in messages if "regex" in m or "tokenizer class you load" in m], messages
+    assert list(enc) == ["input_ids", "attention_mask"]
+    assert gen.shape == (1, enc["input_ids"].shape[1] + 2)
+    assert type(tok).__name__ == "Qwen2TokenizerFast"
+    assert json.loads((out / "config.json").read_text())["transformers_version"] == "4.57.0"
+    specials = data_generations.get("qwen2_5_vl").special_tokens()
+    text += "x = 3.14159;   y=[1,2]\r\n  trailing   <|vision_start|><|image_pad|><|vision_end|>naïve 日本語<|im_end|>"
+    assert tok(text)["input_ids"] == _pipeline_ids(text, specials)
+
+
+def _preprocessor(out: Path) -> dict:
+    return json.loads((out / "preprocessor_config.json").read_text())
+
+
+def _as_run(scratch, name: str, init_from=None) -> Path:
+    """The scratch checkpoint as a training output_dir: config.yaml (model + data sections) beside checkpoints/."""
+    from omegaconf import OmegaConf
+
+    run = scratch["tmp"] / name
+    shutil.copytree(scratch["ckpt"], run / "checkpoints")
+    model = json.loads((run / "checkpoints" / "model_config.json").read_text())
+    (run / "checkpoints" / "model_config.json").unlink()
+    model["init_from"] = str(init_from) if init_from else None
+    data = {"min_pixels": 6272, "max_pixels": 50176}
+    OmegaConf.save(OmegaConf.create({"model": model, "data": data}), run / "config.yaml")
+    return run
+
+
+def test_export_carries_the_runs_pixel_range(scratch, tmp_path):
+    """preprocessor_config.json: the generation's defaults without a run config; the run's data.min_pixels /
+    data.max_pixels from a training output_dir, generated (from scratch) or copied (run from an import)."""
+    from data_pipelines.vision import vision_spec
+
+    spec = vision_spec("qwen2_5_vl")
+    pre = _preprocessor(scratch["out"])
+    assert (pre["min_pixels"], pre["max_pixels"]) == (spec.min_pixels, spec.max_pixels)
+    for name, init_from in (("scratch_run", None), ("finetune_run", scratch["imported"])):
+        out = tmp_path / name
+        _convert("export-hf", "--ckpt", _as_run(scratch, name, init_from), "--out", out)
+        pre = _preprocessor(out)
+        assert (pre["min_pixels"], pre["max_pixels"]) == (6272, 50176), name
+        assert pre["size"] == {"shortest_edge": 6272, "longest_edge": 50176}, name
+        processor = transformers.AutoImageProcessor.from_pretrained(out, use_fast=False)
+        assert (processor.min_pixels, processor.max_pixels) == (6272, 50176), name
+
+
+def test_convert_help_lists_every_registered_generation():
+    from qvl_train.generations import NAMES
+
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "convert.py"), "--help"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, env=clean_env())
+    assert proc.returncode == 0, proc.stderr
+    assert all(name in proc.stdout for name in NAMES), proc.stdout
+    import qvl_train.tools.convert as convert
+
+    assert "every registered generation" in convert.__doc__
