@@ -22,6 +22,15 @@
 ##SBATCH --dependency=afterok:<job id of the previous stage>
 
 STAGE=stage2_multitask
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then  # run with bash, not submitted: say how to submit it
+  args=""; (($#)) && args=$(printf ' %q' "$@")
+  {
+    echo "$0 is a SLURM batch script: submit it with sbatch (it runs torchrun on every node of the job):"
+    echo "  sbatch $0$args"
+    echo "Without SLURM, on this machine: torchrun --nproc_per_node=2 launch/train.py stage=$STAGE$args"
+  } >&2
+  exit 2
+fi
 # sbatch runs a copy of this file from its spool directory: find the checkout from where sbatch was run.
 # shellcheck source=slurm/common.sh
 source "${QVL_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh" "$@"

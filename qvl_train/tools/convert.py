@@ -373,7 +373,9 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, lo
         conf = {**hf_config_dict(cfg, torch_dtype)}
         conf.setdefault("transformers_version", HF_CONFIG_VERSION)
         (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
-        write_generated_files(out, cfg.generation, image_tokens=cfg.vision.num_queries, min_pixels=pixels[0], max_pixels=pixels[1])
+        write_generated_files(
+            out, cfg.generation, image_tokens=cfg.vision.num_queries, min_pixels=pixels[0], max_pixels=pixels[1],
+        )
     if not (out / "generation_config.json").exists():
         (out / "generation_config.json").write_text(json.dumps(_generation_config(cfg.generation), indent=2) + "\n")
     return out

