@@ -1,8 +1,11 @@
-"""What a finished run did, from its metrics.jsonl:  python -m qvl_train.monitor.summary OUTPUT_DIR"""
+"""What a finished run did, from its metrics.jsonl:  python -m qvl_train.monitor.summary OUTPUT_DIR
+
+Ends with the command that draws the run's curves (`launch/plot.py`, no wandb needed)."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -37,6 +40,7 @@ def summarize(output_dir: str | Path, window: int = 10) -> str:
     wandb_runs = sorted((out / "wandb").glob("offline-run-*")) if (out / "wandb").exists() else []
     if wandb_runs:
         lines.append(f"wandb (offline)  {wandb_runs[-1]}   upload: wandb sync {wandb_runs[-1]}")
+    lines.append(f"plot             python launch/plot.py {shlex.quote(str(out))}   (writes {out / 'metrics.png'})")
     return "\n".join(lines)
 
 
