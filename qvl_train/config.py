@@ -432,8 +432,11 @@ class TrainLoopConfig:
     """A collective that waits longer fails the run (every rank first writes its stacks to
     output_dir/stacks/); a step that runs longer has its stacks written by a watchdog."""
     straggler_threshold: float = 1.25
-    """At each logged step, warn about ranks whose own step time (data + forward/backward) exceeds this
-    × the median over ranks; 0 = no warning (the `straggler/*` metrics are written anyway)."""
+    """Warn about a rank whose own step time (data + forward/backward) exceeded this × the median over
+    ranks in most of the last `straggler_window` logged steps; 0 = no warning (the `straggler/*`
+    metrics are written at every logged step anyway)."""
+    straggler_window: int = 20
+    """Logged steps a straggler verdict looks back over; a rank is named at most once per window."""
     recompute: str = "none"
     """Activation recomputation (ViT and LLM): none | selective (core attention is recomputed in the
     backward: saves the attention inputs only) | full (each transformer layer keeps only its input
@@ -449,6 +452,8 @@ class TrainLoopConfig:
             raise ConfigError("train.collective_timeout_s must be >= 10 seconds")
         if self.straggler_threshold < 0 or 0 < self.straggler_threshold <= 1:
             raise ConfigError("train.straggler_threshold must be > 1 (e.g. 1.25) or 0 (off)")
+        if self.straggler_window < 1:
+            raise ConfigError("train.straggler_window must be >= 1 logged steps (e.g. 20)")
         if self.max_bad_steps < 0:
             raise ConfigError("train.max_bad_steps must be >= 0 (0 = never stop on skipped steps)")
         if self.peak_tflops < 0:
@@ -810,8 +815,89 @@ class TrainConfig:
                     "(or train.fp8=auto to use FP8 only where it is available)"
                 )
 
+    def check_inputs(self, overrides: Optional[list[str]] = None, configs_dir: Optional[str] = None) -> list[str]:
+        """What the run reads from outside, checked before any model is built or process group started:
+        every `data.sources` / `data.valid` index, and the model of the checkpoint it will load
+        (`checkpoint/manager.check_checkpoint_model`; with `model.init_from` on a checkpoint that carries its
+        own model config and no architecture key among the Hydra `overrides`, `self.model` becomes that one).
+        Returns lines to print (what was taken, warnings); raises ConfigError."""
+        from pathlib import Path
+
+        from qvl_train.checkpoint.manager import ModelMismatchError, check_checkpoint_model
+
+        self._check_data_paths()
+        configs = Path(configs_dir) if configs_dir else Path(__file__).resolve().parents[1] / "configs"
+        try:
+            return check_checkpoint_model(self, arch_overridden=any(map(is_arch_override, overrides or [])),
+                                          configs_dir=configs / "model")
+        except ModelMismatchError as err:
+            raise ConfigError(str(err)) from None
+
+    def _check_data_paths(self) -> None:
+        """Each source's index is read (and validated) as the loader will; local shards must exist."""
+        import os
+
+        from data_pipelines.schema import is_url
+        from data_pipelines.sources import resolve_source
+
+        for key, sources in (("data.sources", self.data.sources), ("data.valid", self.data.valid)):
+            for i, src in enumerate(sources):
+                name = f"{key}[{i}].path={src.path}" + (f" (index {src.index})" if src.index else "")
+                try:
+                    resolved = resolve_source(src.path, src.index, ".")
+                except FileNotFoundError as err:
+                    local = src.path if not is_url(src.path) else "DIR"
+                    gone = not is_url(src.path) and not os.path.exists(src.path)
+                    where = f"{src.path} does not exist" if gone else f"{str(err).split(' not found')[0]} is missing"
+                    raise ConfigError(
+                        f"{name}: no shard index ({where}; relative paths start at {os.getcwd()}).\n"
+                        f"Make shards from your data with `python -m data_pipelines.make_shards --format llava "
+                        f"--input FILE.jsonl --out {local}`, or synthetic ones with `python -m data_pipelines.synth "
+                        f"--out {local} --num-samples 400`; or fix the path (see docs/data.md)"
+                    ) from None
+                except (ValueError, OSError) as err:
+                    raise ConfigError(f"{name}: {err}") from None
+                missing = [u for u in resolved.shard_urls if not is_url(u) and not os.path.isfile(u)]
+                if missing:
+                    raise ConfigError(
+                        f"{name}: {len(missing)} of the {len(resolved.shard_urls)} shards its index names are missing "
+                        f"(first: {missing[0]}); copy them back or rebuild the shards (make_shards --overwrite)"
+                    )
+
     def micro_batches_per_step(self) -> int:
         return self.train.global_batch_tokens // self.data.max_tokens
+
+
+ARCH_SECTIONS = ("generation", "vision", "llm")
+
+
+def is_arch_override(override: str) -> bool:
+    """A Hydra override that chooses the model's architecture: `model=…`, `model.generation=…`,
+    `model.vision…`, `model.llm…` (with or without a leading +, ++ or ~)."""
+    key = override.lstrip("+~").split("=", 1)[0].strip()
+    parts = key.split(".")
+    return parts[0] == "model" and (len(parts) == 1 or parts[1] in ARCH_SECTIONS)
+
+
+def model_choice_error(overrides: list[str], configs_dir: str) -> Optional[str]:
+    """The message for a `model=GEN/SIZE` override that names no file under configs/model (Hydra's own
+    error lists no choices for a nested group): the valid sizes of that generation, or the generations."""
+    from pathlib import Path
+
+    root = Path(configs_dir) / "model"
+    for o in overrides:
+        key, _, value = o.lstrip("+").partition("=")
+        if key.strip() != "model" or not value or (root / f"{value.strip()}.yaml").is_file():
+            continue
+        gen, _, size = value.strip().partition("/")
+        if (root / gen).is_dir():
+            sizes = sorted(p.stem for p in (root / gen).glob("*.yaml"))
+            return (f"model={value}: {gen} has no size {size!r}" if size else f"model={value} needs a size") + (
+                f"; valid: {', '.join(f'{gen}/{s}' for s in sizes)} (files under configs/model/{gen}/)")
+        gens = sorted(p.name for p in root.iterdir() if p.is_dir())
+        return (f"model={value}: no model generation {gen!r}; valid: {', '.join(gens)} "
+                "(as model=GENERATION/SIZE, e.g. model=qwen2_vl/7b; sizes: the files under configs/model/GENERATION/)")
+    return None
 
 
 def register_configs() -> None:
@@ -834,6 +920,8 @@ def to_train_config(cfg: Any) -> TrainConfig:
 
 __all__ = [
     "ConfigError",
+    "is_arch_override",
+    "model_choice_error",
     "DataConfig",
     "DataSource",
     "TrainConfig",

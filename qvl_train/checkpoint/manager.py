@@ -2,6 +2,8 @@
 
 Layout (`output_dir/checkpoints/`):
     step_0000040/        dist_checkpointing files (layout-independent sharded tensors + common.pt)
+    step_0000040/model_arch.json  the model config the weights belong to (checked before a resume or
+                         `model.init_from` reads any weight; listed in the manifest)
     step_0000040/manifest.json  SHA-256 and size of every file above, written after all ranks wrote
     step_0000040/complete   written after the manifest
     latest               text file naming the newest complete step directory, replaced atomically
@@ -49,6 +51,16 @@ log = logging.getLogger(__name__)
 COMPLETE = "complete"
 LATEST = "latest"
 MANIFEST = "manifest.json"
+MODEL_ARCH = "model_arch.json"  # the run's ModelConfig minus run-only keys (init_from, init_std, attention_backend)
+IMPORT_MODEL_CONFIG = "model_config.json"  # the ModelConfig that `convert.py import-hf` writes next to its step dir
+RUN_ONLY_MODEL_KEYS = ("init_from", "init_std", "attention_backend")
+# Keys that change what the model computes but not the shape or name of any weight: a difference is
+# reported as a warning, not refused (e.g. a longer-context fine-tune from a checkpoint with another rope_theta).
+SHAPELESS_KEYS = frozenset({
+    "llm.rope_theta", "llm.norm_eps", "llm.mrope_section", "llm.mrope_interleaved", "llm.moe_router_topk",
+    "llm.moe_aux_loss_coeff", "vision.norm_eps", "vision.tokens_per_second", "vision.window_size",
+    "vision.fullatt_block_indexes", "vision.image_size", "lora.alpha", "image_token_id", "video_token_id",
+})
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -190,6 +202,184 @@ def complete_step_dirs(root: str | Path) -> list[Path]:
     return sorted(dirs, key=_step_of, reverse=True)
 
 
+# ------------------------------------------------------------ the model a checkpoint belongs to
+class ModelMismatchError(ValueError):
+    """A checkpoint written for another model than the run's (raised as the run's ConfigError)."""
+
+
+def model_arch(model_cfg) -> dict[str, Any]:
+    """What `MODEL_ARCH` holds: the ModelConfig as a dict, minus the keys that only concern this run."""
+    d = asdict(model_cfg) if not isinstance(model_cfg, dict) else dict(model_cfg)
+    return {k: v for k, v in d.items() if k not in RUN_ONLY_MODEL_KEYS}
+
+
+def carried_model_config(step_dir: Path) -> tuple[Optional[dict[str, Any]], str]:
+    """The model config a checkpoint carries itself (`MODEL_ARCH` in the step directory, or an import's
+    `model_config.json` beside it) and where it came from; (None, "") if it carries none."""
+    step_dir = Path(step_dir)
+    for path in (step_dir / MODEL_ARCH, step_dir / IMPORT_MODEL_CONFIG, step_dir.parent / IMPORT_MODEL_CONFIG):
+        if path.is_file():
+            try:
+                return model_arch(json.loads(path.read_text())), str(path)
+            except (json.JSONDecodeError, TypeError) as err:
+                raise ModelMismatchError(f"{path} is not valid JSON ({err}); restore it or remove it") from None
+    return None, ""
+
+
+def saved_model_config(step_dir: Path) -> tuple[Optional[dict[str, Any]], str]:
+    """`carried_model_config`, else (checkpoints written before `MODEL_ARCH`) the `model:` section of the
+    `config.yaml` that train.py wrote into the output_dir holding `checkpoints/`; (None, "") if neither."""
+    found, source = carried_model_config(step_dir)
+    if found is not None:
+        return found, source
+    config_yaml = Path(step_dir).parent.parent / "config.yaml"
+    if config_yaml.is_file():
+        from omegaconf import OmegaConf
+
+        try:
+            model = OmegaConf.to_container(OmegaConf.load(config_yaml).model, resolve=True)
+        except Exception:  # noqa: BLE001 — an unreadable fallback is no reason to refuse; the check is skipped
+            return None, ""
+        return model_arch(model), str(config_yaml)
+    return None, ""
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def model_differences(saved: dict[str, Any], run: dict[str, Any], *, lora: bool) -> tuple[list[str], list[str]]:
+    """(differences that change weight shapes or names, differences that do not), as
+    `model.KEY: checkpoint X vs run Y` lines. `lora=False` leaves the adapters out (`model.init_from`
+    takes base weights whatever adapters either side has)."""
+    a, b = _flat(saved), _flat(run)
+    refuse, warn = [], []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith("lora.") and not lora:
+            continue
+        if key in a and key in b and a[key] == b[key]:
+            continue
+        if key not in a or key not in b:  # a key added to ModelConfig after the checkpoint was written
+            continue
+        line = f"model.{key}: checkpoint {a[key]!r} vs run {b[key]!r}"
+        (warn if key in SHAPELESS_KEYS else refuse).append(line)
+    return refuse, warn
+
+
+def matching_model_choices(saved: dict[str, Any], configs_dir: Path) -> list[str]:
+    """`model=GEN/SIZE` choices under configs/model whose architecture is the checkpoint's (for the message)."""
+    from omegaconf import OmegaConf
+
+    from qvl_train.config import ModelConfig
+
+    found = []
+    for path in sorted(Path(configs_dir).glob("*/*.yaml")):
+        try:
+            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
+        except Exception:  # noqa: BLE001 — a config that does not compose matches nothing
+            continue
+        if not model_differences(saved, model_arch(cfg), lora=False)[0]:
+            found.append(f"{path.parent.name}/{path.stem}")
+    return found
+
+
+def _difference_lines(lines: list[str], limit: int = 8) -> str:
+    shown = "\n".join(f"  {line}" for line in lines[:limit])
+    return shown + (f"\n  … and {len(lines) - limit} more" if len(lines) > limit else "")
+
+
+def check_checkpoint_model(cfg, *, arch_overridden: bool, configs_dir: Path) -> list[str]:
+    """Before any process group or weight: the model of the checkpoint this run will read against the run's.
+
+    * `model.init_from` whose checkpoint carries its own model config (an `import-hf` directory, or a
+      checkpoint written by this manager): when the user set no architecture key (`model=`,
+      `model.generation`, `model.vision.*`, `model.llm.*`) the run takes the checkpoint's architecture
+      (`cfg.model` is replaced); otherwise a difference is refused.
+    * the checkpoint `checkpoint.resume=auto` resumes (`output_dir/checkpoints`): a difference in the
+      weights' shapes (LoRA adapters included) is refused; one that loads is a warning line.
+
+    Raises `ModelMismatchError` saying which keys differ and what to do; returns lines to print.
+    """
+    from qvl_train.tools.convert import model_config_from_dict
+
+    notes: list[str] = []
+    run = model_arch(cfg.model)
+    src = resolve_checkpoint(cfg.model.init_from) if cfg.model.init_from else None
+    if src is not None:
+        carried, where = carried_model_config(src)
+        if carried is not None and not arch_overridden:
+            if any(model_differences(carried, run, lora=False)):
+                merged = {**asdict(cfg.model), **{k: carried[k] for k in ("generation", "vision", "llm") if k in carried}}
+                for k in ("image_token_id", "video_token_id"):
+                    merged[k] = carried.get(k)
+                try:
+                    cfg.model = model_config_from_dict(merged)
+                except ValueError as err:
+                    raise ModelMismatchError(f"the model config of model.init_from ({where}) is not valid here: {err}") from None
+                run = model_arch(cfg.model)
+                llm, vit = cfg.model.llm, cfg.model.vision
+                notes.append(f"model       taken from model.init_from ({where}): {cfg.model.generation}, "
+                             f"ViT {vit.depth}×{vit.hidden_size}, LLM {llm.num_layers}×{llm.hidden_size} "
+                             "(set model= or model.* keys to choose it yourself)")
+    root = Path(cfg.output_dir) / "checkpoints"
+    resume = resolve_checkpoint(root) if cfg.checkpoint.resume == "auto" else None
+    if resume is None and cfg.checkpoint.resume == "auto":
+        dirs = complete_step_dirs(root)
+        resume = dirs[0] if dirs else None
+    if resume is not None:
+        target, full, what = resume, True, f"output_dir={cfg.output_dir} holds a checkpoint of another model"
+        fixes = ("resume it with the model it was trained with{choices}, use another output_dir=, or start over "
+                 "with checkpoint.resume=never (its checkpoints would be overwritten)")
+    elif src is not None:
+        target, full, what = src, False, f"model.init_from={cfg.model.init_from} is a checkpoint of another model"
+        fixes = ("choose the model it was trained with{choices}"
+                 + (" or drop the model.* overrides to take its own" if carried_model_config(src)[0] is not None else "")
+                 + ", or point model.init_from at a checkpoint of this model")
+    else:
+        return notes
+    saved, where = saved_model_config(target)
+    if saved is None:
+        notes.append(f"warning: {target} carries no model config ({MODEL_ARCH}) and no config.yaml is beside it: "
+                     "its model is not checked against this run's")
+        return notes
+    refuse, warn = model_differences(saved, run, lora=full)
+    if refuse:
+        choices = matching_model_choices(saved, configs_dir)
+        hint = f" (model={choices[0]})" if len(choices) == 1 else (
+            f" (one of model={', model='.join(choices)})" if choices else " (the same model= and model.* overrides)")
+        fix = fixes.format(choices=hint)
+        raise ModelMismatchError(
+            f"{what} ({target}, model config from {Path(where).name}):\n{_difference_lines(refuse + warn)}\n"
+            + fix[0].upper() + fix[1:] + "."
+        )
+    if warn:
+        notes.append(f"warning: {target} was trained with other settings that load anyway: " + "; ".join(warn))
+    return notes
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process below it, children first seen before any is killed."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in tree:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree[1:], timeout=10)  # the writer itself is joined by its caller
+
+
 def _rng_state() -> dict[str, Any]:
     return {
         "python": random.getstate(),
@@ -279,6 +469,8 @@ class CheckpointManager:
             step_dir.mkdir(parents=True)
         dist.barrier()
         state.layout = self._layout()
+        model_cfg = getattr(engine, "model_cfg", None)
+        self._model_arch = model_arch(model_cfg) if model_cfg is not None else None
         sharded = engine.sharded_state_dict(with_optimizer=True)
         sharded["train_state"] = asdict(state)
         sharded["optimizer_steps"] = engine.optimizer_step_count()
@@ -298,6 +490,8 @@ class CheckpointManager:
         """After every rank's files are written: manifest, `complete`, then `latest` (atomic), pruning."""
         dist.barrier()
         if dist.get_rank() == 0:
+            if getattr(self, "_model_arch", None) is not None:
+                (step_dir / MODEL_ARCH).write_text(json.dumps(self._model_arch, indent=1) + "\n")
             write_manifest(step_dir)
             (step_dir / COMPLETE).write_text(f"{step}\n")
             tmp = self.root / f".{LATEST}.tmp"
@@ -340,7 +534,7 @@ class CheckpointManager:
         for call in self._async.async_calls:  # megatron's AsyncCallsQueue keeps one writer per save
             process = getattr(call.async_caller, "process", None)
             if process is not None and process.is_alive():
-                process.kill()
+                _kill_tree(process.pid)  # the writer forks file writers of its own
                 process.join()
         self._async.async_calls.clear()
         self._async, self.pending = None, None

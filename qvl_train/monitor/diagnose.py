@@ -7,6 +7,9 @@
   whose stacks differ from the others' are where to look.
 * `straggler_report` — per-rank step times gathered at each logged step; names the ranks slower than
   `train.straggler_threshold` × the median (a sick GPU, a throttled node, a slow data path).
+  `StragglerWindow` turns those per-step verdicts into warnings: a rank is named only when it was slow
+  in most of the last `train.straggler_window` logged steps, and at most once per window (one noisy
+  step on a busy host is no straggler).
 * `StepProfiler` — `profile.steps=[A,B]`: a torch profiler trace of steps A..B per rank, written to
   `output_dir/profile/rank{R}.steps{A}-{B}.json` (open in Perfetto or chrome://tracing).
 """
@@ -21,6 +24,7 @@ import socket
 import statistics
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -28,7 +32,7 @@ import torch
 
 log = logging.getLogger("qvl_train")
 
-__all__ = ["StackDumper", "straggler_report", "StepProfiler", "is_timeout"]
+__all__ = ["StackDumper", "straggler_report", "StragglerWindow", "StepProfiler", "is_timeout"]
 
 
 def is_timeout(exc: BaseException) -> bool:
@@ -132,6 +136,43 @@ def straggler_report(
         return metrics, None
     names = ", ".join(f"rank {r} on {hosts[r]} ({step_times[r]:.3f} s)" for r in slow)
     return metrics, f"stragglers (> {threshold:g} × median {median:.3f} s): {names}"
+
+
+class StragglerWindow:
+    """Straggler warnings over a window of logged steps instead of per step.
+
+    `update(step_times, hosts)` takes every rank's own time of one logged step. A rank is a straggler
+    when, over the last `window` logged steps, its time exceeded `threshold` × that step's median in
+    more than half of them; it is then named once (its host and how much slower, as the median of
+    its time / median ratios over the window) and not again before `window` more logged steps.
+    Returns the per-step `straggler/*` metrics and the warning, if any."""
+
+    def __init__(self, threshold: float, window: int) -> None:
+        self.threshold, self.window = threshold, max(1, int(window))
+        self._slow: dict[int, deque] = {}  # rank -> deque of (slow?, time / median) over the window
+        self._quiet_until: dict[int, int] = {}  # rank -> update count before which it is not named again
+        self._count = 0
+
+    def update(self, step_times: Sequence[float], hosts: Sequence[str]) -> tuple[dict[str, float], Optional[str]]:
+        metrics, _ = straggler_report(step_times, hosts, 0)
+        if self.threshold <= 0:
+            return metrics, None
+        self._count += 1
+        median = max(statistics.median(step_times), 1e-9)
+        named = []
+        for rank, t in enumerate(step_times):
+            seen = self._slow.setdefault(rank, deque(maxlen=self.window))
+            seen.append((t > self.threshold * median, t / median))
+            slow = [ratio for is_slow, ratio in seen if is_slow]
+            if len(seen) == self.window and 2 * len(slow) > self.window and self._count >= self._quiet_until.get(rank, 0):
+                self._quiet_until[rank] = self._count + self.window
+                named.append((statistics.median(slow), rank, len(slow)))
+        if not named:
+            return metrics, None
+        names = ", ".join(f"rank {r} on {hosts[r]} ({ratio:.2f}× the median in {n} of them)"
+                          for ratio, r, n in sorted(named, reverse=True))
+        return metrics, (f"stragglers over the last {self.window} logged steps (> {self.threshold:g} × the median "
+                         f"step time in most of them): {names}")
 
 
 class StepProfiler:

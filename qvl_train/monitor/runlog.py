@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from qvl_train.monitor.diagnose import StragglerWindow
 from qvl_train.monitor.metrics import MetricsWriter, Progress, train_record
 
 log = logging.getLogger("qvl_train")
@@ -35,13 +36,12 @@ def global_data_stats(local: dict[str, int], dims) -> dict[str, int]:
     return total
 
 
-def straggler_stats(own_s: float, hosts: list, threshold: float, dims) -> dict[str, float]:
-    """Every rank's own step time (data + forward/backward) → `straggler/*` metrics; warns on rank 0."""
-    from qvl_train.monitor.diagnose import straggler_report
-
+def straggler_stats(own_s: float, hosts: list, window, dims) -> dict[str, float]:
+    """Every rank's own step time (data + forward/backward) → `straggler/*` metrics; rank 0 warns when
+    `window` (a `StragglerWindow`) names a rank slow over most of its last logged steps."""
     times = [torch.zeros(1, dtype=torch.float64, device=dims.device) for _ in range(dims.world_size)]
     torch.distributed.all_gather(times, torch.tensor([own_s], dtype=torch.float64, device=dims.device))
-    metrics, warning = straggler_report([float(t) for t in times], hosts, threshold)
+    metrics, warning = window.update([float(t) for t in times], hosts)
     if warning and dims.is_logging_rank:
         log.warning(warning)
     return metrics
@@ -72,6 +72,7 @@ class RunLog:
         self.progress = Progress(cfg.train.max_steps, state.step)
         self.peak = peak_tflops(cfg.train.peak_tflops)
         self.hosts: list = [None] * dims.world_size
+        self.stragglers = StragglerWindow(cfg.train.straggler_threshold, cfg.train.straggler_window)
         torch.distributed.all_gather_object(self.hosts, socket.gethostname())
 
     def write(self, record: dict[str, Any]) -> None:
@@ -90,7 +91,7 @@ class RunLog:
             return
         skipped = global_data_stats(loader.stats(), self.dims)
         own_s = data_s + result.timings["fwd_bwd_s"]
-        stragglers = straggler_stats(own_s, self.hosts, train.straggler_threshold, self.dims)
+        stragglers = straggler_stats(own_s, self.hosts, self.stragglers, self.dims)
         if not self.active:
             return
         record = train_record(
