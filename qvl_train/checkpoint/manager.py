@@ -173,13 +173,19 @@ def verify_checkpoint(step_dir: str | Path, rank: int = 0, world_size: int = 1, 
     """Hash the files of `step_dir` (rank r takes every world_size-th file) against its manifest.
 
     A collective when `world_size > 1`: every rank learns every rank's verdict and all raise the same
-    `CheckpointIntegrityError` (naming the file) or none does. Reads no pickle.
+    `CheckpointIntegrityError` (naming the file) or none does. Then the pickles a load reads (`.metadata`,
+    `*.pt`, DCP's BYTE_IO objects) are vetted by `safe_pickle.scan_checkpoint` (each rank its share):
+    a class outside its allowlist is refused, naming the file and the class, and never runs.
     """
     try:
         manifest = read_manifest(step_dir)
         problem = check_files(step_dir, sorted(manifest)[rank::world_size], manifest)
     except CheckpointIntegrityError as err:
         problem = str(err)
+    if problem is None:  # hashes prove integrity, not origin: bound what the pickles can contain
+        from qvl_train.checkpoint.safe_pickle import scan_checkpoint
+
+        problem = scan_checkpoint(step_dir, rank, world_size)
     if world_size > 1:
         verdicts: list = [None] * world_size
         dist.all_gather_object(verdicts, problem, group=group)

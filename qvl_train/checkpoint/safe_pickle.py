@@ -207,8 +207,14 @@ def scan_checkpoint(step_dir: str | Path, rank: int = 0, world_size: int = 1) ->
 
     Returns None, or the first problem as a message naming the file and the refused `module.name`
     (`verify_checkpoint` gathers these over the ranks and raises `CheckpointIntegrityError`).
-    Reads no storage and runs nothing outside `ALLOWED`."""
-    step_dir = Path(step_dir)
+    Reads no storage and runs nothing outside `ALLOWED`. Never raises (the verdict is gathered over ranks)."""
+    try:
+        return _scan(Path(step_dir), rank, world_size)
+    except Exception as err:  # noqa: BLE001 - e.g. an unreadable directory: a named refusal, not a hang
+        return _problem(str(step_dir), err)
+
+
+def _scan(step_dir: Path, rank: int, world_size: int) -> Optional[str]:
     units: list[tuple[str, Callable[[], Any]]] = []
 
     def read_slice(rel: str, offset: int, length: int) -> bytes:

@@ -1,4 +1,4 @@
-"""Checkpoint manifests and keep_last pruning, on plain directories (no process group, no pickles).
+"""Checkpoint manifests and keep_last pruning, on plain directories (no process group; common.pt a small torch.save).
 
 The end-to-end path (a real save, a corrupted byte, resume falling back) is tests/e2e/test_ops.py.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from qvl_train.checkpoint.manager import (
     COMPLETE,
@@ -24,7 +25,7 @@ from qvl_train.checkpoint.manager import (
 def _fake_step(root, step, *, complete=True):
     d = root / f"step_{step:07d}"
     (d / "sub").mkdir(parents=True)
-    (d / "common.pt").write_bytes(bytes(range(256)) * 10)
+    torch.save({"step": step, "blob": bytes(range(256)) * 10}, d / "common.pt")  # the scan reads torch.save zips
     (d / "__0_0.distcp").write_bytes(b"tensor bytes %d" % step)
     (d / "sub" / "metadata.json").write_text("{}")
     write_manifest(d)
@@ -37,7 +38,7 @@ def test_manifest_lists_every_file_and_verifies(tmp_path):
     d = _fake_step(tmp_path, 3)
     files = json.loads((d / MANIFEST).read_text())["files"]
     assert sorted(files) == ["__0_0.distcp", "common.pt", "sub/metadata.json"]
-    assert files["common.pt"]["size"] == 2560 and len(files["common.pt"]["sha256"]) == 64
+    assert files["common.pt"]["size"] == (d / "common.pt").stat().st_size and len(files["common.pt"]["sha256"]) == 64
     verify_checkpoint(d)  # no error
     for rank in range(3):  # the ranks' shares together cover the manifest
         verify_checkpoint(d, rank=rank, world_size=1)
