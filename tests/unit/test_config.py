@@ -170,16 +170,38 @@ def _launch(*overrides: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_dry_run_prints_config_and_layout_and_builds_nothing(tmp_path):
-    proc = _launch("+experiment=tiny", "dry_run=true", f"output_dir={tmp_path / 'run'}")
+def test_dry_run_prints_config_and_layout_and_builds_nothing(tmp_path, data_root):
+    proc = _launch("+experiment=tiny", "dry_run=true", f"output_dir={tmp_path / 'run'}", f"cluster.data_root={data_root}")
     assert proc.returncode == 0, proc.stderr
     assert "layout      world=1 = tp 1 × pp 1 × cp 1 × dp 1" in proc.stdout
     assert "max_tokens: 1024" in proc.stdout
     assert not list((tmp_path / "run").glob("*")) if (tmp_path / "run").exists() else True  # Hydra's run dir only
 
 
-def test_bad_layout_fails_before_any_process_group(tmp_path):
-    proc = _launch("+experiment=tiny", "parallel.tp=2", f"output_dir={tmp_path / 'run'}")
+def test_bad_layout_fails_before_any_process_group(tmp_path, data_root):
+    proc = _launch("+experiment=tiny", "parallel.tp=2", f"output_dir={tmp_path / 'run'}", f"cluster.data_root={data_root}")
     assert proc.returncode == 2
     assert "config error" in proc.stderr and "parallel.tp" in proc.stderr
     assert not list((tmp_path / "run").glob("*")) if (tmp_path / "run").exists() else True  # Hydra's run dir only
+
+
+def test_architecture_overrides_are_told_apart_from_run_keys():
+    from qvl_train.config import is_arch_override
+
+    for o in ("model=qwen2_vl/7b", "+model=qwen2_vl/7b", "model.generation=qwen3_vl", "model.llm.num_layers=4",
+              "++model.vision.depth=2", "~model.vision.window_size", "model.llm={num_layers: 2}"):
+        assert is_arch_override(o), o
+    for o in ("model.init_from=/ckpt", "model.lora.rank=8", "model.attention_backend=flex", "model.init_std=0.01",
+              "+experiment=tiny", "data.max_tokens=512", "models=x"):
+        assert not is_arch_override(o), o
+
+
+def test_unknown_model_choice_names_the_valid_ones():
+    from qvl_train.config import model_choice_error
+
+    configs = ROOT / "configs"
+    assert model_choice_error(["+experiment=tiny", "model=qwen2_vl/7b"], configs) is None
+    assert "valid: qwen3_vl/2b, qwen3_vl/32b, qwen3_vl/4b, qwen3_vl/8b, qwen3_vl/tiny" in model_choice_error(
+        ["model=qwen3_vl/9b"], configs)
+    assert "model=qwen2_vl needs a size; valid: qwen2_vl/2b" in model_choice_error(["model=qwen2_vl"], configs)
+    assert "no model generation 'qwen4'" in model_choice_error(["model=qwen4/7b"], configs)
