@@ -8,7 +8,11 @@ from dataclasses import asdict
 import pytest
 
 from qvl_train.checkpoint.manager import (
-    MODEL_ARCH, ModelMismatchError, check_checkpoint_model, model_arch, model_differences,
+    MODEL_ARCH,
+    ModelMismatchError,
+    check_checkpoint_model,
+    model_arch,
+    model_differences,
 )
 from qvl_train.config import TrainConfig
 from qvl_train.models.tiny import tiny_model_config
