@@ -274,11 +274,15 @@ def hf_class(hf_dir: Path):
 
 def _compare(hf_dir: Path, cfg, per_kind: dict, ours_logits: dict, device: str, dtype: torch.dtype) -> dict[str, float]:
     """Run the HF model of SRC on each kind's samples → `max|Δlogits| / max|ref logits|` per kind."""
+    from data_pipelines import generations as data_generations
+
+    video = data_generations.get(cfg.generation).video
+    timestamps = video is not None and video.timestamps  # Qwen3-VL: `<t seconds>` text before each temporal patch
     hf = hf_class(hf_dir).from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     results = {}
     with torch.no_grad():
         for kind, samples in per_kind.items():
-            explicit = kind == "video" and cfg.generation.startswith("qwen3")
+            explicit = kind == "video" and timestamps  # our positions: the sample has no timestamp text
             hf_in = _hf_inputs(samples, packed=kind == "packed", explicit_positions=explicit)
             inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in hf_in.items()}
             inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
