@@ -370,20 +370,25 @@ def check_checkpoint_model(cfg, *, arch_overridden: bool, configs_dir: Path) -> 
 
 
 def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and every process below it, children first seen before any is killed."""
+    """SIGKILL a process and every process below it. Each is stopped (SIGSTOP) before its children are
+    listed, so none can fork a child that the listing misses (the writer forks file writers lazily)."""
     import psutil
 
-    try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for proc in tree:
+    frozen, todo = [], [pid]
+    while todo:
+        try:
+            proc = psutil.Process(todo.pop())
+            proc.suspend()
+            frozen.append(proc)
+            todo.extend(child.pid for child in proc.children())
+        except psutil.NoSuchProcess:
+            continue
+    for proc in frozen:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(tree[1:], timeout=10)  # the writer itself is joined by its caller
+    psutil.wait_procs(frozen[1:], timeout=10)  # the writer itself is joined by its caller
 
 
 def _rng_state() -> dict[str, Any]:
