@@ -823,9 +823,18 @@ class TrainConfig:
         Returns lines to print (what was taken, warnings); raises ConfigError."""
         from pathlib import Path
 
-        from qvl_train.checkpoint.manager import ModelMismatchError, check_checkpoint_model
+        from qvl_train.checkpoint.manager import (
+            ModelMismatchError, check_checkpoint_model, complete_step_dirs, resolve_checkpoint,
+        )
 
         self._check_data_paths()
+        own = Path(self.output_dir) / "checkpoints"
+        resumes = self.checkpoint.resume == "auto" and bool(resolve_checkpoint(own) or complete_step_dirs(own))
+        if self.model.init_from and not resumes and resolve_checkpoint(self.model.init_from) is None:
+            raise ConfigError(
+                f"model.init_from={self.model.init_from} holds no complete checkpoint: give a step directory with a "
+                "'complete' file, a checkpoint root with 'latest' (an import-hf --out directory), or a training output_dir"
+            )
         configs = Path(configs_dir) if configs_dir else Path(__file__).resolve().parents[1] / "configs"
         try:
             return check_checkpoint_model(self, arch_overridden=any(map(is_arch_override, overrides or [])),

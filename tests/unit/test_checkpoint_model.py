@@ -87,3 +87,14 @@ def test_init_from_an_import_is_taken_unless_architecture_keys_are_set(tmp_path)
     cfg = _run(tmp_path / "run", init_from=str(tmp_path / "ckpt"))
     with pytest.raises(ModelMismatchError, match="model.llm.num_layers: checkpoint 3 vs run 2"):
         check_checkpoint_model(cfg, arch_overridden=True, configs_dir=CONFIGS)
+
+
+def test_init_from_without_a_checkpoint_is_a_config_error(tmp_path, data_root):
+    from qvl_train.config import ConfigError
+
+    cfg = _run(tmp_path / "run", init_from=str(tmp_path / "nothing"))
+    cfg.data.sources[0].path = str(data_root / "synth")
+    with pytest.raises(ConfigError, match="model.init_from=.*nothing holds no complete checkpoint"):
+        cfg.check_inputs([])
+    _checkpoint(tmp_path / "run", tiny_model_config())  # the run's own checkpoint wins: init_from is not read
+    assert cfg.check_inputs([]) == []
