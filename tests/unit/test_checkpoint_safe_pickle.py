@@ -167,3 +167,12 @@ def test_legacy_or_garbage_pt_is_refused(tmp_path):
     _plant(d, "common.pt", b"PK\x03\x04 not really a zip")
     with pytest.raises(CheckpointIntegrityError, match=r"common\.pt is not a pickle this framework reads"):
         verify_checkpoint(d)
+
+
+def test_payload_in_a_per_rank_metadata_file_is_refused(tmp_path):
+    d = _step(tmp_path)
+    marker = tmp_path / "pwned"
+    _plant(d, "__0.metadata", pickle.dumps(_System(f"touch {marker}")))  # DCP reads these with read_metadata(rank=0)
+    with pytest.raises(CheckpointIntegrityError, match=r"__0\.metadata refuses posix\.system"):
+        verify_checkpoint(d)
+    assert not marker.exists()
