@@ -33,10 +33,10 @@ demo: setup data
 	  eval.every=50 eval.max_batches=4 'data.valid=[{path:$${cluster.data_root}/synth_valid}]'
 	$(PY) -m qvl_train.monitor.summary $(DEMO_OUT)
 
-test: setup data
+test: setup data lint
 	$(PY) -m pytest -q --durations=40 tests
 
-# ruff (rules in pyproject.toml [tool.ruff]); not a prerequisite of `test` yet
+# ruff (rules in pyproject.toml [tool.ruff]): pyflakes, import order, pycodestyle at 140 columns; `make test` runs it first
 lint: setup
 	$(PY) -m ruff check qvl_train data_pipelines launch tests benchmarks
 

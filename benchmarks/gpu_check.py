@@ -391,7 +391,10 @@ def check_pixels(device: str, quick: bool) -> dict:
 
 def _table(rows: list[dict]) -> str:
     keys = list(rows[0])
-    fmt = lambda v: f"{v:.3e}" if isinstance(v, float) and (abs(v) < 1e-2 or abs(v) > 1e5) else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    def fmt(v):
+        if not isinstance(v, float):
+            return str(v)
+        return f"{v:.3e}" if abs(v) < 1e-2 or abs(v) > 1e5 else f"{v:.3f}"
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)

@@ -17,7 +17,8 @@ as each training rank does. On synthetic shards written first into a temporary d
 
 Then decode workers (`data.num_workers` = 0, 1, 2; `data.prefetch_steps` 1, planning ahead): per
 size setting and worker count, after a warm-up step (worker start-up; `first step s`) and the step
-prefetched during it, `tokens/s` of `--steps` steps back to back (one rank's loader throughput), then `--steps` steps with a simulated training step
+prefetched during it, `tokens/s` of `--steps` steps back to back (one rank's loader throughput), then `--steps` steps with a
+simulated training step
 between them (`time.sleep` of the time this GPU needs for the step's tokens at the consumption
 rate, or `--train-step` seconds): `wait ms` is how long `next_step` blocks per step, `GPU idle` the
 share of wall time the GPU would wait (wait / (wait + step)), and `worker MB` the resident memory of one worker process.

@@ -44,8 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipelines.schema import normalise_pixels
-from data_pipelines.schema import DataConfig
+from data_pipelines.schema import DataConfig, normalise_pixels
 from data_pipelines.stream import pack_codes, pixel_lut
 from data_pipelines.vision import decode_image, image_codes, patchify_image, smart_resize, vision_spec
 

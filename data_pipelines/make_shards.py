@@ -30,7 +30,8 @@ Formats
   R, "box": [x1·W/1000, y1·H/1000, x2·W/1000, y2·H/1000], "image": <the latest image before it>}``
   with W×H the size of that image (Qwen-VL's coordinates are ``floor(x/W·1000)`` on [0, 1000); the
   pixel value is the left edge of that bin, so rendering it back for ``qwen_vl`` / ``qwen2_vl``
-  gives the original numbers exactly (1000, which Qwen-VL never writes, becomes 999), ``qwen3_vl`` the same numbers on [0, 1000], ``qwen2_5_vl`` the
+  gives the original numbers exactly (1000, which Qwen-VL never writes, becomes 999), ``qwen3_vl`` the same numbers on [0,
+  1000], ``qwen2_5_vl`` the
   pixels of its resized image). A ``<box>`` without a ``<ref>`` before it becomes a box with an empty
   ``ref``; a ``<ref>R</ref>`` without a ``<box>`` after it (a referring expression in a question)
   keeps R as plain text (a box part is the only form of grounding markup in a shard).

@@ -21,7 +21,8 @@ ChatML, `make_context` of its `qwen_generation_utils.py`, with the same default 
 with an image inside `content` rendered as `<|vision_start|>` + N x `<|image_pad|>` + `<|vision_end|>`
 (N = t*h*w / merge^2 of the image's patch grid); Qwen-VL (`generation="qwen_vl"`): `<img>` + 256 x `<imgpad>`
 + `</img>` in place of the image part (the released `from_list_format` helper also writes a
-"Picture k: " prefix and a line break after each image: write them as text parts to get them). Qwen3-VL's templates add no default system turn
+"Picture k: " prefix and a line break after each image: write them as text parts to get them). Qwen3-VL's templates add no
+default system turn
 (`DEFAULT_SYSTEM_GENERATIONS`). Text between two special tokens is tokenised as one string (e.g.
 `"assistant\\nred"`), as the HF tokenizer does on the rendered template, so ids match HF's
 `apply_chat_template` + tokenisation.

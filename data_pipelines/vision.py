@@ -246,7 +246,9 @@ def planned_image_tokens(generation: str, height: int, width: int, **bounds) -> 
     return fixed if fixed else image_token_count(height, width, **bounds)
 
 
-def preprocess_qwen_vl(img: Image.Image, size: int = QWEN_VL_IMAGE_SIZE, patch: int = QWEN_VL_PATCH) -> tuple[np.ndarray, tuple[int, int, int]]:
+def preprocess_qwen_vl(
+    img: Image.Image, size: int = QWEN_VL_IMAGE_SIZE, patch: int = QWEN_VL_PATCH
+) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Qwen-VL: any image → (float32 [(size/patch)², 3·patch²] pixel_values, grid (1, size/patch, size/patch))."""
     codes, grid = qwen_vl_codes(img, size, patch)
     return apply_lut(codes, qwen_vl_lut()).reshape(codes.shape[0], -1), grid

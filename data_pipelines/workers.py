@@ -15,7 +15,8 @@ and are turned back on arrival) on two dedicated pipes, so nothing a library pri
 corrupt them. Arrays of `SHM_MIN_BYTES` or more (pixel values) go through a file in /dev/shm that
 the loader maps and unlinks at once: a 31 MiB array took ~180-270 ms through the pipe (most of it in
 the loader process, holding the GIL) against ~40 ms to write in the worker and ~30 ms to map and pack
-(benchmarks/RESULTS.md, loader section). Without a writable /dev/shm they are pickled. A worker exits when its task pipe reaches end-of-file: when the loader closes it,
+(benchmarks/RESULTS.md, loader section). Without a writable /dev/shm they are pickled. A worker exits when its task pipe
+reaches end-of-file: when the loader closes it,
 and also when the training process dies in any way (the kernel closes the pipe), so no worker
 outlives its rank.
 """
@@ -26,15 +27,15 @@ import glob
 import mmap
 import os
 import pickle
-import tempfile
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
-from collections import deque
-from concurrent.futures import Future
 import traceback
 import weakref
+from collections import deque
+from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 

@@ -824,7 +824,10 @@ class TrainConfig:
         from pathlib import Path
 
         from qvl_train.checkpoint.manager import (
-            ModelMismatchError, check_checkpoint_model, complete_step_dirs, resolve_checkpoint,
+            ModelMismatchError,
+            check_checkpoint_model,
+            complete_step_dirs,
+            resolve_checkpoint,
         )
 
         self._check_data_paths()

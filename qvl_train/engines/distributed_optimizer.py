@@ -82,7 +82,8 @@ class ShardedAdamW:
             clip_grad=optim_cfg.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
             use_distributed_optimizer=True,
         )
-        strip = lambda name: name.removeprefix("module.")  # DDP's named_parameters add "module."
+        def strip(name: str) -> str:  # DDP's named_parameters add "module."
+            return name.removeprefix("module.")
         overrides = dict(_module_override(m, peak, strip, module_of) for m, peak in optim_cfg.peak_lrs().items())
         overrides.update([_no_decay_override()])
         self.optimizer = get_megatron_optimizer(config, self.ddps, config_overrides=overrides)

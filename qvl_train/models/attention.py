@@ -228,7 +228,9 @@ def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     return out
 
 
-def varlen_te(te_attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+def varlen_te(
+    te_attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float
+) -> torch.Tensor:
     """Same contract as `varlen_sdpa` (the scale is the one `te_attention` was built with), through
     Transformer Engine's attention on the unpadded rows in "thd" format (fp32 inputs take the exact loop)."""
     if q.dtype not in (torch.float16, torch.bfloat16):

@@ -5,7 +5,8 @@ M-RoPE, SwiGLU MLP without biases) → final RMSNorm → vocab-parallel output l
 
 Pipeline parallelism: megatron's `TransformerBlock` builds only this stage's layers (global layer
 numbers, so checkpoints are layout-independent) from `pipeline_model_parallel_size` and
-`num_layers_in_first_pipeline_stage` (with `parallel.vpp`, this model chunk's: `vp_stage`); the embedding lives on the first stage (`pre_process`),
+`num_layers_in_first_pipeline_stage` (with `parallel.vpp`, this model chunk's: `vp_stage`); the embedding lives on the first
+stage (`pre_process`),
 the final norm and output layer on the last (`post_process`). On other stages the block takes its
 input from `set_input_tensor` (the activation received by the pipeline schedule).
 """

@@ -22,7 +22,8 @@ like any matrix (normal, layout-independent) and sets B to zero: step 0 computes
 The engine trains only the adapters (`is_lora_param`); base weights get no gradient and no optimizer
 state. In a mixture-of-experts layer (megatron's `SequentialMLP` of local specs) every routed expert's
 `linear_fc1` / `linear_fc2` gets its own factors, named and checkpointed under the expert's global index
-like its weights, and reduced over the expert-data-parallel group like them (`engines/moe.is_expert_param`). Export (`tools/convert.py`): `merged_state_dict` (W + scale · B A) or `adapter_factors` mapped
+like its weights, and reduced over the expert-data-parallel group like them (`engines/moe.is_expert_param`). Export
+(`tools/convert.py`): `merged_state_dict` (W + scale · B A) or `adapter_factors` mapped
 to HF module names by `hf_convert.lora_to_hf` (a PEFT adapter).
 """
 

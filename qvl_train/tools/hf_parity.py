@@ -340,7 +340,8 @@ def main(argv=None) -> int:
     worst_kind = max(results, key=results.get)
     worst = results[worst_kind]
     verdict = "PASS" if worst <= tolerance else "FAIL"
-    print(f"{verdict} worst {worst:.3e} ({worst_kind}, tolerance {tolerance:g}, {args.dtype}, {args.device}, tp={args.tp} pp={args.pp} ep={args.ep})")
+    layout = f"tp={args.tp} pp={args.pp} ep={args.ep}"
+    print(f"{verdict} worst {worst:.3e} ({worst_kind}, tolerance {tolerance:g}, {args.dtype}, {args.device}, {layout})")
     return 0 if verdict == "PASS" else 1
 
 

@@ -282,7 +282,8 @@ def predict(
     if cfg.llm.num_experts and lo.ep > 1:
         inside = min(1.0, gpus_per_node / (lo.tp * lo.ep))  # EP peers spaced by tp: this share is on the node
         per_byte = inside / (gpu.nvlink_gbs * 1e9) + (1 - inside) / (gpu.network_gbs * 1e9)
-        ep_comm = EP_EXPOSED * 4 * (lo.ep - 1) / lo.ep * tokens_per_rank / lo.tp * cfg.llm.moe_router_topk * h * 2 * (L / lo.pp) * m * per_byte
+        ep_comm = (EP_EXPOSED * 4 * (lo.ep - 1) / lo.ep * tokens_per_rank / lo.tp * cfg.llm.moe_router_topk * h * 2
+                   * (L / lo.pp) * m * per_byte)
     dp_bytes = (dense * (lo.dp * lo.cp > 1) + experts * (edp > 1)) * (4 + 2)  # fp32 grad reduce-scatter + bf16 param all-gather
     dp_comm = DP_EXPOSED * dp_bytes / (gpu.network_gbs * 1e9)
     step = compute + bubble + tp_comm + ep_comm + dp_comm
@@ -319,7 +320,8 @@ def check_layout(cfg: ModelConfig, lo: Layout, work: Workload, gpus_per_node: in
     if world % (lo.ep * lo.etp * lo.pp):
         return f"ep·etp·pp={lo.ep * lo.etp * lo.pp} does not divide the world size {world}"
     if work.global_tokens % (work.micro_tokens * lo.dp):
-        return f"the global batch of {work.global_tokens} tokens is not a whole number of {work.micro_tokens}-token micro-batches per dp rank"
+        return (f"the global batch of {work.global_tokens} tokens is not a whole number of "
+                f"{work.micro_tokens}-token micro-batches per dp rank")
     if lo.vpp > 1 and _micro_batches(work, lo) % lo.pp:
         return "the interleaved schedule needs the micro-batches per rank to be a multiple of pp"
     return None
@@ -357,7 +359,8 @@ def table(preds: list[Prediction], gpu: GPU) -> str:
         m, t = p.memory_gib, p.time_s
         lines.append(
             f"| {p.layout} | {m['total']:.1f} ({m['weights']:.1f} / {m['grads']:.1f} / {m['optimizer']:.1f} / "
-            f"{m['activations']:.1f} / {m['vision']:.1f} / {m['logits']:.1f}) | {'yes' if p.fits else f'NO (> {FIT_FRACTION:.0%} of {gpu.memory_gib:g})'} | "
+            f"{m['activations']:.1f} / {m['vision']:.1f} / {m['logits']:.1f}) | "
+            f"{'yes' if p.fits else f'NO (> {FIT_FRACTION:.0%} of {gpu.memory_gib:g})'} | "
             f"{p.step_s:.2f} | {p.tokens_per_gpu_s:,.0f} | {p.mfu:.1%} | {t['bubble'] / p.step_s:.0%} | "
             f"{t['tp_comm']:.2f} / {t['ep_comm']:.2f} / {t['dp_comm']:.2f} |"
         )

@@ -2,7 +2,8 @@
 micro-batches carry no image or video while the other rank's do, text-only and video-only packs, a
 micro-batch without media between ones with media under pipeline parallelism. Each layout completes
 the step (no hang: every rank reduces the same gradients) with the single-process loss and every
-gradient within 1e-5 relative (MoE also with each expert split over tp=2, etp=2); at stage3_sft the frozen ViT gets no gradient and no optimizer state."""
+gradient within 1e-5 relative (MoE also with each expert split over tp=2, etp=2); at stage3_sft the frozen ViT gets no
+gradient and no optimizer state."""
 
 from __future__ import annotations
 

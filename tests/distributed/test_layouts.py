@@ -1,6 +1,7 @@
 """Every layout computes the single-process training step: tp=2, pp=2, dp=2, cp=2 with the distributed
 optimizer (2 processes each) and tp=2×pp=2 (4 processes) give the same losses over 6 optimizer steps
-within 1e-5 relative (fp32), and read the same samples in the same steps; a checkpoint written by one process resumes at tp=2×pp=2 with the same losses. dp=2 with the
+within 1e-5 relative (fp32), and read the same samples in the same steps; a checkpoint written by one process resumes at
+tp=2×pp=2 with the same losses. dp=2 with the
 distributed optimizer (optim.distributed=true) matches too, and its checkpoints resume bit-exactly at
 dp=2, load at dp=1, and refuse (as the single process' checkpoint is refused by it) the other
 optimizer format."""

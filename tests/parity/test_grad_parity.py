@@ -17,11 +17,11 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from data_pipelines.text import IMAGE_PAD_ID, VIDEO_PAD_ID  # noqa: E402
 from qvl_train.config import ParallelConfig  # noqa: E402
 from qvl_train.models import build_model, init_weights  # noqa: E402
 from qvl_train.models.hf_convert import hf_to_ours  # noqa: E402
 from qvl_train.models.tiny import tiny_model_config, tiny_qwen2_5_vl_config, tiny_qwen3_vl_config  # noqa: E402
-from data_pipelines.text import IMAGE_PAD_ID, VIDEO_PAD_ID  # noqa: E402
 from qvl_train.tools.hf_parity import packed_pair, packed_sample_segments  # noqa: E402
 from tests.conftest import megatron_one_rank_world  # noqa: E402
 

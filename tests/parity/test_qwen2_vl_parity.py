@@ -9,7 +9,6 @@ Pinned reference: transformers 4.57.x (5.x changed video positions; images are u
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -12,7 +12,6 @@ within 1e-5. Pinned reference: transformers 4.57.x.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

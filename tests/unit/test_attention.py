@@ -63,7 +63,9 @@ def test_flex_matches_sdpa_loop(causal):
 
 @pytest.mark.parametrize("backend", ["sdpa_loop", "flex"])
 def test_module_signature_and_shapes(backend):
-    cfg = TransformerConfig(num_layers=1, hidden_size=HQ * D, num_attention_heads=HQ, num_query_groups=HKV, kv_channels=D, attention_dropout=0.0)
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=HQ * D, num_attention_heads=HQ, num_query_groups=HKV, kv_channels=D, attention_dropout=0.0
+    )
     attn = VarlenAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, backend=backend)
     q, k, v = _qkv(2)
     packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=CU, cu_seqlens_kv=CU, max_seqlen_q=8, max_seqlen_kv=8)
@@ -109,7 +111,8 @@ def test_varlen_flash_calls_flash_attn_varlen_func_as_documented(monkeypatch):
         calls.append((q.shape, k.shape, cu_q.dtype, max_q, dropout_p, softmax_scale, causal))
         assert torch.equal(cu_q, cu_k) and max_q == max_k
         full = torch.zeros(L, *q.shape[1:], dtype=q.dtype)
-        return varlen_sdpa(*(torch.cat([x, full[: L - x.shape[0], : x.shape[1]]]) for x in (q, k, v)), cu_q, causal, softmax_scale)[: q.shape[0]]
+        padded = (torch.cat([x, full[: L - x.shape[0], : x.shape[1]]]) for x in (q, k, v))
+        return varlen_sdpa(*padded, cu_q, causal, softmax_scale)[: q.shape[0]]
 
     monkeypatch.setattr(attention, "_flash_attn", lambda: flash_attn_varlen_func)
     q, k, v = (x.bfloat16() for x in _qkv(3))
@@ -147,7 +150,9 @@ def test_te_backend_builds_te_attention_in_thd_format(monkeypatch):
     monkeypatch.setattr(attention, "_te_attention", lambda: DotProductAttention)
     monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: True)
     assert attention.resolve_backend("auto") == "te"
-    cfg = TransformerConfig(num_layers=1, hidden_size=HQ * D, num_attention_heads=HQ, num_query_groups=HKV, kv_channels=D, attention_dropout=0.0)
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=HQ * D, num_attention_heads=HQ, num_query_groups=HKV, kv_channels=D, attention_dropout=0.0
+    )
     attn = VarlenAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, backend="te")
     assert built == [(HQ, D, HKV, "thd", "padding_causal", 1 / math.sqrt(D))]
     assert not list(attn.state_dict())  # nothing of TE's in checkpoints
@@ -209,7 +214,9 @@ def test_te_context_parallel_attention_gets_the_zigzag_layout(monkeypatch, causa
     monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(attention, "_cp_stream", lambda: None)
     monkeypatch.setattr(attention.dist, "get_process_group_ranks", lambda g: [0, 1])
-    cfg = TransformerConfig(num_layers=1, hidden_size=HQ * D, num_attention_heads=HQ, num_query_groups=HKV, kv_channels=D, attention_dropout=0.0)
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=HQ * D, num_attention_heads=HQ, num_query_groups=HKV, kv_channels=D, attention_dropout=0.0
+    )
     attn = VarlenAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal if causal else AttnMaskType.no_mask, backend="te")
     for rank in range(cp):
         split = zigzag_split(CU, cp, rank, multiple=4, group=group)  # rows past the samples: the TP multiple

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core.enums import ModelType
 
 from qvl_train.compat.megatron_cpu import install_cpu_compat, spawn_gloo

@@ -13,16 +13,16 @@ from data_pipelines.schema import DataConfig
 from data_pipelines.stream import SampleBuilder
 from data_pipelines.text import get_tokenizer
 from data_pipelines.vision import (
-    vision_spec,
     _float_path_exact,
     apply_lut,
-    norm_lut,
     decode_image,
+    norm_lut,
     normalise_uint8,
     patchify,
     patchify_image,
     patchify_uint8,
     source_hw,
+    vision_spec,
 )
 
 SPEC = vision_spec("qwen2_5_vl")

@@ -82,7 +82,9 @@ def test_explicit_system_and_text_only():
     tok = get_tokenizer()
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     ids, labels = tok.encode_conversation(msgs, [])
-    assert tok.decode(ids) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    assert tok.decode(ids) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    )
     assert tok.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX]) == "Hello<|im_end|>"
     # index counting: no pads, but vision start/end
     with_img = [{"role": "user", "content": [{"type": "image", "name": "a.png"}, {"type": "text", "text": "x"}]}]

@@ -4,11 +4,10 @@ import io
 import random
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image, ImageDraw
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor, smart_resize as hf_smart_resize
 
 from data_pipelines.vision import (
     OPENAI_CLIP_MEAN,

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import torch
 
+from data_pipelines.schema import DataSource
 from qvl_train.config import ParallelConfig
 from qvl_train.evaluate import GreedyMatch, source_names
 from qvl_train.models import build_model, init_weights
 from qvl_train.models.tiny import packed_batch, tiny_model_config
-from data_pipelines.schema import DataSource
 from tests.conftest import megatron_one_rank_world
 
 
@@ -52,6 +52,7 @@ def test_examples_show_the_image_prompt_answer_and_model_answer(data_root):
     """A loader micro-batch of the synthetic shards: the image comes back as the resized picture (un-patchified,
     un-normalised), the prompt ends where the answer starts, and the model answer reads the argmax."""
     import numpy as np
+
     from data_pipelines.schema import IGNORE_INDEX, DataConfig, DataSource
     from data_pipelines.stream import StepLoader
     from data_pipelines.vision import patchify, vision_spec

@@ -10,9 +10,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from qvl_train.compat.megatron_cpu import spawn_gloo
 from qvl_train.config import ConfigError, LoRAConfig, OptimConfig, ParallelConfig, StageConfig, TrainConfig
 from qvl_train.models.tiny import packed_batch, tiny_model_config
-from qvl_train.compat.megatron_cpu import spawn_gloo
 from tests.unit.test_optim import _one_rank_dims
 
 LORA = LoRAConfig(rank=4, alpha=8.0)

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from data_pipelines.schema import IGNORE_INDEX, PackedBatch
+from data_pipelines.text import QWEN_VL_IMAGE_PAD_ID  # noqa: E402
 from qvl_train.config import ParallelConfig
 from qvl_train.models import build_model, init_weights
-from data_pipelines.text import QWEN_VL_IMAGE_PAD_ID  # noqa: E402
 from qvl_train.models.vision.qwen_vl import sincos_2d
 from tests.conftest import megatron_one_rank_world  # noqa: E402
 from tests.unit.test_model_params import load_model_config

@@ -14,7 +14,12 @@ pytest.importorskip("av")
 
 from data_pipelines.text import get_tokenizer, video_segments  # noqa: E402
 from data_pipelines.video import (  # noqa: E402
-    BadVideo, VideoSettings, preprocess_video, probe_video, timestamp_text, video_plan,
+    BadVideo,
+    VideoSettings,
+    preprocess_video,
+    probe_video,
+    timestamp_text,
+    video_plan,
 )
 from data_pipelines.vision import vision_spec  # noqa: E402
 

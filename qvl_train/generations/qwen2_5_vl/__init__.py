@@ -5,7 +5,12 @@ SwiGLU (`models/vision/qwen2_5_vl.py`), absolute-time M-RoPE for video. HF:
 from __future__ import annotations
 
 from qvl_train.generations.base import (
-    QWEN2_GENERATION_CONFIG, ModelSpec, build_vlm, qwen2_hf_config, qwen2_llm_from_hf, qwen2_vision_common,
+    QWEN2_GENERATION_CONFIG,
+    ModelSpec,
+    build_vlm,
+    qwen2_hf_config,
+    qwen2_llm_from_hf,
+    qwen2_vision_common,
 )
 
 ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"

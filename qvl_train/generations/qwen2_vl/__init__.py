@@ -4,7 +4,12 @@ merger, Qwen2 LLM with M-RoPE. HF: `Qwen2VLForConditionalGeneration`, flat `conf
 from __future__ import annotations
 
 from qvl_train.generations.base import (
-    QWEN2_GENERATION_CONFIG, ModelSpec, build_vlm, qwen2_hf_config, qwen2_llm_from_hf, qwen2_vision_common,
+    QWEN2_GENERATION_CONFIG,
+    ModelSpec,
+    build_vlm,
+    qwen2_hf_config,
+    qwen2_llm_from_hf,
+    qwen2_vision_common,
 )
 
 ARCHITECTURE = "Qwen2VLForConditionalGeneration"

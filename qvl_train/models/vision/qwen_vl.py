@@ -92,7 +92,9 @@ class QwenVLVisionTransformer(MegatronModule):
         cu = torch.arange(0, (n + 1) * per, per, dtype=torch.int32, device=h_PD.device)  # one segment per image
         packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=per, max_seqlen_kv=per)
         shards = SequenceShards(self.config, h_PD.shape[0])  # parallel.sp: rows split over TP ranks
-        h = self.decoder(hidden_states=shards.scatter(h_PD.unsqueeze(1)), attention_mask=None, rotary_pos_emb=None, packed_seq_params=packed)
+        h = self.decoder(
+            hidden_states=shards.scatter(h_PD.unsqueeze(1)), attention_mask=None, rotary_pos_emb=None, packed_seq_params=packed
+        )
         return shards.gather(h).squeeze(1)
 
 
