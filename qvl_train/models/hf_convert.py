@@ -1,6 +1,6 @@
 """HF ⇄ ours weight mapping for Qwen-VL, Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense), in both directions, as rule tables.
 
-Qwen-VL has no transformers class: its "HF" names are those of the released remote code (`_rules_qwen_vl`).
+Qwen-VL has no transformers class: its "HF" names are those of the released remote code (`rules_qwen_vl`).
 
 `hf_to_ours(hf_sd, cfg)` gives the full (tp = pp = 1) state dict of our `VLM` (keys as
 `model.state_dict()`, without megatron's `_extra_state`); `ours_to_hf(sd, cfg, style=...)` gives

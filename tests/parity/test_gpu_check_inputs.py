@@ -13,10 +13,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from data_pipelines.text import IMAGE_PAD_ID as IMAGE_PAD  # noqa: E402
 from qvl_train.config import ParallelConfig  # noqa: E402
 from qvl_train.models import build_model  # noqa: E402
 from qvl_train.tools.convert import hf_config_dict  # noqa: E402
-from qvl_train.tools.hf_parity import IMAGE_PAD, synthetic_packed_batch, synthetic_samples  # noqa: E402
+from qvl_train.tools.hf_parity import synthetic_packed_batch, synthetic_samples  # noqa: E402
 from tests.conftest import megatron_one_rank_world  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).resolve().parents[2] / "benchmarks/gpu_check.py")
