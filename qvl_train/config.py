@@ -199,19 +199,34 @@ class ModelConfig:
     """Id of the token whose positions take the video embeddings; None = the tokenizer's `<|video_pad|>`
     (stays None for a generation without video)."""
 
-    def __post_init__(self) -> None:
+    @property
+    def image_pad_id(self) -> int:
+        """`image_token_id`, or the generation tokenizer's image pad (`DataSpec.image_tokens[1]`).
+
+        Resolved here rather than written into the field: the field's default must stay None in the
+        config schema, whichever generation a run composes."""
         from data_pipelines import generations as data_generations
 
+        if self.image_token_id is not None:
+            return self.image_token_id
+        data = data_generations.get(self.generation)
+        return data.special_tokens()[data.image_tokens[1]]
+
+    @property
+    def video_pad_id(self) -> Optional[int]:
+        """`video_token_id`, or the tokenizer's video pad; None for a generation without video."""
+        from data_pipelines import generations as data_generations
+
+        if self.video_token_id is not None:
+            return self.video_token_id
+        data = data_generations.get(self.generation)
+        return None if data.video is None else data.special_tokens()[data.video_tokens[1]]
+
+    def __post_init__(self) -> None:
         try:
             spec = generations.get(self.generation)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        data = data_generations.get(self.generation)
-        special = data.special_tokens()
-        if self.image_token_id is None:
-            self.image_token_id = special[data.image_tokens[1]]
-        if self.video_token_id is None and data.video is not None:
-            self.video_token_id = special[data.video_tokens[1]]
         if self.attention_backend not in ("auto", "sdpa_loop", "flex", "varlen", "flash_attn", "te"):
             raise ConfigError(
                 f"model.attention_backend={self.attention_backend!r}; valid: auto, sdpa_loop, flex, varlen, flash_attn, te"

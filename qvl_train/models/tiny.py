@@ -112,7 +112,7 @@ def packed_batch(
     v = cfg.vision
     ids, pos, lens, pix, thw = [], [], [], [], []
     for grid, (nb, na) in zip(grids, texts):
-        i, p = _sample(nb, grid, na, v.spatial_merge_size, gen, cfg.image_token_id)
+        i, p = _sample(nb, grid, na, v.spatial_merge_size, gen, cfg.image_pad_id)
         ids.append(i)
         pos.append(p)
         lens.append(i.numel())
@@ -136,5 +136,5 @@ def packed_batch(
         sample_ids=[f"s{i}" for i in range(len(lens))],
         num_tokens=n,
         num_label_tokens=int((labels != IGNORE_INDEX).sum()),
-        num_visual_tokens=int((input_ids == cfg.image_token_id).sum()),
+        num_visual_tokens=int((input_ids == cfg.image_pad_id).sum()),
     )

@@ -90,7 +90,7 @@ class VLM(MegatronModule):
     def media_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Indices of the tokens that take visual embeddings: `model.image_token_id` (one per merged image
         token) and `model.video_token_id`, the generation tokenizer's pads unless the config sets them."""
-        ids = [i for i in (self.cfg.image_token_id, self.cfg.video_token_id) if i is not None]
+        ids = [i for i in (self.cfg.image_pad_id, self.cfg.video_pad_id) if i is not None]
         return torch.nonzero(torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))).squeeze(1)
 
     def set_input_tensor(self, input_tensor) -> None:

@@ -101,7 +101,7 @@ def build_sample(segments, cfg, gen: torch.Generator) -> dict:
             continue
         t, h, w = arg
         n_tok = t * h * w // v.spatial_merge_size**2
-        pad = cfg.image_token_id if kind == "image" else cfg.video_token_id
+        pad = cfg.image_pad_id if kind == "image" else cfg.video_pad_id
         ids += [torch.tensor([start]), torch.full((n_tok,), pad), torch.tensor([end])]
         pix.append(torch.randn(t * h * w, cols, generator=gen))
         grids.append(arg)

@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import ROOT, clean_env, free_port, read_metrics
 
 CLUSTER_SH = ROOT / "tests" / "slurm" / "cluster.sh"
-MAX_STEPS = 8
+MAX_STEPS = 16  # the stop travels batch shell → stop file → 2 s poll → workers: ~5-8 s of 0.5 s steps on a quiet VM
 
 
 def _cluster_up() -> None:

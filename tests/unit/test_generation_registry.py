@@ -43,11 +43,11 @@ def test_media_token_ids_come_from_the_tokenizer(name):
     data = data_generations.get(name)
     cfg = ModelConfig(generation=name, vision=load_model_config(f"{name}/tiny").vision,
                       llm=load_model_config(f"{name}/tiny").llm)
-    assert cfg.image_token_id == get_tokenizer().special(data.image_tokens[1])
+    assert cfg.image_pad_id == get_tokenizer().special(data.image_tokens[1])
     if data.video is None:
-        assert cfg.video_token_id is None
+        assert cfg.video_pad_id is None
     else:
-        assert cfg.video_token_id == get_tokenizer().special(data.video_tokens[1])
+        assert cfg.video_pad_id == get_tokenizer().special(data.video_tokens[1])
 
 
 def test_unknown_generation_messages_list_the_registered_ones():
@@ -63,3 +63,15 @@ def test_moe_rule_follows_the_registry():
     cfg = load_model_config("qwen3_vl_moe/tiny")
     with pytest.raises(ConfigError, match="only qwen3_vl_moe have experts"):
         ModelConfig(generation="qwen3_vl", vision=cfg.vision, llm=cfg.llm)
+
+
+def test_pad_id_fields_stay_unset_in_the_schema():
+    """The config schema is built from default instances: a resolved id there would leak the default
+    generation's pad into every other generation's run."""
+    from qvl_train.config import TrainConfig
+
+    model = TrainConfig.__dataclass_fields__["model"].default_factory()
+    assert model.image_token_id is None and model.video_token_id is None
+    qwen_vl = ModelConfig(generation="qwen_vl", vision=load_model_config("qwen_vl/tiny").vision,
+                          llm=load_model_config("qwen_vl/tiny").llm)
+    assert qwen_vl.image_pad_id == data_generations.get("qwen_vl").special_tokens()["<imgpad>"]

@@ -70,7 +70,7 @@ def hf_config(cfg, dtype: str) -> dict:
     return {
         "architectures": [ARCHITECTURES[bool(l.num_experts)]],
         "model_type": cfg.generation,
-        "image_token_id": cfg.image_token_id, "video_token_id": cfg.video_token_id,
+        "image_token_id": cfg.image_pad_id, "video_token_id": cfg.video_pad_id,
         "vision_start_token_id": special["<|vision_start|>"], "vision_end_token_id": special["<|vision_end|>"],
         "tie_word_embeddings": l.tie_word_embeddings,
         "text_config": {
