@@ -9,13 +9,22 @@ NPROC ?= 2
 
 .PHONY: setup data demo test lint gpu-wheels clean
 
-setup: $(VENV)/.installed
+REF_VENV ?= .venv-ref
+
+setup: $(VENV)/.installed $(REF_VENV)/.installed
 
 # torch is pinned to the CPU build through constraints.txt (an unpinned torch pulls a CUDA build).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	@touch $@
+
+# The Qwen3.5/3.6 reference (transformers 5.x) in its own pinned environment; parity runs it in a subprocess.
+$(REF_VENV)/.installed: constraints-ref.txt
+	@test -x $(REF_VENV)/bin/python || python3 -m venv $(REF_VENV)
+	$(REF_VENV)/bin/python -m pip install -q --upgrade pip
+	$(REF_VENV)/bin/python -m pip install -q -r constraints-ref.txt
 	@touch $@
 
 data: $(SYNTH)/index.json $(VALID)/index.json
