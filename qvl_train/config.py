@@ -130,6 +130,28 @@ class LLMConfig:
     """Load-balancing (Switch-style) aux loss coefficient per MoE layer, as megatron-core computes it
     (Qwen3-VL-MoE's `router_aux_loss_coef`, 0.001); 0 = off. Reported as `loss/moe_aux`, never
     mixed into the reported LM loss."""
+    shared_expert_ffn_hidden_size: int = 0
+    """Qwen3.5-MoE: SwiGLU width of the shared expert every token goes through besides its routed experts,
+    scaled by a per-token sigmoid gate (HF `shared_expert_intermediate_size`); 0 = no shared expert."""
+    layer_types: list[str] = field(default_factory=list)
+    """Qwen3.5 hybrid LLM: per layer `linear_attention` (Gated DeltaNet) or `full_attention` (HF
+    `config.layer_types`); empty = every layer full attention (the older generations)."""
+    linear_num_key_heads: int = 0
+    """Gated DeltaNet query/key heads (HF `linear_num_key_heads`)."""
+    linear_num_value_heads: int = 0
+    """Gated DeltaNet value heads (HF `linear_num_value_heads`; a multiple of the key heads)."""
+    linear_key_head_dim: int = 128
+    """Gated DeltaNet query/key head width."""
+    linear_value_head_dim: int = 128
+    """Gated DeltaNet value head width."""
+    linear_conv_kernel_dim: int = 4
+    """Width of the Gated DeltaNet short causal depthwise convolution over q/k/v."""
+    attn_output_gate: bool = False
+    """Qwen3.5 gated attention: q_proj also emits a per-channel gate; attention output × sigmoid(gate)."""
+    partial_rotary_factor: float = 1.0
+    """Fraction of each attention head's channels that RoPE rotates (Qwen3.5: 0.25)."""
+    mtp_num_layers: int = 0
+    """Multi-token-prediction layers of the checkpoint (Qwen3.5: 1; HF `mtp_num_hidden_layers`); 0 = none."""
 
 
 @dataclass
@@ -198,6 +220,9 @@ class ModelConfig:
     video_token_id: Optional[int] = None
     """Id of the token whose positions take the video embeddings; None = the tokenizer's `<|video_pad|>`
     (stays None for a generation without video)."""
+    mtp_loss_weight: float = 0.0
+    """Weight of the multi-token-prediction loss (Qwen3.5 MTP head, `llm.mtp_num_layers > 0`) added to the
+    LM loss; 0 = the MTP head is not trained. Logged separately as `loss/mtp`."""
 
     @property
     def image_pad_id(self) -> int:
