@@ -49,7 +49,7 @@ def check_source_path(path: str) -> None:
     if len(scheme) > 1 and scheme != "file":
         from webdataset.gopen import gopen_schemes
 
-        if scheme not in gopen_schemes:
+        if scheme not in gopen_schemes and scheme != "s3":  # s3: ranged GETs through boto3 (data_pipelines/ranged.py)
             known = ", ".join(sorted(k for k in gopen_schemes if k not in ("__default__", "pipe")))
             raise ValueError(
                 f"data source {path!r}: webdataset cannot open {scheme}:// URLs itself; read them through a "
@@ -124,6 +124,13 @@ class DataConfig:
     slightly from the HF reference (measured in benchmarks/RESULTS.md), so it is off by default."""
     trace: bool = False
     """Write `output_dir/data_trace/dp{R}.jsonl` with the sample ids of every micro-batch."""
+    cache_dir: Optional[str] = None
+    """Node-local directory that keeps whole copies of shards that can only be streamed (`pipe:`
+    sources, and remote shards of an index without offsets), so each is downloaded once per node and
+    then read by offset; shared safely by the ranks of one node (docs/data.md "Reading by range").
+    None: stream them on every read."""
+    cache_max_gb: float = 100.0
+    """Size bound of `cache_dir` in GiB; the least recently used shards are removed beyond it."""
     max_bad_fraction: float = 0.01
     """Stop the run when more than this fraction of samples read in a window was unusable."""
     bad_window: int = 1000
@@ -193,6 +200,11 @@ class DataConfig:
             raise ValueError("data.video_max_pixels must be >= data.video_min_pixels")
         self._check_workers()
         self._check_source_caps()
+        if not (isinstance(self.cache_max_gb, (int, float)) and not isinstance(self.cache_max_gb, bool)
+                and math.isfinite(self.cache_max_gb) and self.cache_max_gb > 0):
+            raise ValueError(f"data.cache_max_gb={self.cache_max_gb!r} must be a size in GiB > 0")
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir.strip()):
+            raise ValueError(f"data.cache_dir={self.cache_dir!r} must be a directory path (or null for no cache)")
 
     def for_source(self, source: "DataSource") -> "DataConfig":
         """The settings one source's samples are planned and built with: its `max_pixels` for images

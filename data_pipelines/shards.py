@@ -179,14 +179,16 @@ class ShardWriter:
             self._start_shard()
         key = f"{self._count:09d}"
         doc = {"id": sample_id, "messages": messages}
-        self._put(f"{key}.json", json.dumps(doc, ensure_ascii=False).encode("utf-8"))
+        start = self._open.tar.offset  # the sample's first tar header
+        members = {"json": self._put(f"{key}.json", json.dumps(doc, ensure_ascii=False).encode("utf-8"))}
         for name in names:
-            self._put(f"{key}.{name}", blobs[name])
+            members[name] = self._put(f"{key}.{name}", blobs[name])
         for name in video_rows:
-            self._put(f"{key}.{name}", bytes(videos[name]))
+            members[name] = self._put(f"{key}.{name}", bytes(videos[name]))
         entry = index_entry(sample_id, key, self.tok.text_token_counts(messages), sizes)
         if video_rows:
             entry["videos"] = list(video_rows.values())
+        entry["offset"], entry["members"] = start, members
         self._open.samples.append(entry)
         self._count += 1
         if len(self._open.samples) >= self.samples_per_shard:
@@ -222,18 +224,23 @@ class ShardWriter:
         tmp = os.path.join(self.out_dir, f".{name}.tmp")
         self._open = _OpenShard(name=name, tmp_path=tmp, tar=tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT))
 
-    def _put(self, member: str, data: bytes) -> None:
+    def _put(self, member: str, data: bytes) -> list[int]:
+        """Append one member; returns its `[data_offset, size]` in the tar (for ranged reads)."""
         info = tarfile.TarInfo(member)
         info.size = len(data)
         info.mtime = 0  # deterministic bytes for identical inputs
         info.mode = 0o644
-        self._open.tar.addfile(info, io.BytesIO(data))
+        tar = self._open.tar
+        tar.addfile(info, io.BytesIO(data))
+        padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        return [tar.offset - padded, len(data)]  # the data ends the member's padded blocks
 
     def _finish_shard(self) -> None:
         sh = self._open
         sh.tar.close()
-        os.replace(sh.tmp_path, os.path.join(self.out_dir, sh.name))
-        self._shards.append({"name": sh.name, "samples": sh.samples})
+        final = os.path.join(self.out_dir, sh.name)
+        os.replace(sh.tmp_path, final)
+        self._shards.append({"name": sh.name, "size": os.path.getsize(final), "samples": sh.samples})
         self._open = None
 
     def _abort(self) -> None:
@@ -291,5 +298,40 @@ def validate_index(index: Any, where: str) -> dict[str, Any]:
         for s in sh["samples"]:
             if not {"id", "key", "n_text_tokens", "images"} <= s.keys():
                 raise ValueError(f"{where}: sample entry {s} lacks required fields")
+        check_offsets(sh, where)
     return index
+
+
+def check_offsets(shard: dict[str, Any], where: str) -> None:
+    """The optional byte offsets of one shard entry (`size`; per sample `offset`, `members`): whole
+    numbers, members block-aligned after their header and inside the shard. Raises ValueError naming
+    the entry and how to fix it (`python -m data_pipelines.reindex DIR` rewrites them)."""
+    fix = "rewrite them with: python -m data_pipelines.reindex DIR"
+    size = shard.get("size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise ValueError(f"{where}: shard {shard.get('name')!r} has size {size!r}, not a byte count; {fix}")
+    for s in shard["samples"]:
+        members = s.get("members")
+        if members is None:
+            continue
+        bad = None
+        if not isinstance(members, dict) or not members:
+            bad = "members must be a non-empty {ext: [data_offset, size]} object"
+        else:
+            for ext, span in members.items():
+                ok = (isinstance(ext, str) and ext and "/" not in ext and isinstance(span, list) and len(span) == 2
+                      and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in span))
+                if not ok:
+                    bad = f"member {ext!r}: {span!r} is not [data_offset, size]"
+                elif span[0] < tarfile.BLOCKSIZE or span[0] % tarfile.BLOCKSIZE:
+                    bad = f"member {ext!r}: data offset {span[0]} is not a tar data block (a multiple of 512 after a header)"
+                elif size is not None and span[0] + span[1] > size:
+                    bad = f"member {ext!r}: bytes {span[0]}..{span[0] + span[1]} lie past the shard's {size} bytes"
+                if bad:
+                    break
+        offset = s.get("offset")
+        if bad is None and offset is not None and (isinstance(offset, bool) or not isinstance(offset, int) or offset < 0):
+            bad = f"offset {offset!r} is not a byte offset"
+        if bad:
+            raise ValueError(f"{where}: shard {shard.get('name')!r} sample {s.get('key')!r}: {bad}; {fix}")
 

@@ -48,7 +48,11 @@ class ResolvedSource:
 
 
 def fetch_bytes(url: str) -> bytes:
-    """Read a whole local file or URL (http(s), pipe:, ... through webdataset's `gopen`)."""
+    """Read a whole local file or URL (http(s), pipe:, ... through webdataset's `gopen`; s3:// through boto3)."""
+    if url.startswith("s3://"):
+        from data_pipelines.ranged import read_s3_object
+
+        return read_s3_object(url)
     with gopen(url, "rb") as f:
         return f.read()
 

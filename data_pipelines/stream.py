@@ -7,8 +7,11 @@ How a step is made
    looking at the dp size. Micro-batch j of the step belongs to dp rank `j % dp_size`, so the
    samples of step S (and of each micro-batch) are the same for any dp size (rank r just gets a
    different share). `last_step_stats()` reports packing efficiency and compute imbalance.
-2. The rank groups the samples it was dealt by shard and streams each needed shard once with
-   WebDataset (raw bytes, no auto-decoding, never pickle), keeping only its samples' members.
+2. The rank groups the samples it was dealt by shard and reads their members (raw bytes, no
+   auto-decoding, never pickle) with one `ranged.ShardReader`: exactly the members' bytes where the
+   index records offsets and the source serves ranges (local files, http(s), s3; adjacent members
+   coalesced), else by streaming each needed shard once (`data.cache_dir` keeps streamed shards on
+   the node). `io_stats()` reports the step's bytes read and used.
 3. Each sample: JSON → messages; images decoded and patchified (vision.py) and videos decoded,
    sampled and patchified (video.py, `data.video_*`) in the order they appear in the messages; the
    template rendered with the real per-image / per-video token counts (text.py; Qwen3-VL's video
@@ -77,11 +80,11 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from data_pipelines import generations
 from data_pipelines.packing import FlopModel, GlobalPlanner, Ref
 from data_pipelines.positions import position_ids_for
+from data_pipelines.ranged import IOStats, ShardCache, ShardReader, ShardRequest, stream_shard
 from data_pipelines.schema import IGNORE_INDEX, DataConfig, DataSource, PackedBatch
 from data_pipelines.sources import resolve_source
 from data_pipelines.text import PAD_ID, QwenTokenizer, get_tokenizer, message_parts
@@ -101,32 +104,29 @@ class SkipSample(Exception):
         self.reason = reason
 
 
-def _all_shards(urls):
-    return urls
-
-
-def read_shard_members(path: str, keys: set[str]) -> tuple[dict[str, dict[str, bytes]], Optional[str]]:
-    """Stream one tar shard with WebDataset; return {key: {ext: bytes}} for `keys` only.
+def read_shard_members(path: str, keys: set[str], stats: Optional[IOStats] = None) -> tuple[dict[str, dict[str, bytes]], Optional[str]]:
+    """Stream one tar shard (any source) from its start; return {key: {ext: bytes}} for `keys` only,
+    grouped as WebDataset groups members. `stats` (optional) counts the bytes read.
 
     A truncated/corrupt tar yields what could be read before the damage plus an error string.
     """
     found: dict[str, dict[str, bytes]] = {}
     err = None
     try:
-        # The plan already decided which rank reads what: WebDataset must not split shards by
-        # node or worker itself (its default refuses to run under a multi-process torch.distributed).
-        ds = wds.WebDataset(
-            path, shardshuffle=False, empty_check=False, nodesplitter=_all_shards, workersplitter=_all_shards
-        )
-        for sample in ds:
-            key = sample.get("__key__")
-            if key in keys:
-                found[key] = {k: v for k, v in sample.items() if not k.startswith("__")}
-                if len(found) == len(keys):
-                    break
+        stream_shard(path, set(keys), stats if stats is not None else IOStats(), found)
     except Exception as e:  # tarfile.ReadError, OSError, ... — keep what we have
         err = f"{type(e).__name__}: {e}"
     return found, err
+
+
+def shard_request(url: str, shard: dict[str, Any], entries: list[dict[str, Any]]) -> ShardRequest:
+    """What one rank needs from one shard: the samples' keys and, where the index has them, their
+    members' byte spans (`members: {ext: [data_offset, size]}`)."""
+    return ShardRequest(
+        url=url, keys=[e["key"] for e in entries], shard_size=shard.get("size"), name=shard["name"],
+        members={e["key"]: ({ext: (int(o), int(n)) for ext, (o, n) in e["members"].items()} if e.get("members") else None)
+                 for e in entries},
+    )
 
 
 class SampleBuilder:
@@ -335,6 +335,7 @@ class PrefetchedStep:
 
     step: StepPlan
     pending: dict[Ref, Any]
+    io: Optional[IOStats] = None
 
     def outcome(self, ref: Ref) -> Outcome:
         todo = self.pending[ref]
@@ -374,6 +375,9 @@ class StepLoader:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="plan-ahead") if cfg.plan_ahead else None
         self._decode: Optional[DecodePool] = None
         self._jobs: deque[Future] = deque()  # PrefetchedStep futures, oldest first
+        cache = ShardCache(cfg.cache_dir, int(cfg.cache_max_gb * (1 << 30))) if cfg.cache_dir else None
+        self._reader = ShardReader(cache)
+        self._last_io = IOStats()
         if cfg.num_workers:
             self._decode = DecodePool(cfg.num_workers, cfg)
             self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="data-prefetch")
@@ -384,9 +388,11 @@ class StepLoader:
         if self._decode is not None:
             job = self._next_prefetched()
             self._use_plan(job.step)
+            self._last_io = job.io or IOStats()
             return self._assemble(self._mine(job.step.plans), job.outcome)
         mine = self._mine(self._take_plan())
-        raw = self._read([ref for plan in mine for ref in plan])
+        self._last_io = IOStats()
+        raw = self._read([ref for plan in mine for ref in plan], self._last_io)
         return self._assemble(mine, lambda ref: self._build_inline(ref, raw))
 
     def _mine(self, plans: list[list[Ref]]) -> list[list[Ref]]:
@@ -423,6 +429,15 @@ class StepLoader:
         index: read-time skips are not reflected.
         """
         return dict(self._last_stats)
+
+    def io_stats(self) -> dict[str, int]:
+        """This rank's shard I/O for the step last returned by `next_step()`: `data/bytes_read` (pulled
+        from the shard sources, whole shards downloaded into `data.cache_dir` included),
+        `data/bytes_used` (the member bytes of the samples read) and `data/bytes_cached` (read out of the
+        node-local cache). The training run sums them over dp ranks into metrics.jsonl; read / used is
+        the I/O amplification (1.0 for ranged reads, more when shards are streamed)."""
+        io = self._last_io
+        return {"data/bytes_read": io.bytes_read, "data/bytes_used": io.bytes_used, "data/bytes_cached": io.bytes_cached}
 
     def _plan_stats(self, plans: list[list[Ref]]) -> dict[str, float]:
         p = self.planner
@@ -461,6 +476,7 @@ class StepLoader:
             self._prefetch.shutdown(wait=True)
             self._decode.close()
             self._decode = None
+        self._reader.close()
 
     @property
     def worker_pids(self) -> list[int]:
@@ -530,7 +546,8 @@ class StepLoader:
         """(prefetch thread) Plan the next step, read this rank's members, queue every build."""
         step = self._next_plan()
         refs = [ref for plan in self._mine(step.plans) for ref in plan]
-        raw = self._read(refs)
+        io = IOStats()
+        raw = self._read(refs, io)
         pending: dict[Ref, Any] = {}
         for ref in refs:
             if ref not in pending:
@@ -538,7 +555,7 @@ class StepLoader:
                 pending[ref] = (
                     self._missing(ref) if members is None else self._decode.submit(ref[0], members)
                 )
-        return PrefetchedStep(step, pending)
+        return PrefetchedStep(step, pending, io)
 
     def _drop_prefetched(self) -> None:
         """Forget the steps built ahead (queued builds are cancelled; running ones just finish)."""
@@ -580,14 +597,21 @@ class StepLoader:
         return self._state
 
     # ----------------------------------------------------------------------------- internals
-    def _read(self, refs: list[Ref]) -> dict[Ref, dict[str, bytes]]:
-        """Read the members of `refs`, one pass per shard, shards in plan order."""
+    def _read(self, refs: list[Ref], io: Optional[IOStats] = None) -> dict[Ref, dict[str, bytes]]:
+        """Read the members of `refs`: one request list per shard (by range where the index has
+        offsets, else one streaming pass), shards in plan order; bytes counted into `io`."""
         by_shard: dict[tuple[int, int], dict[str, Ref]] = {}
         for ref in refs:
             by_shard.setdefault((ref[0], ref[1]), {})[self.planner.entry(ref)["key"]] = ref
+        requests = [
+            shard_request(self.sources[s].shard_urls[sh], self.planner.indices[s]["shards"][sh],
+                          [self.planner.entry(ref) for ref in key_to_ref.values()])
+            for (s, sh), key_to_ref in by_shard.items()
+        ]
         out: dict[Ref, dict[str, bytes]] = {}
-        for (s, sh), key_to_ref in by_shard.items():
-            found, _err = read_shard_members(self.sources[s].shard_urls[sh], set(key_to_ref))
+        for key_to_ref, (found, _err, stats) in zip(by_shard.values(), self._reader.read_many(requests)):
+            if io is not None:
+                io.add(stats)
             for key, members in found.items():
                 out[key_to_ref[key]] = members
         return out
