@@ -108,6 +108,9 @@ class DataConfig:
     """Shuffle shard order and samples within each shard, anew every epoch."""
     generation: str = "qwen2_vl"
     """Model generation whose chat template, special tokens and positions are produced."""
+    tokenizer: Optional[str] = None
+    """Directory with a `tokenizer.json` (e.g. the HF checkpoint) whose vocabulary and special-token ids
+    the data uses (`data_pipelines.text.DirTokenizer`); None = the bundled Qwen BPE (Qwen2-VL/3-VL ids)."""
     patch_size: int = 14
     """ViT patch size in pixels (interpolated from the model config)."""
     temporal_patch_size: int = 2

@@ -200,7 +200,8 @@ class SampleBuilder:
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SkipSample("bad_json", f"template: {e}") from e
         positions = position_ids_for(
-            cfg.generation, ids, [g for g, k in zip(grids, kinds) if k == 0], [v[0] for v in videos],
+            cfg.generation, self.tok.position_view(ids, cfg.generation), [g for g, k in zip(grids, kinds) if k == 0],
+            [v[0] for v in videos],
             cfg.merge_size, video_second_per_grid=[v[2] for v in videos],
         )
         return {
@@ -224,7 +225,7 @@ class SampleBuilder:
 def make_builders(cfg: DataConfig) -> list[SampleBuilder]:
     """One SampleBuilder per `cfg.sources` entry (its caps applied), sharing one tokenizer; the
     loader and every decode worker build samples with these."""
-    tok = get_tokenizer()
+    tok = get_tokenizer(cfg.tokenizer)
     return [SampleBuilder(cfg, tok, source) for source in cfg.sources]
 
 

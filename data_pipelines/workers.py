@@ -19,6 +19,9 @@ the loader process, holding the GIL) against ~40 ms to write in the worker and ~
 reaches end-of-file: when the loader closes it,
 and also when the training process dies in any way (the kernel closes the pipe), so no worker
 outlives its rank.
+
+How many: `data.num_workers=auto` (the default) is resolved per rank by `resolve_num_workers` from the
+CPUs the job has (SLURM allocation, cgroup quota, affinity), one core per rank left to the loop.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import weakref
 from collections import deque
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,6 +104,80 @@ def _shm_get(path: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     finally:
         os.unlink(path)
     return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
+
+
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+"""cgroup v2 CPU quota of this container / job step: "QUOTA PERIOD" (µs) or "max PERIOD" (no quota)."""
+
+
+def _slurm_tasks_on_node(env: dict[str, str]) -> int:
+    """Tasks SLURM starts on this node: SLURM_NTASKS_PER_NODE, else the first entry of
+    SLURM_TASKS_PER_NODE ("8(x4),4" → 8), else 1 (srun one task per node, e.g. torchrun inside)."""
+    raw = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1").split(",")[0].split("(")[0]
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        return 1
+
+
+def _cgroup_cpus(path: str) -> int | None:
+    """Whole CPUs of a cgroup v2 quota (at least 1), or None when there is no quota or no file."""
+    try:
+        quota, period = Path(path).read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return max(1, int(quota) // int(period))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _affinity_cpus() -> int | None:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS has no sched_getaffinity
+        return os.cpu_count()
+
+
+def resolve_num_workers(value: Any, env: dict[str, str] | None = None,
+                        cgroup_path: str = CGROUP_CPU_MAX) -> tuple[int, str]:
+    """`data.num_workers` → (worker processes per rank, where the number came from).
+
+    An integer is taken as it is. `"auto"`: the CPUs this node's share of the job really has —
+    the fewest of SLURM's allocation (SLURM_CPUS_PER_TASK × the tasks SLURM runs on the node), the
+    cgroup v2 quota (`/sys/fs/cgroup/cpu.max`) and this process's CPU affinity — divided by the
+    ranks on the node (LOCAL_WORLD_SIZE from torchrun, else SLURM's tasks on the node), less one
+    core per rank for the training loop itself; 0 (inline building) when nothing is left. When SLURM
+    starts one task per rank (no torchrun: LOCAL_WORLD_SIZE unset), each task's affinity is its own
+    share, so it counts once per task on the node. Example: 16 CPUs for 8 local ranks → 2 per rank
+    → 1 worker.
+    """
+    if not (isinstance(value, str) and value == "auto"):
+        return int(value), "data.num_workers"
+    env = dict(os.environ) if env is None else env
+    tasks = _slurm_tasks_on_node(env) if "SLURM_JOB_ID" in env or "SLURM_CPUS_PER_TASK" in env else 1
+    local = int(env.get("LOCAL_WORLD_SIZE") or tasks)
+    views: list[tuple[int, str]] = []
+    if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        per_task = int(env["SLURM_CPUS_PER_TASK"])
+        views.append((per_task * tasks, f"SLURM_CPUS_PER_TASK={per_task}" + (f" × {tasks} tasks" if tasks > 1 else "")))
+    quota = _cgroup_cpus(cgroup_path)
+    if quota is not None:
+        views.append((quota, f"cgroup quota {quota} CPUs"))
+    affinity = _affinity_cpus()
+    if affinity:
+        per_task = "LOCAL_WORLD_SIZE" not in env and tasks > 1
+        views.append((affinity * tasks if per_task else affinity,
+                      f"CPU affinity {affinity}" + (f" × {tasks} tasks" if per_task else "")))
+    if not views:
+        return 0, "auto: no CPU count found; inline building"
+    cpus, source = min(views, key=lambda v: v[0])
+    per_rank = cpus // max(local, 1)
+    workers = max(per_rank - 1, 0)
+    return workers, (f"auto: {cpus} CPUs ({source}) / {local} local rank{'s' if local != 1 else ''} = "
+                     f"{per_rank} per rank, minus 1 for the training loop")
 
 
 class WorkerError(RuntimeError):

@@ -105,6 +105,19 @@ def _make_engine(cfg: TrainConfig, dims, dtype: torch.dtype) -> Engine:
     return MegatronEngine(cfg.model, cfg.parallel, cfg.optim, cfg.stage, dims, fp8=cfg.train.fp8, **common)
 
 
+def _resolve_workers(data, rank0: bool):
+    """`data.num_workers=auto` → this rank's decode workers from the job's CPUs, logged once with its source."""
+    from dataclasses import replace
+
+    from data_pipelines.workers import resolve_num_workers
+
+    n, source = resolve_num_workers(data.num_workers)
+    if rank0:
+        log.info("data        %d decode worker%s per rank (%s), %d steps prefetched", n, "" if n == 1 else "s", source,
+                 data.prefetch_steps if n else 0)
+    return replace(data, num_workers=n)
+
+
 def launch_world_size(cfg: TrainConfig) -> int:
     """torchrun's WORLD_SIZE; a dry run started without torchrun takes the job size the experiment
     names (`cluster.gpus`), so `python launch/train.py +experiment=qwen2vl dry_run=true` shows the
@@ -167,6 +180,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
         teardown.callback(stopper.restore)
         rank0 = _start_logging(cfg, dims, resolved_yaml)
         engine = _build_engine(cfg, dims)
+        cfg.data = _resolve_workers(cfg.data, rank0)
         loader = teardown.enter_context(contextlib.closing(StepLoader(  # balances dp ranks by the MFU's FLOP count
             cfg.data, micro_batches_per_step=cfg.micro_batches_per_step(), dp_rank=dims.dp_rank, dp_size=dims.dp,
             flop_model=SampleFlops(cfg.model))))

@@ -81,7 +81,7 @@ def test_config_validation():
     for bad in ({"num_workers": -1}, {"num_workers": True}, {"num_workers": 1.5}, {"prefetch_steps": 0}, {"num_workers": 65}):
         with pytest.raises(ValueError, match="data.(num_workers|prefetch_steps)"):
             DataConfig(**bad)
-    assert DataConfig().num_workers == 0 and DataConfig().prefetch_steps == 1
+    assert DataConfig().num_workers == "auto" and DataConfig().prefetch_steps == 2
 
 
 def test_wire_format_round_trips_tensors_and_shared_memory(tmp_path):

@@ -1,0 +1,214 @@
+"""Gated DeltaNet (models/gdn.py): chunked == recurrent == HF on packed inputs, the layer == HF's, TP=2 == TP=1.
+
+The HF side (transformers 5.25 `Qwen3_5GatedDeltaNet`, `torch_chunk_gated_delta_rule`,
+`torch_recurrent_gated_delta_rule`) runs in `.venv-ref` through `qvl_train/tools/reference.py`,
+per sample (HF has no packed path), in one subprocess per test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from qvl_train.models.gdn import (
+    GatedDeltaNet,
+    chunk_gated_delta_rule,
+    gated_delta_rule,
+    hf_to_local,
+    local_to_hf,
+    packed_causal_conv1d,
+    recurrent_gated_delta_rule,
+    sample_positions,
+)
+from qvl_train.tools.reference import reference_available, run_reference
+from tests.conftest import megatron_one_rank_world
+
+REF_OK, REF_WHY = reference_available()
+needs_ref = pytest.mark.skipif(not REF_OK, reason=f"no transformers 5.x reference env: {REF_WHY}")
+
+LENS = [5, 70, 1, 130, 64]  # odd lengths, one crossing two chunk boundaries, one exactly a chunk
+HK, HV, DK, DV = 2, 4, 8, 6
+NAMES = ("q", "k", "v", "g", "beta")
+
+
+def _cu(lens):
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _inputs(lens=LENS, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    t = sum(lens)
+    return {"q": torch.randn(1, t, HK, DK, generator=gen), "k": torch.randn(1, t, HK, DK, generator=gen),
+            "v": torch.randn(1, t, HV, DV, generator=gen), "g": -torch.rand(1, t, HV, generator=gen) * 2,
+            "beta": torch.rand(1, t, HV, generator=gen)}
+
+
+def _run(fn, inputs, cu, grad_out, **kw):
+    leaves = {n: x.clone().requires_grad_(True) for n, x in inputs.items()}
+    out, final = fn(*(leaves[n] for n in NAMES), cu_seqlens=cu, **kw)
+    (out * grad_out).sum().backward()
+    return {"out": out.detach(), **{f"d{n}": leaves[n].grad for n in NAMES}}, final
+
+
+def test_chunked_equals_recurrent_packed_with_grads():
+    inputs, cu = _inputs(), _cu(LENS)
+    grad_out = torch.randn_like(inputs["v"])
+    chunk, fc = _run(chunk_gated_delta_rule, inputs, cu, grad_out, output_final_state=True)
+    rec, fr = _run(recurrent_gated_delta_rule, inputs, cu, grad_out, output_final_state=True)
+    for name in chunk:
+        torch.testing.assert_close(chunk[name], rec[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert fc.shape == (len(LENS), HV, DK, DV)
+    torch.testing.assert_close(fc, fr, rtol=1e-5, atol=1e-5)
+    assert all(chunk[f"d{n}"].abs().sum() > 0 for n in NAMES)
+    # the CPU dispatcher is the chunked form
+    torch.testing.assert_close(gated_delta_rule(*(inputs[n] for n in NAMES), cu_seqlens=cu)[0], chunk["out"])
+
+
+def test_initial_state_continues_a_sample():
+    """Splitting a sample in two and passing the first half's final state = running it whole."""
+    inputs = _inputs([100])
+    whole, _ = chunk_gated_delta_rule(*(inputs[n] for n in NAMES), output_final_state=True)
+    a, state = chunk_gated_delta_rule(*(inputs[n][:, :37] for n in NAMES), output_final_state=True)
+    b, _ = recurrent_gated_delta_rule(*(inputs[n][:, 37:] for n in NAMES), initial_state=state)
+    torch.testing.assert_close(torch.cat([a, b], dim=1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_state_resets_at_sample_boundaries():
+    """A sample's outputs do not depend on its neighbours: change them and its rows stay bit-close."""
+    inputs, cu = _inputs(), _cu(LENS)
+    other = _inputs(seed=1)
+    s0, s1 = int(cu[3]), int(cu[4])  # the 130-token sample
+    mixed = {n: other[n].clone() for n in NAMES}
+    for n in NAMES:
+        mixed[n][:, s0:s1] = inputs[n][:, s0:s1]
+    for fn in (chunk_gated_delta_rule, recurrent_gated_delta_rule):
+        ref = fn(*(inputs[n] for n in NAMES), cu_seqlens=cu)[0][:, s0:s1]
+        got = fn(*(mixed[n] for n in NAMES), cu_seqlens=cu)[0][:, s0:s1]
+        alone = fn(*(inputs[n][:, s0:s1] for n in NAMES))[0]
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(alone, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_conv_equals_per_sample_conv1d():
+    lens = [3, 1, 9]
+    x = torch.randn(sum(lens) + 2, 5)  # 2 rows of padding tail
+    w = torch.randn(5, 4)
+    got = packed_causal_conv1d(x, w, sample_positions(_cu(lens), x.shape[0]))
+    conv = torch.nn.Conv1d(5, 5, 4, groups=5, padding=3, bias=False)
+    conv.weight.data = w[:, None]
+    bounds = [*_cu(lens).tolist(), x.shape[0]]
+    for s0, s1 in zip(bounds[:-1], bounds[1:]):
+        ref = conv(x[s0:s1].T[None])[0, :, : s1 - s0].T
+        torch.testing.assert_close(got[s0:s1], ref, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_shapes_are_named():
+    inputs = _inputs([10])
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        chunk_gated_delta_rule(*(inputs[n] for n in NAMES), cu_seqlens=torch.tensor([0, 4, 9]))
+    with pytest.raises(ValueError, match="multiple of key heads"):
+        chunk_gated_delta_rule(inputs["q"], inputs["k"], inputs["v"][:, :, :3], inputs["g"][..., :3],
+                               inputs["beta"][..., :3])
+
+
+@needs_ref
+def test_kernels_match_hf_reference():
+    inputs, cu = _inputs(), _cu(LENS)
+    grad_out = torch.randn_like(inputs["v"])
+    ref = run_reference("hf_gated_delta_rule", {**inputs, "cu_seqlens": cu, "grad_out": grad_out})
+    for kind, fn in (("chunk", chunk_gated_delta_rule), ("recurrent", recurrent_gated_delta_rule)):
+        ours, _ = _run(fn, inputs, cu, grad_out)
+        for name, value in ours.items():
+            torch.testing.assert_close(value, ref[f"{kind}_{name}"], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{kind} {name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------- the layer
+
+HIDDEN, K = 64, 4
+LAYER_LENS = [7, 70, 1, 20]
+
+
+def _config(tp: int = 1, sp: bool = False):
+    from qvl_train.models.common import make_transformer_config
+
+    return make_transformer_config(dtype=torch.float32, tp=tp, pp=1, num_layers=1, hidden_size=HIDDEN,
+                                   num_attention_heads=4, layernorm_epsilon=1e-6)
+
+
+def hf_layer_state(seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=0.2):
+        return torch.randn(*shape, generator=gen) * scale
+
+    return {"in_proj_qkv.weight": rnd(2 * HK * DK + HV * DV, HIDDEN), "in_proj_z.weight": rnd(HV * DV, HIDDEN),
+            "in_proj_b.weight": rnd(HV, HIDDEN), "in_proj_a.weight": rnd(HV, HIDDEN),
+            "conv1d.weight": rnd(2 * HK * DK + HV * DV, 1, K, scale=0.5), "dt_bias": rnd(HV, scale=1.0),
+            "A_log": torch.rand(HV, generator=gen).mul(3).log1p(), "norm.weight": 1 + rnd(DV),
+            "out_proj.weight": rnd(HIDDEN, HV * DV)}
+
+
+def build_layer(config, hf_state: dict | None = None) -> GatedDeltaNet:
+    layer = GatedDeltaNet(config, 1, num_key_heads=HK, num_value_heads=HV, key_head_dim=DK, value_head_dim=DV,
+                          conv_kernel=K)
+    if hf_state is not None:
+        full = hf_to_local(hf_state, HK, DK)
+        tp, rank = config.tensor_model_parallel_size, layer.in_proj.tp_group.rank() if layer.config.tensor_model_parallel_size > 1 else 0
+        local = {}
+        for name, value in full.items():
+            dim = {"out_proj.weight": 1, "norm_weight": None}.get(name, 0)
+            local[name] = value if dim is None else value.chunk(tp, dim=dim)[rank]
+        layer.load_state_dict(local, strict=True)
+    return layer
+
+
+def packed_params(lens, total):
+    cu = _cu(lens)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lens),
+                           max_seqlen_kv=max(lens))
+
+
+def test_hf_conversion_roundtrip_and_tp_guard():
+    hf = hf_layer_state()
+    back = local_to_hf(hf_to_local(hf, HK, DK), HK, DK)
+    assert back.keys() == hf.keys()
+    for name in hf:
+        assert torch.equal(back[name], hf[name]), name
+    with pytest.raises(KeyError, match="in_proj_z"):
+        hf_to_local({k: v for k, v in hf.items() if k != "in_proj_z.weight"}, HK, DK)
+    megatron_one_rank_world()
+    with pytest.raises(ValueError, match="must divide linear_num_key_heads"):
+        GatedDeltaNet(_config(tp=2), 1, num_key_heads=3, num_value_heads=6, key_head_dim=DK, value_head_dim=DV)
+
+
+@needs_ref
+def test_layer_matches_hf_on_packed_input():
+    megatron_one_rank_world()
+    hf = hf_layer_state()
+    layer = build_layer(_config(), hf)
+    total = sum(LAYER_LENS)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(total, HIDDEN, generator=gen)
+    grad_out = torch.randn(total, HIDDEN, generator=gen)
+    xs = x[:, None].clone().requires_grad_(True)
+    out, bias = layer(xs, attention_mask=None, packed_seq_params=packed_params(LAYER_LENS, total))
+    assert bias is None
+    (out[:, 0] * grad_out).sum().backward()
+    ref = run_reference("hf_gated_deltanet_layer",
+                        {"x": x, "cu_seqlens": _cu(LAYER_LENS), "grad_out": grad_out,
+                         **{f"w.{k}": v for k, v in hf.items()}},
+                        {"hidden_size": HIDDEN, "num_k_heads": HK, "num_v_heads": HV, "head_k_dim": DK,
+                         "head_v_dim": DV, "conv_kernel": K, "eps": 1e-6})
+    # fp32 sums in another order: both sides sit ~3e-6 (relative to the largest value) from an fp64 run
+    assert _rel(out[:, 0], ref["out"]) <= 1e-5
+    assert _rel(xs.grad[:, 0], ref["dx"]) <= 1e-5
+    grads = local_to_hf({n: p.grad for n, p in layer.named_parameters()}, HK, DK)
+    for name, g in grads.items():
+        assert _rel(g, ref[f"d.{name}"]) <= 1e-5, name
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|got − ref| / max|ref| (the parity measure of tools/hf_parity.py)."""
+    return float((got.detach() - ref).abs().max() / ref.abs().max())
