@@ -219,6 +219,19 @@ class QwenTokenizer:
         """Id of a special token (Qwen2-VL's, or one of `QWEN3_SPECIAL_TOKENS` / `QWEN_VL_SPECIAL_TOKENS`)."""
         return self.special_tokens[name] if name in self.special_tokens else _ADDED_TOKENS[name]
 
+    def position_view(self, ids: list[int], generation: str) -> list[int]:
+        """`ids` as the generation's position function reads them: it finds images and videos by the pad ids
+        of its `DataSpec.special_tokens()` table. With a tokenizer whose pads have other ids (`DirTokenizer`),
+        the pads become the table's ids and any other token that holds a table pad id becomes -1."""
+        spec = generations.get(generation)
+        table = spec.special_tokens()
+        pads = {self.special(t): table[t] for t in (spec.image_tokens[1], spec.video_tokens[1])
+                if t in table and t in self.special_tokens}
+        if all(mine == theirs for mine, theirs in pads.items()):
+            return ids
+        targets = set(pads.values())
+        return [pads[i] if i in pads else (-1 if i in targets else i) for i in ids]
+
     # ---------------------------------------------------------------------------------- template
     def encode_conversation(
         self, messages: Sequence[dict[str, Any]], image_token_counts: Sequence[int], *,
@@ -270,7 +283,7 @@ class QwenTokenizer:
             if role not in ROLES:
                 raise ValueError(f"unknown role {role!r}")
             train = role == "assistant"
-            emit([IM_START_ID], False)
+            emit([self.special("<|im_start|>")], False)
             # Text runs between special tokens are tokenised as one string, like HF does on the
             # rendered template; the role header "role\n" starts the first run.
             header = f"{role}\n"
@@ -281,9 +294,9 @@ class QwenTokenizer:
                 parts = _lstrip_newlines(parts)
                 if spec.think_tokens:
                     self._flush(header, True, header, train, emit)
-                    emit([THINK_START_ID], train)
+                    emit([self.special("<think>")], train)
                     self._flush(f"\n{think}\n", False, header, train, emit)
-                    emit([THINK_END_ID], train)
+                    emit([self.special("</think>")], train)
                     pending, pending_header = "\n\n", False
                 else:
                     pending += f"<think>\n{think}\n</think>\n\n"
@@ -325,7 +338,7 @@ class QwenTokenizer:
                 else:
                     raise ValueError(f"unknown content part type {kind!r}")
             self._flush(pending, pending_header, header, train, emit)
-            emit([IM_END_ID], train)
+            emit([self.special("<|im_end|>")], train)
             emit(self._newline_ids, False)
         return ids, labels
 
@@ -366,6 +379,147 @@ class QwenTokenizer:
     def count_text_tokens(self, messages: Sequence[dict[str, Any]]) -> int:
         """The largest of `text_token_counts` (index.json's `n_text_tokens`: a bound for any generation)."""
         return max(self.text_token_counts(messages).values())
+
+
+TOKENIZER_FILE_LIMIT = 64 << 20
+"""Largest tokenizer.json / tokenizer_config.json read from a `data.tokenizer` directory (Qwen3.5's is ~12 MB)."""
+
+
+class DirTokenizer(QwenTokenizer):
+    """A tokenizer loaded from a directory (`data.tokenizer=DIR`, e.g. an HF checkpoint): `tokenizer.json`
+    drives tokenisation and the special-token ids; `tokenizer_config.json` (optional) may add
+    `added_tokens_decoder` entries (they must agree with tokenizer.json) and a `chat_template`
+    (also read from `chat_template.jinja`), which `template_ids` renders in a Jinja sandbox to check our
+    rendering against it.
+
+    The files are data, never code: they are read as JSON (size-capped) and built with the `tokenizers`
+    library's `Tokenizer.from_str`; nothing in the directory is imported or executed (no `trust_remote_code`,
+    no tokenizer classes named in the config). The template code of `QwenTokenizer` is reused: the
+    generation's `DataSpec` still decides the template's structure, this tokenizer supplies the ids.
+
+    `encode` never interprets added-token text found in data: it runs a copy of the tokenizer whose added
+    tokens are removed (as `QwenTokenizer.encode` uses tiktoken's `encode_ordinary`), so data cannot inject
+    control tokens. Built on the `tokenizers` 0.22 API (`Tokenizer.from_str`, `encode(add_special_tokens=False)`);
+    the file layout is the one transformers writes (`tokenization_utils_tokenizers.py`, transformers 5.25).
+    """
+
+    def __init__(self, path: str) -> None:  # noqa: D107 - no super().__init__: no tiktoken ranks needed
+        from pathlib import Path
+
+        from tokenizers import Tokenizer
+
+        self.path = str(path)
+        root = Path(path)
+        where = f"data.tokenizer={path}"
+        if not root.is_dir():
+            raise ValueError(f"{where} is not a directory; give a directory holding tokenizer.json "
+                             "(e.g. the HF checkpoint directory) or leave data.tokenizer unset for the bundled Qwen BPE")
+        raw = _read_json(root / "tokenizer.json", where, required=True)
+        added = raw.get("added_tokens") or []
+        if not isinstance(added, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("id"), int) for t in added
+        ):
+            raise ValueError(f"{where}: tokenizer.json 'added_tokens' must be a list of {{'id': int, 'content': str}}")
+        table = {t["content"]: t["id"] for t in added}
+        conf = _read_json(root / "tokenizer_config.json", where, required=False)
+        decoder = conf.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict):
+            raise ValueError(f"{where}: tokenizer_config.json 'added_tokens_decoder' must be a mapping id -> token")
+        for key, entry in decoder.items():
+            content = entry.get("content") if isinstance(entry, dict) else None
+            if not str(key).isdigit() or not isinstance(content, str):
+                raise ValueError(f"{where}: tokenizer_config.json added_tokens_decoder entry {key!r} is malformed")
+            if table.get(content, int(key)) != int(key):
+                raise ValueError(f"{where}: {content!r} is id {table[content]} in tokenizer.json but {key} in "
+                                 "tokenizer_config.json; the two files come from different tokenizers")
+            if content not in table:
+                raise ValueError(f"{where}: tokenizer_config.json names {content!r} (id {key}), which tokenizer.json "
+                                 "does not define; use the tokenizer.json of the same checkpoint")
+        try:
+            self.full = Tokenizer.from_str(json.dumps(raw))
+            self.enc = Tokenizer.from_str(json.dumps({**raw, "added_tokens": [], "post_processor": None}))
+        except Exception as err:  # the Rust parser raises a plain Exception on a malformed file
+            raise ValueError(f"{where}: tokenizer.json is not a valid tokenizers file ({err})") from None
+        for content, tid in table.items():
+            if self.full.token_to_id(content) != tid:
+                raise ValueError(f"{where}: tokenizer.json declares {content!r} as id {tid} but its vocabulary "
+                                 f"assigns {self.full.token_to_id(content)} (added tokens must follow the vocabulary)")
+        self.special_tokens = dict(table)
+        self.id_to_special = {v: k for k, v in table.items()}
+        template = conf.get("chat_template")
+        jinja = root / "chat_template.jinja"
+        if template is None and jinja.is_file() and jinja.stat().st_size <= TOKENIZER_FILE_LIMIT:
+            template = jinja.read_text(encoding="utf-8")
+        self.chat_template = template if isinstance(template, str) else None
+        """The checkpoint's Jinja chat template (None when the directory has none)."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Largest id the tokenizer can emit + 1 (its vocabulary with the added tokens)."""
+        return self.max_token_id + 1
+
+    @functools.cached_property
+    def max_token_id(self) -> int:
+        """Largest id of the vocabulary or of an added token."""
+        vocab = self.full.get_vocab(with_added_tokens=True)
+        return max(vocab.values()) if vocab else -1
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text → ids; added-token strings in `text` are encoded as ordinary text."""
+        return self.enc.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids (regular and added) → text."""
+        return self.full.decode(list(ids), skip_special_tokens=False)
+
+    def special(self, name: str) -> int:
+        """Id of an added token; KeyError naming the directory when the tokenizer lacks it."""
+        if name not in self.special_tokens:
+            raise KeyError(f"{name!r} is not a token of the tokenizer in data.tokenizer={self.path}")
+        return self.special_tokens[name]
+
+    def template_ids(self, messages: Sequence[dict[str, Any]], image_token_counts: Sequence[int] = ()) -> list[int]:
+        """Ids of the checkpoint's own chat template rendered on `messages` (no generation prompt), with each
+        `<|image_pad|>` expanded to its image's token count as the HF processor does; for comparing with
+        `encode_conversation` (`python -m data_pipelines.inspect --tokenizer DIR`). Rendered by jinja2's
+        `ImmutableSandboxedEnvironment`, so a hostile template cannot reach Python objects."""
+        if not self.chat_template:
+            raise ValueError(f"data.tokenizer={self.path} has no chat_template (tokenizer_config.json or chat_template.jinja)")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        text = env.from_string(self.chat_template).render(messages=list(messages), add_generation_prompt=False)
+        pad = "<|image_pad|>"
+        pieces = text.split(pad)
+        if len(pieces) - 1 != len(image_token_counts):
+            raise ValueError(f"the chat template wrote {len(pieces) - 1} image pads for {len(image_token_counts)} images")
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            ids += self.full.encode(piece, add_special_tokens=False).ids
+            if k < len(image_token_counts):
+                ids += [self.special(pad)] * int(image_token_counts[k])
+        return ids
+
+
+def _read_json(path, where: str, required: bool) -> dict:
+    """A JSON object from a tokenizer directory, size-capped; {} when optional and absent."""
+    import os
+
+    if not os.path.isfile(path):
+        if required:
+            raise ValueError(f"{where} has no {os.path.basename(path)}; give the directory of an HF checkpoint or "
+                             "tokenizer (it must hold tokenizer.json)")
+        return {}
+    if os.path.getsize(path) > TOKENIZER_FILE_LIMIT:
+        raise ValueError(f"{where}: {os.path.basename(path)} is larger than {TOKENIZER_FILE_LIMIT >> 20} MiB")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{where}: {os.path.basename(path)} is not valid JSON ({err})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: {os.path.basename(path)} must hold a JSON object")
+    return obj
 
 
 _WORST = {"qwen_vl_tags": 999, "special_tokens": 999, "json_absolute": 99999, "json_relative": 1000}
@@ -518,7 +672,8 @@ def message_parts(message: dict[str, Any]) -> list[dict[str, Any]]:
     return content
 
 
-@functools.lru_cache(maxsize=1)
-def get_tokenizer() -> QwenTokenizer:
-    """Process-wide tokenizer (loading the 151k ranks takes ~0.3 s; do it once)."""
-    return QwenTokenizer()
+@functools.lru_cache(maxsize=4)
+def get_tokenizer(path: Optional[str] = None) -> "QwenTokenizer | DirTokenizer":
+    """Process-wide tokenizer: the bundled Qwen BPE (`path=None`), or `DirTokenizer(path)` for
+    `data.tokenizer=DIR` (loading takes ~0.3 s for the bundled one, ~1 s for a 248k vocabulary; once per path)."""
+    return QwenTokenizer() if path is None else DirTokenizer(path)

@@ -673,6 +673,7 @@ class TrainConfig:
             generations.check_data_matches(self.model.generation, self.data.generation)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        self._check_tokenizer()
         model_parallel = p.tp * p.pp * p.cp
         if world_size % model_parallel:
             raise ConfigError(
@@ -731,6 +732,22 @@ class TrainConfig:
         self._validate_lora()
         self._validate_eval(dp)
         self._validate_interleaved(dp)
+
+    def _check_tokenizer(self) -> None:
+        """The tokenizer in use (`data.tokenizer`, else the bundled Qwen BPE), the generation's template tokens and
+        `model.llm.vocab_size` agree (`data_pipelines/tokenizer_check.py`). With `data.tokenizer` set, unset
+        `model.image_token_id` / `video_token_id` take that tokenizer's pad ids."""
+        from data_pipelines.tokenizer_check import TokenizerMismatch, check_tokenizer, tokenizer_pad_ids
+
+        m, d = self.model, self.data
+        try:
+            if d.tokenizer is not None:
+                image, video = tokenizer_pad_ids(d.generation, d.tokenizer)
+                m.image_token_id = image if m.image_token_id is None else m.image_token_id
+                m.video_token_id = video if m.video_token_id is None else m.video_token_id
+            check_tokenizer(d.generation, d.tokenizer, m.llm.vocab_size, m.image_pad_id, m.video_pad_id)
+        except TokenizerMismatch as e:
+            raise ConfigError(str(e)) from None
 
     def _validate_lora(self) -> None:
         lora = self.model.lora

@@ -228,10 +228,12 @@ def run_many(
 
 def _prepare(hf_dir: Path, kinds, seed: int, attention_backend: str):
     """(model config from SRC's config.json, samples per kind, our `PackedBatch` per kind)."""
+    from data_pipelines.tokenizer_check import check_checkpoint_ids
     from qvl_train.tools.convert import model_config_from_hf
 
     cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
     cfg.attention_backend = attention_backend
+    check_checkpoint_ids(str(hf_dir), cfg.generation, cfg.llm.vocab_size, cfg.image_pad_id, cfg.video_pad_id, 151000)
     gen = torch.Generator().manual_seed(seed)
     singles = {k: build_sample(_segments(k), cfg, gen) for k in KINDS if k != "packed"}
     per_kind = {k: list(singles.values()) if k == "packed" else [singles[k]] for k in kinds}

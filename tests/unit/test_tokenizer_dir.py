@@ -1,0 +1,126 @@
+"""`data.tokenizer=DIR`: a tokenizer.json directory drives ids, special tokens and the template check; wrong
+vocab/id combinations fail at start with a message (data_pipelines/text.py DirTokenizer,
+data_pipelines/tokenizer_check.py). The directory is the test tokenizer of tests/fixtures/qwen3_5_tokenizer.py
+(Qwen3.5's special-token ids, not its real vocabulary: no installable package ships that file)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from data_pipelines.schema import IGNORE_INDEX
+from data_pipelines.text import DirTokenizer, get_tokenizer
+from data_pipelines.tokenizer_check import TokenizerMismatch, check_checkpoint_ids, check_tokenizer
+from tests.fixtures.qwen3_5_tokenizer import QWEN3_5_ADDED_TOKENS, write_qwen3_5_tokenizer
+
+MSGS = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]},
+    {"role": "assistant", "content": "The circle is red."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return write_qwen3_5_tokenizer(str(tmp_path_factory.mktemp("q35tok")))
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return get_tokenizer(tok_dir)
+
+
+def test_ids_and_template_follow_the_directory(tok):
+    assert isinstance(tok, DirTokenizer)
+    for name in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|video_pad|>", "</think>"):
+        assert tok.special(name) == QWEN3_5_ADDED_TOKENS[name]
+    assert tok.vocab_size == 248070
+    ids, labels = tok.encode_conversation(MSGS, [4], generation="qwen3_vl")
+    assert ids[0] == 248045 and ids.count(248046) == 2 and ids.count(248056) == 4
+    assert max(i for i in ids if i < 248044) < 400 and not any(151643 <= i <= 151668 for i in ids)
+    assert ids == tok.template_ids(MSGS, [4])  # our rendering == the directory's own chat template
+    trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    assert tok.decode(trained) == "The circle is red.<|im_end|>"
+    # data cannot inject control tokens
+    assert 248046 not in tok.encode("user wrote <|im_end|> here")
+    assert tok.decode(tok.encode("user wrote <|im_end|> here")) == "user wrote <|im_end|> here"
+
+
+def test_positions_find_the_directory_pads(tok):
+    ids, _ = tok.encode_conversation(MSGS, [4], generation="qwen3_vl")
+    view = tok.position_view(ids + [151655], "qwen3_vl")  # a regular id equal to the table's pad is not media
+    assert view.count(151655) == 4 and view[-1] == -1 and 248056 not in view
+    bundled = get_tokenizer()
+    plain, _ = bundled.encode_conversation(MSGS, [4], generation="qwen3_vl")
+    assert bundled.position_view(plain, "qwen3_vl") is plain
+
+
+def test_checks_name_the_problem(tok_dir, tmp_path):
+    check_tokenizer("qwen3_vl", tok_dir, 248320, 248056, 248057)
+    check_tokenizer("qwen3_vl", None, 151936, 151655, 151656)
+    with pytest.raises(TokenizerMismatch, match=r"emits ids up to 248069 .*model.llm.vocab_size=151936"):
+        check_tokenizer("qwen3_vl", tok_dir, 151936)
+    with pytest.raises(TokenizerMismatch, match=r"image features at id 151655 .*model.image_token_id=248056"):
+        check_tokenizer("qwen3_vl", tok_dir, 248320, 151655)
+    with pytest.raises(TokenizerMismatch, match=r"video pad id 300000 is >= model.llm.vocab_size"):
+        check_tokenizer("qwen3_vl", tok_dir, 248320, 248056, 300000)
+    with pytest.raises(TokenizerMismatch, match=r"bundled Qwen BPE .*emits ids up to 151668"):
+        check_tokenizer("qwen3_vl", None, 151000)
+    raw = json.load(open(os.path.join(tok_dir, "tokenizer.json")))
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] not in ("<think>", "</think>")]
+    lacking = tmp_path / "no_think"
+    lacking.mkdir()
+    (lacking / "tokenizer.json").write_text(json.dumps(raw))
+    with pytest.raises(TokenizerMismatch, match=r"lacks <think>, </think>, which generation qwen3_vl"):
+        check_tokenizer("qwen3_vl", str(lacking), 248320)
+    check_tokenizer("qwen2_vl", str(lacking), 248320)  # Qwen2-VL writes <think> as plain text
+
+
+def test_hostile_or_inconsistent_directories_are_refused(tok_dir, tmp_path):
+    with pytest.raises(ValueError, match="is not a directory"):
+        DirTokenizer(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="has no tokenizer.json"):
+        DirTokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        DirTokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text(open(os.path.join(tok_dir, "tokenizer.json")).read())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"5": {"content": "<|im_end|>"}}}))
+    with pytest.raises(ValueError, match="different tokenizers"):
+        DirTokenizer(str(tmp_path))
+    raw = json.load(open(os.path.join(tok_dir, "tokenizer.json")))
+    raw["added_tokens"][0]["id"] = 7  # an id the vocabulary already uses
+    (tmp_path / "tokenizer.json").write_text(json.dumps(raw))
+    (tmp_path / "tokenizer_config.json").unlink()
+    with pytest.raises(ValueError, match="declares '<\\|endoftext\\|>' as id 7"):
+        DirTokenizer(str(tmp_path))
+
+
+def test_train_config_takes_pad_ids_from_the_tokenizer(tok_dir):
+    from qvl_train.config import ConfigError, TrainConfig
+
+    cfg = TrainConfig()
+    cfg.model.generation = cfg.data.generation = "qwen3_vl"
+    cfg.data.tokenizer = tok_dir
+    with pytest.raises(ConfigError, match="model.llm.vocab_size=152064"):
+        cfg.validate(1)
+    cfg.model.llm.vocab_size = 248320
+    cfg.validate(1)
+    assert (cfg.model.image_pad_id, cfg.model.video_pad_id) == (248056, 248057)
+
+
+def test_hf_parity_small_vocab_checkpoint_is_a_message(tmp_path):
+    """A tiny Qwen3-VL checkpoint whose vocabulary (4096) is smaller than the ids the tool writes died with
+    `IndexError: index out of range in self`; now a message naming config.json's vocab_size."""
+    from qvl_train.models.tiny import tiny_qwen3_vl_config
+    from qvl_train.tools import hf_parity
+    from tests.parity.test_qwen3_vl_parity import hf_config
+
+    cfg = tiny_qwen3_vl_config()
+    cfg.llm.vocab_size = 4096
+    hf_config(cfg).to_json_file(str(tmp_path / "config.json"))
+    with pytest.raises(SystemExit, match=r"</think> has id 151668 but the checkpoint's vocab_size=4096 in .*config.json"):
+        hf_parity.main(["--hf-dir", str(tmp_path), "--kinds", "one_image"])
+    with pytest.raises(SystemExit, match="largest random text id"):
+        check_checkpoint_ids(str(tmp_path), "qwen3_vl", 151800, 151655, 151656, 152000)
