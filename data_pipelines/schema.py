@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Any, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -150,15 +150,22 @@ class DataConfig:
     plan_ahead: bool = True
     """Plan step S+1 in a background thread while step S trains (the plan is identical to planning
     inline; it is not part of the loader state, so resume stays exact)."""
-    num_workers: int = 0
-    """Decode processes per rank (docs/data.md "Decode workers"): 0 builds samples (image decode,
-    preprocessing, tokens, positions) inline in the training process when a step asks for them; N > 0
-    builds the samples of the next `prefetch_steps` steps in N worker processes while the current step
-    trains (bit-identical batches). On GPU runs use consumption / per-worker rate, at least 2."""
-    prefetch_steps: int = 1
-    """With `num_workers` > 0: how many steps beyond the current one are read and built ahead (each
-    holds one step's samples of this rank in memory). Prefetched work is never part of the loader
-    state; skips are counted when a step is consumed."""
+    num_workers: Any = "auto"
+    """Decode processes per rank (docs/data.md "Decode workers"): `auto` (default) takes the CPUs the
+    job really has (SLURM_CPUS_PER_TASK × tasks on the node, the cgroup quota, the CPU affinity: the
+    fewest), divides them by the ranks on the node and keeps one core per rank for the training loop
+    (`data_pipelines.workers.resolve_num_workers`; the training run logs the value and its source once).
+    0 builds samples (image decode, preprocessing, tokens, positions) inline in the training process
+    when a step asks for them; N > 0 builds the samples of the next `prefetch_steps` steps in N worker
+    processes while the current step trains (bit-identical batches). A StepLoader built directly
+    (tools, tests) with `auto` builds inline; only the training run resolves it."""
+    prefetch_steps: int = 2
+    """With workers: how many steps beyond the current one are read and built ahead (each holds one
+    step's samples of this rank in memory). The rule: one step ahead hides the build when the workers
+    build a step at least as fast as the model trains one; the second absorbs steps whose samples take
+    longer than average (large images, videos), so a step never waits while the loader keeps up on
+    average. Prefetched work is never part of the loader state; skips are counted when a step is
+    consumed."""
     video_fps: float = 2.0
     """Frames per second sampled from a video (the HF video processors' `fps`); with T = 2 frames per
     temporal patch, Qwen2.5-VL's `second_per_grid` is `2 / video_fps`."""
@@ -222,12 +229,19 @@ class DataConfig:
         return out
 
     def _check_workers(self) -> None:
-        """Decode-worker keys: whole numbers in range (a bool is not a count)."""
-        for key, low in (("num_workers", 0), ("prefetch_steps", 1)):
+        """Decode-worker keys: `auto` or whole numbers in range (a bool is not a count)."""
+        if isinstance(self.num_workers, str) and self.num_workers.strip().isdigit():
+            self.num_workers = int(self.num_workers)  # e.g. from an environment interpolation
+        if isinstance(self.num_workers, str) and self.num_workers == "auto":
+            keys: tuple = (("prefetch_steps", 1),)
+        else:
+            keys = (("num_workers", 0), ("prefetch_steps", 1))
+        for key, low in keys:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"data.{key}={value!r} must be an integer >= {low}")
-        if self.num_workers > 64:
+                raise ValueError(f"data.{key}={value!r} must be " + ("`auto` or " if key == "num_workers" else "")
+                                 + f"an integer >= {low}")
+        if isinstance(self.num_workers, int) and self.num_workers > 64:
             raise ValueError(
                 f"data.num_workers={self.num_workers} is per rank; more than 64 decode processes per rank "
                 "is a mistake (use consumption / per-worker rate, see docs/data.md \"Decode workers\")"

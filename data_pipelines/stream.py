@@ -379,7 +379,7 @@ class StepLoader:
         cache = ShardCache(cfg.cache_dir, int(cfg.cache_max_gb * (1 << 30))) if cfg.cache_dir else None
         self._reader = ShardReader(cache)
         self._last_io = IOStats()
-        if cfg.num_workers:
+        if cfg.num_workers != "auto" and cfg.num_workers:  # auto: resolved by the training run (train.run)
             self._decode = DecodePool(cfg.num_workers, cfg)
             self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="data-prefetch")
 

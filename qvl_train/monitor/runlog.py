@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from qvl_train.monitor.data_wait import DataWait
 from qvl_train.monitor.diagnose import StragglerWindow
 from qvl_train.monitor.metrics import MetricsWriter, Progress, train_record
 
@@ -36,14 +37,24 @@ def global_data_stats(local: dict[str, int], dims) -> dict[str, int]:
     return total
 
 
-def straggler_stats(own_s: float, hosts: list, window, dims) -> dict[str, float]:
+def straggler_stats(own_s: float, hosts: list, window, dims, data_wait=None, wait_s: float = 0.0,
+                    num_workers: int = 0) -> dict[str, float]:
     """Every rank's own step time (data + forward/backward) → `straggler/*` metrics; rank 0 warns when
-    `window` (a `StragglerWindow`) names a rank slow over most of its last logged steps."""
-    times = [torch.zeros(1, dtype=torch.float64, device=dims.device) for _ in range(dims.world_size)]
-    torch.distributed.all_gather(times, torch.tensor([own_s], dtype=torch.float64, device=dims.device))
-    metrics, warning = window.update([float(t) for t in times], hosts)
+    `window` (a `StragglerWindow`) names a rank slow over most of its last logged steps. With
+    `data_wait` (a `DataWait`), the same all-gather carries this rank's wait for the step's batch
+    (`wait_s`) and its wait / step-time sums since the last logged step → `time/data_wait_*`."""
+    own = [own_s, wait_s, *(data_wait.local() if data_wait is not None else (0.0, 0.0))]
+    times = [torch.zeros(len(own), dtype=torch.float64, device=dims.device) for _ in range(dims.world_size)]
+    torch.distributed.all_gather(times, torch.tensor(own, dtype=torch.float64, device=dims.device))
+    rows = [[float(v) for v in t.tolist()] for t in times]
+    metrics, warning = window.update([r[0] for r in rows], hosts)
     if warning and dims.is_logging_rank:
         log.warning(warning)
+    if data_wait is not None:
+        waits, warning = data_wait.update([r[1] for r in rows], [(r[2], r[3]) for r in rows], num_workers)
+        metrics.update(waits)
+        if warning and dims.is_logging_rank:
+            log.warning(warning)
     return metrics
 
 
@@ -73,6 +84,7 @@ class RunLog:
         self.peak = peak_tflops(cfg.train.peak_tflops)
         self.hosts: list = [None] * dims.world_size
         self.stragglers = StragglerWindow(cfg.train.straggler_threshold, cfg.train.straggler_window)
+        self.data_wait = DataWait()
         torch.distributed.all_gather_object(self.hosts, socket.gethostname())
 
     def write(self, record: dict[str, Any]) -> None:
@@ -87,11 +99,13 @@ class RunLog:
         """The `"kind": "train"` line of step `step` every `train.log_every` steps, at the last step and
         when `force`d; on every rank (the data skip counts and the per-rank step times are gathered)."""
         train = self.cfg.train
+        self.data_wait.add(data_s, step_s)  # every step; reported (max over ranks) at logged steps
         if not (step % train.log_every == 0 or step == train.max_steps or force):
             return
         skipped = global_data_stats(loader.stats(), self.dims)
         own_s = data_s + result.timings["fwd_bwd_s"]
-        stragglers = straggler_stats(own_s, self.hosts, self.stragglers, self.dims)
+        stragglers = straggler_stats(own_s, self.hosts, self.stragglers, self.dims, self.data_wait, data_s,
+                                     self.cfg.data.num_workers)
         if not self.active:
             return
         record = train_record(

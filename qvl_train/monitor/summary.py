@@ -24,6 +24,7 @@ def summarize(output_dir: str | Path, window: int = 10) -> str:
         f"loss             {mean(head, 'loss'):.3f} (first {len(head)} steps) -> {mean(tail, 'loss'):.3f} (last {len(tail)})",
         f"tokens/s         {mean(tail, 'tokens_per_s'):,.0f}   step time {mean(tail, 'step_time_s'):.3f} s",
         f"packing          {mean(train, 'packing_efficiency'):.1%} of token slots hold real tokens",
+        *data_wait_lines(train),
         f"metrics          {out / 'metrics.jsonl'}",
     ]
     evals = [r for r in rows if r.get("kind") == "eval"]
@@ -42,6 +43,17 @@ def summarize(output_dir: str | Path, window: int = 10) -> str:
         lines.append(f"wandb (offline)  {wandb_runs[-1]}   upload: wandb sync {wandb_runs[-1]}")
     lines.append(f"plot             python launch/plot.py {shlex.quote(str(out))}   (writes {out / 'metrics.png'})")
     return "\n".join(lines)
+
+
+def data_wait_lines(train: list[dict]) -> list[str]:
+    """`data wait` — the share of step time the logged steps waited for their batches (slowest rank)."""
+    rows = [r for r in train if "time/data_wait_s" in r]
+    if not rows:
+        return []
+    wait, total = sum(r["time/data_wait_s"] for r in rows), sum(r["step_time_s"] for r in rows)
+    share = wait / total if total > 0 else 0.0
+    hint = "   (> 5%: raise data.num_workers / CPUs per task)" if share > 0.05 else ""
+    return [f"data wait        {share:.1%} of step time waiting for batches ({wait:.1f} s over {len(rows)} logged steps){hint}"]
 
 
 if __name__ == "__main__":
