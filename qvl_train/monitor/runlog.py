@@ -25,7 +25,9 @@ log = logging.getLogger("qvl_train")
 
 
 def global_data_stats(local: dict[str, int], dims) -> dict[str, int]:
-    """Skip counts summed over data-parallel ranks (each sample is read by one dp rank's group)."""
+    """Skip counts and the step's shard bytes (`data/bytes_read`, `data/bytes_used`) summed over
+    data-parallel ranks (each sample is read by one dp rank's group; its tp/pp/cp peers read the same
+    bytes again, which does not change the read / used ratio)."""
     import torch.distributed as dist
 
     gathered: list = [None] * dims.world_size
@@ -102,7 +104,7 @@ class RunLog:
         self.data_wait.add(data_s, step_s)  # every step; reported (max over ranks) at logged steps
         if not (step % train.log_every == 0 or step == train.max_steps or force):
             return
-        skipped = global_data_stats(loader.stats(), self.dims)
+        skipped = global_data_stats({**loader.stats(), **loader.io_stats()}, self.dims)  # + data/bytes_read, _used
         own_s = data_s + result.timings["fwd_bwd_s"]
         stragglers = straggler_stats(own_s, self.hosts, self.stragglers, self.dims, self.data_wait, data_s,
                                      self.cfg.data.num_workers)

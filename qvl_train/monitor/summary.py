@@ -24,6 +24,7 @@ def summarize(output_dir: str | Path, window: int = 10) -> str:
         f"loss             {mean(head, 'loss'):.3f} (first {len(head)} steps) -> {mean(tail, 'loss'):.3f} (last {len(tail)})",
         f"tokens/s         {mean(tail, 'tokens_per_s'):,.0f}   step time {mean(tail, 'step_time_s'):.3f} s",
         f"packing          {mean(train, 'packing_efficiency'):.1%} of token slots hold real tokens",
+        *io_lines(train),
         *data_wait_lines(train),
         f"metrics          {out / 'metrics.jsonl'}",
     ]
@@ -54,6 +55,16 @@ def data_wait_lines(train: list[dict]) -> list[str]:
     share = wait / total if total > 0 else 0.0
     hint = "   (> 5%: raise data.num_workers / CPUs per task)" if share > 0.05 else ""
     return [f"data wait        {share:.1%} of step time waiting for batches ({wait:.1f} s over {len(rows)} logged steps){hint}"]
+
+
+def io_lines(train: list[dict]) -> list[str]:
+    """`data I/O` — bytes read from the shards / bytes of the samples used, over the logged steps."""
+    rows = [r for r in train if r.get("data/bytes_used")]
+    if not rows:
+        return []
+    read, used = sum(r["data/bytes_read"] for r in rows), sum(r["data/bytes_used"] for r in rows)
+    return [f"data I/O         {read / used:.2f}x amplification: {read / 2**20:,.1f} MiB read for {used / 2**20:,.1f} MiB "
+            f"of samples ({len(rows)} logged steps; > 1.05: add offsets, python -m data_pipelines.reindex)"]
 
 
 if __name__ == "__main__":

@@ -131,10 +131,10 @@ LAYER_LENS = [7, 70, 1, 20]
 
 
 def _config(tp: int = 1, sp: bool = False):
-    from qvl_train.models.common import make_transformer_config
+    from qvl_train.models.common import Execution, make_transformer_config
 
-    return make_transformer_config(dtype=torch.float32, tp=tp, pp=1, num_layers=1, hidden_size=HIDDEN,
-                                   num_attention_heads=4, layernorm_epsilon=1e-6)
+    return make_transformer_config(dtype=torch.float32, tp=tp, pp=1, execution=Execution(sequence_parallel=sp),
+                                   num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, layernorm_epsilon=1e-6)
 
 
 def hf_layer_state(seed: int = 0) -> dict:
@@ -155,13 +155,15 @@ def build_layer(config, hf_state: dict | None = None) -> GatedDeltaNet:
                           conv_kernel=K)
     if hf_state is not None:
         full = hf_to_local(hf_state, HK, DK)
-        tp, rank = config.tensor_model_parallel_size, layer.in_proj.tp_group.rank() if layer.config.tensor_model_parallel_size > 1 else 0
-        local = {}
-        for name, value in full.items():
-            dim = {"out_proj.weight": 1, "norm_weight": None}.get(name, 0)
-            local[name] = value if dim is None else value.chunk(tp, dim=dim)[rank]
-        layer.load_state_dict(local, strict=True)
+        layer.load_state_dict(_shard(full, config.tensor_model_parallel_size), strict=True)
     return layer
+
+
+def _shard(full: dict, tp: int) -> dict:
+    """This rank's part of a full local state (or of its gradients): whole key-head groups, contiguous."""
+    rank = torch.distributed.get_rank() if tp > 1 else 0
+    split_dim = {"out_proj.weight": 1, "norm_weight": None}
+    return {n: v if split_dim.get(n, 0) is None else v.chunk(tp, dim=split_dim.get(n, 0))[rank] for n, v in full.items()}
 
 
 def packed_params(lens, total):
@@ -212,3 +214,38 @@ def test_layer_matches_hf_on_packed_input():
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     """max|got − ref| / max|ref| (the parity measure of tools/hf_parity.py)."""
     return float((got.detach() - ref).abs().max() / ref.abs().max())
+
+
+def _tp_worker(rank: int, world_size: int) -> None:
+    """tp=1, then tp=2 without and with sequence parallelism, in the same 2 processes; tp=2 == tp=1."""
+    from megatron.core import parallel_state
+
+    hf = hf_layer_state(seed=3)
+    total = sum(LAYER_LENS) + 2  # two rows of padding tail past the last boundary
+    gen = torch.Generator().manual_seed(7)
+    x, grad_out = torch.randn(total, 1, HIDDEN, generator=gen), torch.randn(total, 1, HIDDEN, generator=gen)
+    params = packed_params(LAYER_LENS, total)
+
+    def run(tp, sp):
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        layer = build_layer(_config(tp, sp), hf)
+        rows = slice(rank * total // 2, (rank + 1) * total // 2) if sp else slice(None)
+        xs = x[rows].clone().requires_grad_(True)
+        out, _ = layer(xs, packed_seq_params=params)
+        (out * grad_out[rows]).sum().backward()
+        grads = {n: p.grad for n, p in layer.named_parameters()}
+        parallel_state.destroy_model_parallel()
+        return rows, out.detach(), xs.grad, grads
+
+    _, out1, dx1, grads1 = run(1, False)
+    for sp in (False, True):
+        rows, out2, dx2, grads2 = run(2, sp)
+        assert _rel(out2, out1[rows]) <= 1e-5 and _rel(dx2, dx1[rows]) <= 1e-5, f"sp={sp}"
+        for name, g in _shard(grads1, 2).items():
+            assert grads2[name].shape == g.shape and _rel(grads2[name], g) <= 1e-5, f"sp={sp} d{name}"
+
+
+def test_tp2_and_sequence_parallel_match_tp1():
+    from qvl_train.compat.megatron_cpu import spawn_gloo
+
+    spawn_gloo(_tp_worker, 2)
