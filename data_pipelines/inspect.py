@@ -55,22 +55,25 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 _PADS = (IMAGE_PAD_ID, VIDEO_PAD_ID, QWEN_VL_SPECIAL_TOKENS["<imgpad>"])
+_PAD_NAMES = ("<|image_pad|>", "<|video_pad|>", "<imgpad>")
 
 
-def render_tokens(ids: list[int], labels: list[int]) -> str:
-    """Decode ids with special tokens; collapse pad runs; wrap loss-carrying spans in ⟦…⟧."""
-    tok = get_tokenizer()
+def render_tokens(ids: list[int], labels: list[int], tok=None) -> str:
+    """Decode ids with special tokens (`tok`: the tokenizer that made them, default the bundled one);
+    collapse pad runs; wrap loss-carrying spans in ⟦…⟧."""
+    tok = tok or get_tokenizer()
+    pads = _PADS if tok is get_tokenizer() else {tok.special_tokens[t] for t in _PAD_NAMES if t in tok.special_tokens}
     out: list[str] = []
     i, n = 0, len(ids)
     while i < n:
         trained = labels[i] != IGNORE_INDEX
         j = i
-        if ids[i] in _PADS:
+        if ids[i] in pads:
             while j < n and ids[j] == ids[i]:
                 j += 1
             text = f"{tok.decode([ids[i]])}×{j - i}"
         else:
-            while j < n and ids[j] not in _PADS and (labels[j] != IGNORE_INDEX) == trained:
+            while j < n and ids[j] not in pads and (labels[j] != IGNORE_INDEX) == trained:
                 j += 1
             text = tok.decode(ids[i:j])
         out.append(f"{LOSS_OPEN}{text}{LOSS_CLOSE}" if trained else text)
@@ -122,13 +125,13 @@ def describe_sample(builder: SampleBuilder, members: dict[str, bytes], entry: Op
         except BadVideo as e:
             lines.append(f"   the planner skips this sample: {e}")
         lines.append(f"   cost estimate (index): {planned} tokens (text {n_text}); built: {len(ids)}")
-    lines.append("   " + render_tokens(ids, labels).replace("\n", "\n   "))
+    lines.append("   " + render_tokens(ids, labels, builder.tok).replace("\n", "\n   "))
     return "\n".join(lines)
 
 
 def inspect(path: str, generation: str = "qwen2_vl", n: int = 5, min_pixels: Optional[int] = None,
-            max_pixels: Optional[int] = None) -> str:
-    """The text `python -m data_pipelines.inspect` prints."""
+            max_pixels: Optional[int] = None, tokenizer: Optional[str] = None) -> str:
+    """The text `python -m data_pipelines.inspect` prints (`tokenizer`: a `data.tokenizer` directory)."""
     try:
         image = generations.get(generation).image
     except ValueError as e:
@@ -137,8 +140,11 @@ def inspect(path: str, generation: str = "qwen2_vl", n: int = 5, min_pixels: Opt
     # exactly what training sees: the generation's patch, merge and temporal sizes and pixel bounds
     kw = {"min_pixels": image.min_pixels, "max_pixels": image.max_pixels, **kw, "patch_size": image.patch_size,
           "temporal_patch_size": image.temporal_patch_size, "merge_size": image.merge_size}
-    cfg = DataConfig(generation=generation, **kw)
-    builder = SampleBuilder(cfg, get_tokenizer())
+    cfg = DataConfig(generation=generation, tokenizer=tokenizer, **kw)
+    try:
+        builder = SampleBuilder(cfg, get_tokenizer(tokenizer))
+    except ValueError as e:
+        raise SystemExit(f"error: --tokenizer: {e}") from None
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, INDEX_NAME)):
             raise SystemExit(f"error: {path} has no {INDEX_NAME}; pass a shard directory or one .tar shard")
@@ -180,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=5, help="samples to show")
     ap.add_argument("--min-pixels", type=int, default=None)
     ap.add_argument("--max-pixels", type=int, default=None)
+    ap.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (data.tokenizer of the run); "
+                    "default: the bundled Qwen BPE")
     args = ap.parse_args(argv)
-    text = inspect(args.path, args.generation, args.n, args.min_pixels, args.max_pixels)
+    text = inspect(args.path, args.generation, args.n, args.min_pixels, args.max_pixels, args.tokenizer)
     sys.stdout.write(text + "\n")
     return 0
 

@@ -103,6 +103,7 @@ from typing import Any, Iterator, Optional
 from PIL import Image
 
 from data_pipelines.shards import ShardWriter
+from data_pipelines.text import get_tokenizer
 from data_pipelines.video import BadVideo, decode_frames, probe_video
 from data_pipelines.vision import MAX_SOURCE_PIXELS
 
@@ -517,9 +518,11 @@ def prepare_out_dir(out_dir: str, overwrite: bool) -> list[str]:
 def make_shards(
     fmt: str, input_path: str, media_root: Optional[str], out_dir: str, *, samples_per_shard: int = 1000, workers: int = 1,
     max_source_pixels: int = MAX_SOURCE_PIXELS, progress: bool = True, overwrite: bool = False,
+    tokenizer: Optional[str] = None,
 ) -> dict[str, Any]:
     """Convert `input_path` into shards in `out_dir`; returns the report (also written to report.json).
-    An `out_dir` that already holds shards is refused unless `overwrite` (`prepare_out_dir`)."""
+    An `out_dir` that already holds shards is refused unless `overwrite` (`prepare_out_dir`). `tokenizer`: the
+    `data.tokenizer` directory of the runs that will read the shards (the index's text-token counts use it)."""
     if fmt not in FORMATS:
         raise SystemExit(f"error: --format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
     if media_root is None:  # paths relative to the input file, as Qwen-VL's finetune.py reads them from its cwd
@@ -528,6 +531,10 @@ def make_shards(
         raise SystemExit(f"error: --media-root {media_root} is not a directory; pass the folder image paths are relative to")
     if samples_per_shard < 1 or workers < 1:
         raise SystemExit("error: --samples-per-shard and --workers must be >= 1")
+    try:
+        tok = get_tokenizer(tokenizer)
+    except ValueError as e:
+        raise SystemExit(f"error: --tokenizer: {e}") from None
     t0 = time.perf_counter()
     records, total = read_records(input_path)
     removed = prepare_out_dir(out_dir, overwrite)
@@ -537,7 +544,7 @@ def make_shards(
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="sample", desc="make_shards", disable=not progress, file=sys.stderr)
-    with ShardWriter(out_dir, samples_per_shard=samples_per_shard) as writer:
+    with ShardWriter(out_dir, samples_per_shard=samples_per_shard, tokenizer=tok) as writer:
         for rec, res in zip(records, _results(records, fmt, media_root, max_source_pixels, workers)):
             bar.update(1)
             if res["ok"] and rec.sample_id in seen:
@@ -598,11 +605,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="--out may hold shards of an earlier run: remove its shard-*.tar, index.json and "
                          "report.json first (nothing else)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--tokenizer", default=None,
+                    help="directory with tokenizer.json: the data.tokenizer of the training run (default: bundled Qwen BPE)")
     args = ap.parse_args(argv)
     report = make_shards(
         args.format, args.input, args.media_root, args.out, samples_per_shard=args.samples_per_shard,
         workers=args.workers, max_source_pixels=args.max_source_pixels, progress=not args.no_progress,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, tokenizer=args.tokenizer,
     )
     print("\n".join(summary_lines(report)))
     if report["written"] == 0:

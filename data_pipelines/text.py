@@ -478,6 +478,19 @@ class DirTokenizer(QwenTokenizer):
             raise KeyError(f"{name!r} is not a token of the tokenizer in data.tokenizer={self.path}")
         return self.special_tokens[name]
 
+    def text_token_counts(self, messages: Sequence[dict[str, Any]]) -> dict[str, int]:
+        """`QwenTokenizer.text_token_counts` with this vocabulary; a generation whose template tokens this tokenizer
+        lacks (it cannot train with it: `tokenizer_check` refuses the run) is counted with the bundled BPE."""
+        from data_pipelines.tokenizer_check import template_tokens
+
+        n_images = sum(1 for m in messages for p in message_parts(m) if p.get("type") == "image")
+        out = {}
+        for key in generations.count_keys():
+            name = generations.first_with_count_key(key).name
+            tok = self if all(t in self.special_tokens for t in template_tokens(name)) else get_tokenizer()
+            out[key] = len(tok.encode_conversation(messages, [0] * n_images, generation=name)[0])
+        return out
+
     def template_ids(self, messages: Sequence[dict[str, Any]], image_token_counts: Sequence[int] = ()) -> list[int]:
         """Ids of the checkpoint's own chat template rendered on `messages` (no generation prompt), with each
         `<|image_pad|>` expanded to its image's token count as the HF processor does; for comparing with

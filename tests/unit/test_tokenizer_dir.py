@@ -124,3 +124,30 @@ def test_hf_parity_small_vocab_checkpoint_is_a_message(tmp_path):
         hf_parity.main(["--hf-dir", str(tmp_path), "--kinds", "one_image"])
     with pytest.raises(SystemExit, match="largest random text id"):
         check_checkpoint_ids(str(tmp_path), "qwen3_vl", 151800, 151655, 151656, 152000)
+
+
+def test_shards_and_inspect_use_the_directory(tok, tok_dir, tmp_path):
+    """The index's text-token counts and `inspect` follow `--tokenizer` (the same tokenizer the workers use)."""
+    import re
+
+    from data_pipelines import generations
+    from data_pipelines.inspect import main
+    from data_pipelines.shards import ShardWriter
+    from data_pipelines.synth import generate
+
+    counts = tok.text_token_counts(MSGS)
+    assert set(counts) == set(generations.count_keys())
+    assert counts["qwen3_vl"] == len(tok.encode_conversation(MSGS, [0], generation="qwen3_vl")[0])
+    assert counts["qwen3_vl"] != get_tokenizer().text_token_counts(MSGS)["qwen3_vl"]  # another vocabulary
+    generate(str(tmp_path), 2, seed=3, samples_per_shard=2)
+    with ShardWriter(str(tmp_path / "ours"), tokenizer=tok) as writer:
+        assert writer.tok is tok
+    out = tmp_path / "out.txt"
+    import contextlib
+
+    with open(out, "w") as f, contextlib.redirect_stdout(f):
+        assert main([str(tmp_path), "--n", "1", "--generation", "qwen3_vl", "--tokenizer", tok_dir]) == 0
+    text = out.read_text()
+    assert re.search(r"<\|vision_start\|><\|image_pad\|>×\d+<\|vision_end\|>", text) and "<|im_end|>" in text
+    with pytest.raises(SystemExit, match="--tokenizer: data.tokenizer=.* has no tokenizer.json"):
+        main([str(tmp_path), "--tokenizer", str(tmp_path)])
