@@ -19,6 +19,12 @@ LLM (T = real tokens = cu_seqlens[-1]; padding slots are not counted: they are n
   * attention, causal, within each sample of s tokens: **the causal half is counted**,
     QKᵀ + AV = 2·(s²/2)·(n·d)·2 = 2·s²·(n·d) for n query heads — what a causal kernel
     (flash-attention) computes. Counting the full square would double this term.
+  * Gated DeltaNet layers (Qwen3.5: `layer_types[i] == "linear_attention"`, `models/gdn.py`) in place
+    of q/k/v/o and attention: projections 2·T·H·(2·Hk·Dk + 2·Hv·Dv + 2·Hv) (qkv, z, b, a) and
+    2·T·Hv·Dv·H (out) in `llm_linear`; in `llm_attention` the depthwise conv 2·T·K·(2·Hk·Dk + Hv·Dv)
+    and the chunked delta rule per token and value head: state reads and write 3·2·Dk·Dv plus the
+    intra-chunk work of chunks of C = 64 (K_βKᵀ and QKᵀ 2·C·Dk each, the two triangular solves
+    C·(Dk + Dv), scores·values 2·C·Dv) = 6·Dk·Dv + C·(5·Dk + 3·Dv): linear in the sample length.
   * output layer only at the label positions (the model computes logits only there):
     2·label_tokens·H·V. The embedding lookup is free.
 Norms, biases, activations, RoPE and softmax are not counted (a few tenths of a percent).
@@ -60,6 +66,8 @@ __all__ = [
     "Flops", "SampleFlops", "batch_flops", "expected_flops", "packed_batch_flops", "peak_tflops", "routed_expert_flops",
     "PEAK_TFLOPS",
 ]
+
+GDN_CHUNK = 64  # the chunk length of the chunked gated delta rule (models/gdn.py CHUNK_SIZE, fla's kernel)
 
 # bf16 dense peak TFLOP/s per device (datasheets; no sparsity). Matched in order against the CUDA
 # device name, so the specific names come first.
@@ -169,6 +177,16 @@ def routed_expert_flops(cfg: ModelConfig, tokens: float) -> float:
     return cfg.llm.num_layers * 2 * tokens * _mlp_weights(cfg)[1]
 
 
+def _gdn_flops(cfg: ModelConfig, tokens: float) -> tuple[float, float]:
+    """(projections, conv + chunked delta rule) forward FLOPs of ONE Gated DeltaNet layer over `tokens`."""
+    l = cfg.llm
+    hk, hv, dk, dv = l.linear_num_key_heads, l.linear_num_value_heads, l.linear_key_head_dim, l.linear_value_head_dim
+    projections = 2 * tokens * l.hidden_size * (2 * hk * dk + 2 * hv * dv + 2 * hv + hv * dv)
+    conv = 2 * tokens * l.linear_conv_kernel_dim * (2 * hk * dk + hv * dv)
+    delta_rule = tokens * hv * (6 * dk * dv + GDN_CHUNK * (5 * dk + 3 * dv))
+    return projections, conv + delta_rule
+
+
 def batch_flops(
     cfg: ModelConfig, grid_thw: Sequence[Sequence[int]], seq_lens: Sequence[int], label_tokens: int
 ) -> Flops:
@@ -179,14 +197,17 @@ def batch_flops(
     q, kv = heads * d, l.num_query_groups * d
     tokens = sum(seq_lens)
     mlp = sum(_mlp_weights(cfg))  # dense SwiGLU, or the router + the top-k experts a token passes
-    per_layer = 2 * tokens * (h * q + 2 * h * kv + q * h + mlp)
-    attention = l.num_layers * 2 * sum(s * s for s in seq_lens) * heads * d  # causal half
+    gdn = sum(t == "linear_attention" for t in l.layer_types)  # Gated DeltaNet layers (Qwen3.5)
+    full = l.num_layers - gdn
+    gdn_linear, gdn_mixing = _gdn_flops(cfg, tokens)
+    linear = 2 * tokens * (h * q + 2 * h * kv + q * h) * full + 2 * tokens * mlp * l.num_layers
+    attention = full * 2 * sum(s * s for s in seq_lens) * heads * d + gdn * gdn_mixing  # causal half
     vision_linear, vision_attention, projector = _vision(cfg, grid_thw)
     return Flops(
         vision_linear=vision_linear,
         vision_attention=vision_attention,
         projector=projector,
-        llm_linear=l.num_layers * per_layer,
+        llm_linear=linear + gdn * gdn_linear,
         llm_attention=attention,
         output=2 * label_tokens * h * l.vocab_size,
     )

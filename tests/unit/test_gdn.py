@@ -249,3 +249,26 @@ def test_tp2_and_sequence_parallel_match_tp1():
     from qvl_train.compat.megatron_cpu import spawn_gloo
 
     spawn_gloo(_tp_worker, 2)
+
+
+def test_flops_count_gdn_layers_by_hand():
+    from qvl_train.config import LLMConfig, ModelConfig, VisionConfig
+    from qvl_train.monitor.flops import batch_flops
+
+    llm = dict(num_layers=2, hidden_size=8, ffn_hidden_size=16, num_attention_heads=2, num_query_groups=1,
+               vocab_size=10, mrope_section=[1, 1, 0])
+    vision = VisionConfig(depth=1, hidden_size=8, num_heads=2, patch_size=2, temporal_patch_size=2,
+                          spatial_merge_size=2, in_channels=1)
+    hybrid = ModelConfig(generation="qwen2_vl", vision=vision, llm=LLMConfig(
+        **llm, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=1, linear_num_value_heads=2,
+        linear_key_head_dim=4, linear_value_head_dim=2, linear_conv_kernel_dim=4))
+    dense = ModelConfig(generation="qwen2_vl", vision=vision, llm=LLMConfig(**llm))
+    f, g = batch_flops(hybrid, [], [5, 3], 0), batch_flops(dense, [], [5, 3], 0)
+    # T = 8, H = 8, d = 4, kv width 4, F = 16. Full-attention layer: 2·T·(3·H·F) MLP + 2·T·(H·H + 2·H·4 + H·H)
+    # = 16·384 + 16·192; its attention 2·(5² + 3²)·8 = 544.
+    # GDN layer (Hk = 1, Hv = 2, Dk = 4, Dv = 2, K = 4): MLP 16·384; projections
+    # 2·T·H·(2·4 + 2·4 + 2·2 + 2·2) = 16·8·24 = 3072; conv 2·T·K·(2·4 + 4) = 64·12 = 768;
+    # delta rule T·Hv·(6·Dk·Dv + 64·(5·Dk + 3·Dv)) = 16·(48 + 64·26) = 16·1712 = 27392.
+    assert f.llm_linear == 2 * 16 * 384 + 16 * 192 + 3072
+    assert f.llm_attention == 544 + 768 + 27392
+    assert (g.llm_linear, g.llm_attention) == (2 * 16 * 384 + 2 * 16 * 192, 2 * 544)
