@@ -482,8 +482,15 @@ class TrainLoopConfig:
     backward: saves the attention inputs only) | full (each transformer layer keeps only its input
     and is recomputed in the backward: least memory, ~1/3 more compute)."""
     fp8: str = "off"
-    """Transformer Engine FP8 GEMMs: off | auto (on, as hybrid, when Transformer Engine imports and a GPU
-    is present; otherwise off, logged once) | hybrid (E4M3 forward, E5M2 gradients) | e4m3 (E4M3 both)."""
+    """FP8 GEMMs in every ViT block, LLM layer and MoE expert: off | auto (on, as hybrid, on a GPU with FP8
+    tensor cores — compute capability >= 8.9 — where `fp8_backend` can run; otherwise off, logged once) |
+    hybrid (E4M3 forward, E5M2 gradients) | e4m3 (E4M3 both). Explicit modes fail at start where FP8 cannot run."""
+    fp8_backend: str = "te"
+    """te (Transformer Engine's linears, TE spec; not with LoRA or parallel.cp, which use the local spec) |
+    torch (our own FP8 GEMM on `torch._scaled_mm` in the local spec's linears, no Transformer Engine; see
+    qvl_train/models/fp8.py)."""
+    fp8_scaling: str = "rowwise"
+    """torch backend: rowwise (forward scales per activation row and weight output channel) | tensor (one per tensor)."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -504,6 +511,10 @@ class TrainLoopConfig:
             raise ConfigError(f"train.recompute={self.recompute!r}; valid: {', '.join(RECOMPUTE)}")
         if self.fp8 not in FP8_MODES:
             raise ConfigError(f"train.fp8={self.fp8!r}; valid: {', '.join(FP8_MODES)}")
+        if self.fp8_backend not in ("te", "torch"):
+            raise ConfigError(f"train.fp8_backend={self.fp8_backend!r}; valid: te, torch")
+        if self.fp8_scaling not in ("rowwise", "tensor"):
+            raise ConfigError(f"train.fp8_scaling={self.fp8_scaling!r}; valid: rowwise, tensor")
 
 
 @dataclass
@@ -751,10 +762,10 @@ class TrainConfig:
 
     def _validate_lora(self) -> None:
         lora = self.model.lora
-        if lora.enabled and self.train.fp8 in ("hybrid", "e4m3"):
+        if lora.enabled and self.train.fp8 in ("hybrid", "e4m3") and self.train.fp8_backend == "te":
             raise ConfigError(
-                f"train.fp8={self.train.fp8} with model.lora: adapters run on megatron's local layers, without FP8; "
-                "set train.fp8=off (train.fp8=auto turns FP8 off for LoRA runs)"
+                f"train.fp8={self.train.fp8} with model.lora: adapters run on the local spec, where Transformer Engine's "
+                "FP8 does not reach; set train.fp8_backend=torch (FP8 GEMMs in the local layers) or train.fp8=off"
             )
         if lora.enabled and self.parallel.sp and self.parallel.tp > 1:
             raise ConfigError(
@@ -865,10 +876,15 @@ class TrainConfig:
         if t.fp8 in ("hybrid", "e4m3"):
             from qvl_train.models.specs import fp8_missing
 
-            missing = fp8_missing()
+            if t.fp8_backend == "te" and self.parallel.cp > 1:
+                raise ConfigError(
+                    f"train.fp8={t.fp8} with parallel.cp={self.parallel.cp}: context parallelism runs the local spec, "
+                    "where Transformer Engine's FP8 does not reach; set train.fp8_backend=torch or train.fp8=off"
+                )
+            missing = fp8_missing(t.fp8_backend)
             if missing:
                 raise ConfigError(
-                    f"train.fp8={t.fp8} needs {' and '.join(missing)}; use train.fp8=off "
+                    f"train.fp8={t.fp8} (train.fp8_backend={t.fp8_backend}) needs {' and '.join(missing)}; use train.fp8=off "
                     "(or train.fp8=auto to use FP8 only where it is available)"
                 )
 

@@ -102,7 +102,8 @@ def _make_engine(cfg: TrainConfig, dims, dtype: torch.dtype) -> Engine:
                                micro_batches_per_step=cfg.micro_batches_per_step(), **common)
     from qvl_train.engines.megatron import MegatronEngine
 
-    return MegatronEngine(cfg.model, cfg.parallel, cfg.optim, cfg.stage, dims, fp8=cfg.train.fp8, **common)
+    return MegatronEngine(cfg.model, cfg.parallel, cfg.optim, cfg.stage, dims, fp8=cfg.train.fp8, fp8_backend=cfg.train.fp8_backend,
+                          fp8_scaling=cfg.train.fp8_scaling, **common)
 
 
 def _resolve_workers(data, rank0: bool):

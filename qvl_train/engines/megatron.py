@@ -68,6 +68,8 @@ class MegatronEngine:
         dtype: torch.dtype = torch.float32,
         recompute: str = "none",
         fp8: str = "off",
+        fp8_backend: str = "te",
+        fp8_scaling: str = "rowwise",
     ) -> None:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -78,9 +80,8 @@ class MegatronEngine:
         self.model_cfg = model_cfg
         torch.manual_seed(seed)
         model_parallel_cuda_manual_seed(seed)
-        execution = Execution(
-            recompute=recompute, fp8=resolve_fp8("off" if model_cfg.lora.enabled else fp8), sequence_parallel=parallel_cfg.sp,
-        )
+        fp8_te, fp8_torch = resolve_fp8(fp8, fp8_backend, fp8_scaling, local_spec=model_cfg.lora.enabled or parallel_cfg.cp > 1)
+        execution = Execution(recompute=recompute, fp8=fp8_te, fp8_torch=fp8_torch, sequence_parallel=parallel_cfg.sp)
         # one chunk per virtual pipeline stage (parallel.vpp): chunk 0 of rank 0 embeds, the last of the last rank has the loss
         chunks = []
         for k in range(dims.vpp):

@@ -21,6 +21,8 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from qvl_train.models.fp8 import Fp8Recipe, TorchFp8Config, fp8_context
+
 __all__ = ["make_transformer_config", "Execution", "run_layer", "SequenceShards", "without_sequence_parallel"]
 
 
@@ -31,7 +33,9 @@ class Execution:
     recompute: str = "none"
     """none | selective (core attention recomputed in the backward) | full (whole layers)."""
     fp8: Optional[str] = None
-    """megatron's `TransformerConfig.fp8` ("hybrid" / "e4m3") or None; see `specs.resolve_fp8`."""
+    """megatron's `TransformerConfig.fp8` ("hybrid" / "e4m3", Transformer Engine) or None; see `specs.resolve_fp8`."""
+    fp8_torch: Optional[Fp8Recipe] = None
+    """The torch FP8 backend's recipe (`train.fp8_backend=torch`) or None; see `models/fp8.py`."""
     sequence_parallel: bool = False
     """`parallel.sp`: activations outside attention / MLP split along the sequence over TP ranks."""
 
@@ -62,6 +66,11 @@ def run_layer(
             padding_mask=padding_mask,
         )[0]
 
+    with fp8_context(layer.config):  # what TransformerBlock opens around its layers (TE FP8; else nothing)
+        return _run_layer(layer, forward, hidden_states)
+
+
+def _run_layer(layer, forward, hidden_states: torch.Tensor) -> torch.Tensor:
     if not (layer.config.recompute_granularity == "full" and layer.training and torch.is_grad_enabled()):
         return forward(hidden_states)
     if layer.config.fp8:  # TE's checkpoint keeps the FP8 scaling state consistent across the recompute
@@ -80,7 +89,8 @@ def make_transformer_config(
 ) -> TransformerConfig:
     """`TransformerConfig` from architecture fields (`arch`), the shared runtime settings and `execution`."""
     fused = torch.cuda.is_available()
-    return TransformerConfig(
+    config_cls, extra = (TorchFp8Config, {"torch_fp8": execution.fp8_torch}) if execution.fp8_torch else (TransformerConfig, {})
+    return config_cls(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         sequence_parallel=execution.sequence_parallel and tp > 1,
@@ -100,6 +110,7 @@ def make_transformer_config(
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         **execution.transformer_kwargs(),
+        **extra,
         **arch,
     )
 
@@ -123,37 +134,39 @@ class SequenceShards:
     on every rank, so its backward just keeps this rank's rows.
     """
 
-    def __init__(self, config, rows: int):
+    def __init__(self, config, rows: int, multiple: int = 1):
+        """`multiple`: the rows are also padded to a multiple of it (per rank under sequence parallelism);
+        the ViTs pass `fp8.fp8_row_multiple(config)` (Transformer Engine's FP8 GEMMs need 16 rows)."""
         from megatron.core import parallel_state
 
         self.on = bool(config.sequence_parallel)
         self.tp = parallel_state.get_tensor_model_parallel_world_size() if self.on else 1
         self.rows = rows
-        self.pad = (-rows) % self.tp
+        self.pad = (-rows) % (self.tp * multiple)
 
     def scatter(self, h: torch.Tensor) -> torch.Tensor:
-        if not self.on:
-            return h
         if self.pad:
             h = torch.nn.functional.pad(h, (0, 0) * (h.dim() - 1) + (0, self.pad))
+        if not self.on:
+            return h
         return tensor_parallel.scatter_to_sequence_parallel_region(h)
 
     def pad_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row inputs every rank needs whole (RoPE angles): padded to the gathered length."""
-        if not self.on or not self.pad:
+        if not self.pad:
             return x
         return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, self.pad))
 
     def mask(self, padding_S: torch.Tensor) -> torch.Tensor:
         """A per-row bool mask `[s]` → this rank's rows `[1, s/tp]` (megatron's `[batch, seq]` padding-mask
         layout); the rows `scatter` pads with are padding too."""
-        if self.on:
+        if self.pad:
             padding_S = torch.cat([padding_S, padding_S.new_ones(self.pad)])
+        if self.on:
             padding_S = tensor_parallel.scatter_to_sequence_parallel_region(padding_S.unsqueeze(1)).squeeze(1)
         return padding_S.unsqueeze(0)
 
     def gather(self, h: torch.Tensor) -> torch.Tensor:
-        if not self.on:
-            return h
-        h = tensor_parallel.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
-        return h[: self.rows]
+        if self.on:
+            h = tensor_parallel.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
+        return h[: self.rows] if self.pad else h

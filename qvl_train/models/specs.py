@@ -4,7 +4,8 @@ The model classes never ask which backend they run on; they receive a spec from 
 (DESIGN.md convention 1). Two backends:
 
 * ``local`` (always available, the CPU path): megatron's `TransformerLayer` + `SelfAttention` +
-  `ColumnParallelLinear` / `RowParallelLinear` + `MLP`, norms from `TorchNorm` (plain
+  `ColumnParallelLinear` / `RowParallelLinear` (as `fp8.Fp8ColumnParallelLinear` / `Fp8RowParallelLinear`:
+  megatron's own, with the torch FP8 GEMM when the config carries a `train.fp8_backend=torch` recipe) + `MLP`, norms from `TorchNorm` (plain
   `torch.nn.LayerNorm` / `torch.nn.RMSNorm`, chosen by `config.normalization`, like megatron's
   `WrappedTorchNorm` but usable under sequence parallelism; apex's `FusedLayerNorm` is CUDA-only),
   and our `VarlenAttention` as core attention.
@@ -25,7 +26,6 @@ import logging
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -37,6 +37,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from qvl_train.compat.megatron_moe import install_moe_without_te
 from qvl_train.models.attention import VarlenAttention
+from qvl_train.models.fp8 import (
+    Fp8ColumnParallelLinear as ColumnParallelLinear,
+    Fp8Recipe,
+    Fp8RowParallelLinear as RowParallelLinear,
+    gpu_fp8_capable,
+)
 
 __all__ = ["te_available", "resolve_spec_backend", "layer_spec", "moe_spec", "block_spec", "TorchNorm", "fp8_missing", "resolve_fp8"]
 
@@ -59,35 +65,52 @@ def resolve_spec_backend(backend: str = "auto") -> str:
     return backend
 
 
-def fp8_missing() -> list[str]:
-    """What FP8 training lacks on this machine: [] or e.g. ["Transformer Engine", "a CUDA GPU"]."""
-    import torch
+FP8_BACKENDS = ("te", "torch")
 
-    missing = [] if te_available() else ["Transformer Engine (pip install transformer-engine)"]
-    if not torch.cuda.is_available():
-        missing.append("a CUDA GPU")
+
+def fp8_missing(backend: str = "te") -> list[str]:
+    """What FP8 training with `backend` lacks on this machine: [] or e.g. ["Transformer Engine", "a GPU with FP8 ..."].
+
+    Both backends need FP8 tensor cores (compute capability >= 8.9: Ada, Hopper and later); the te backend
+    also needs Transformer Engine."""
+    missing = [] if backend != "te" or te_available() else [
+        "Transformer Engine (pip install transformer-engine, or train.fp8_backend=torch, which needs none)"
+    ]
+    capable, gpu = gpu_fp8_capable()
+    if not capable:
+        missing.append(f"a GPU with FP8 tensor cores (compute capability >= 8.9; here: {gpu})")
     return missing
 
 
-def resolve_fp8(mode: str) -> str | None:
-    """`train.fp8` → megatron's `TransformerConfig.fp8` ("hybrid" / "e4m3") or None (off).
+def resolve_fp8(
+    mode: str, backend: str = "te", scaling: str = "rowwise", local_spec: bool = False
+) -> tuple[str | None, Fp8Recipe | None]:
+    """`train.fp8`, `train.fp8_backend`, `train.fp8_scaling` → (megatron's `TransformerConfig.fp8` for
+    Transformer Engine, the torch backend's `Fp8Recipe`); at most one is set, both None = FP8 off.
 
-    `auto` is "hybrid" where Transformer Engine and a GPU are present (then `resolve_spec_backend`
-    also picks the TE specs, whose linear layers run the FP8 GEMMs); elsewhere it logs that FP8 is
-    off and why (the engine resolves it once per run and hands the result to every tower).
-    Explicit modes are checked by `TrainConfig.validate` before anything starts.
+    `auto` is "hybrid" where the backend can run (see `fp8_missing`); elsewhere one log line says that
+    FP8 is off and why. `local_spec`: the run is forced onto the local spec (LoRA, context parallelism),
+    whose linears only the torch backend turns into FP8 GEMMs, so `auto` with te is off there too.
+    Explicit modes were checked by the config's validation before anything started (`RunConfig`); here
+    they are taken as they are.
     """
+    if backend not in FP8_BACKENDS:
+        raise ValueError(f"train.fp8_backend={backend!r}; valid: {', '.join(FP8_BACKENDS)}")
     if mode == "off":
-        return None
+        return None, None
     if mode == "auto":
-        missing = fp8_missing()
+        missing = fp8_missing(backend)
+        if backend == "te" and local_spec:
+            missing.append("the TE spec (LoRA / parallel.cp use the local spec: train.fp8_backend=torch runs FP8 there)")
         if missing:
-            log.info("train.fp8=auto: FP8 is off (missing: %s)", ", ".join(missing))
-            return None
-        return "hybrid"
-    if mode in ("hybrid", "e4m3"):
-        return mode
-    raise ValueError(f"train.fp8={mode!r}; valid: off, auto, hybrid, e4m3")
+            log.info("train.fp8=auto: FP8 is off (missing: %s)", "; ".join(missing))
+            return None, None
+        mode = "hybrid"
+    if mode not in ("hybrid", "e4m3"):
+        raise ValueError(f"train.fp8={mode!r}; valid: off, auto, hybrid, e4m3")
+    if backend == "torch":
+        return None, Fp8Recipe.from_mode(mode, scaling)
+    return mode, None
 
 
 class TorchNorm:

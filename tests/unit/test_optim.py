@@ -93,18 +93,22 @@ def test_wsd_default_fraction_and_config_errors():
 
 
 # --------------------------------------------------------------------------------------- FP8
+def _gpu(capable: bool):
+    return lambda: (capable, "NVIDIA H100 (compute capability 9.0)" if capable else "NVIDIA A100 (compute capability 8.0)")
+
+
 @pytest.mark.parametrize("te,gpu", [(False, False), (True, False), (False, True)])
 def test_explicit_fp8_without_te_or_gpu_is_a_config_error(monkeypatch, te, gpu):
     from qvl_train.models import specs
 
     monkeypatch.setattr(specs, "te_available", lambda: te)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(specs, "gpu_fp8_capable", _gpu(gpu))
     for mode in ("hybrid", "e4m3"):
         tc = TrainConfig(train=TrainLoopConfig(fp8=mode))
-        with pytest.raises(ConfigError, match=f"train.fp8={mode} needs .*use train.fp8=off") as err:
+        with pytest.raises(ConfigError, match=f"train.fp8={mode} .*needs .*use train.fp8=off") as err:
             tc._validate_optim_and_precision()
         assert ("Transformer Engine" in str(err.value)) == (not te)
-        assert ("GPU" in str(err.value)) == (not gpu)
+        assert ("compute capability >= 8.9; here: NVIDIA A100" in str(err.value)) == (not gpu)
     TrainConfig(train=TrainLoopConfig(fp8="auto"))._validate_optim_and_precision()  # auto never fails
     with pytest.raises(ConfigError, match="train.fp8='fp4'"):
         TrainLoopConfig(fp8="fp4")
@@ -114,15 +118,15 @@ def test_fp8_auto_decision(monkeypatch, caplog):
     from qvl_train.models import specs
 
     monkeypatch.setattr(specs, "te_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert specs.resolve_fp8("auto") == "hybrid"
-    assert specs.resolve_fp8("e4m3") == "e4m3" and specs.resolve_fp8("off") is None
+    monkeypatch.setattr(specs, "gpu_fp8_capable", _gpu(True))
+    assert specs.resolve_fp8("auto") == ("hybrid", None)
+    assert specs.resolve_fp8("e4m3") == ("e4m3", None) and specs.resolve_fp8("off") == (None, None)
     TrainConfig(train=TrainLoopConfig(fp8="hybrid"))._validate_optim_and_precision()  # TE + GPU: fine
     monkeypatch.setattr(specs, "te_available", lambda: False)
     with caplog.at_level(logging.INFO, logger=specs.__name__):
-        assert specs.resolve_fp8("auto") is None
+        assert specs.resolve_fp8("auto") == (None, None)
     notes = [r.getMessage() for r in caplog.records if "FP8 is off" in r.getMessage()]
-    assert notes == ["train.fp8=auto: FP8 is off (missing: Transformer Engine (pip install transformer-engine))"]
+    assert len(notes) == 1 and notes[0].startswith("train.fp8=auto: FP8 is off (missing: Transformer Engine")
 
 
 def test_execution_sets_transformer_config_fields():

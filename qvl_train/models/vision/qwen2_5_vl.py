@@ -27,6 +27,7 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from qvl_train.models.common import Execution, SequenceShards, run_layer
+from qvl_train.models.fp8 import fp8_row_multiple
 from qvl_train.models.rope import vision_rope_freqs
 from qvl_train.models.vision.qwen2_vl import Qwen2VisionTransformer, frame_cu_seqlens
 
@@ -91,7 +92,7 @@ class Qwen2_5VisionTransformer(Qwen2VisionTransformer):
         windows = _packed(cu_win.to(h_PD.device))
         frames = _packed(frame_cu_seqlens(grid_thw).to(h_PD.device))
 
-        shards = SequenceShards(self.config, P)  # parallel.sp: window-ordered rows split over TP ranks
+        shards = SequenceShards(self.config, P, fp8_row_multiple(self.config))  # parallel.sp: window-ordered rows split over TP ranks
         h, rope = shards.scatter(h_PD.unsqueeze(1)), shards.pad_rows(rope)  # [P/tp, 1, D]
         for i, layer in enumerate(self.decoder.layers):
             packed = frames if i in self.full_blocks else windows

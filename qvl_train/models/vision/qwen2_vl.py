@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 
 from qvl_train.config import VisionConfig
 from qvl_train.models.common import Execution, SequenceShards, make_transformer_config
+from qvl_train.models.fp8 import fp8_row_multiple
 from qvl_train.models.rope import vision_rope_freqs
 from qvl_train.models.specs import layer_spec
 
@@ -122,7 +123,7 @@ class Qwen2VisionTransformer(MegatronModule):
             max_seqlen_q=longest,
             max_seqlen_kv=longest,
         )
-        shards = SequenceShards(self.config, h_P1D.shape[0])  # parallel.sp: rows split over TP ranks
+        shards = SequenceShards(self.config, h_P1D.shape[0], fp8_row_multiple(self.config))  # parallel.sp: rows split over TP ranks
         h = self.decoder(
             hidden_states=shards.scatter(h_P1D), attention_mask=None, rotary_pos_emb=shards.pad_rows(rope), packed_seq_params=packed
         )

@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 
 from qvl_train.config import VisionConfig
 from qvl_train.models.common import Execution, SequenceShards, make_transformer_config, run_layer
+from qvl_train.models.fp8 import fp8_row_multiple
 from qvl_train.models.rope import vision_rope_freqs
 from qvl_train.models.specs import layer_spec
 from qvl_train.models.vision.qwen2_vl import frame_cu_seqlens
@@ -139,7 +140,7 @@ class Qwen3VisionTransformer(MegatronModule):
         cu = frame_cu_seqlens(grid_thw).to(h_PD.device)
         longest = int((cu[1:] - cu[:-1]).max())
         packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest)
-        shards = SequenceShards(self.config, h_PD.shape[0])  # parallel.sp: rows split over TP ranks
+        shards = SequenceShards(self.config, h_PD.shape[0], fp8_row_multiple(self.config))  # parallel.sp: rows split over TP ranks
         h, rope = shards.scatter(h_PD.unsqueeze(1)), shards.pad_rows(rope)
         deep = []
         for i, layer in enumerate(self.decoder.layers):

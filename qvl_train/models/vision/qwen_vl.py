@@ -32,6 +32,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from qvl_train.config import ModelConfig, ParallelConfig, VisionConfig
 from qvl_train.models.common import Execution, SequenceShards
+from qvl_train.models.fp8 import fp8_row_multiple
 from qvl_train.models.vision.qwen2_vl import vision_block, vision_transformer_config
 from qvl_train.models.vlm import VLM
 
@@ -91,7 +92,7 @@ class QwenVLVisionTransformer(MegatronModule):
         h_PD = self.ln_pre((h_PD.view(n, per, -1) + pos).view(n * per, -1))
         cu = torch.arange(0, (n + 1) * per, per, dtype=torch.int32, device=h_PD.device)  # one segment per image
         packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=per, max_seqlen_kv=per)
-        shards = SequenceShards(self.config, h_PD.shape[0])  # parallel.sp: rows split over TP ranks
+        shards = SequenceShards(self.config, h_PD.shape[0], fp8_row_multiple(self.config))  # parallel.sp: rows split over TP ranks
         h = self.decoder(
             hidden_states=shards.scatter(h_PD.unsqueeze(1)), attention_mask=None, rotary_pos_emb=None, packed_seq_params=packed
         )
