@@ -1,6 +1,6 @@
 """Loader throughput per worker (StepLoader: read + decode + preprocess + pack) vs what training consumes.
 
-    python benchmarks/loader.py [--samples 400] [--steps 8] [--step-tokens 7984 --step-time 0.194] [--workers 0,1,2]
+    python benchmarks/loader.py [--samples 400] [--steps 8] [--model qwen2_5_vl/7b --gpu H100 --mfu 0.4] [--workers 0,1,2]
 
 One worker = one process running `StepLoader.next_step()` for a whole step (dp 1, all micro-batches),
 as each training rank does. On synthetic shards written first into a temporary directory
@@ -11,9 +11,13 @@ as each training rank does. On synthetic shards written first into a temporary d
 * `build ms`: JSON, image decode + resize + patchify (vision.py), template + tokens (text.py),
   M-RoPE positions, then `pack` into PackedBatch;
 * `samples/s`, `tokens/s` (real tokens, text + visual, of the packed batches), `img/s` per worker;
-* `workers/GPU`: how many such workers one GPU needs to be fed at the given consumption rate
-  (`--step-tokens` per `--step-time` seconds; default: the H100 step of benchmarks/RESULTS.md,
-  7,984 tokens in 0.194 s = 41,160 tokens/s for a 1.15B Qwen2-VL-shaped model).
+* `GPU tok/s`: what one GPU training a named model consumes, from the framework's FLOP model
+  (`qvl_train.monitor.flops.packed_batch_flops` of the very batches timed, training = 3 × forward):
+  tokens / (their training FLOPs / (bf16 dense peak of `--gpu` × `--mfu`)). Default: Qwen2.5-VL-7B on
+  an H100 SXM (989 TFLOP/s) at an assumed 40% MFU, i.e. ~396 TFLOP/s achieved; images cost ViT FLOPs,
+  so the rate differs per row. `--consumption N` instead fixes N tokens/s for every row;
+* `workers/GPU`: how many such workers one GPU needs to be fed at that rate (GPU tok/s / tokens/s
+  of one worker, rounded up).
 
 Then decode workers (`data.num_workers` = 0, 1, 2; `data.prefetch_steps` 1, planning ahead): per
 size setting and worker count, after a warm-up step (worker start-up; `first step s`) and the step
@@ -53,6 +57,7 @@ from data_pipelines.schema import DataConfig, DataSource  # noqa: E402
 from data_pipelines.shards import write_index  # noqa: E402
 from data_pipelines.stream import StepLoader  # noqa: E402
 from data_pipelines.synth import generate  # noqa: E402
+from qvl_train.monitor.flops import packed_batch_flops  # noqa: E402
 
 SIZES = {"small 56-224 px": (56, 224), "medium 224-672 px": (224, 672), "large 448-1344 px": (448, 1344)}
 
@@ -71,27 +76,42 @@ class _Timed:
             self.total += time.perf_counter() - t
 
 
-def measure(data_dir: str, *, max_tokens: int, micro: int, steps: int, generation: str) -> dict[str, float]:
-    """Time `steps` steps of one worker (after one warm-up step); phases summed over all steps."""
+def measure(data_dir: str, *, max_tokens: int, micro: int, steps: int, generation: str, model=None) -> dict[str, float]:
+    """Time `steps` steps of one worker (after one warm-up step); phases summed over all steps. With
+    `model` (a ModelConfig), also the training FLOPs of the batches built (`flops_step`)."""
     cfg = DataConfig(sources=[DataSource(data_dir)], max_tokens=max_tokens, generation=generation, plan_ahead=False)
     ld = StepLoader(cfg, micro_batches_per_step=micro, dp_rank=0, dp_size=1)
     ld.next_step()
     plan, read = _Timed(ld._take_plan), _Timed(ld._read)
     ld._take_plan, ld._read = plan, read  # instance attributes shadow the methods
     samples = tokens = images = 0
+    built = []
     t0 = time.perf_counter()
     for _ in range(steps):
         for b in ld.next_step():
             samples += b.num_samples
             tokens += b.num_tokens
             images += int(b.grid_thw.shape[0])
+            built.append(b)
     wall = time.perf_counter() - t0
+    flops = sum(packed_batch_flops(model, b).training for b in built) if model is not None else 0
     return {
         "plan_ms": 1e3 * plan.total / steps, "read_ms": 1e3 * read.total / steps,
         "build_ms": 1e3 * (wall - plan.total - read.total) / steps,
         "samples_s": samples / wall, "tokens_s": tokens / wall, "images_s": images / wall,
-        "tokens_step": tokens / steps, "skipped": ld.stats()["data_skipped"],
+        "tokens_step": tokens / steps, "skipped": ld.stats()["data_skipped"], "flops_step": flops / steps,
     }
+
+
+def consumer_rate(model_name: str, gpu: str, mfu: float) -> tuple[object, float, str]:
+    """(ModelConfig, achieved FLOP/s, description) of one GPU training `model_name` (configs/model/)."""
+    from benchmarks.packing import model_yaml
+    from qvl_train.monitor.flops import peak_tflops
+
+    peak = peak_tflops(0.0, gpu)
+    if peak is None:
+        raise SystemExit(f"--gpu {gpu!r}: no bf16 peak known for it; use a name from qvl_train.monitor.flops.PEAK_TFLOPS")
+    return model_yaml(model_name), peak * 1e12 * mfu, f"{model_name} on {gpu} ({peak:.0f} TFLOP/s bf16 dense) at {mfu:.0%} MFU"
 
 
 def _rss_mb(pid: int) -> float:
@@ -203,9 +223,13 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=8, help="timed steps per row (after one warm-up step)")
     ap.add_argument("--micro", type=int, default=4, help="micro-batches per step")
     ap.add_argument("--max-tokens", type=int, default=4096, help="data.max_tokens")
-    ap.add_argument("--generation", default="qwen2_vl")
-    ap.add_argument("--step-tokens", type=int, default=7984, help="tokens one GPU consumes per training step")
-    ap.add_argument("--step-time", type=float, default=0.194, help="seconds of that training step")
+    ap.add_argument("--generation", default="", help="data generation (default: the model's)")
+    ap.add_argument("--model", default="qwen2_5_vl/7b", help="configs/model/<name> whose FLOPs set the GPU's consumption "
+                    "(and whose generation the data is built for)")
+    ap.add_argument("--gpu", default="H100", help="GPU whose bf16 dense peak is used (qvl_train.monitor.flops.PEAK_TFLOPS)")
+    ap.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation of that GPU")
+    ap.add_argument("--consumption", type=float, default=0.0,
+                    help="fixed tokens/s per GPU instead of the FLOP model (0: the FLOP model)")
     ap.add_argument("--sim-step", type=float, default=1.0, help="simulated step (s) of the plan-ahead part; 0 skips it")
     ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated rows of: " + ", ".join(SIZES) + " ('' skips them)")
     ap.add_argument("--workers", default="0,1,2", help="data.num_workers values of the decode-worker table ('' skips it)")
@@ -214,28 +238,34 @@ def main(argv=None) -> None:
     ap.add_argument("--transfer", action=argparse.BooleanOptionalAction, default=True,
                     help="time one image's worker -> rank transfer, float32 vs uint8 codes")
     args = ap.parse_args(argv)
-    need = args.step_tokens / args.step_time
+    model, achieved, who = consumer_rate(args.model, args.gpu, args.mfu)
+    generation = args.generation or model.generation
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"worker = 1 process, dp 1, {args.micro} x {args.max_tokens}-token micro-batches per step, "
-          f"{args.generation}; consumption {need:,.0f} tokens/s per GPU ({args.step_tokens} tokens / "
-          f"{args.step_time} s); load average {load:.1f}")
+          f"{generation}; consumer: " + (f"{args.consumption:,.0f} tokens/s per GPU (fixed)" if args.consumption else
+                                         f"{who} = {achieved / 1e12:.0f} TFLOP/s achieved")
+          + f"; load average {load:.1f}")
     if args.sizes:
         print(f"{'images':<18} {'plan ms':>8} {'read ms':>8} {'build ms':>9} {'samples/s':>10} {'tokens/s':>9} "
-              f"{'img/s':>7} {'workers/GPU':>11}")
+              f"{'img/s':>7} {'GPU tok/s':>10} {'workers/GPU':>11}")
     results, pooled = {}, {}
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     for name in filter(None, args.sizes.split(",")):  # --sizes '' skips the loader tables
         lo, hi = SIZES[name]
         with tempfile.TemporaryDirectory() as d:
             generate(d, args.samples, seed=0, samples_per_shard=100, min_side=lo, max_side=hi)
-            r = measure(d, max_tokens=args.max_tokens, micro=args.micro, steps=args.steps, generation=args.generation)
+            r = measure(d, max_tokens=args.max_tokens, micro=args.micro, steps=args.steps, generation=generation,
+                        model=model)
+            need = args.consumption or r["tokens_step"] / (r["flops_step"] / achieved)
+            r["consumption_tokens_s"] = need
             results[name] = r
             print(f"{name:<18} {r['plan_ms']:>8.1f} {r['read_ms']:>8.1f} {r['build_ms']:>9.1f} {r['samples_s']:>10.1f} "
-                  f"{r['tokens_s']:>9,.0f} {r['images_s']:>7.1f} {math.ceil(need / r['tokens_s']):>11d}", flush=True)
+                  f"{r['tokens_s']:>9,.0f} {r['images_s']:>7.1f} {need:>10,.0f} {math.ceil(need / r['tokens_s']):>11d}",
+                  flush=True)
             for w in workers:
                 pooled[f"{name} / {w}"] = measure_workers(
                     d, workers=w, max_tokens=args.max_tokens, micro=args.micro, steps=args.steps,
-                    generation=args.generation, consumption=need, train_step=args.train_step,
+                    generation=generation, consumption=need, train_step=args.train_step,
                 )
     if workers:
         print(f"decode workers (data.num_workers, prefetch_steps 1, plan ahead); load average now {os.getloadavg()[0]:.1f}:")
@@ -254,7 +284,7 @@ def main(argv=None) -> None:
         print(f"planning dp32 x 4 micro-batches, 16,384 tokens, qwen2_5_vl, simulated step {args.sim_step} s:")
         for mode, mean, worst in plan_overlap(args.sim_step, steps=5):
             print(f"  {mode:<7} plan wait per step: mean {1e3 * mean:7.1f} ms, max {1e3 * worst:7.1f} ms", flush=True)
-    print(json.dumps({"consumption_tokens_s": need, "rows": results, "workers": pooled}))
+    print(json.dumps({"consumer": args.consumption or who, "rows": results, "workers": pooled}))
 
 
 if __name__ == "__main__":
