@@ -52,7 +52,7 @@ from functools import partial
 from typing import Iterable, Optional
 
 from qvl_train.config import ModelConfig
-from qvl_train.models.params import count_parameters
+from qvl_train.models.params import count_parameters, llm_parts
 from qvl_train.monitor.flops import expected_flops, routed_expert_flops
 
 GiB = 2**30
@@ -146,11 +146,10 @@ def _llm_parts(cfg: ModelConfig) -> dict[str, float]:
     h = l.hidden_size
     d = l.head_dim or h // l.num_attention_heads
     q, kv = l.num_attention_heads * d, l.num_query_groups * d
-    attn = h * q + 2 * h * kv + q * h + 2 * h + (q + 2 * kv if l.qkv_bias else 0) + (2 * d if l.qk_norm else 0)
-    experts = l.num_experts * 3 * h * l.moe_ffn_hidden_size if l.num_experts else 0.0
-    dense_mlp = (h * l.num_experts) if l.num_experts else 3 * h * l.ffn_hidden_size  # router or MLP
-    embed = l.vocab_size * h * (1 if l.tie_word_embeddings else 2) + h  # (+ the final norm, on the last stage)
-    return {"attn": attn, "dense_mlp": dense_mlp, "experts": experts, "embed": embed, "q": q, "kv": kv}
+    p = llm_parts(cfg)  # per-layer averages over the layer pattern (Gated DeltaNet and attention layers, shared expert)
+    # embedding + output layer + final norm (and an MTP head, on the last stage)
+    return {"attn": p["mixer"] + p["norms"], "dense_mlp": p["mlp"], "experts": p["experts"], "embed": p["outside"] + p["mtp"],
+            "q": q, "kv": kv}
 
 
 def _layer_activation_elements(cfg: ModelConfig, recompute: str, attention: str = "flash", sample_tokens: float = 1024) -> float:
