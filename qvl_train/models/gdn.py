@@ -199,7 +199,12 @@ def _fla_kernel():
 
 def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, output_final_state=False,
                      scale=None, use_qk_l2norm_in_kernel=True):
-    """fla-core's Triton chunk kernel on CUDA when installed, else `chunk_gated_delta_rule` (same contract)."""
+    """fla-core's Triton chunk kernel on CUDA when installed, else `chunk_gated_delta_rule` (same contract).
+
+    fla-core 0.6.0 `fla/ops/gated_delta_rule/chunk.py` takes the same packed layout ([1, T, H, D] with
+    `cu_seqlens`, int64), groups value heads over key heads the same way (value head j reads key head
+    j // (Hv/Hk)), normalises q/k in the kernel (eps 1e-6) and scales q by 1/sqrt(Dk) by default.
+    """
     fla_chunk = _fla_kernel() if q.is_cuda else None
     if fla_chunk is None:
         return chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state, scale,
@@ -207,19 +212,23 @@ def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, outp
     squeeze = q.dim() == 3
     if squeeze:
         q, k, v, g, beta = (x.unsqueeze(0) for x in (q, k, v, g, beta))
-    hk, hv = q.shape[2], v.shape[2]
-    if use_qk_l2norm_in_kernel:
-        q, k = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
-    if hv != hk:
-        q, k = (x.repeat_interleave(hv // hk, dim=2) for x in (q, k))
+    if v.shape[2] % q.shape[2]:
+        raise ValueError(f"value heads ({v.shape[2]}) must be a multiple of key heads ({q.shape[2]})")
+    kw = {}
     if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.long)
-    out, final = fla_chunk(q, k, v, g=g.float(), beta=beta, scale=scale, initial_state=initial_state,
-                           output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                           use_qk_l2norm_in_kernel=False)
+        cu_cpu = torch.as_tensor(cu_seqlens).to(device="cpu", dtype=torch.long)
+        kw = {"cu_seqlens": cu_cpu.to(q.device), "cu_seqlens_cpu": cu_cpu}
+    out, final = fla_chunk(*(x.contiguous() for x in (q, k, v)), g=g.float().contiguous(), beta=beta.contiguous(),
+                           scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                           use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kw)
     return (out.squeeze(0) if squeeze else out), final
 
 
+def gdn_spec_params(llm) -> dict:
+    """`GatedDeltaNet`'s keyword arguments from an `LLMConfig` (for `ModuleSpec(module=GatedDeltaNet, params=...)`)."""
+    return {"num_key_heads": llm.linear_num_key_heads, "num_value_heads": llm.linear_num_value_heads,
+            "key_head_dim": llm.linear_key_head_dim, "value_head_dim": llm.linear_value_head_dim,
+            "conv_kernel": llm.linear_conv_kernel_dim, "eps": llm.norm_eps}
 
 
 # ----------------------------------------------------------------------------------------------

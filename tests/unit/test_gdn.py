@@ -272,3 +272,38 @@ def test_flops_count_gdn_layers_by_hand():
     assert f.llm_linear == 2 * 16 * 384 + 16 * 192 + 3072
     assert f.llm_attention == 544 + 768 + 27392
     assert (g.llm_linear, g.llm_attention) == (2 * 16 * 384 + 2 * 16 * 192, 2 * 544)
+
+
+def test_drop_in_for_self_attention_in_transformer_layer():
+    """As the `self_attention` of megatron's `TransformerLayer` (our local spec): packed samples stay independent,
+    and the sharded state dict has the layer's parameters under `self_attention.`."""
+    from dataclasses import replace
+
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    from qvl_train.config import LLMConfig
+    from qvl_train.models.gdn import gdn_spec_params
+    from qvl_train.models.specs import layer_spec
+
+    megatron_one_rank_world()
+    llm = LLMConfig(num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                    vocab_size=10, layer_types=["linear_attention"], linear_num_key_heads=HK,
+                    linear_num_value_heads=HV, linear_key_head_dim=DK, linear_value_head_dim=DV)
+    spec = layer_spec(causal=True)
+    spec.submodules = replace(spec.submodules, self_attention=ModuleSpec(module=GatedDeltaNet,
+                                                                         params=gdn_spec_params(llm)))
+    config = replace(_config(), ffn_hidden_size=128, normalization="RMSNorm", perform_initialization=True)
+    torch.manual_seed(0)
+    layer = build_module(spec, config=config, layer_number=1)
+    assert isinstance(layer.self_attention, GatedDeltaNet)
+    lens = [9, 30, 5]
+    total = sum(lens)
+    x = torch.randn(total, 1, HIDDEN)
+    out = layer(hidden_states=x, attention_mask=None, packed_seq_params=packed_params(lens, total))[0]
+    s0, s1 = lens[0], lens[0] + lens[1]
+    alone = layer(hidden_states=x[s0:s1], attention_mask=None, packed_seq_params=packed_params([lens[1]], s1 - s0))[0]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[s0:s1], alone, rtol=1e-5, atol=1e-5)
+    keys = set(layer.sharded_state_dict().keys())
+    assert {f"self_attention.{n}" for n in ("in_proj.weight", "conv_weight", "A_log", "dt_bias", "norm_weight",
+                                             "out_proj.weight")} <= keys
