@@ -189,7 +189,10 @@ def chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None
     return _finish(out, final, dtype, batched, shape_v, output_final_state)
 
 
-def _fla_kernel():
+def _fla_kernel_for(q: torch.Tensor):
+    """fla-core's `chunk_gated_delta_rule` when `q` is on CUDA and `fla` imports, else None."""
+    if not q.is_cuda:
+        return None
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
     except ImportError:
@@ -205,7 +208,7 @@ def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, outp
     `cu_seqlens`, int64), groups value heads over key heads the same way (value head j reads key head
     j // (Hv/Hk)), normalises q/k in the kernel (eps 1e-6) and scales q by 1/sqrt(Dk) by default.
     """
-    fla_chunk = _fla_kernel() if q.is_cuda else None
+    fla_chunk = _fla_kernel_for(q)
     if fla_chunk is None:
         return chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state, scale,
                                       use_qk_l2norm_in_kernel)

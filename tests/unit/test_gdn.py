@@ -307,3 +307,28 @@ def test_drop_in_for_self_attention_in_transformer_layer():
     keys = set(layer.sharded_state_dict().keys())
     assert {f"self_attention.{n}" for n in ("in_proj.weight", "conv_weight", "A_log", "dt_bias", "norm_weight",
                                              "out_proj.weight")} <= keys
+
+
+def test_fla_dispatch_passes_the_documented_arguments(monkeypatch):
+    """The CUDA path, with a stand-in for fla-core 0.6.0's `chunk_gated_delta_rule` (no GPU here): packed [1, T, ...]
+    tensors, key heads not repeated (fla groups value heads itself), int64 cu_seqlens on the device and on the CPU,
+    the L2 norm left to the kernel; the stand-in computes with our chunked form, so the result must match it."""
+    from qvl_train.models import gdn
+
+    seen = {}
+
+    def stand_in(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                 use_qk_l2norm_in_kernel=False, cu_seqlens=None, cu_seqlens_cpu=None):
+        seen.update(q=q.shape, k=k.shape, cu=cu_seqlens.dtype, cu_cpu=cu_seqlens_cpu.device.type,
+                    l2=use_qk_l2norm_in_kernel)
+        return chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state, scale,
+                                      use_qk_l2norm_in_kernel)
+
+    monkeypatch.setattr(gdn, "_fla_kernel_for", lambda q: stand_in)
+    inputs, cu = _inputs(), _cu(LENS)
+    out, final = gated_delta_rule(*(inputs[n][0] for n in NAMES), cu_seqlens=cu, output_final_state=True)
+    total = sum(LENS)
+    assert seen == {"q": (1, total, HK, DK), "k": (1, total, HK, DK), "cu": torch.int64, "cu_cpu": "cpu", "l2": True}
+    ref, ref_final = chunk_gated_delta_rule(*(inputs[n] for n in NAMES), cu_seqlens=cu, output_final_state=True)
+    torch.testing.assert_close(out, ref[0])
+    torch.testing.assert_close(final, ref_final)
