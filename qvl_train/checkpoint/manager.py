@@ -424,6 +424,9 @@ class CheckpointManager:
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+            from qvl_train.checkpoint.orphans import install
+
+            install()  # the writer, its file writers and the results Manager die with this rank (orphans.py)
             self._async = AsyncCallsQueue()
         self.pending: Optional[Path] = None  # an async save whose files are still being written
 
