@@ -129,6 +129,14 @@ def describe_sample(builder: SampleBuilder, members: dict[str, bytes], entry: Op
     return "\n".join(lines)
 
 
+def _index(directory: str) -> dict[str, Any]:
+    """The validated index of a shard directory (shard names checked as training checks them)."""
+    try:
+        return read_index(directory)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def inspect(path: str, generation: str = "qwen2_vl", n: int = 5, min_pixels: Optional[int] = None,
             max_pixels: Optional[int] = None, tokenizer: Optional[str] = None) -> str:
     """The text `python -m data_pipelines.inspect` prints (`tokenizer`: a `data.tokenizer` directory)."""
@@ -148,13 +156,13 @@ def inspect(path: str, generation: str = "qwen2_vl", n: int = 5, min_pixels: Opt
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, INDEX_NAME)):
             raise SystemExit(f"error: {path} has no {INDEX_NAME}; pass a shard directory or one .tar shard")
-        index = read_index(path)
+        index = _index(path)
         tars = [(os.path.join(path, sh["name"]), {s["key"]: s for s in sh["samples"]}) for sh in index["shards"]]
     elif os.path.isfile(path) and path.endswith(".tar"):
         entries: dict[str, Any] = {}
         idx_path = os.path.join(os.path.dirname(path) or ".", INDEX_NAME)
         if os.path.isfile(idx_path):
-            for sh in read_index(os.path.dirname(path) or ".")["shards"]:
+            for sh in _index(os.path.dirname(path) or ".")["shards"]:
                 if sh["name"] == os.path.basename(path):
                     entries = {s["key"]: s for s in sh["samples"]}
         tars = [(path, entries)]

@@ -289,12 +289,33 @@ def read_index(source_dir: str) -> dict[str, Any]:
     return validate_index(index, path)
 
 
+SAFE_SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}\.tar")
+"""What a shard name in an index may be: a plain file name of letters, digits, `.`, `_`, `-` ending
+in `.tar` (no `/`, no `..` path, no whitespace, quote, shell metacharacter or control character)."""
+
+
+def check_shard_name(name: Any, where: str) -> str:
+    """Refuse a shard name that is not a plain `*.tar` file name (`SAFE_SHARD_NAME`). An index is
+    untrusted input: its names are joined to a shard directory and substituted into `pipe:` commands,
+    so `../../x.tar` or `a.tar; rm -rf ~` must never reach a path or a shell."""
+    if not isinstance(name, str) or not SAFE_SHARD_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"{where}: shard entry name {name!r} is not a plain shard file name (allowed: letters, digits, '.', "
+            "'_', '-', ending in .tar; no '/', '..', spaces or shell characters). The index may be corrupt or "
+            "malicious: regenerate it (python -m data_pipelines.reindex DIR) after renaming the shard files"
+        )
+    return name
+
+
 def validate_index(index: Any, where: str) -> dict[str, Any]:
     """Check a loaded index (from a file or a URL, `where`) and return it."""
     if not isinstance(index, dict) or index.get("version") != INDEX_VERSION:
         version = index.get("version") if isinstance(index, dict) else None
         raise ValueError(f"{where}: unsupported index version {version!r}")
+    if not isinstance(index.get("shards"), list) or not all(isinstance(sh, dict) for sh in index["shards"]):
+        raise ValueError(f"{where}: 'shards' must be a list of shard entries")
     for sh in index["shards"]:
+        check_shard_name(sh.get("name"), where)
         for s in sh["samples"]:
             if not {"id", "key", "n_text_tokens", "images"} <= s.keys():
                 raise ValueError(f"{where}: sample entry {s} lacks required fields")

@@ -13,6 +13,10 @@ A `DataSource.path` is one of
   `pipe:aws s3 cp s3://bucket/data/{shard} -` (object storage through a command): the index is
   the same template with `index.json` in place of `{shard}`, fetched through the same command.
 
+Shard names come from the index, which is untrusted: every name must be a plain `*.tar` file name
+(`shards.check_shard_name`, checked when the index is read, before anything is opened) and is
+substituted shell-quoted into a `pipe:` command.
+
 `DataSource.index` overrides where the index comes from (a local path or any URL above, `pipe:`
 included). Every rank fetches the small index once at start; the plan never opens a shard, so a
 remote source costs nothing until its samples are read. `s3://` is not a scheme webdataset opens
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -30,7 +35,7 @@ import braceexpand
 from webdataset.gopen import gopen
 
 from data_pipelines.schema import SHARD_FIELD, SHARD_NAME, check_source_path, is_url
-from data_pipelines.shards import INDEX_NAME, read_index, validate_index
+from data_pipelines.shards import INDEX_NAME, check_shard_name, read_index, validate_index
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,13 @@ def load_index(url: str) -> dict[str, Any]:
     except Exception as e:
         raise ValueError(f"could not read the shard index {url}: {type(e).__name__}: {e}") from e
     return validate_index(index, url)
+
+
+def shard_url(template: str, name: str) -> str:
+    """`template` with `{shard}` replaced by the index's shard `name`, checked (`check_shard_name`) and,
+    in a `pipe:` command, shell-quoted, so text from an index never becomes shell syntax."""
+    check_shard_name(name, template)
+    return template.replace(SHARD_FIELD, shlex.quote(name) if template.startswith("pipe:") else name)
 
 
 def _local(path: str, root: str) -> str:
@@ -120,7 +132,7 @@ def resolve_source(path: str, index: Optional[str] = None, root: str = ".") -> R
         template = os.path.join(full, SHARD_FIELD)
     index_url = _local(index, root) if index else template.replace(SHARD_FIELD, INDEX_NAME)
     idx = load_index(index_url)
-    urls = tuple(template.replace(SHARD_FIELD, sh["name"]) for sh in idx["shards"])
+    urls = tuple(shard_url(template, sh["name"]) for sh in idx["shards"])
     return ResolvedSource(path=path, index_url=index_url, index=idx, shard_urls=urls)
 
 

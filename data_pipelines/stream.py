@@ -24,9 +24,17 @@ Bad data
 Broken JSON, missing members, undecodable images, a sample absent from its tar, or a sample whose
 real token count exceeds the planned one (a lying index) are skipped and counted by reason; the
 micro-batch is still produced (less full, possibly empty: `num_samples == 0`, `num_tokens == 0`).
-Skips never change the number of micro-batches, so ranks stay in lock-step. If more than
-`data.max_bad_fraction` of a rank's last `data.bad_window` read samples were bad, the loader raises:
-that is a broken data set, not noise.
+Skips never change the number of micro-batches, so ranks stay in lock-step. A shard that cannot be
+read (missing, refused, truncated or damaged mid-file) is logged once per shard with its error, and
+each of its samples that could not be read is skipped as `shard_error` (a tar damaged mid-file keeps
+the samples before the damage). The loader raises as soon as more than `data.max_bad_fraction` ×
+`data.bad_window` of a rank's last `data.bad_window` read samples were bad: checked on every sample
+from the first one (the window need not be full), so data broken from the start stops the run after
+`floor(max_bad_fraction × bad_window) + 1` bad samples (11 with the defaults), and once the window is
+full this is the plain fraction over it. That is a broken data set, not noise.
+`last_step_skips()` names the step's skip counts and shards (the training run stops before an
+optimizer step that got no sample on any rank); `log_skips(path)` lists every read-time skip,
+one JSON line per sample, in a file capped at `SKIP_LOG_MAX_LINES` lines.
 
 Sources, caps, epochs
 ---------------------
@@ -73,6 +81,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -94,6 +103,8 @@ from data_pipelines.workers import DecodePool
 
 log = logging.getLogger(__name__)
 
+SKIP_LOG_MAX_LINES = 100_000
+"""Lines `StepLoader.log_skips` writes at most; the last line then says the list was cut."""
 
 
 class SkipSample(Exception):
@@ -369,6 +380,11 @@ class StepLoader:
         self.builders = make_builders(cfg)
         self.builder = self.builders[0]
         self.read_skipped: dict[str, int] = {}
+        self._step_skips: list[tuple[Ref, str, str]] = []  # (ref, reason, detail) of the step last assembled
+        self._read_errors: dict[Ref, tuple[str, str, str]] = {}  # ref not read → (reason, shard name, error)
+        self._errored_shards: set[str] = set()  # shards whose read error was logged
+        self._skip_log = None  # open file of log_skips(), with its line count
+        self._skip_lines = 0
         self._recent: deque[bool] = deque(maxlen=cfg.bad_window)  # True = bad, over read samples
         self._last_stats: dict[str, float] = {}
         self._state: Optional[dict[str, Any]] = None  # planner state after the last step returned
@@ -403,17 +419,18 @@ class StepLoader:
         """Count, truncate and pack the samples of this rank's micro-batches, in plan order;
         `outcome(ref)` is the built sample or its SkipSample (built inline or by a worker)."""
         batches = []
+        self._step_skips = []
         for plan in mine:
             built, used = [], 0
             for ref in plan:
-                sample = self._count(outcome(ref))
+                sample = self._count(outcome(ref), ref)
                 if sample is None:
                     continue
                 sample = truncate_text_sample(sample, self.planner.token_budget(ref))
                 n = len(sample["input_ids"])
                 if used + n > self.cfg.max_tokens:  # index promised fewer tokens than the data has
                     self._recent.pop()  # recounted as bad below
-                    self._bad("cost_mismatch")
+                    self._bad(ref, "cost_mismatch", f"{n} tokens, more than the index promised")
                     continue
                 used += n
                 built.append(sample)
@@ -478,6 +495,9 @@ class StepLoader:
             self._decode.close()
             self._decode = None
         self._reader.close()
+        if self._skip_log is not None:
+            self._skip_log.close()
+            self._skip_log = None
 
     @property
     def worker_pids(self) -> list[int]:
@@ -488,9 +508,10 @@ class StepLoader:
         """Cumulative skip counts of this rank: `data_skipped` and `data_skipped/<reason>`, plus
         `data_truncated` (text-only samples cut to their token budget; global, from dp rank 0; not a skip).
 
+        `shard_error` counts samples lost to a shard that could not be read (logged once per shard).
         Plan-time skips (too_long, ...) are global and restored by load_state_dict; they are reported
         by dp rank 0 only, so summing `stats()` over dp ranks gives global totals. Read-time skips
-        (bad_json, bad_image, bad_video, missing_member, missing_sample, cost_mismatch) are this rank's own
+        (bad_json, bad_image, bad_video, missing_member, missing_sample, shard_error, cost_mismatch) are this rank's own
         since this loader was created.
         """
         counts: dict[str, int] = {}
@@ -504,6 +525,44 @@ class StepLoader:
         if self.dp_rank == 0 and planned.get("truncated"):
             out["data_truncated"] = int(planned["truncated"])
         return out
+
+    def last_step_skips(self) -> dict[str, Any]:
+        """This rank's read-time skips in the step last returned: `count`, `reasons` ({reason: n}) and
+        `shards` (the sorted names of the shards those samples are in)."""
+        reasons: dict[str, int] = {}
+        for _, reason, _ in self._step_skips:
+            reasons[reason] = reasons.get(reason, 0) + 1
+        shards = sorted({self.planner.shard_name(ref) for ref, _, _ in self._step_skips})
+        return {"count": len(self._step_skips), "reasons": reasons, "shards": shards}
+
+    def log_skips(self, path: str) -> None:
+        """From now on append every read-time skip of this rank to `path` as one JSON line
+        (`id`, `source`, `shard`, `key`, `reason`, `detail`), at most `SKIP_LOG_MAX_LINES` lines in all
+        (lines already in the file, from an earlier run of a resumed job, count); the last line then
+        says that the list was cut and that `stats()` keeps counting."""
+        if self._skip_log is not None:
+            self._skip_log.close()
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            with open(path, "rb") as f:
+                self._skip_lines = sum(1 for _ in f)
+        except FileNotFoundError:
+            self._skip_lines = 0
+        self._skip_log = open(path, "a", encoding="utf-8", buffering=1)
+
+    def _log_skip(self, ref: Ref, reason: str, detail: str) -> None:
+        f = self._skip_log
+        if f is None or self._skip_lines > SKIP_LOG_MAX_LINES:
+            return
+        if self._skip_lines == SKIP_LOG_MAX_LINES:
+            line = {"truncated": True, "message": f"cut at {SKIP_LOG_MAX_LINES} lines: later skips are only counted "
+                    "(data_skipped/<reason> in metrics.jsonl)"}
+        else:
+            entry = self.planner.entry(ref)
+            line = {"id": str(entry.get("id")), "source": self.sources[ref[0]].path, "shard": self.planner.shard_name(ref),
+                    "key": entry["key"], "reason": reason, "detail": detail[:500]}
+        f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self._skip_lines += 1
 
     @property
     def epoch(self) -> int:
@@ -610,15 +669,35 @@ class StepLoader:
             for (s, sh), key_to_ref in by_shard.items()
         ]
         out: dict[Ref, dict[str, bytes]] = {}
-        for key_to_ref, (found, _err, stats) in zip(by_shard.values(), self._reader.read_many(requests)):
+        for req, key_to_ref, (found, err, stats) in zip(requests, by_shard.values(), self._reader.read_many(requests)):
             if io is not None:
                 io.add(stats)
             for key, members in found.items():
                 out[key_to_ref[key]] = members
+                self._read_errors.pop(key_to_ref[key], None)
+            lost = [ref for key, ref in key_to_ref.items() if key not in found]
+            if err is not None:
+                self._shard_error(req.name, "shard_error", err, lost)
+            elif lost:  # tarfile ends a stream quietly at a truncation or a damaged header
+                self._shard_error(req.name, "shard_error", "the shard ends before samples its index lists (truncated "
+                                  "or damaged mid-file, or the index does not match the shard)", lost)
         return out
 
+    def _shard_error(self, name: str, reason: str, err: str, lost: list[Ref]) -> None:
+        """A shard read failed with `err` or came back without samples: those samples (`lost`) become
+        `reason` skips; the shard and its error are logged once."""
+        for ref in lost:
+            self._read_errors[ref] = (reason, name, err)
+        if name not in self._errored_shards:
+            self._errored_shards.add(name)
+            log.warning("data: dp rank %d could not read shard %s: %s (%d of its samples needed by this step lost; "
+                        "counted as data_skipped/%s, listed in data_skipped.jsonl)", self.dp_rank, name, err, len(lost), reason)
+
     def _missing(self, ref: Ref) -> SkipSample:
-        return SkipSample("missing_sample", f"{self.planner.shard_name(ref)}:{self.planner.entry(ref)['key']}")
+        failed = self._read_errors.pop(ref, None)
+        if failed is not None:
+            return SkipSample(failed[0], f"{failed[1]}: {failed[2]}")
+        return SkipSample("missing_sample", f"{self.planner.shard_name(ref)}:{self.planner.entry(ref)['key']} is not in the shard")
 
     def _build_inline(self, ref: Ref, raw: dict[Ref, dict[str, bytes]]) -> Outcome:
         members = raw.get(ref)
@@ -629,22 +708,27 @@ class StepLoader:
         except SkipSample as e:
             return e
 
-    def _count(self, outcome: Outcome) -> Optional[dict[str, Any]]:
+    def _count(self, outcome: Outcome, ref: Ref) -> Optional[dict[str, Any]]:
         """Count a sample as good or bad (the bad-fraction window); the sample, or None if skipped."""
         if isinstance(outcome, SkipSample):
-            self._bad(outcome.reason)
+            self._bad(ref, outcome.reason, str(outcome))
             return None
         self._recent.append(False)
         return outcome
 
-    def _bad(self, reason: str) -> None:
+    def _bad(self, ref: Ref, reason: str, detail: str) -> None:
+        """Count one skipped sample, list it, and stop once the bad samples among the last
+        `bad_window` read exceed `max_bad_fraction × bad_window` (from the first sample on)."""
         self.read_skipped[reason] = self.read_skipped.get(reason, 0) + 1
+        self._step_skips.append((ref, reason, detail))
+        self._log_skip(ref, reason, detail)
         self._recent.append(True)
-        if len(self._recent) == self._recent.maxlen:
-            frac = sum(self._recent) / len(self._recent)
-            if frac > self.cfg.max_bad_fraction:
-                raise RuntimeError(
-                    f"{frac:.1%} of the last {len(self._recent)} samples read on dp rank {self.dp_rank} were "
-                    f"unusable (> data.max_bad_fraction={self.cfg.max_bad_fraction}); skip counts: "
-                    f"{self.read_skipped}. Check the shards (python -m data_pipelines.synth writes valid ones)."
-                )
+        bad, window = sum(self._recent), self._recent.maxlen
+        if bad > self.cfg.max_bad_fraction * window:
+            shards = sorted({self.planner.shard_name(r) for r, _, _ in self._step_skips})
+            raise RuntimeError(
+                f"{bad} of the last {len(self._recent)} samples read on dp rank {self.dp_rank} were unusable, more "
+                f"than data.max_bad_fraction={self.cfg.max_bad_fraction} of data.bad_window={window} allows; "
+                f"skip counts: {self.read_skipped}; shards of this step's skips: {shards[:10]}. Check the shards "
+                "(python -m data_pipelines.inspect DIR; data_skipped.jsonl in the output dir lists each sample and why)."
+            )

@@ -151,6 +151,28 @@ def _diverged(bad_streak: int, step: int, max_bad_steps: int, kept, rank0: bool)
     )
 
 
+def _stop_if_no_data(batches, loader, dims, step: int, rank0: bool) -> None:
+    """Before the optimizer step: if no rank got a usable sample for this step (every sample skipped,
+    e.g. all shards missing), stop with each rank's skip counts and shards. Nothing is trained or saved
+    for such a step; one all-reduce of a sample count per step (every rank reaches the same verdict)."""
+    import torch.distributed as dist
+
+    got = torch.tensor([sum(b.num_samples for b in batches)], dtype=torch.int64, device=dims.device)
+    dist.all_reduce(got)
+    if got.item():
+        return
+    skips: list = [None] * dims.world_size
+    dist.all_gather_object(skips, loader.last_step_skips())
+    lines = [f"  rank {r}: {s['count']} skipped {s['reasons']} in shards {s['shards'][:8]}"
+             for r, s in enumerate(skips) if s["count"]]
+    raise SystemExit(
+        f"stopping before step {step}: no rank got a usable sample (every sample of the step was skipped); "
+        "no optimizer step and no checkpoint for it.\n" + "\n".join(lines) + "\nThe log names each unreadable shard "
+        "and its error; data_skipped.jsonl in the output dir lists every skipped sample. Check data.sources and "
+        "the shards (python -m data_pipelines.inspect DIR)." if rank0 else 1
+    )
+
+
 def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
     """Train `cfg` on this rank. Everything the run opens (process groups, signal handlers, loader and
     decode workers, the async checkpoint writer, wandb) is closed once by one ExitStack, on every exit
@@ -192,6 +214,8 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
         state, how = ckpt.restore(engine, resume=cfg.checkpoint.resume, init_from=cfg.model.init_from)
         if state.data:
             loader.load_state_dict(state.data)
+        if dims.tp_rank == dims.pp_rank == dims.cp_rank == 0:  # the ranks that read a dp share of the data
+            loader.log_skips(str(out / ("data_skipped.jsonl" if dims.dp_rank == 0 else f"data_skipped.dp{dims.dp_rank}.jsonl")))
         log.info("start: %s at step %d", how, state.step)
         runlog = teardown.enter_context(RunLog(cfg, dims, state))  # wandb finished on every exit path
         trace = None
@@ -207,6 +231,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
             batches = loader.next_step()
             plan = loader.last_step_stats()  # estimates from the shard index, identical on every rank
             t_data = time.perf_counter() - t0
+            _stop_if_no_data(batches, loader, dims, state.step + 1, rank0)
             result = engine.train_step(batches, state.step)
             ckpt.poll()  # an async save whose files are all written becomes `latest`
             state.advance(result, loader.state_dict())

@@ -34,7 +34,7 @@ def bad_dir(tmp_path_factory):
 
 
 def _loader(path, **kw):
-    cfg = DataConfig(sources=[DataSource(path=path)], max_tokens=1024, **kw)
+    cfg = DataConfig(sources=[DataSource(path=path)], max_tokens=1024, max_bad_fraction=0.5, **kw)  # ~15% bad
     return StepLoader(cfg, micro_batches_per_step=4, dp_rank=0, dp_size=1)
 
 
