@@ -398,13 +398,15 @@ class ShardReader:
 
     def __init__(self, cache: Optional[ShardCache] = None, threads: int = REMOTE_THREADS):
         self.cache = cache
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-range") if threads > 1 else None
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-read") if threads > 1 else None
+        self._fetch = ThreadPoolExecutor(threads, thread_name_prefix="shard-range") if threads > 1 else None
         self._not_rangeable: set[str] = set()  # hosts/urls found unable to serve ranges
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in (self._pool, self._fetch):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._fetch = None
 
     def read_many(self, requests: Iterable[ShardRequest]) -> list[tuple[dict[str, dict[str, bytes]], Optional[str], IOStats]]:
         """Read several shards' requests (remote range requests run concurrently); per request:
@@ -466,7 +468,10 @@ class ShardReader:
                 os.close(fd)
         else:
             src = _Http(req.url) if kind == "http" else _S3(req.url)
-            fetched = [src.fetch(a, b) for a, b, _ in groups]
+            if self._fetch is not None and len(groups) > 1:  # the requests of one shard in flight together
+                fetched = list(self._fetch.map(lambda g: src.fetch(g[0], g[1]), groups))
+            else:
+                fetched = [src.fetch(a, b) for a, b, _ in groups]
             blobs = [b for b, _ in fetched]
             for t in {t for _, t in fetched if t is not None}:
                 self._check_size(req, t)

@@ -1,9 +1,8 @@
 """Exact-byte shard reads (data_pipelines/ranged.py): offsets in the index, reindex, local / HTTP / S3
-range reads against servers on 127.0.0.1, the pipe: fallback and its node-local cache, byte counts."""
+range reads against servers on 127.0.0.1 (tests/range_server.py, moto), the pipe: fallback and its node-local cache, byte counts."""
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
 import logging
@@ -11,7 +10,6 @@ import os
 import random
 import shutil
 import tarfile
-import threading
 
 import numpy as np
 import pytest
@@ -23,6 +21,7 @@ from data_pipelines.schema import DataConfig, DataSource
 from data_pipelines.shards import ShardWriter, read_index, validate_index
 from data_pipelines.stream import StepLoader, read_shard_members
 from data_pipelines.synth import generate
+from tests.range_server import RangeServer
 
 
 @pytest.fixture(scope="module")
@@ -188,44 +187,10 @@ def test_stale_index_falls_back_to_streaming(noise_dir, tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------ HTTP with Range support
-class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves a directory with single `bytes=a-b` ranges (206) and counts the body bytes sent."""
-
-    sent = 0
-    ranges = True
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        path = self.translate_path(self.path)
-        if not os.path.isfile(path):
-            return self.send_error(404)
-        data = open(path, "rb").read()
-        rng = self.headers.get("Range")
-        if rng and type(self).ranges:
-            a, b = (int(x) for x in rng.split("=", 1)[1].split("-"))
-            body = data[a : b + 1]
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {a}-{a + len(body) - 1}/{len(data)}")
-        else:
-            body = data
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        type(self).sent += len(body)
-
-
 @pytest.fixture
 def http_server(noise_dir):
-    handler = type("H", (_RangeHandler,), {"sent": 0, "ranges": True})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=noise_dir))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    server.shutdown()
-    server.server_close()
+    with RangeServer(noise_dir) as served:
+        yield served
 
 
 def test_http_range_reads_move_only_the_needed_bytes(noise_dir, http_server):

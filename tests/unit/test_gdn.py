@@ -234,6 +234,15 @@ def _tp_worker(rank: int, world_size: int) -> None:
         out, _ = layer(xs, packed_seq_params=params)
         (out * grad_out[rows]).sum().backward()
         grads = {n: p.grad for n, p in layer.named_parameters()}
+        if tp > 1:  # checkpoint shards: global shape = the tp=1 shape, this rank's rows at rank·local
+            sharded = layer.sharded_state_dict()
+            for name, p in layer.named_parameters():
+                st, dim = sharded[name], 1 if name == "out_proj.weight" else 0
+                full_shape = list(p.shape)
+                if name != "norm_weight":
+                    full_shape[dim] *= tp
+                assert list(st.global_shape) == full_shape, name
+                assert st.global_offset[dim] == (0 if name == "norm_weight" else rank * p.shape[dim]), name
         parallel_state.destroy_model_parallel()
         return rows, out.detach(), xs.grad, grads
 
