@@ -261,9 +261,10 @@ class ModelConfig:
         if rem and llm.head_dim is None:
             raise ConfigError("model.llm.hidden_size must be divisible by model.llm.num_attention_heads")
         head_dim = llm.head_dim or head_dim
-        if 2 * sum(llm.mrope_section) != head_dim:
+        rotary = int(head_dim * llm.partial_rotary_factor)  # Qwen3.5 rotates a quarter of each head
+        if 2 * sum(llm.mrope_section) != rotary:
             raise ConfigError(
-                f"model.llm.mrope_section={list(llm.mrope_section)} must sum to head_dim/2 = {head_dim // 2}"
+                f"model.llm.mrope_section={list(llm.mrope_section)} must sum to head_dim·partial_rotary_factor/2 = {rotary // 2}"
             )
         if llm.num_attention_heads % llm.num_query_groups:
             raise ConfigError("model.llm.num_attention_heads must be a multiple of model.llm.num_query_groups")

@@ -7,14 +7,14 @@ registries compares generation names.
 
 from __future__ import annotations
 
-from data_pipelines.generations import qwen2_5_vl, qwen2_vl, qwen3_vl, qwen_vl
+from data_pipelines.generations import qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_vl, qwen_vl
 from data_pipelines.generations.base import GROUNDING_FORMATS, DataSpec, VideoRules
 
 __all__ = ["DataSpec", "VideoRules", "GROUNDING_FORMATS", "NAMES", "get", "count_keys", "check"]
 
 _SPECS: dict[str, DataSpec] = {
     spec.name: spec
-    for spec in (qwen_vl.SPEC, qwen2_vl.SPEC, qwen2_5_vl.SPEC, qwen3_vl.SPEC, qwen3_vl.MOE_SPEC)
+    for spec in (qwen_vl.SPEC, qwen2_vl.SPEC, qwen2_5_vl.SPEC, qwen3_vl.SPEC, qwen3_vl.MOE_SPEC, qwen3_5.SPEC, qwen3_5.MOE_SPEC)
 }
 NAMES: tuple[str, ...] = tuple(_SPECS)
 

@@ -8,13 +8,14 @@ Adding a generation = one folder here with its `ModelSpec` + one line in `_SPECS
 
 from __future__ import annotations
 
-from qvl_train.generations import qwen2_5_vl, qwen2_vl, qwen3_vl, qwen_vl
+from qvl_train.generations import qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_vl, qwen_vl
 from qvl_train.generations.base import ModelSpec
 
 __all__ = ["ModelSpec", "NAMES", "get", "from_hf_model_type", "check", "check_data_matches"]
 
 _SPECS: dict[str, ModelSpec] = {
-    spec.name: spec for spec in (qwen_vl.SPEC, qwen2_vl.SPEC, qwen2_5_vl.SPEC, qwen3_vl.SPEC, qwen3_vl.MOE_SPEC)
+    spec.name: spec
+    for spec in (qwen_vl.SPEC, qwen2_vl.SPEC, qwen2_5_vl.SPEC, qwen3_vl.SPEC, qwen3_vl.MOE_SPEC, qwen3_5.SPEC, qwen3_5.MOE_SPEC)
 }
 NAMES: tuple[str, ...] = tuple(_SPECS)
 

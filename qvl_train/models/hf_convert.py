@@ -30,7 +30,7 @@ from qvl_train.config import ModelConfig
 
 __all__ = [
     "hf_to_ours", "ours_to_hf", "lora_to_hf", "detect_style", "detect_expert_layout", "EXPERT_LAYOUTS", "fuse_qkv", "split_qkv",
-    "rules_dynamic_vit", "rules_qwen_vl", "rules_qwen3_vl",
+    "rules_dynamic_vit", "rules_qwen_vl", "rules_qwen3_vl", "rules_qwen3_5",
 ]
 
 EXPERT_LAYOUTS = ("hub", "transposed")
@@ -219,6 +219,100 @@ def rules_qwen3_vl(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
     return R
 
 
+def rules_qwen3_5(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
+    """Qwen3.5 / Qwen3.6 (HF `Qwen3_5(Moe)ForConditionalGeneration`, transformers 5.25 `modeling_qwen3_5.py`):
+    Qwen3-VL's ViT and merger without DeepStack; per LLM layer either `linear_attn.*` (Gated DeltaNet, our
+    `self_attention.*` of `models/gdn.py`) or `self_attn.*` with `q_proj` rows `[head, (query | gate), d]`
+    (kind `qkv_gated`: megatron's gated layout per query group); MLP or routed experts + shared expert.
+
+    Every LLM RMSNorm of Qwen3.5 is zero-centred (`Qwen3_5RMSNorm`: x̂ · (1 + w), init 0): our norms are
+    plain `torch.nn.RMSNorm` (x̂ · w), so the weights convert as w + 1 (kind `norm1p`, exact in fp32: HF
+    adds the 1 in fp32 too). The Gated DeltaNet's gated norm (`Qwen3_5RMSNormGated`, init 1) is plain."""
+    llm = cfg.llm
+    vit_cfg = cfg.vision
+    R = [r for r in rules_qwen3_vl(cfg) if not r[0].startswith("llm.") and not r[0].startswith("projector.deepstack")]
+    assert not vit_cfg.deepstack_visual_indexes
+    R.append(("llm.embedding.weight", ("lm.embed_tokens.weight",), "id"))
+    for i, kind in enumerate(llm.layer_types):
+        s, d = f"lm.layers.{i}.", f"llm.decoder.layers.{i}."
+        R.append((d + "input_layernorm.weight", (s + "input_layernorm.weight",), "norm1p"))
+        R.append((d + "pre_mlp_layernorm.weight", (s + "post_attention_layernorm.weight",), "norm1p"))
+        if kind == "linear_attention":
+            a, g = s + "linear_attn.", d + "self_attention."
+            R.append((g + "in_proj.weight", tuple(a + n for n in _GDN_IN_PROJ), "gdn_in_proj"))
+            R.append((g + "conv_weight", (a + "conv1d.weight",), "gdn_conv"))
+            for ours, hf in (("A_log", "A_log"), ("dt_bias", "dt_bias"), ("norm_weight", "norm.weight"),
+                             ("out_proj.weight", "out_proj.weight")):
+                R.append((g + ours, (a + hf,), "id"))
+        else:
+            R.append((d + "self_attention.linear_qkv.weight", tuple(s + f"self_attn.{n}_proj.weight" for n in "qkv"), "qkv_gated"))
+            R.append((d + "self_attention.q_layernorm.weight", (s + "self_attn.q_norm.weight",), "norm1p"))
+            R.append((d + "self_attention.k_layernorm.weight", (s + "self_attn.k_norm.weight",), "norm1p"))
+            R.append((d + "self_attention.linear_proj.weight", (s + "self_attn.o_proj.weight",), "id"))
+        if llm.num_experts:
+            R.extend(_expert_rules(d, s, llm.num_experts))
+            if llm.shared_expert_ffn_hidden_size:
+                e = s + "mlp.shared_expert."
+                R.append((d + "mlp.shared_experts.linear_fc1.weight", (e + "gate_proj.weight", e + "up_proj.weight"), "cat"))
+                R.append((d + "mlp.shared_experts.linear_fc2.weight", (e + "down_proj.weight",), "id"))
+                R.append((d + "mlp.shared_experts.gate_weight", (s + "mlp.shared_expert_gate.weight",), "id"))
+        else:
+            R.append((d + "mlp.linear_fc1.weight", (s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight"), "cat"))
+            R.append((d + "mlp.linear_fc2.weight", (s + "mlp.down_proj.weight",), "id"))
+    R.append(("llm.decoder.final_layernorm.weight", ("lm.norm.weight",), "norm1p"))
+    if not llm.tie_word_embeddings:
+        R.append(("llm.output_layer.weight", ("lm_head.weight",), "id"))
+    return R
+
+
+_GDN_IN_PROJ = ("in_proj_qkv.weight", "in_proj_z.weight", "in_proj_b.weight", "in_proj_a.weight")
+
+
+def _gdn_layer(cfg: ModelConfig, given: dict[str, torch.Tensor], to_local: bool) -> dict[str, torch.Tensor]:
+    """`models/gdn.py`'s one-layer `hf_to_local` / `local_to_hf` on the tensors of one rule; the layer's other
+    tensors (which other rules convert as they are) are filled with zeros of their shape."""
+    from qvl_train.models import gdn
+
+    l = cfg.llm
+    hk, hv, dk, dv, h = l.linear_num_key_heads, l.linear_num_value_heads, l.linear_key_head_dim, l.linear_value_head_dim, l.hidden_size
+    conv_rows = 2 * hk * dk + hv * dv
+    shapes = {"A_log": (hv,), "dt_bias": (hv,)}
+    if to_local:
+        shapes.update({"in_proj_qkv.weight": (conv_rows, h), "in_proj_z.weight": (hv * dv, h), "in_proj_b.weight": (hv, h),
+                       "in_proj_a.weight": (hv, h), "conv1d.weight": (conv_rows, 1, l.linear_conv_kernel_dim),
+                       "norm.weight": (dv,), "out_proj.weight": (h, hv * dv)})
+    else:
+        shapes.update({"in_proj.weight": (hk * (2 * dk + 2 * (hv // hk) * dv + 2 * (hv // hk)), h),
+                       "conv_weight": (conv_rows, l.linear_conv_kernel_dim), "norm_weight": (dv,), "out_proj.weight": (h, hv * dv)})
+    like = next(iter(given.values()))
+    full = {k: given[k] if k in given else like.new_zeros(shape) for k, shape in shapes.items()}
+    return (gdn.hf_to_local if to_local else gdn.local_to_hf)(full, hk, dk)
+
+
+def fuse_gated_qkv(q_gate: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int) -> torch.Tensor:
+    """HF gated `q_proj` rows `[nh, (query d | gate d)]` + k/v → megatron's gated grouped layout (0.16.1
+    `SelfAttention.get_query_key_value_tensors(output_gate=True)`): per query group its nh/ng query heads,
+    their nh/ng gates, its k head, its v head."""
+    rest = q_gate.shape[1:]
+    d = k.shape[0] // num_groups
+    per = num_heads // num_groups
+    qg = q_gate.reshape(num_groups, per, 2, d, *rest)
+    parts = [qg[:, :, 0].reshape(num_groups, per * d, *rest), qg[:, :, 1].reshape(num_groups, per * d, *rest),
+             k.reshape(num_groups, d, *rest), v.reshape(num_groups, d, *rest)]
+    return torch.cat(parts, dim=1).reshape(-1, *rest).contiguous()
+
+
+def split_gated_qkv(qkv: torch.Tensor, num_heads: int, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `fuse_gated_qkv`: (HF q_proj with the gates interleaved per head, k, v)."""
+    rest = qkv.shape[1:]
+    per = num_heads // num_groups
+    d = qkv.shape[0] // (num_groups * (2 * per + 2))
+    g = qkv.reshape(num_groups, (2 * per + 2) * d, *rest)
+    q, gate, k, v = g.split([per * d, per * d, d, d], dim=1)
+    q_gate = torch.stack([q.reshape(num_groups, per, d, *rest), gate.reshape(num_groups, per, d, *rest)], dim=2)
+    return q_gate.reshape(-1, *rest).contiguous(), k.reshape(-1, *rest).contiguous(), v.reshape(-1, *rest).contiguous()
+
+
 def _expert_rules(d: str, s: str, num_experts: int) -> list[tuple[str, tuple[str, ...], str]]:
     """Qwen3-VL-MoE layer MLP: router `mlp.gate` (ours `mlp.router`) and the experts, which HF stores
     fused per layer (`gate_up_proj` / `down_proj` with a leading expert dim) and megatron's
@@ -284,6 +378,14 @@ def hf_to_ours(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
             out[ours] = fuse_qkv(*t[0].chunk(3, dim=0), llm.num_attention_heads, llm.num_query_groups)
         elif kind == "cat":
             out[ours] = torch.cat(t)
+        elif kind == "norm1p":  # zero-centred RMSNorm weight (Qwen3.5) → plain
+            out[ours] = t[0] + 1
+        elif kind == "qkv_gated":
+            out[ours] = fuse_gated_qkv(*t, llm.num_attention_heads, llm.num_query_groups)
+        elif kind == "gdn_in_proj":
+            out[ours] = _gdn_layer(cfg, dict(zip(_GDN_IN_PROJ, t)), to_local=True)["in_proj.weight"]
+        elif kind == "gdn_conv":
+            out[ours] = _gdn_layer(cfg, {"conv1d.weight": t[0]}, to_local=True)["conv_weight"]
         elif kind.startswith("expert_"):
             out[ours] = _expert_slice(t[0], int(kind.split(":")[1]), layout)
         else:  # pragma: no cover
@@ -313,6 +415,15 @@ def _to_hf_parts(t: torch.Tensor, kind: str, cfg: ModelConfig) -> list[torch.Ten
         return [torch.cat(list(split_qkv(t, llm.num_attention_heads, llm.num_query_groups)))]
     if kind == "cat":
         return list(t.chunk(2, dim=0))
+    if kind == "norm1p":
+        return [t - 1]
+    if kind == "qkv_gated":
+        return list(split_gated_qkv(t, llm.num_attention_heads, llm.num_query_groups))
+    if kind == "gdn_in_proj":
+        hf = _gdn_layer(cfg, {"in_proj.weight": t}, to_local=False)
+        return [hf[n] for n in _GDN_IN_PROJ]
+    if kind == "gdn_conv":
+        return [_gdn_layer(cfg, {"conv_weight": t}, to_local=False)["conv1d.weight"]]
     raise AssertionError(kind)  # pragma: no cover
 
 

@@ -13,17 +13,19 @@ input from `set_input_tensor` (the activation received by the pipeline schedule)
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from qvl_train.config import LLMConfig, ParallelConfig
 from qvl_train.models.common import Execution, SequenceShards, make_transformer_config, run_layer, without_sequence_parallel
-from qvl_train.models.specs import block_spec, layer_spec
+from qvl_train.models.specs import TorchNorm, block_spec, layer_spec
 
 __all__ = ["Qwen2LanguageModel", "llm_transformer_config"]
 
@@ -59,6 +61,7 @@ def llm_transformer_config(cfg: LLMConfig, parallel: ParallelConfig, *, dtype: t
         add_qkv_bias=cfg.qkv_bias,
         gated_linear_unit=True,
         activation_func=F.silu,
+        attention_output_gate=cfg.attn_output_gate,
         **moe,
     )
 
@@ -86,6 +89,37 @@ def moe_transformer_kwargs(cfg: LLMConfig, parallel: ParallelConfig) -> dict:
         moe_token_dispatcher_type="alltoall",
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp,
+    )
+
+
+def hybrid_block_spec(cfg: LLMConfig, config, full: ModuleSpec, vp_stage: Optional[int]):
+    """This stage's layer specs of the Qwen3.5 hybrid LLM (`cfg.layer_types`): `full` (gated attention,
+    `config.attention_output_gate`) for `full_attention` layers, the same layer with our `GatedDeltaNet`
+    (`models/gdn.py`) as its token mixer for `linear_attention` layers (transformers 5.25
+    `Qwen3_5DecoderLayer`: norm → mixer → residual → norm → MLP → residual for both kinds).
+
+    The kinds follow the *global* layer numbers of this pipeline stage / model chunk (megatron's offset),
+    so any pp / vpp layout builds the same model. Local backend only (the model builds the hybrid LLM's
+    layers with it whatever the backend): the TE spec fuses the input norm into the qkv GEMM, which a
+    GDN layer does not have."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from qvl_train.models.gdn import GatedDeltaNet, gdn_spec_params
+
+    keys_map = {k: v for k, v in full.submodules.sharded_state_dict_keys_map.items() if k != "input_layernorm."}
+    linear = ModuleSpec(
+        module=full.module,
+        submodules=replace(
+            full.submodules, self_attention=ModuleSpec(module=GatedDeltaNet, params=gdn_spec_params(cfg)),
+            sharded_state_dict_keys_map=keys_map,
+        ),
+    )
+    offset = get_transformer_layer_offset(config, vp_stage)
+    count = get_num_layers_to_build(config, vp_stage)
+    kinds = {"linear_attention": linear, "full_attention": full}
+    return TransformerBlockSubmodules(
+        layer_specs=[kinds[cfg.layer_types[offset + i]] for i in range(count)], layer_norm=TorchNorm
     )
 
 
@@ -122,12 +156,14 @@ class Qwen2LanguageModel(MegatronModule):
             if self.tie and not post_process:
                 self.embedding.weight.shared_embedding = True
         layer = layer_spec(
-            causal=True, attention_backend=attention_backend, spec_backend=spec_backend, qk_norm=cfg.qk_norm,
+            causal=True, attention_backend=attention_backend, spec_backend="local" if cfg.layer_types else spec_backend,
+            qk_norm=cfg.qk_norm,
             moe=cfg.num_experts > 0,
         )
+        spec = hybrid_block_spec(cfg, config, layer, vp_stage) if cfg.layer_types else block_spec(config, layer, spec_backend)
         self.decoder = TransformerBlock(
             config=config,
-            spec=block_spec(config, layer, spec_backend),
+            spec=spec,
             post_layer_norm=True,
             pre_process=pre_process,
             post_process=post_process,

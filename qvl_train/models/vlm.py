@@ -36,7 +36,7 @@ from qvl_train.models.rope import mrope_freqs
 from qvl_train.models.vision.qwen2_vl import Qwen2VisionTransformer
 from qvl_train.parallel.context import ContextPackedSeqParams
 
-__all__ = ["VLM", "Qwen3VLM"]
+__all__ = ["VLM", "Qwen3VLM", "Qwen3_5VLM"]
 
 
 class VLM(MegatronModule):
@@ -78,6 +78,9 @@ class VLM(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         self.head_dim = cfg.llm.head_dim or cfg.llm.hidden_size // cfg.llm.num_attention_heads
+        # partial rotary (Qwen3.5: 0.25): the first `rotary_dim` channels of each head rotate, the rest pass
+        # (megatron's `apply_rotary_pos_emb` rotates as many channels as the angles have; HF `apply_rotary_pos_emb`)
+        self.rotary_dim = int(self.head_dim * cfg.llm.partial_rotary_factor)
         if pre_process:
             self.vision = vision_cls(
                 cfg.vision, tp=parallel.tp, dtype=dtype, attention_backend=cfg.attention_backend, spec_backend=spec_backend,
@@ -147,7 +150,7 @@ class VLM(MegatronModule):
         )
         positions = batch.position_ids if split is None else split.positions(batch.position_ids)
         rope = mrope_freqs(
-            positions, self.head_dim, self.cfg.llm.rope_theta, list(self.cfg.llm.mrope_section),
+            positions, self.rotary_dim, self.cfg.llm.rope_theta, list(self.cfg.llm.mrope_section),
             interleaved=self.cfg.llm.mrope_interleaved,
         )
         return rope, packed
@@ -256,3 +259,15 @@ class Qwen3VLM(VLM):
         rope, packed = self._rope_and_packing(batch)
         hidden, deepstack = self.embed_with_deepstack(batch)
         return self.llm(hidden, rope, packed, deepstack=deepstack).squeeze(1)
+
+
+class Qwen3_5VLM(Qwen3VLM):
+    """Qwen3.5 / Qwen3.6 (dense and MoE): Qwen3-VL's ViT without DeepStack (`vision.deepstack_visual_indexes`
+    empty) and merger, and the hybrid LLM (`model.llm.layer_types`: Gated DeltaNet and gated-attention
+    layers, `language.hybrid_block_spec`) with partial interleaved M-RoPE (`model.llm.partial_rotary_factor`).
+    transformers 5.25 `models/qwen3_5/modeling_qwen3_5.py` (`Qwen3_5ForConditionalGeneration`)."""
+
+    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, **kw):
+        if cfg.vision.deepstack_visual_indexes:
+            raise ValueError("Qwen3.5 has no DeepStack: set model.vision.deepstack_visual_indexes=[]")
+        super().__init__(cfg, parallel, **kw)
