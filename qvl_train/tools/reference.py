@@ -98,7 +98,9 @@ def run_reference(function: str, tensors: dict[str, torch.Tensor] | None = None,
                   str(tmp_path / "inputs.safetensors"))
         (tmp_path / "args.json").write_text(args_json)
         cmd = [str(python), str(RUNNER), "--file", str(path), "--function", function, "--dir", str(tmp_path)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO_ROOT))  # noqa: S603
+        # the main env's PYTHONPATH/PYTHONHOME would put transformers 4.57 in front of the reference's own
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO_ROOT), env=env)  # noqa: S603
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
             raise RuntimeError(f"reference call {path.name}:{function} failed (exit {proc.returncode}) "

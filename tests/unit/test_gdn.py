@@ -341,3 +341,23 @@ def test_fla_dispatch_passes_the_documented_arguments(monkeypatch):
     ref, ref_final = chunk_gated_delta_rule(*(inputs[n] for n in NAMES), cu_seqlens=cu, output_final_state=True)
     torch.testing.assert_close(out, ref[0])
     torch.testing.assert_close(final, ref_final)
+
+
+def test_reference_runner_refuses_bad_calls(monkeypatch, tmp_path):
+    """tools/reference.py: a missing interpreter names `make setup`; only identifiers and repo files are run."""
+    from qvl_train.tools import reference
+
+    monkeypatch.setenv(reference.ENV_VAR, str(tmp_path / "no-python"))
+    assert not reference.reference_available()[0]
+    with pytest.raises(reference.ReferenceUnavailable, match="make setup"):
+        reference.run_reference("hf_gated_delta_rule", {})
+    monkeypatch.delenv(reference.ENV_VAR)
+    with pytest.raises(ValueError, match="identifier"):
+        reference.run_reference("os.system", {})
+    outside = tmp_path / "evil.py"
+    outside.write_text("def f(tensors):\n    return {}\n")
+    if REF_OK:
+        with pytest.raises(ValueError, match="outside the repository"):
+            reference.run_reference("f", {}, file=outside)
+        with pytest.raises(TypeError, match="JSON"):
+            reference.run_reference("hf_gated_delta_rule", {}, {"x": object()})
