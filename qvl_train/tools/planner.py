@@ -307,6 +307,8 @@ def check_layout(cfg: ModelConfig, lo: Layout, work: Workload, gpus_per_node: in
         return f"tp={lo.tp} does not divide the {l.num_attention_heads} heads and {l.num_query_groups} kv groups"
     if cfg.vision.num_heads % lo.tp:
         return f"tp={lo.tp} does not divide the ViT's {cfg.vision.num_heads} heads"
+    if lo.cp > 1 and "linear_attention" in l.layer_types:
+        return f"cp={lo.cp}: context parallelism does not run Gated DeltaNet (linear_attention) layers"
     if L < lo.pp * lo.vpp:
         return f"pp·vpp={lo.pp * lo.vpp} exceeds the {L} layers"
     if lo.vpp > 1 and L % (lo.pp * lo.vpp):
