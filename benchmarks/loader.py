@@ -38,6 +38,14 @@ Then planning ahead: GlobalPlanner at dp 32 x 4 micro-batches of 16,384 tokens o
 index of benchmarks/packing.py (no media), with a simulated training step of `--sim-step` seconds
 (sleep, which releases the GIL like CUDA work mostly does): how long `next_step` waits for its plan,
 inline vs planned ahead.
+
+Then shard I/O (`--io-dp`, default 1,8,64; `--io-samples` synthetic samples, `--io-steps` steps): per
+source (a local directory, an HTTP server with Range support and moto's S3 server, both on 127.0.0.1)
+and per dp size, every simulated rank reads its share of each step (its micro-batches `j % dp == r` of
+`--io-micro` per step) through `StepLoader._read`, once streaming (an index without offsets, as before)
+and once by range (offsets in the index): `amplification` = bytes read / bytes of the samples used
+(summed over the ranks), `samples/s` = samples read / read time of all ranks one after the other (one
+process; decoding not included).
 """
 
 from __future__ import annotations
@@ -217,6 +225,75 @@ def plan_overlap(sim_step: float, steps: int) -> list[tuple[str, float, float]]:
     return out
 
 
+def _strip_offsets(src: str, dst: str) -> None:
+    import shutil
+
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, "index.json")) as f:
+        idx = json.load(f)
+    for sh in idx["shards"]:
+        sh.pop("size", None)
+        for s in sh["samples"]:
+            s.pop("offset", None)
+            s.pop("members", None)
+    with open(os.path.join(dst, "index.json"), "w") as f:
+        json.dump(idx, f)
+
+
+def io_rows(samples: int, dps: list[int], micro: int, steps: int, max_tokens: int) -> list[dict]:
+    """Amplification and samples/s of each step's reads, per source x dp x (streamed, ranged)."""
+    from moto.server import ThreadedMotoServer
+
+    from data_pipelines import ranged
+    from tests.range_server import RangeServer
+
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        generate(os.path.join(root, "ranged"), samples, seed=0, samples_per_shard=100, min_side=224, max_side=672)
+        _strip_offsets(os.path.join(root, "ranged"), os.path.join(root, "streamed"))
+        s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        s3.start()
+        host, port = s3.get_host_and_port()
+        os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+        client = ranged.s3_client()
+        client.create_bucket(Bucket="bench")
+        for sub in ("ranged", "streamed"):
+            for name in os.listdir(os.path.join(root, sub)):
+                client.upload_file(os.path.join(root, sub, name), "bench", f"{sub}/{name}")
+        try:
+            with RangeServer(root) as (url, _):
+                for kind, base in (("local", root), ("http", url), ("s3", "s3://bench")):
+                    for dp in dps:
+                        for mode in ("streamed", "ranged"):
+                            r = {"source": kind, "dp": dp, "mode": mode,
+                                 **_io_measure(f"{base}/{mode}", dp, micro, steps, max_tokens)}
+                            rows.append(r)
+                            print(f"  {kind:<6} {dp:>4} {mode:<9} {r['amplification']:>13.2f} {r['samples_s']:>10.1f} "
+                                  f"{r['read_mb']:>9.1f} {r['requests']:>9d}", flush=True)
+        finally:
+            s3.stop()
+    return rows
+
+
+def _io_measure(path: str, dp: int, micro: int, steps: int, max_tokens: int) -> dict:
+    from data_pipelines.ranged import IOStats
+
+    cfg = DataConfig(sources=[DataSource(path)], max_tokens=max_tokens, plan_ahead=False)
+    ld = StepLoader(cfg, micro_batches_per_step=micro, dp_rank=0, dp_size=dp)
+    io, n, wall = IOStats(), 0, 0.0
+    for _ in range(steps):
+        plans = ld._take_plan()
+        for rank in range(dp):
+            refs = [ref for plan in plans[rank::dp] for ref in plan]
+            t = time.perf_counter()
+            n += len(ld._read(refs, io))
+            wall += time.perf_counter() - t
+    ld.close()
+    return {"amplification": io.bytes_read / max(io.bytes_used, 1), "samples_s": n / wall, "read_mb": io.bytes_read / 1e6,
+            "requests": io.requests}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=400, help="synthetic samples per size setting")
@@ -237,6 +314,10 @@ def main(argv=None) -> None:
                     help="simulated training step (s) of the worker table; 0: the step's tokens / consumption")
     ap.add_argument("--transfer", action=argparse.BooleanOptionalAction, default=True,
                     help="time one image's worker -> rank transfer, float32 vs uint8 codes")
+    ap.add_argument("--io-dp", default="1,8,64", help="dp sizes of the shard I/O table ('' skips it)")
+    ap.add_argument("--io-samples", type=int, default=1000, help="synthetic samples of the shard I/O table")
+    ap.add_argument("--io-micro", type=int, default=64, help="micro-batches per step of the I/O table (a multiple of every dp)")
+    ap.add_argument("--io-steps", type=int, default=2, help="steps per row of the I/O table")
     args = ap.parse_args(argv)
     model, achieved, who = consumer_rate(args.model, args.gpu, args.mfu)
     generation = args.generation or model.generation
@@ -284,6 +365,12 @@ def main(argv=None) -> None:
         print(f"planning dp32 x 4 micro-batches, 16,384 tokens, qwen2_5_vl, simulated step {args.sim_step} s:")
         for mode, mean, worst in plan_overlap(args.sim_step, steps=5):
             print(f"  {mode:<7} plan wait per step: mean {1e3 * mean:7.1f} ms, max {1e3 * worst:7.1f} ms", flush=True)
+    if args.io_dp:
+        print(f"shard I/O: {args.io_samples} samples (224-672 px PNG), shards of 100, {args.io_micro} x "
+              f"{args.max_tokens}-token micro-batches per step, {args.io_steps} steps; servers on 127.0.0.1:")
+        print(f"  {'source':<6} {'dp':>4} {'read':<9} {'amplification':>13} {'samples/s':>10} {'read MB':>9} {'requests':>9}")
+        io = io_rows(args.io_samples, [int(d) for d in args.io_dp.split(",")], args.io_micro, args.io_steps, args.max_tokens)
+        print(json.dumps({"io": io}))
     print(json.dumps({"consumer": args.consumption or who, "rows": results, "workers": pooled}))
 
 
