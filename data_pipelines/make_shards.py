@@ -57,12 +57,16 @@ matched with the images (e.g. inside an interleaved document's text) — makes t
 ``report.json`` is refused (stale shards beside new ones would be trained on) unless ``--overwrite``,
 which removes exactly those files (and this tool's leftover temporary files) first, nothing else.
 
-Nothing is dropped silently: every record becomes a sample or a rejection with a reason. Rejections
+Nothing is dropped silently: every record becomes a sample or a rejection with a reason (an
+unforeseen exception on one record becomes a ``bad_record`` rejection with its type and message; the
+run goes on and report.json is written). Rejections
 are named by the record's ``id`` field, else by its line number (``.jsonl``, 1-based) or its index
 in the list (``.json``, 0-based), listed on screen and in ``OUT/report.json``. Reasons:
 
 =====================  =============================================================
-``bad_json_line``      a ``.jsonl`` line that is not a JSON object
+``bad_json_line``      a ``.jsonl`` line that is not a JSON object (or nested too deeply to parse)
+``bad_utf8``           a ``.jsonl`` line that is not valid UTF-8, or text with a lone surrogate
+                       escape (``"\\ud800"``) that no UTF-8 file can hold (never repaired silently)
 ``bad_record``         fields missing or of the wrong type (e.g. unknown ``from`` role)
 ``empty_conversation`` no turns, only empty text, or no assistant turn to train on
 ``missing_file``       an image or video path that does not exist under --media-root
@@ -73,6 +77,9 @@ in the list (``.json``, 0-based), listed on screen and in ``OUT/report.json``. R
 ``too_many_tags``      more ``<image>`` tags than images, or ``<video>`` tags than videos
 ``too_few_tags``       fewer ``<image>`` tags than images, or ``<video>`` tags than videos
 ``unreadable_video``   a video file that cannot be opened or decoded, or holds 0 frames
+``video_pixel_limit``  a video whose header claims frames over --max-source-pixels (the images'
+                       cap, at most video.MAX_VIDEO_FRAME_PIXELS) or frames × pixels over
+                       video.MAX_VIDEO_TOTAL_PIXELS (8 Gi; checked before decoding, as training does)
 ``duplicate_id``       the same ``id`` appeared earlier in the input (ids must be unique)
 ``inline_image``       text that still looks like an inline image reference after conversion
                        (``<img>…</img>``, ``<img …>``, a leftover ``<image>``)
@@ -104,7 +111,7 @@ from PIL import Image
 
 from data_pipelines.shards import ShardWriter
 from data_pipelines.text import get_tokenizer
-from data_pipelines.video import BadVideo, decode_frames, probe_video
+from data_pipelines.video import MAX_VIDEO_FRAME_PIXELS, MAX_VIDEO_TOTAL_PIXELS, BadVideo, VideoTooLarge, decode_frames, probe_video
 from data_pipelines.vision import MAX_SOURCE_PIXELS
 
 FORMATS = ("qwen-finetune", "llava", "interleaved")
@@ -133,6 +140,8 @@ REASONS = {
     "too_many_tags": "more <image>/<video> tags than images/videos",
     "too_few_tags": "fewer <image>/<video> tags than images/videos",
     "unreadable_video": "unreadable or 0-frame video",
+    "video_pixel_limit": "video over the pixel limit (per frame or frames x pixels)",
+    "bad_utf8": "line is not valid UTF-8",
     "duplicate_id": "duplicate id",
     "inline_image": "inline image reference left in the text",
     "outside_root": "media path outside --media-root",
@@ -159,6 +168,7 @@ class Record:
     sample_id: str
     data: Any  # parsed JSON, or None when the line was not JSON
     error: str = ""  # parse error of a bad JSON line
+    reason: str = "bad_json_line"  # the rejection of a line that could not be parsed
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -170,25 +180,30 @@ def read_records(path: str) -> tuple[list[Record], int]:
     stem = os.path.splitext(os.path.basename(path))[0]
     records: list[Record] = []
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    records.append(Record(f"line {lineno}", f"{stem}-{lineno}", None, str(e)[:200], "bad_utf8"))
+                    continue
                 if not line.strip():
                     continue
                 try:
                     data = json.loads(line)
                     if not isinstance(data, dict):
                         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-                except ValueError as e:
-                    records.append(Record(f"line {lineno}", f"{stem}-{lineno}", None, str(e)[:200]))
+                except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
+                    records.append(Record(f"line {lineno}", f"{stem}-{lineno}", None, f"{type(e).__name__}: {e}"[:200]))
                     continue
                 records.append(_record(data, f"line {lineno}", f"{stem}-{lineno}"))
     elif path.endswith(".json"):
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise SystemExit(
-                f"error: {path} is not valid JSON ({e}). A .json input must hold one list of records; "
+                f"error: {path} is not valid UTF-8 JSON ({type(e).__name__}: {e}). A .json input must hold one list of records; "
                 "use .jsonl (one record per line) to convert files with some broken records."
             ) from e
         if not isinstance(data, list):
@@ -419,9 +434,11 @@ def load_image(path: str, max_source_pixels: int) -> tuple[bytes, str]:
     return blob, _EXT.get(fmt, fmt.lower())
 
 
-def load_video(path: str) -> tuple[bytes, str]:
+def load_video(path: str, max_frame_pixels: int = MAX_SOURCE_PIXELS,
+               max_total_pixels: int = MAX_VIDEO_TOTAL_PIXELS) -> tuple[bytes, str]:
     """Read and check one video file → (encoded bytes, lower-case extension). The container metadata
-    must be readable (frames, fps, size) and the first frame decodable; the rest is decoded at read time."""
+    must be readable (frames, fps, size) and within the pixel caps (per frame and frames × pixels,
+    checked before anything is decoded), and the first frame decodable; the rest is decoded at read time."""
     if not os.path.isfile(path):
         raise Reject("missing_file", path)
     with open(path, "rb") as f:
@@ -429,7 +446,12 @@ def load_video(path: str) -> tuple[bytes, str]:
     if not blob:
         raise Reject("unreadable_video", f"{path}: empty file (0 frames)")
     try:
-        probe_video(blob)
+        probe_video(blob, max_frame_pixels, max_total_pixels)
+    except VideoTooLarge as e:
+        raise Reject("video_pixel_limit", f"{path}: {e}") from e
+    except BadVideo as e:
+        raise Reject("unreadable_video", f"{path}: {e}") from e
+    try:
         decode_frames(blob, [0])
     except BadVideo as e:
         raise Reject("unreadable_video", f"{path}: {e}") from e
@@ -437,12 +459,12 @@ def load_video(path: str) -> tuple[bytes, str]:
     return blob, ext if re.fullmatch(r"[a-z0-9]{1,8}", ext) else "video"
 
 
-def process_record(args: tuple[Record, str, str, int]) -> dict[str, Any]:
+def process_record(args: tuple[Record, str, str, int, int]) -> dict[str, Any]:
     """Worker: one record → {"ok": True, messages, images} or {"ok": False, reason, detail}."""
-    rec, fmt, media_root, max_px = args
+    rec, fmt, media_root, max_px, max_video_px = args
     try:
         if rec.data is None:
-            raise Reject("bad_json_line", rec.error)
+            raise Reject(rec.reason, rec.error)
         if fmt == "interleaved":
             messages, paths = convert_interleaved(rec.data)
             video_paths: list[str] = []
@@ -452,7 +474,7 @@ def process_record(args: tuple[Record, str, str, int]) -> dict[str, Any]:
         videos: dict[str, bytes] = {}
         names: dict[str, str] = {}
         for i, p in enumerate(video_paths):
-            blob, ext = load_video(_resolve(media_root, p))
+            blob, ext = load_video(_resolve(media_root, p), min(max_px, MAX_VIDEO_FRAME_PIXELS), max_video_px)
             names[f"vid{i}"] = f"vid{i}.{ext}"
             videos[names[f"vid{i}"]] = blob
         images: dict[str, bytes] = {}
@@ -463,6 +485,10 @@ def process_record(args: tuple[Record, str, str, int]) -> dict[str, Any]:
             images[names[f"img{i}"]] = blob
             sizes[f"img{i}"] = Image.open(io.BytesIO(blob)).size  # header only (validated above)
         _boxes_to_pixels(messages, sizes)
+        try:
+            json.dumps(messages, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:  # "\ud800" escapes parse into strings UTF-8 cannot hold
+            raise Reject("bad_utf8", f"text with a lone surrogate: {e}") from e
         for m in messages:
             for part in m["content"]:
                 if part["type"] in ("image", "video"):
@@ -477,7 +503,7 @@ def process_record(args: tuple[Record, str, str, int]) -> dict[str, Any]:
 
 
 def _results(records: list[Record], fmt: str, media_root: str, max_px: int, workers: int) -> Iterator[dict]:
-    jobs = ((r, fmt, media_root, max_px) for r in records)
+    jobs = ((r, fmt, media_root, max_px, MAX_VIDEO_TOTAL_PIXELS) for r in records)
     if workers <= 1:
         yield from map(process_record, jobs)
         return
@@ -553,8 +579,13 @@ def make_shards(
                 rejected.append({"record": rec.label, "reason": res["reason"], "message": REASONS[res["reason"]],
                                  "detail": res["detail"]})
                 continue
+            try:  # the writer validates before it writes (an unforeseen error still becomes a rejection)
+                writer.add(rec.sample_id, res["messages"], res["images"], res["videos"])
+            except Exception as e:
+                rejected.append({"record": rec.label, "reason": "bad_record", "message": REASONS["bad_record"],
+                                 "detail": f"{type(e).__name__}: {e}"[:500]})
+                continue
             seen.add(rec.sample_id)
-            writer.add(rec.sample_id, res["messages"], res["images"], res["videos"])
         bar.close()
     counts: dict[str, int] = {}
     for r in rejected:

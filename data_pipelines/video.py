@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from data_pipelines import generations
-from data_pipelines.vision import MAX_ASPECT_RATIO, apply_lut, patchify, smart_resize, vision_spec
+from data_pipelines.vision import MAX_ASPECT_RATIO, MAX_SOURCE_PIXELS, apply_lut, patchify, smart_resize, vision_spec
 
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
 DEFAULT_FPS = 2.0
@@ -62,8 +62,19 @@ DEFAULT_MIN_FRAMES = 4
 DEFAULT_MAX_FRAMES = 768
 
 
+MAX_VIDEO_FRAME_PIXELS = MAX_SOURCE_PIXELS
+"""Decompression-bomb guard for one frame, the images' cap: width × height from the container's header."""
+MAX_VIDEO_TOTAL_PIXELS = 8 * 1024**3
+"""Frames × width × height a video may claim (~2 min of 1080p at 30 fps): decoding walks every frame up
+to the last one sampled, so this bounds the decode work of one read. Checked from the header."""
+
+
 class BadVideo(ValueError):
     """A video that cannot be decoded or sampled; the stream skips the sample, make_shards rejects it."""
+
+
+class VideoTooLarge(BadVideo):
+    """A video whose header claims more pixels per frame or in all than the caps (never decoded)."""
 
 
 def video_rules(generation: str) -> generations.VideoRules:
@@ -162,10 +173,12 @@ def _open(src: VideoSource):
     return av.open(os.fspath(src))
 
 
-def probe_video(src: VideoSource) -> VideoMeta:
+def probe_video(src: VideoSource, max_frame_pixels: int = MAX_VIDEO_FRAME_PIXELS,
+                max_total_pixels: int = MAX_VIDEO_TOTAL_PIXELS) -> VideoMeta:
     """Container metadata of the first video stream. Raises BadVideo when it cannot be opened, has no
-    video stream or 0 frames. When the header lacks a frame count the packets are counted (demuxed,
-    not decoded)."""
+    video stream or 0 frames, VideoTooLarge when its frames (width × height) or all of it (frames ×
+    width × height) claim more than the caps, before any frame is decoded. When the header lacks a
+    frame count the packets are counted (demuxed, not decoded)."""
     try:
         with _open(src) as container:
             if not container.streams.video:
@@ -174,6 +187,8 @@ def probe_video(src: VideoSource) -> VideoMeta:
             total = int(st.frames or 0)
             rate = float(st.average_rate) if st.average_rate else 0.0
             h, w = int(st.height or 0), int(st.width or 0)
+            if w * h > max_frame_pixels:
+                raise VideoTooLarge(f"video frames of {w}x{h} = {w * h} pixels > {max_frame_pixels} (the pixel cap of images)")
             if total <= 0:
                 total = sum(1 for p in container.demux(st) if p.size)
     except BadVideo:
@@ -186,6 +201,8 @@ def probe_video(src: VideoSource) -> VideoMeta:
         raise BadVideo("video stream has no frame rate")
     if h < 1 or w < 1:
         raise BadVideo(f"video frames of {w}x{h} pixels")
+    if total * w * h > max_total_pixels:
+        raise VideoTooLarge(f"video of {total} frames of {w}x{h} = {total * w * h} pixels > {max_total_pixels} in all")
     return VideoMeta(total, rate, h, w)
 
 

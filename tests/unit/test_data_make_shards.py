@@ -97,7 +97,7 @@ def test_qwen_finetune_every_rejection_reason(tmp_path, media):
         "id=inline": "inline_image", "id=outside": "outside_root", "id=badbox": "bad_box", "line 23": "bad_json_line",
     }
     assert report["written"] == 4 and report["records"] == 23 == report["written"] + report["rejected"]
-    assert set(by.values()) == set(REASONS)  # every reason exercised
+    assert set(by.values()) == set(REASONS) - {"bad_utf8", "video_pixel_limit"}  # these: test_data_converter_holes.py
     on_disk = json.load(open(os.path.join(out, "report.json")))
     assert on_disk["rejected"] == 19 and on_disk["rejected_by_reason"]["too_few_tags"] == 2
 
