@@ -222,7 +222,7 @@ def run(cfg: TrainConfig, resolved_yaml: str = "") -> None:
         if cfg.data.trace and dims.tp_rank == dims.pp_rank == dims.cp_rank == 0:
             trace = teardown.enter_context(contextlib.closing(DataTrace(out, dims.dp_rank, state.step)))
         profiler = StepProfiler(cfg.profile.steps, out, dims.rank)
-        stacks = teardown.enter_context(StackDumper(out, dims.rank, train.collective_timeout_s))  # → output_dir/stacks/
+        stacks = teardown.enter_context(StackDumper(out, dims.rank, train.collective_timeout_s, dims.world_size))  # → output_dir/stacks/
         bad_streak = 0  # consecutive skipped (non-finite) steps; every rank sees the same verdict
 
         while state.step < train.max_steps:

@@ -4,7 +4,11 @@
   `output_dir/stacks/rank{R}.txt` on SIGUSR2 (`scancel --signal=USR2 JOB` or `kill -USR2`), when a
   collective times out (`train.collective_timeout_s`), and from a watchdog thread when one step takes
   longer than that timeout (a hang outside any collective: a stuck loader, a dead filesystem). Ranks
-  whose stacks differ from the others' are where to look.
+  whose stacks differ from the others' are where to look. On a collective timeout each rank that can
+  still run also appends a hang report to `output_dir/stacks/summary.txt`: one line per rank of the
+  world, naming its stack file, or "no stacks (stopped or dead)" for a rank that wrote none since the
+  last step every rank finished (SIGSTOPped, killed, or stuck in C code without the GIL); such a rank's
+  own file gets that line too, instead of staying empty.
 * `straggler_report` — per-rank step times gathered at each logged step; names the ranks slower than
   `train.straggler_threshold` × the median (a sick GPU, a throttled node, a slow data path).
   `StragglerWindow` turns those per-step verdicts into warnings: a rank is named only when it was slow
@@ -48,10 +52,11 @@ class StackDumper:
     stacks are written once (the run is not stopped: the collective timeout or the operator decides).
     """
 
-    def __init__(self, out: Path, rank: int, stall_s: float) -> None:
+    def __init__(self, out: Path, rank: int, stall_s: float, world: int = 1, peer_wait_s: float = 5.0) -> None:
         self.path = Path(out) / "stacks" / f"rank{rank}.txt"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.rank, self.stall_s = rank, stall_s
+        self.rank, self.stall_s, self.world, self.peer_wait_s = rank, stall_s, world, peer_wait_s
+        self._beat_wall = time.time()  # wall clock of the last heartbeat: stacks written after it belong to this hang
         self._file = open(self.path, "a", buffering=1)
         self._signal_registered = hasattr(signal, "SIGUSR2")
         if self._signal_registered:  # faulthandler writes from C: works while Python is stuck in a collective
@@ -64,7 +69,38 @@ class StackDumper:
         self._thread.start()
 
     def heartbeat(self, step: int) -> None:
-        self._beat, self._step = time.monotonic(), step
+        self._beat, self._step, self._beat_wall = time.monotonic(), step, time.time()
+
+    def hang_report(self) -> Path:
+        """After a collective timeout: wait up to `peer_wait_s` for the other ranks' stacks, then append one line
+        per rank to `stacks/summary.txt` — its stack file, or "no stacks (stopped or dead)" when it wrote none
+        since this rank's last heartbeat (that rank's empty or stale file gets the same line). Returns the summary."""
+        files = [self.path.parent / f"rank{r}.txt" for r in range(self.world)]
+
+        def fresh(f: Path) -> bool:
+            try:
+                st = f.stat()
+            except FileNotFoundError:
+                return False
+            return st.st_size > 0 and st.st_mtime >= self._beat_wall - 0.05  # file times lag the clock by a tick
+
+        deadline = time.monotonic() + self.peer_wait_s
+        while not all(fresh(f) for f in files) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        now = datetime.datetime.now().isoformat(timespec="seconds")
+        lines = [f"=== hang report by rank {self.rank} at {now}: collective timed out after step {self._step}"]
+        for r, f in enumerate(files):
+            if fresh(f):
+                lines.append(f"rank {r}: stacks in {f.name}")
+                continue
+            lines.append(f"rank {r}: no stacks (stopped or dead)")
+            with open(f, "a") as peer:  # an empty file would read as "nothing to see"
+                peer.write(f"\n=== rank {r}: no stacks (stopped or dead) at {now}, reported by rank {self.rank}: it wrote "
+                           f"none within {self.peer_wait_s:g} s of the collective timeout after step {self._step}\n")
+        summary = self.path.parent / "summary.txt"
+        with open(summary, "a") as out:
+            out.write("\n".join(lines) + "\n")
+        return summary
 
     def dump(self, reason: str) -> Path:
         """Write a header and every thread's stack now; returns the file."""
@@ -97,11 +133,14 @@ class StackDumper:
 
         self.dump(f"collective timed out: {type(exc).__name__}: {exc}")
         traceback.print_exception(exc, file=self._file)
+        self._file.flush()
+        summary = self.hang_report()
         self.close()
         raise SystemExit(
             f"rank {self.rank}: a collective waited longer than train.collective_timeout_s={self.stall_s:g} s "
-            f"(after step {self._step}). Every rank wrote its stacks to {self.path.parent}: the ranks whose "
-            "stacks differ from the others' are the ones that hung. Rerun the same command to resume."
+            f"(after step {self._step}). Every rank that can still run wrote its stacks to {self.path.parent}; "
+            f"{summary.name} there names the ranks that wrote none (stopped or dead). The ranks whose stacks differ "
+            "from the others' are the ones that hung. Rerun the same command to resume."
         ) from exc
 
     def close(self) -> None:

@@ -46,6 +46,8 @@ def test_profile_stragglers_stacks_and_collective_timeout(tmp_path, data_root):
         # A rank that stops answering: the other one times out in its next collective and says where to look.
         workers[1].send_signal(signal.SIGSTOP)
         _wait_for(lambda: "collective timed out" in stacks[0].read_text(), 90, "rank 0 to time out")
+        summary = out / "stacks" / "summary.txt"
+        _wait_for(lambda: summary.exists() and "rank 1:" in summary.read_text(), 30, "rank 0's hang report")
         workers[1].send_signal(signal.SIGCONT)
         stdout, _ = proc.communicate(timeout=120)
     finally:
@@ -56,6 +58,11 @@ def test_profile_stragglers_stacks_and_collective_timeout(tmp_path, data_root):
     rank0 = (out / "stacks" / "rank0.txt").read_text()
     assert "waited longer" not in rank0  # the file holds stacks and the exception, the message goes to the log
     assert "collective timed out" in rank0 and "Timed out waiting" in rank0  # all threads' stacks + the exception
+    # the hang report: rank 0 names the stopped rank 1 instead of leaving it an empty or stale file
+    report = (out / "stacks" / "summary.txt").read_text().split("=== hang report by rank ")[1]
+    assert report.startswith("0 ") and "rank 0: stacks in rank0.txt" in report, report
+    assert "rank 1: no stacks (stopped or dead)" in report, report
+    assert "no stacks (stopped or dead)" in (out / "stacks" / "rank1.txt").read_text()
 
     trace = out / "profile" / "rank0.steps2-3.json"
     assert trace.exists() and (out / "profile" / "rank1.steps2-3.json").exists()
