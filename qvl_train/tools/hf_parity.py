@@ -280,6 +280,9 @@ def _compare(hf_dir: Path, cfg, per_kind: dict, ours_logits: dict, device: str, 
 
     video = data_generations.get(cfg.generation).video
     timestamps = video is not None and video.timestamps  # Qwen3-VL: `<t seconds>` text before each temporal patch
+    if not _in_main_env(hf_dir):
+        refs = _reference_env_logits(hf_dir, per_kind, timestamps, dtype)
+        return {k: float((ours_logits[k].float().cpu() - ref).abs().max() / ref.abs().max()) for k, ref in refs.items()}
     hf = hf_class(hf_dir).from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     results = {}
     with torch.no_grad():
@@ -292,6 +295,87 @@ def _compare(hf_dir: Path, cfg, per_kind: dict, ours_logits: dict, device: str, 
             got = ours_logits[kind].to(ref.device)
             results[kind] = float((got - ref).abs().max() / ref.abs().max())
     return results
+
+
+def _architecture(hf_dir: Path) -> str:
+    from qvl_train import generations
+
+    model_type = json.loads((Path(hf_dir) / "config.json").read_text()).get("model_type")
+    return generations.from_hf_model_type(model_type).hf_architecture
+
+
+def _in_main_env(hf_dir: Path) -> bool:
+    """Whether this environment's transformers has the checkpoint's class (4.57: Qwen2-VL … Qwen3-VL-MoE); else
+    the reference runs in the transformers 5.x environment (`.venv-ref`, Qwen3.5/3.6) through `tools/reference.py`."""
+    import transformers
+
+    return hasattr(transformers, _architecture(hf_dir))
+
+
+def _reference_env_logits(hf_dir: Path, per_kind: dict, timestamps: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """HF logits per kind from the reference environment, in ONE subprocess call (`reference_logits` below).
+
+    Every sample runs alone (a packed kind's reference is its samples' logits in order): transformers 5.25's
+    Gated DeltaNet layers carry their recurrent state across packed sequences (its torch path takes no sample
+    bounds), so a packed HF forward is not a reference for packing; ours runs the samples packed."""
+    from qvl_train.tools.reference import run_reference
+
+    tensors, order, plan = {}, {}, {}
+    for kind, samples in per_kind.items():
+        plan[kind] = []
+        for s in samples:
+            if id(s) not in order:  # the packed kind reuses the single kinds' samples: run each once
+                name = order[id(s)] = f"s{len(order)}"
+                explicit = timestamps and "video" in s["kinds"]  # our positions: the sample has no timestamp text
+                for key, value in _hf_inputs([s], packed=False, explicit_positions=explicit).items():
+                    if torch.is_tensor(value):
+                        tensors[f"{name}.{key}"] = value
+            plan[kind].append(order[id(s)])
+    out = run_reference("reference_logits", tensors, {
+        "hf_dir": str(Path(hf_dir).resolve()), "architecture": _architecture(hf_dir), "samples": sorted(set(order.values())),
+        "dtype": str(dtype).removeprefix("torch."),
+    }, file=Path(__file__))
+    return {kind: torch.cat([out[name] for name in names]).float() for kind, names in plan.items()}
+
+
+def reference_logits(tensors: dict, hf_dir: str, architecture: str, samples: list, dtype: str = "float32") -> dict:
+    """Runs in the reference environment (`tools/reference.py`; imports only torch and transformers): the
+    checkpoint's HF model on each sample's forward arguments (`<sample>.<argument>` tensors) → `<sample>` logits."""
+    import transformers
+
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    model = getattr(transformers, architecture).from_pretrained(hf_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        for name in samples:
+            kw = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == name}
+            kw.pop("second_per_grid_ts", None)  # Qwen2.5-VL only
+            kw = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in kw.items()}
+            if "position_ids" not in kw and ("image_grid_thw" in kw or "video_grid_thw" in kw):
+                ids = kw["input_ids"]  # transformers 5.x M-RoPE reads the media tokens from their type (image 1, video 2)
+                kw["mm_token_type_ids"] = ((ids == model.config.image_token_id).int()
+                                           + 2 * (ids == model.config.video_token_id).int())
+            out[name] = model(**kw, use_cache=False).logits[0].float().contiguous()
+    return out
+
+
+def random_checkpoint(tensors: dict, config: dict, architecture: str, out_dir: str, seed: int = 0, std: float = 0.05) -> dict:
+    """Runs in the reference environment: a random HF model of `config` (a `config.json` dict, e.g. a
+    generation's `hf_config`) with EVERY parameter drawn from N(0, std²) — norms, Gated DeltaNet decays and
+    biases included, so a conversion that drops a +1 or swaps two tensors shows — saved to `out_dir`
+    (`save_pretrained`, safetensors). Returns no tensors."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = dict(config)
+    hf_config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    model = getattr(transformers, architecture)(hf_config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, std)
+    model.save_pretrained(out_dir)
+    return {}
 
 
 def _layout_logits(batches: dict, attention_backend: str, dtype: torch.dtype, tp: int, pp: int, ep: int) -> dict:
