@@ -180,8 +180,11 @@ class _Http:
                 raise NotRangeable(f"{self.url}: the server ignores Range requests (HTTP 200 for a range)")
             if r.status_code != 206:
                 raise OSError(f"{self.url}: HTTP {r.status_code} for bytes {start}-{end - 1}")
+            got = r.headers.get("Content-Range", "")
+            if not got.strip().startswith(f"bytes {start}-"):
+                raise OSError(f"{self.url}: asked for bytes {start}-{end - 1}, the server sent Content-Range {got!r}")
             body = r.raw.read(end - start + 1, decode_content=False)
-            total = _total_from_content_range(r.headers.get("Content-Range", ""))
+            total = _total_from_content_range(got)
         finally:
             r.close()
         if len(body) != end - start:

@@ -37,7 +37,14 @@ A sample with key `K` (digits only: WebDataset splits keys at the first dot) is 
                                                       # with <|vision_start|>/<|vision_end|>
                               "n_text_tokens_by_generation"?: {"qwen3_vl": int, ...},
                               "images": [[h, w], ...],
-                              "videos": [[frames, fps, h, w], ...]}]}]}   # only when it has videos
+                              "videos": [[frames, fps, h, w], ...],   # only when it has videos
+                              "offset": int,                          # its first tar header
+                              "members": {"json": [data_offset, size], "img0.png": [...], ...}}],
+                 "size": int}]}                                       # bytes of the tar
+
+`offset`, `members` and `size` (written here, or added by `python -m data_pipelines.reindex DIR`) let
+the loader read exactly a sample's bytes (data_pipelines/ranged.py); an index without them is
+streamed. `check_offsets` vets them when an index is read.
 
 `n_text_tokens` is the largest count over the generations' chat templates; the optional
 `n_text_tokens_by_generation` holds the generations whose count is smaller (e.g. Qwen3-VL, which adds

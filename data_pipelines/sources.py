@@ -19,8 +19,8 @@ substituted shell-quoted into a `pipe:` command.
 
 `DataSource.index` overrides where the index comes from (a local path or any URL above, `pipe:`
 included). Every rank fetches the small index once at start; the plan never opens a shard, so a
-remote source costs nothing until its samples are read. `s3://` is not a scheme webdataset opens
-itself: read object storage through a `pipe:` command (or `USE_AIS_FOR`, see webdataset).
+remote source costs nothing until its samples are read. `s3://bucket/prefix` (shards and index) is
+read through boto3, by byte range when the index has offsets (data_pipelines/ranged.py).
 """
 
 from __future__ import annotations

@@ -303,3 +303,16 @@ def test_summary_prints_the_amplification():
     rows = [{"data/bytes_read": 2 << 20, "data/bytes_used": 1 << 20}, {"data/bytes_read": 1 << 20, "data/bytes_used": 1 << 20}]
     assert io_lines(rows)[0].startswith("data I/O         1.50x amplification: 3.0 MiB read for 2.0 MiB")
     assert io_lines([{"loss": 1.0}]) == []
+
+
+def test_decode_workers_report_the_bytes_of_the_step_they_return(noise_dir):
+    inline = _loader(noise_dir, 0, 2)
+    pooled = _loader(noise_dir, 0, 2, num_workers=1, prefetch_steps=1)
+    try:
+        for _ in range(2):
+            a, b = inline.next_step(), pooled.next_step()
+            assert [x.sample_ids for x in a] == [x.sample_ids for x in b]
+            assert inline.io_stats() == pooled.io_stats() and inline.io_stats()["data/bytes_used"] > 0
+    finally:
+        inline.close()
+        pooled.close()
