@@ -145,10 +145,10 @@ SPEC = ModelSpec(
     hf_config=hf_config,
     hf_rules=hf_rules,
     hf_generation_config=QWEN3_5_GENERATION_CONFIG,
-    sizes=(),  # the published sizes: configs/model/qwen3_5/*.yaml, listed here as they land
+    sizes=("0_8b", "2b", "4b", "9b", "27b"),  # dense sizes in configs/model/qwen3_5/ (its MoE sizes are qwen3_5_moe's)
     hf_key_style="runtime",
     hf_model_max_length=262144,
     check=check,
 )
-MOE_SPEC = replace(SPEC, name="qwen3_5_moe", hf_model_type="qwen3_5_moe", hf_architecture=ARCHITECTURES[True], experts=True)
+MOE_SPEC = replace(SPEC, name="qwen3_5_moe", hf_model_type="qwen3_5_moe", hf_architecture=ARCHITECTURES[True], experts=True, sizes=())
 """The same model with routed experts plus a gated shared expert in every LLM layer."""
