@@ -353,12 +353,38 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     return y.numpy()
 
 
+_ARITH_EXACT: dict[tuple, bool] = {}
+
+
+def normalise_codes(codes: np.ndarray, mean: tuple, std: tuple) -> np.ndarray:
+    """uint8 codes [N, C, T, K] → float32 `video_norm_lut(mean, std)[c, code]`, computed as one float32
+    conversion and an in-place `(x - 255·mean) / (255·std)` per channel (torch, the fast processors' own
+    arithmetic): ~35% less CPU than the table gather at 720p. The result equals the table bit for bit —
+    checked for all 256 values of every channel at first use of a (mean, std); otherwise the table is used."""
+    key = (tuple(mean), tuple(std))
+    lut = video_norm_lut(*key)
+    if key not in _ARITH_EXACT:
+        every = np.broadcast_to(np.arange(256, dtype=np.uint8), (1, lut.shape[0], 1, 256)).copy()
+        _ARITH_EXACT[key] = np.array_equal(_normalise_arith(every, lut.shape[0], *key).view(np.uint32),
+                                           apply_lut(every, lut).view(np.uint32))
+    if not _ARITH_EXACT[key]:
+        return apply_lut(codes, lut)
+    return _normalise_arith(codes, lut.shape[0], *key)
+
+
+def _normalise_arith(codes: np.ndarray, channels: int, mean: tuple, std: tuple) -> np.ndarray:
+    m = (torch.tensor(mean, dtype=torch.float32) * torch.tensor(255.0, dtype=torch.float32)).view(1, channels, 1, 1)
+    sd = (torch.tensor(std, dtype=torch.float32) * torch.tensor(255.0, dtype=torch.float32)).view(1, channels, 1, 1)
+    x = torch.from_numpy(np.ascontiguousarray(codes)).to(torch.float32)
+    return x.sub_(m).div_(sd).numpy()
+
+
 def video_pixels(frames: np.ndarray, plan: VideoPlan, *, patch_size: int, merge_size: int, temporal_patch_size: int,
                  mean: tuple, std: tuple) -> np.ndarray:
     """Decoded frames → pixel_values float32 [t*h*w, C*T*p*p] for `plan`."""
     codes = video_codes(frames, plan, patch_size=patch_size, merge_size=merge_size,
                         temporal_patch_size=temporal_patch_size)
-    return apply_lut(codes, video_norm_lut(tuple(mean), tuple(std))).reshape(codes.shape[0], -1)
+    return normalise_codes(codes, tuple(mean), tuple(std)).reshape(codes.shape[0], -1)
 
 
 def video_codes(frames: np.ndarray, plan: VideoPlan, *, patch_size: int, merge_size: int,
