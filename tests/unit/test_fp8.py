@@ -198,3 +198,24 @@ def test_te_fp8_pads_vit_rows_to_16(monkeypatch):
     assert torch.equal(shards.gather(padded), h)
     Cfg.fp8 = None
     assert SequenceShards(Cfg, 37, fp8_row_multiple(Cfg)).pad == 0
+
+
+# ------------------------------------------------------------------------------------------ tensor parallel
+def test_tp2_sp_equals_tp1_with_the_torch_backend(tmp_path, data_root):
+    """One training step of the tiny Qwen3-VL with torch FP8: tp=2 + sp (one 2-process launch) gives the one-process
+    FP8 loss and gradients within FP8 rounding (row-parallel weights are scaled per shard), and FP8 really ran."""
+    from tests.conftest import ROOT, run_probe
+
+    probe, base = ROOT / "tests" / "distributed" / "fp8_probe.py", ["+experiment=tiny_qwen3_vl", "data.max_tokens=512",
+                                                                      "train.global_batch_tokens=1024"]
+    one = run_probe(probe, tmp_path / "tp1.pt", 1, str(data_root), *base)
+    two = run_probe(probe, tmp_path / "tp2.pt", 2, str(data_root), *base, "parallel.tp=2", "parallel.sp=true")
+    exact = run_probe(ROOT / "tests" / "distributed" / "grad_probe.py", tmp_path / "fp32.pt", 1, str(data_root), *base)
+    assert two["sequence_parallel"]["llm"] and not one["sequence_parallel"]["llm"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=5e-3)
+    assert one["grads"].keys() == two["grads"].keys()
+    worst = max(float((two["grads"][k] - one["grads"][k]).norm() / one["grads"][k].norm().clamp_min(1e-12))
+                for k in one["grads"])
+    assert worst < 0.1, worst
+    fp8_vs_fp32 = float(abs(one["loss"] - exact["loss"]) / exact["loss"])
+    assert 0 < fp8_vs_fp32 < 0.02, (one["loss"], exact["loss"])
