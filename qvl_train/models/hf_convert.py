@@ -250,7 +250,11 @@ def rules_qwen3_5(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
             R.append((d + "self_attention.k_layernorm.weight", (s + "self_attn.k_norm.weight",), "norm1p"))
             R.append((d + "self_attention.linear_proj.weight", (s + "self_attn.o_proj.weight",), "id"))
         if llm.num_experts:
-            R.extend(_expert_rules(d, s, llm.num_experts))
+            R.append((d + "mlp.router.weight", (s + "mlp.gate.weight",), "id"))
+            for j in range(llm.num_experts):  # per expert, as the released checkpoints and 5.25's save_pretrained
+                e, x = d + f"mlp.experts.local_experts.{j}.", s + f"mlp.experts.{j}."
+                R.append((e + "linear_fc1.weight", (x + "gate_proj.weight", x + "up_proj.weight"), "cat"))
+                R.append((e + "linear_fc2.weight", (x + "down_proj.weight",), "id"))
             if llm.shared_expert_ffn_hidden_size:
                 e = s + "mlp.shared_expert."
                 R.append((d + "mlp.shared_experts.linear_fc1.weight", (e + "gate_proj.weight", e + "up_proj.weight"), "cat"))
@@ -342,6 +346,24 @@ def detect_expert_layout(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfi
     return None
 
 
+def _unfuse_experts(src: dict[str, torch.Tensor], rules: list, layout: str) -> None:
+    """Fused expert tensors (`mlp.experts.gate_up_proj` / `down_proj`, a transformers 5.x runtime state dict)
+    → per-expert `mlp.experts.{j}.gate_proj/up_proj/down_proj`, in place, where the rules read per-expert keys
+    (Qwen3.5-MoE: the released checkpoints and 5.25's `save_pretrained` store experts one by one)."""
+    wanted = {k for _, hf_keys, _ in rules for k in hf_keys}
+    for key in [k for k in src if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))]:
+        base = key.rsplit(".", 1)[0]
+        if f"{base}.0.down_proj.weight" not in wanted:
+            continue
+        fused = src.pop(key)
+        for j in range(fused.shape[0]):
+            w = _expert_slice(fused, j, layout)
+            if key.endswith("gate_up_proj"):
+                src[f"{base}.{j}.gate_proj.weight"], src[f"{base}.{j}.up_proj.weight"] = w.chunk(2, dim=0)
+            else:
+                src[f"{base}.{j}.down_proj.weight"] = w
+
+
 def _expert_slice(fused: torch.Tensor, j: int, layout: str) -> torch.Tensor:
     """Expert j of a fused HF tensor as megatron's `[out, in]` weight."""
     return fused[j] if layout == "transposed" else fused[j].t()
@@ -357,9 +379,11 @@ def hf_to_ours(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
     src = {_to_canonical(k): v for k, v in hf_state_dict.items()}
     vit, llm = cfg.vision, cfg.llm
     layout = detect_expert_layout(src, cfg) or "hub"
+    rules = _rules(cfg)
+    _unfuse_experts(src, rules, layout)
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    for ours, hf_keys, kind in _rules(cfg):
+    for ours, hf_keys, kind in rules:
         missing = [k for k in hf_keys if k not in src]
         if missing:
             raise KeyError(f"hf_to_ours: HF tensor {missing[0]!r} missing (config mismatch?)")

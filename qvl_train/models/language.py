@@ -77,7 +77,11 @@ def moe_transformer_kwargs(cfg: LLMConfig, parallel: ParallelConfig) -> dict:
     The load-balancing loss is megatron's per-layer Switch loss with `moe_aux_loss_coeff` (the
     engine rescales the coefficient per step, see `engines/megatron.py`).
     """
+    shared = dict(  # Qwen3.5-MoE: a shared SwiGLU expert scaled by sigmoid(x · gate_weight) (megatron's SharedExpertMLP)
+        moe_shared_expert_intermediate_size=cfg.shared_expert_ffn_hidden_size, moe_shared_expert_gate=True,
+    ) if cfg.shared_expert_ffn_hidden_size else {}
     return dict(
+        **shared,
         num_moe_experts=cfg.num_experts,
         moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
         moe_router_topk=cfg.moe_router_topk,
@@ -123,6 +127,18 @@ def hybrid_block_spec(cfg: LLMConfig, config, full: ModuleSpec, vp_stage: Option
     )
 
 
+def with_shared_expert(layer: ModuleSpec) -> ModuleSpec:
+    """`layer` whose MoELayer also has megatron's `SharedExpertMLP` (HF `Qwen3_5MoeSparseMoeBlock.shared_expert`
+    + `shared_expert_gate`: every token, scaled by a sigmoid gate; `moe_transformer_kwargs` sets its width and
+    the gate), built from the same linear classes as the routed experts."""
+    from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+
+    moe = layer.submodules.mlp
+    shared = ModuleSpec(module=SharedExpertMLP, submodules=moe.submodules.experts.submodules)
+    mlp = ModuleSpec(module=moe.module, params=moe.params, submodules=replace(moe.submodules, shared_experts=shared))
+    return ModuleSpec(module=layer.module, params=layer.params, submodules=replace(layer.submodules, mlp=mlp))
+
+
 class Qwen2LanguageModel(MegatronModule):
     """Embedding (first stage), this stage's decoder layers, final norm + output (last stage)."""
 
@@ -160,6 +176,8 @@ class Qwen2LanguageModel(MegatronModule):
             qk_norm=cfg.qk_norm,
             moe=cfg.num_experts > 0,
         )
+        if cfg.shared_expert_ffn_hidden_size:
+            layer = with_shared_expert(layer)
         spec = hybrid_block_spec(cfg, config, layer, vp_stage) if cfg.layer_types else block_spec(config, layer, spec_backend)
         self.decoder = TransformerBlock(
             config=config,
