@@ -429,7 +429,7 @@ class ShardReader:
         try:
             if ranged and offsets:
                 try:
-                    found.update(self._read_ranges(kind, req, stats))
+                    err = self._read_ranges(kind, req, stats, found)
                 except NotRangeable as e:
                     self._not_rangeable.add(req.url)
                     warn_once(f"norange:{req.url}", "data: %s; reading it by streaming from now on", e)
@@ -454,7 +454,9 @@ class ShardReader:
         return found, err, stats
 
     # ----------------------------------------------------------------------------- internals
-    def _read_ranges(self, kind: str, req: ShardRequest, stats: IOStats) -> dict[str, dict[str, bytes]]:
+    def _read_ranges(self, kind: str, req: ShardRequest, stats: IOStats, found: dict[str, dict[str, bytes]]) -> Optional[str]:
+        """Read the requested members into `found`; a request that fails loses only its own members
+        (returns the first failure as the shard's error). NotRangeable propagates: stream instead."""
         spans, where = [], []
         for key in req.keys:
             for ext, (off, size) in req.members[key].items():
@@ -464,23 +466,25 @@ class ShardReader:
         if kind == "local":
             fd = os.open(_local_path(req.url), os.O_RDONLY)
             try:
-                size = os.fstat(fd).st_size
-                self._check_size(req, size)
-                blobs = [_pread_all(fd, a, b) for a, b, _ in groups]
+                self._check_size(req, os.fstat(fd).st_size)
+                fetched = [_attempt(lambda a=a, b=b: (_pread_all(fd, a, b), None)) for a, b, _ in groups]
             finally:
                 os.close(fd)
         else:
             src = _Http(req.url) if kind == "http" else _S3(req.url)
             if self._fetch is not None and len(groups) > 1:  # the requests of one shard in flight together
-                fetched = list(self._fetch.map(lambda g: src.fetch(g[0], g[1]), groups))
+                fetched = list(self._fetch.map(lambda g: _attempt(lambda: src.fetch(g[0], g[1])), groups))
             else:
-                fetched = [src.fetch(a, b) for a, b, _ in groups]
-            blobs = [b for b, _ in fetched]
-            for t in {t for _, t in fetched if t is not None}:
+                fetched = [_attempt(lambda a=a, b=b: src.fetch(a, b)) for a, b, _ in groups]
+            for t in {r[1] for r in fetched if isinstance(r, tuple) and r[1] is not None}:
                 self._check_size(req, t)
         stats.requests += len(groups)
-        stats.bytes_read += sum(len(b) for b in blobs)
-        return _slice(groups, blobs, spans, where)
+        ok = [(g, r[0]) for g, r in zip(groups, fetched) if isinstance(r, tuple)]
+        stats.bytes_read += sum(len(blob) for _, blob in ok)
+        got = _slice([g for g, _ in ok], [blob for _, blob in ok], spans, where)
+        found.update({key: members for key, members in got.items() if len(members) == len(req.members[key])})
+        failed = [r for r in fetched if isinstance(r, Exception)]
+        return f"{type(failed[0]).__name__}: {failed[0]} ({len(failed)} of {len(groups)} requests failed)" if failed else None
 
     @staticmethod
     def _check_size(req: ShardRequest, size: int) -> None:
@@ -520,6 +524,16 @@ class ShardReader:
             os.close(fd)
             stats.bytes_cached += local.bytes_read
             stats.requests += 1
+
+
+def _attempt(fetch: Callable[[], tuple[bytes, Optional[int]]]):
+    """`fetch()`'s (bytes, total size), or the exception it raised (NotRangeable is raised on)."""
+    try:
+        return fetch()
+    except NotRangeable:
+        raise
+    except Exception as e:  # OSError, EOFError, botocore errors: this request's members are lost
+        return e
 
 
 def _slice(groups, blobs, spans, where) -> dict[str, dict[str, bytes]]:

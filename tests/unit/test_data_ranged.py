@@ -316,3 +316,21 @@ def test_decode_workers_report_the_bytes_of_the_step_they_return(noise_dir):
     finally:
         inline.close()
         pooled.close()
+
+
+def test_a_failed_range_loses_only_its_own_samples(noise_dir, tmp_path):
+    from data_pipelines.ranged import ShardReader
+    from data_pipelines.stream import shard_request
+
+    d = str(tmp_path / "cut")
+    shutil.copytree(noise_dir, d)
+    path = os.path.join(d, "shard-000000.tar")
+    os.truncate(path, os.path.getsize(path) // 2)
+    shard = read_index(d)["shards"][0]
+    shard.pop("size")  # an index without the shard size cannot tell the shard changed
+    reader = ShardReader()
+    found, err, stats = reader.read(shard_request(path, shard, shard["samples"]))
+    reader.close()
+    whole = [s["key"] for s in shard["samples"] if max(o + n for o, n in s["members"].values()) <= os.path.getsize(path)]
+    assert err and "EOFError" in err and sorted(found) == sorted(whole) and 0 < len(whole) < len(shard["samples"])
+    assert stats.bytes_used == sum(len(v) for m in found.values() for v in m.values())
