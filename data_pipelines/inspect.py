@@ -150,7 +150,7 @@ def inspect(path: str, generation: str = "qwen2_vl", n: int = 5, min_pixels: Opt
           "temporal_patch_size": image.temporal_patch_size, "merge_size": image.merge_size}
     cfg = DataConfig(generation=generation, tokenizer=tokenizer, **kw)
     try:
-        builder = SampleBuilder(cfg, get_tokenizer(tokenizer))
+        builder = SampleBuilder(cfg, get_tokenizer(tokenizer, generation))
     except ValueError as e:
         raise SystemExit(f"error: --tokenizer: {e}") from None
     if os.path.isdir(path):

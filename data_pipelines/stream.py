@@ -236,7 +236,7 @@ class SampleBuilder:
 def make_builders(cfg: DataConfig) -> list[SampleBuilder]:
     """One SampleBuilder per `cfg.sources` entry (its caps applied), sharing one tokenizer; the
     loader and every decode worker build samples with these."""
-    tok = get_tokenizer(cfg.tokenizer)
+    tok = get_tokenizer(cfg.tokenizer, cfg.generation)
     return [SampleBuilder(cfg, tok, source) for source in cfg.sources]
 
 

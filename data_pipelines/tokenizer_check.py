@@ -11,8 +11,8 @@ What is checked, for tokenizer `data.tokenizer` (None = the bundled Qwen BPE) an
 * every token `g`'s template writes (`<|im_start|>`, `<|im_end|>`, the image / video wrappers and pads,
   `<think>` / `</think>` where `g` has them as added tokens, the grounding tags where they are special
   tokens) exists in the tokenizer;
-* with the bundled tokenizer, those tokens have the ids of `g`'s `DataSpec.special_tokens()` table (Qwen3.5's
-  248k vocabulary is not the bundled one: it needs `data.tokenizer=DIR`);
+* with a bundled tokenizer (the Qwen BPE, or the Qwen3.5 vocabulary for generations with Qwen3.5's ids:
+  `text.get_tokenizer`), those tokens have the ids of `g`'s `DataSpec.special_tokens()` table;
 * the largest id the tokenizer can emit, and the model's image / video pad ids, are below
   `model.llm.vocab_size`, and the model's pads are the tokenizer's pads.
 
@@ -49,11 +49,11 @@ def template_tokens(generation: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _tokenizer(tokenizer_dir: Optional[str]):
+def _tokenizer(tokenizer_dir: Optional[str], generation: str):
     from data_pipelines.text import get_tokenizer
 
     try:
-        return get_tokenizer(tokenizer_dir)
+        return get_tokenizer(tokenizer_dir, generation)
     except ValueError as err:
         raise TokenizerMismatch(str(err)) from None
 
@@ -61,17 +61,22 @@ def _tokenizer(tokenizer_dir: Optional[str]):
 def tokenizer_pad_ids(generation: str, tokenizer_dir: Optional[str]) -> tuple[int, Optional[int]]:
     """(image pad id, video pad id or None) of `generation` as written by the tokenizer in use."""
     spec = generations.get(generation)
-    tok = _tokenizer(tokenizer_dir)
+    tok = _tokenizer(tokenizer_dir, generation)
     try:
         image = tok.special(spec.image_tokens[1])
         video = None if spec.video is None else tok.special(spec.video_tokens[1])
     except KeyError as err:
-        raise TokenizerMismatch(_where(tokenizer_dir) + f" lacks {err.args[0]}") from None
+        raise TokenizerMismatch(_where(tokenizer_dir, generation) + f" lacks {err.args[0]}") from None
     return image, video
 
 
-def _where(tokenizer_dir: Optional[str]) -> str:
-    return f"data.tokenizer={tokenizer_dir}" if tokenizer_dir else "the bundled Qwen BPE (data.tokenizer unset)"
+def _where(tokenizer_dir: Optional[str], generation: str) -> str:
+    from data_pipelines.text import bundled_vocabulary
+
+    if tokenizer_dir:
+        return f"data.tokenizer={tokenizer_dir}"
+    name = "Qwen3.5 vocabulary" if bundled_vocabulary(generation) == "qwen3_5" else "Qwen BPE"
+    return f"the bundled {name} (data.tokenizer unset)"
 
 
 def check_tokenizer(
@@ -83,8 +88,8 @@ def check_tokenizer(
     `image_pad_id` / `video_pad_id`: the ids the model replaces with vision features (None: not checked);
     `vocab_key`: how the message names the vocabulary size (a config key, or a checkpoint's config.json)."""
     spec = generations.get(generation)
-    tok = _tokenizer(tokenizer_dir)
-    where = _where(tokenizer_dir)
+    tok = _tokenizer(tokenizer_dir, generation)
+    where = _where(tokenizer_dir, generation)
     missing, ids = [], {}
     for name in template_tokens(generation):
         try:
@@ -102,8 +107,8 @@ def check_tokenizer(
         if wrong:
             name, mine, theirs = wrong[0]
             raise TokenizerMismatch(
-                f"generation {generation} uses its own vocabulary ({name} = {theirs}), not the bundled Qwen BPE's "
-                f"({name} = {mine}); set data.tokenizer=DIR to the checkpoint's directory (it holds tokenizer.json)"
+                f"generation {generation} writes {name} as {theirs}, but {where} has it as {mine}; set "
+                "data.tokenizer=DIR to the checkpoint's directory (it holds tokenizer.json)"
             )
     top_name, top = max(ids.items(), key=lambda kv: kv[1])
     emitted = max(top, tok.vocab_size - 1)

