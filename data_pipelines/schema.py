@@ -137,7 +137,8 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     """Stop the run when more than this fraction of samples read in a window was unusable."""
     bad_window: int = 1000
-    """Samples per rank in the window that `max_bad_fraction` is checked over (checked once full)."""
+    """Samples per rank in the window that `max_bad_fraction` is checked over: on every sample, the run stops
+    once its bad samples exceed max_bad_fraction × bad_window (docs/data.md "Untrusted and broken data")."""
     pack_lookahead: int = 16
     """Candidates the packer looks ahead to fill a micro-batch (best fit); part of the data order."""
     balance: str = "compute"
