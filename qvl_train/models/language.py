@@ -62,6 +62,9 @@ def llm_transformer_config(cfg: LLMConfig, parallel: ParallelConfig, *, dtype: t
         gated_linear_unit=True,
         activation_func=F.silu,
         attention_output_gate=cfg.attn_output_gate,
+        # megatron's per-layer pattern of a hybrid (1 = linear attention): its block then checkpoints each layer
+        # under its own key (`non_homogeneous_layers`), as the GDN and attention layers hold different tensors
+        linear_attention_freq=[int(t == "linear_attention") for t in cfg.layer_types] if cfg.layer_types else None,
         **moe,
     )
 
@@ -111,13 +114,9 @@ def hybrid_block_spec(cfg: LLMConfig, config, full: ModuleSpec, vp_stage: Option
 
     from qvl_train.models.gdn import GatedDeltaNet, gdn_spec_params
 
-    keys_map = {k: v for k, v in full.submodules.sharded_state_dict_keys_map.items() if k != "input_layernorm."}
     linear = ModuleSpec(
         module=full.module,
-        submodules=replace(
-            full.submodules, self_attention=ModuleSpec(module=GatedDeltaNet, params=gdn_spec_params(cfg)),
-            sharded_state_dict_keys_map=keys_map,
-        ),
+        submodules=replace(full.submodules, self_attention=ModuleSpec(module=GatedDeltaNet, params=gdn_spec_params(cfg))),
     )
     offset = get_transformer_layer_offset(config, vp_stage)
     count = get_num_layers_to_build(config, vp_stage)
