@@ -52,8 +52,9 @@ def frozen_with_state(engine, frozen: set[str]) -> list[str]:
     """Frozen parameters that have a gradient or optimizer state after a step."""
     named = dict(engine.model.named_parameters())
     bad = [n for n in frozen if named[n].grad is not None]
-    bad += [n for n in frozen if engine.optimizer.state.get(named[n])]
-    return bad
+    if engine.sharded is not None:  # the distributed optimizer keeps state per slice of DDP's gradient buffers only
+        return bad + [n for n in frozen if hasattr(named[n], "main_grad")]
+    return bad + [n for n in frozen if engine.optimizer.state.get(named[n])]
 
 
 def main(out: str, *overrides: str) -> None:
@@ -64,7 +65,7 @@ def main(out: str, *overrides: str) -> None:
     from qvl_train.config import StageConfig, register_configs, to_train_config
     from qvl_train.engines.megatron import MegatronEngine
     from qvl_train.parallel.dims import ParallelDims
-    from tests.distributed.grad_probe import assemble, full_gradients
+    from tests.distributed.grad_probe import assemble, full_gradients, gather_main_grads
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -79,7 +80,10 @@ def main(out: str, *overrides: str) -> None:
 
     full = engine(StageConfig("stage2_multitask"))
     full.optimizer.step = lambda *a, **k: None  # keep the step's gradients as they are
+    full._update = lambda *a, **k: None  # (the distributed optimizer's update path too)
     result = full.train_step(batches, 0)
+    if full.sharded is not None:  # optim.distributed: each rank holds its slice of the reduced gradients
+        gather_main_grads(full)
     pieces = [None] * dims.world_size
     dist.all_gather_object(pieces, full_gradients(full.model))
 

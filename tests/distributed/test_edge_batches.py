@@ -2,7 +2,8 @@
 micro-batches carry no image or video while the other rank's do, text-only and video-only packs, a
 micro-batch without media between ones with media under pipeline parallelism. Each layout completes
 the step (no hang: every rank reduces the same gradients) with the single-process loss and every
-gradient within 1e-5 relative (MoE also with each expert split over tp=2, etp=2); at stage3_sft the frozen ViT gets no
+gradient within 1e-5 relative (MoE also with each expert split over tp=2, etp=2; also cp=2, pp=2 vpp=2 and
+the distributed optimizer); at stage3_sft the frozen ViT gets no
 gradient and no optimizer state."""
 
 from __future__ import annotations
@@ -15,10 +16,21 @@ PROBE = ROOT / "tests" / "distributed" / "edge_probe.py"
 DENSE, MOE = "+experiment=tiny_qwen3_vl", "+experiment=tiny_qwen3_vl_moe"
 
 
+def _model_key(overrides) -> tuple:
+    """The overrides that define the model (experiment, model.*): runs with the same key share a reference."""
+    return tuple(o for o in overrides if o.startswith(("+experiment=", "model.")))
+
+
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("edge_ref")
-    return {exp: run_probe(PROBE, tmp / f"{exp[12:]}.pt", 1, exp) for exp in (DENSE, MOE)}
+
+    class Lazy(dict):  # one single-process reference per model, computed when a case first needs it
+        def __missing__(self, key):
+            self[key] = run_probe(PROBE, tmp / f"ref{len(self)}.pt", 1, *key)
+            return self[key]
+
+    return Lazy()
 
 
 @pytest.mark.parametrize(
@@ -28,10 +40,15 @@ def references(tmp_path_factory):
         ("pp2_dp2", 4, [DENSE, "parallel.pp=2", "parallel.first_stage_layers=2"]),
         ("moe_ep2_dp2", 2, [MOE, "parallel.ep=2"]),
         ("moe_tp2_sp_etp2", 2, [MOE, "parallel.tp=2", "parallel.sp=true", "parallel.etp=2"]),  # experts split by tp
+        # the media-less micro-batch between media ones: split over context-parallel ranks, in an interleaved
+        # pipeline (chunk 0 holds the ViT), and one data-parallel rank without media under the distributed optimizer
+        ("cp2", 2, [DENSE, "parallel.cp=2"]),
+        ("pp2_vpp2", 2, [DENSE, "model.llm.num_layers=6", "parallel.pp=2", "parallel.vpp=2", "parallel.first_stage_layers=4"]),
+        ("distopt_dp2", 2, [DENSE, "optim.distributed=true"]),
     ],
 )
 def test_edge_micro_batches_match_one_process(tmp_path, references, name, nproc, overrides):
-    expected = references[overrides[0]]
+    expected = references[_model_key(overrides)]
     got = run_probe(PROBE, tmp_path / f"{name}.pt", nproc, *overrides)
     assert got["visual_tokens"] == expected["visual_tokens"] > 0
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
