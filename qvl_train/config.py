@@ -705,6 +705,18 @@ class TrainConfig:
         ):
             if heads % p.tp:
                 raise ConfigError(f"{name}={heads} is not divisible by parallel.tp={p.tp}; change parallel.tp")
+        if "linear_attention" in llm.layer_types:  # Qwen3.5's Gated DeltaNet layers (models/gdn.py)
+            if p.cp > 1:
+                raise ConfigError(
+                    f"parallel.cp={p.cp}: context parallelism is not implemented for Gated DeltaNet layers (model.llm."
+                    "layer_types has linear_attention; their recurrent state would have to pass between CP ranks); "
+                    "set parallel.cp=1 and shard with parallel.tp/sp/pp instead"
+                )
+            if llm.linear_num_key_heads % p.tp:
+                raise ConfigError(
+                    f"model.llm.linear_num_key_heads={llm.linear_num_key_heads} is not divisible by parallel.tp={p.tp} "
+                    "(each TP rank holds whole Gated DeltaNet key-head groups); change parallel.tp"
+                )
         self._validate_experts(world_size)
         if llm.vocab_size % p.tp:
             raise ConfigError(f"model.llm.vocab_size={llm.vocab_size} is not divisible by parallel.tp={p.tp}")

@@ -74,7 +74,7 @@ def hf_config(cfg, dtype: str) -> dict:
         "num_experts": l.num_experts, "moe_intermediate_size": l.moe_ffn_hidden_size,
         "num_experts_per_tok": l.moe_router_topk, "shared_expert_intermediate_size": l.shared_expert_ffn_hidden_size,
         "router_aux_loss_coef": l.moe_aux_loss_coeff, "output_router_logits": False,
-    } if l.num_experts else {"intermediate_size": l.ffn_hidden_size}
+    } if l.num_experts else {}
     return {
         "architectures": [ARCHITECTURES[bool(l.num_experts)]],
         "model_type": cfg.generation,
@@ -83,6 +83,7 @@ def hf_config(cfg, dtype: str) -> dict:
         "tie_word_embeddings": l.tie_word_embeddings,
         "text_config": {
             "model_type": f"{cfg.generation}_text", "attention_bias": l.qkv_bias, "attention_dropout": 0.0, **moe,
+            "intermediate_size": l.ffn_hidden_size,  # MoE: unused by HF (its dense-MLP width), kept for the round trip
             "bos_token_id": special["<|endoftext|>"], "eos_token_id": special["<|im_end|>"],
             "head_dim": l.head_dim or l.hidden_size // l.num_attention_heads,
             "hidden_act": "silu", "hidden_size": l.hidden_size, "initializer_range": 0.02,
