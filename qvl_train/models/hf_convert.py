@@ -22,6 +22,7 @@ Both are read; `detect_style` tells which one a checkpoint used, so export can w
 
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 EXPERT_LAYOUTS = ("hub", "transposed")
+log = logging.getLogger(__name__)
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int) -> torch.Tensor:
@@ -416,6 +418,11 @@ def hf_to_ours(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
             raise AssertionError(kind)
     if llm.tie_word_embeddings:
         used.add("lm_head.weight")  # a tied checkpoint may carry a copy of the embedding
+    mtp = sorted(k for k in src if k.startswith("mtp.")) if llm.mtp_num_layers else []
+    if mtp:  # Qwen3.5's multi-token-prediction head: transformers does not load it, and neither does our model yet
+        log.warning("hf_to_ours: %d multi-token-prediction tensors (%s, …) are not imported: the model has no MTP head "
+                    "(model.mtp_loss_weight must stay 0); an export carries none", len(mtp), mtp[0])
+        used.update(mtp)
     unused = [k for k in src if k not in used and not re.search(r"rotary_emb|inv_freq", k)]
     if unused:
         raise ValueError(f"hf_to_ours: HF tensors not mapped (config mismatch?): {unused[:8]}")

@@ -92,7 +92,7 @@ def hf_config(cfg, dtype: str) -> dict:
             "layer_types": list(l.layer_types), "linear_num_key_heads": l.linear_num_key_heads,
             "linear_num_value_heads": l.linear_num_value_heads, "linear_key_head_dim": l.linear_key_head_dim,
             "linear_value_head_dim": l.linear_value_head_dim, "linear_conv_kernel_dim": l.linear_conv_kernel_dim,
-            "mtp_num_hidden_layers": l.mtp_num_layers,
+            "mtp_num_hidden_layers": 0,  # an export carries no MTP weights (the model has no MTP head yet)
             "rope_parameters": {
                 "rope_type": "default", "rope_theta": l.rope_theta, "partial_rotary_factor": l.partial_rotary_factor,
                 "mrope_section": list(l.mrope_section), "mrope_interleaved": True,
@@ -120,6 +120,9 @@ def check(cfg) -> None:
                           f"{', '.join(LAYER_TYPES)}; got {list(l.layer_types)}")
     if "linear_attention" in l.layer_types and (l.linear_num_key_heads <= 0 or l.linear_num_value_heads <= 0):
         raise ConfigError("model.llm.linear_num_key_heads and linear_num_value_heads must be > 0 for Gated DeltaNet layers")
+    if cfg.mtp_loss_weight:
+        raise ConfigError(f"model.mtp_loss_weight={cfg.mtp_loss_weight}: the multi-token-prediction head is not implemented "
+                          "(import-hf skips the checkpoint's mtp.* weights); set model.mtp_loss_weight=0")
     if cfg.vision.deepstack_visual_indexes:
         raise ConfigError("model.vision.deepstack_visual_indexes must be [] (Qwen3.5's ViT has no DeepStack)")
     rotary = int((l.head_dim or l.hidden_size // l.num_attention_heads) * l.partial_rotary_factor)
