@@ -15,10 +15,10 @@ from tests.conftest import read_metrics, torchrun
 STEPS = 6
 
 
-def _run(tmp_path, data_root, name, nproc, *layout):
+def _run(tmp_path, data_root, name, nproc, *layout, experiment="tiny"):
     out = tmp_path / name
     torchrun(
-        nproc, "+experiment=tiny", f"output_dir={out}", f"cluster.data_root={data_root}",
+        nproc, f"+experiment={experiment}", f"output_dir={out}", f"cluster.data_root={data_root}",
         f"train.max_steps={STEPS}", "data.max_tokens=512", "train.global_batch_tokens=2048",
         "checkpoint.every=4", "wandb.mode=disabled", "data.trace=true", *layout,
     )
@@ -35,6 +35,7 @@ def reference(tmp_path_factory, data_root):
     "name, nproc, layout",
     [
         ("tp2", 2, ["parallel.tp=2"]),
+        ("tp2_sp", 2, ["parallel.tp=2", "parallel.sp=true"]),  # sequence parallelism over all STEPS, not one step
         ("pp2", 2, ["parallel.pp=2"]),
         ("dp2", 2, []),
         ("tp2_pp2", 4, ["parallel.tp=2", "parallel.pp=2"]),
@@ -117,3 +118,18 @@ def test_distributed_optimizer_matches_and_resumes(tmp_path, data_root, referenc
     refused = _resume_from(tmp_path, data_root, ref_out, "refused", 2, "optim.distributed=true", check=False)
     assert refused.returncode != 0
     assert "written with optim.distributed=false" in refused.stdout + refused.stderr
+
+
+def test_moe_tp2_sp_ep2_over_steps(tmp_path, data_root):
+    """Tiny Qwen3-VL MoE, tensor (with sp) × expert parallel on 4 processes: the one-process losses, grad norms and
+    MoE aux losses over all STEPS optimizer steps (tests/distributed/test_moe_expert_parallel.py checks step 1's
+    gradients one by one)."""
+    _, ref = _run(tmp_path, data_root, "moe_single", 1, experiment="tiny_qwen3_vl_moe")
+    _, rows = _run(tmp_path, data_root, "moe_tp2_sp_ep2", 4, "parallel.tp=2", "parallel.sp=true", "parallel.ep=2",
+                   experiment="tiny_qwen3_vl_moe")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and len(ref) == STEPS
+    for a, b in zip(ref, rows):
+        assert (a["tokens"], a["samples"]) == (b["tokens"], b["samples"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), f"step {a['step']}: {a['loss']} vs {b['loss']}"
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["loss/moe_aux"] == pytest.approx(a["loss/moe_aux"], rel=1e-4)
