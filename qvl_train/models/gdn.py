@@ -31,6 +31,7 @@ Numerics follow transformers 5.25 `models/qwen3_5/modeling_qwen3_5.py` (`torch_c
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -276,7 +277,8 @@ class GatedDeltaNet(MegatronModule):
       [q_h (Dk), k_h (Dk), v_h (r·Dv), z_h (r·Dv), b_h (r), a_h (r)], W = 2·Dk + 2·r·Dv + 2·r, r = Hv/Hk.
       One GEMM and, under sequence parallelism, one all-gather for all four HF projections.
     * `conv_weight` [Hk·(2·Dk + r·Dv), K]: depthwise causal conv over the [q_h, k_h, v_h] channels, SiLU.
-    * `A_log`, `dt_bias` [Hv] (the decay g = −exp(A_log)·softplus(a + dt_bias)), sharded with the heads.
+    * `A_log`, `dt_bias` [Hv] (the decay g = −exp(A_log)·softplus(a + dt_bias)), sharded with the heads;
+      they and the conv get HF's init in `reset_fixed_parameters` (the same full values at every tp).
     * `norm_weight` [Dv]: the gated RMSNorm over each value head (RMSNorm(o)·w·SiLU(z)), replicated;
       its gradient is summed over TP ranks inside autograd (each rank sees only its heads).
     * `out_proj.weight` [h, Hv·Dv], RowParallelLinear (reduce-scatter under sequence parallelism).
@@ -312,25 +314,34 @@ class GatedDeltaNet(MegatronModule):
             num_value_heads * value_head_dim, config.hidden_size, config=config,
             init_method=config.output_layer_init_method, bias=False, input_is_parallel=True, skip_bias_add=True,
             tp_group=self.tp_group)
-        rank = self.in_proj.tp_group.rank() if tp > 1 else 0
-        heads = slice(rank * self.local_key_heads * self.ratio, (rank + 1) * self.local_key_heads * self.ratio)
-        convs = slice(rank * self.local_key_heads * self.conv_width, (rank + 1) * self.local_key_heads * self.conv_width)
-        full = self._initial_values()  # drawn whole, then sliced: the same model at every tp
-        dtype = config.params_dtype
-        self.conv_weight = torch.nn.Parameter(full["conv_weight"][convs].to(dtype))
-        self.A_log = torch.nn.Parameter(full["A_log"][heads].to(dtype))
-        self.dt_bias = torch.nn.Parameter(full["dt_bias"][heads].to(dtype))
-        self.norm_weight = torch.nn.Parameter(torch.ones(value_head_dim, dtype=dtype))
-        for p in (self.conv_weight, self.A_log, self.dt_bias):
-            tensor_parallel.set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
+        self._rank = self.in_proj.tp_group.rank() if tp > 1 else 0
+        shapes = {"conv_weight": (num_key_heads * self.conv_width // tp, conv_kernel),
+                  "A_log": (num_value_heads // tp,), "dt_bias": (num_value_heads // tp,)}
+        for name, shape in shapes.items():
+            setattr(self, name, torch.nn.Parameter(torch.empty(shape, dtype=config.params_dtype)))
+            tensor_parallel.set_tensor_model_parallel_attributes(getattr(self, name), is_parallel=True, dim=0, stride=1)
+        self.norm_weight = torch.nn.Parameter(torch.ones(value_head_dim, dtype=config.params_dtype))
+        self.reset_fixed_parameters()
 
-    def _initial_values(self) -> dict[str, torch.Tensor]:
-        """Mamba-style init (as megatron-core's GatedDeltaNet): A ~ U(1, 16), dt ~ logU(1e-3, 0.1) → dt_bias = softplus⁻¹(dt)."""
+    @torch.no_grad()
+    def reset_fixed_parameters(self) -> None:
+        """HF's init of the GDN-specific parameters (transformers 5.25 `Qwen3_5PreTrainedModel._init_weights`
+        and `nn.Conv1d`'s default): dt_bias = 1, A_log = log U(0.01, 16), conv ~ U(±1/sqrt(K)).
+
+        Drawn whole from a generator seeded by the layer number, then sliced to this rank's heads: the
+        same values at every tp / pp. `models.init_weights` calls it after its generic pass (which would
+        leave A_log = 1 and a conv of std-sized noise).
+        """
+        gen = torch.Generator().manual_seed(zlib.crc32(f"gated_deltanet/{self.layer_number}".encode()))
         hv, channels = self.num_value_heads, self.num_key_heads * self.conv_width
-        bound = 1.0 / math.sqrt(self.conv_kernel)  # nn.Conv1d's default for a depthwise kernel
-        dt = torch.exp(torch.rand(hv) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-        return {"conv_weight": torch.empty(channels, self.conv_kernel).uniform_(-bound, bound),
-                "A_log": torch.empty(hv).uniform_(1, 16).log(), "dt_bias": dt + torch.log(-torch.expm1(-dt))}
+        bound = 1.0 / math.sqrt(self.conv_kernel)  # depthwise: fan_in = K
+        conv = torch.empty(channels, self.conv_kernel).uniform_(-bound, bound, generator=gen)
+        a_log = torch.empty(hv).uniform_(0.01, 16, generator=gen).log()
+        heads = slice(self._rank * self.A_log.shape[0], (self._rank + 1) * self.A_log.shape[0])
+        rows = slice(self._rank * self.conv_weight.shape[0], (self._rank + 1) * self.conv_weight.shape[0])
+        self.conv_weight.copy_(conv[rows])
+        self.A_log.copy_(a_log[heads])
+        self.dt_bias.fill_(1.0)
 
     def forward(self, hidden_states, attention_mask=None, key_value_states=None, inference_context=None,
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,

@@ -228,7 +228,9 @@ def _tp_worker(rank: int, world_size: int) -> None:
 
     def run(tp, sp):
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-        layer = build_layer(_config(tp, sp), hf)
+        layer = build_layer(_config(tp, sp))
+        init = {n: getattr(layer, n).detach().clone() for n in ("conv_weight", "A_log", "dt_bias")}
+        layer.load_state_dict(_shard(hf_to_local(hf, HK, DK), tp), strict=True)
         rows = slice(rank * total // 2, (rank + 1) * total // 2) if sp else slice(None)
         xs = x[rows].clone().requires_grad_(True)
         out, _ = layer(xs, packed_seq_params=params)
@@ -244,11 +246,13 @@ def _tp_worker(rank: int, world_size: int) -> None:
                 assert list(st.global_shape) == full_shape, name
                 assert st.global_offset[dim] == (0 if name == "norm_weight" else rank * p.shape[dim]), name
         parallel_state.destroy_model_parallel()
-        return rows, out.detach(), xs.grad, grads
+        return rows, out.detach(), xs.grad, grads, init
 
-    _, out1, dx1, grads1 = run(1, False)
+    _, out1, dx1, grads1, init1 = run(1, False)
     for sp in (False, True):
-        rows, out2, dx2, grads2 = run(2, sp)
+        rows, out2, dx2, grads2, init2 = run(2, sp)
+        for name, value in _shard(init1, 2).items():  # the layer's own init is the same model at every tp
+            assert torch.equal(init2[name], value), name
         assert _rel(out2, out1[rows]) <= 1e-5 and _rel(dx2, dx1[rows]) <= 1e-5, f"sp={sp}"
         for name, g in _shard(grads1, 2).items():
             assert grads2[name].shape == g.shape and _rel(grads2[name], g) <= 1e-5, f"sp={sp} d{name}"
