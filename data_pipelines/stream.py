@@ -669,12 +669,12 @@ class StepLoader:
             for (s, sh), key_to_ref in by_shard.items()
         ]
         out: dict[Ref, dict[str, bytes]] = {}
+        self._read_errors = {}  # the errors of this read only: its refs are built (or found missing) before the next read
         for req, key_to_ref, (found, err, stats) in zip(requests, by_shard.values(), self._reader.read_many(requests)):
             if io is not None:
                 io.add(stats)
             for key, members in found.items():
                 out[key_to_ref[key]] = members
-                self._read_errors.pop(key_to_ref[key], None)
             lost = [ref for key, ref in key_to_ref.items() if key not in found]
             if err is not None:
                 self._shard_error(req.name, "shard_error", err, lost)
@@ -694,7 +694,7 @@ class StepLoader:
                         "counted as data_skipped/%s, listed in data_skipped.jsonl)", self.dp_rank, name, err, len(lost), reason)
 
     def _missing(self, ref: Ref) -> SkipSample:
-        failed = self._read_errors.pop(ref, None)
+        failed = self._read_errors.get(ref)  # a sample twice in one step (an epoch boundary) fails alike
         if failed is not None:
             return SkipSample(failed[0], f"{failed[1]}: {failed[2]}")
         return SkipSample("missing_sample", f"{self.planner.shard_name(ref)}:{self.planner.entry(ref)['key']} is not in the shard")
