@@ -107,11 +107,16 @@ def examples(batch, pred: torch.Tensor, generation: str, limit: int = 4) -> list
     same positions (`pred`: the argmax at every label position of the batch, as `GreedyMatch` keeps it)."""
     import numpy as np
 
+    from data_pipelines import generations as data_generations
     from data_pipelines.schema import IGNORE_INDEX
-    from data_pipelines.text import IMAGE_PAD_ID, VIDEO_PAD_ID, get_tokenizer
+    from data_pipelines.text import get_tokenizer
     from data_pipelines.vision import unpatchify, vision_spec
 
-    tok, spec = get_tokenizer(), vision_spec(generation)
+    tok, spec = get_tokenizer(None, generation), vision_spec(generation)
+    data = data_generations.get(generation)
+    table = data.special_tokens()
+    image_pad = table[data.image_tokens[1]]  # the generation's pad ids (Qwen-VL, Qwen3.5 differ from Qwen2's)
+    video_pad = -1 if data.video is None else table[data.video_tokens[1]]
     targets = torch.nonzero(batch.labels != IGNORE_INDEX).squeeze(1)
     cu = batch.cu_seqlens.tolist()
     media_rows = batch.grid_thw.reshape(-1, 3).prod(-1).tolist()
@@ -125,15 +130,15 @@ def examples(batch, pred: torch.Tensor, generation: str, limit: int = 4) -> list
         first = int(targets[mine][0])
         prompt, prev = [], None
         for i in ids[cu[j]:first + 1]:
-            if i in (IMAGE_PAD_ID, VIDEO_PAD_ID):
+            if i in (image_pad, video_pad):
                 if prev != i:
-                    prompt.append("<image>" if i == IMAGE_PAD_ID else "<video>")
+                    prompt.append("<image>" if i == image_pad else "<video>")
             else:
                 prompt.append(tok.decode([i]))
             prev = i
         image = None
-        media_before = sum(1 for a, b in zip(ids[:cu[j]], ids[1:cu[j] + 1]) if b in (IMAGE_PAD_ID, VIDEO_PAD_ID) and a != b)
-        if any(i in (IMAGE_PAD_ID, VIDEO_PAD_ID) for i in ids[cu[j]:cu[j + 1]]) and media_before < len(media_rows):
+        media_before = sum(1 for a, b in zip(ids[:cu[j]], ids[1:cu[j] + 1]) if b in (image_pad, video_pad) and a != b)
+        if any(i in (image_pad, video_pad) for i in ids[cu[j]:cu[j + 1]]) and media_before < len(media_rows):
             k = media_before
             rows = batch.pixel_values[row_start[k]:row_start[k + 1]].cpu().numpy()
             frames = unpatchify(rows, batch.grid_thw.reshape(-1, 3)[k].tolist(), spec.patch_size,
