@@ -150,7 +150,8 @@ def test_missing_index_in_an_existing_directory(tmp_path):
 
 @pytest.mark.parametrize("choice, expected", [
     ("qwen2_vl/8b", "qwen2_vl has no size '8b'; valid: qwen2_vl/2b, qwen2_vl/72b, qwen2_vl/7b, qwen2_vl/tiny"),
-    ("qwen9/7b", "no model generation 'qwen9'; valid: qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_vl_moe, qwen_vl"),
+    ("qwen9/7b", "no model generation "
+     "'qwen9'; valid: qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_5_moe, qwen3_6, qwen3_vl, qwen3_vl_moe, qwen_vl"),
 ])
 def test_unknown_model_size_lists_the_valid_ones(choice, expected):
     proc, _ = _launch("+experiment=tiny", f"model={choice}", "dry_run=true")
