@@ -20,7 +20,7 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd")
 DECAY_STYLES = ("linear", "cosine", "sqrt")
 RECOMPUTE = ("none", "selective", "full")
 FP8_MODES = ("off", "auto", "hybrid", "e4m3")
-LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj")
 LORA_MODULES = ("llm", "projector", "vision")
 
 
@@ -165,7 +165,8 @@ class LoRAConfig:
     """Scaling numerator: the adapter's output is multiplied by alpha / rank (as PEFT's `lora_alpha`)."""
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     """Linear layers that get adapters, by megatron name: linear_qkv, linear_proj (attention), linear_fc1,
-    linear_fc2 (MLP; in the projector its two layers)."""
+    linear_fc2 (MLP; in the projector its two layers), in_proj, out_proj (the projections of Qwen3.5's Gated
+    DeltaNet layers, `models/gdn.py`; nothing in other models)."""
     modules: list[str] = field(default_factory=lambda: ["llm", "projector"])
     """Towers whose target layers get adapters: llm, projector, vision. Everything else is frozen, the ViT
     included unless listed here."""
@@ -221,8 +222,17 @@ class ModelConfig:
     """Id of the token whose positions take the video embeddings; None = the tokenizer's `<|video_pad|>`
     (stays None for a generation without video)."""
     mtp_loss_weight: float = 0.0
-    """Weight of the multi-token-prediction loss (Qwen3.5 MTP head, `llm.mtp_num_layers > 0`) added to the
-    LM loss; 0 = the MTP head is not trained. Logged separately as `loss/mtp`."""
+    """Weight w of the multi-token-prediction loss (Qwen3.5's MTP head, `models/mtp.py`; needs
+    `llm.mtp_num_layers = 1`): the objective is LM loss + w · MTP loss, both global per-token means over
+    their own label counts; `loss` in metrics.jsonl stays the LM loss, the MTP loss is `loss/mtp`. The head
+    is built (and import-hf loads the checkpoint's `mtp.*`, export-hf writes them back) only when w > 0;
+    at w = 0 the model has no head, import skips `mtp.*` with a warning and an export carries none
+    (train with a small w to keep the head through a run). engine=megatron, dense models, parallel.cp=1."""
+    mtp_head: bool = False
+    """Build the MTP head although `mtp_loss_weight` = 0 (it is then not run): set by import-hf for a dense
+    checkpoint that carries `mtp.*`, so import → export round-trips the head and a run with
+    `model.mtp_loss_weight > 0` starts from it. A training run refuses it at w = 0 (an untrained head
+    would take weight decay); leave it false in run configs."""
 
     @property
     def image_pad_id(self) -> int:
@@ -274,6 +284,14 @@ class ModelConfig:
             raise ConfigError(f"model.vision.norm={self.vision.norm!r}; valid: layernorm, rmsnorm")
         if self.vision.mlp not in ("quick_gelu", "swiglu", "gelu_tanh", "gelu"):
             raise ConfigError(f"model.vision.mlp={self.vision.mlp!r}; valid: quick_gelu, swiglu, gelu_tanh, gelu")
+        if self.mtp_loss_weight < 0:
+            raise ConfigError(f"model.mtp_loss_weight={self.mtp_loss_weight} must be >= 0 (0 = no MTP head)")
+        if (self.mtp_loss_weight > 0 or self.mtp_head) and llm.mtp_num_layers <= 0:
+            raise ConfigError(
+                f"model.mtp_loss_weight={self.mtp_loss_weight} trains a multi-token-prediction head, but "
+                f"model.llm.mtp_num_layers={llm.mtp_num_layers}: set model.llm.mtp_num_layers=1 (a generation with "
+                "an MTP head: Qwen3.5 / 3.6) or model.mtp_loss_weight=0"
+            )
         if spec.check is not None:
             spec.check(self)
         if self.vision.window_size is not None:
@@ -631,6 +649,8 @@ class EngineConfig:
             (cfg.model.lora.enabled, "model.lora", "engine=megatron or model.lora.rank=0"),
             (cfg.train.fp8 in ("hybrid", "e4m3"), f"train.fp8={cfg.train.fp8}", "train.fp8=off"),
             (cfg.optim.distributed, "optim.distributed=true", "optim.distributed=false (ZeRO shards the optimizer)"),
+            (cfg.model.mtp_loss_weight > 0, f"model.mtp_loss_weight={cfg.model.mtp_loss_weight} (the MTP head)",
+             "engine=megatron or model.mtp_loss_weight=0"),
         ]
         for bad, what, fix in unsupported:
             if bad:
@@ -717,6 +737,16 @@ class TrainConfig:
                     f"model.llm.linear_num_key_heads={llm.linear_num_key_heads} is not divisible by parallel.tp={p.tp} "
                     "(each TP rank holds whole Gated DeltaNet key-head groups); change parallel.tp"
                 )
+        if self.model.mtp_head and not self.model.mtp_loss_weight:
+            raise ConfigError(
+                "model.mtp_head=true with model.mtp_loss_weight=0: a training run builds the MTP head only to train it; "
+                "set model.mtp_loss_weight > 0 (e.g. 0.3) or model.mtp_head=false"
+            )
+        if self.model.mtp_loss_weight > 0 and p.cp > 1:
+            raise ConfigError(
+                f"model.mtp_loss_weight={self.model.mtp_loss_weight} with parallel.cp={p.cp}: the MTP head shifts each "
+                "sample by one token, across the zigzag split of context parallelism; set parallel.cp=1"
+            )
         self._validate_experts(world_size)
         if llm.vocab_size % p.tp:
             raise ConfigError(f"model.llm.vocab_size={llm.vocab_size} is not divisible by parallel.tp={p.tp}")

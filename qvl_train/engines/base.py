@@ -38,6 +38,7 @@ class StepResult:
     lrs: dict[str, float] = field(default_factory=dict)  # learning rate of the step per module (vision / projector / llm)
     moe_aux_loss: float | None = None  # MoE: load-balancing loss of the step (not part of `loss`)
     expert_load: dict[int, list[float]] = field(default_factory=dict)  # MoE: layer → routed tokens per expert
+    mtp_loss: float | None = None  # model.mtp_loss_weight > 0: the MTP head's per-token mean loss (apart from `loss`)
 
 
 @runtime_checkable

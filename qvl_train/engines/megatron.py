@@ -19,7 +19,10 @@ How a step works (every layout computes the same step as one process):
      AdamW state and fp32 masters sharded over dp, routed experts in their own buffers and optimizer
      sharded over the expert-data-parallel group; see `engines/distributed_optimizer.py`); the step
      result is the same, for dense and MoE models, with or without `parallel.vpp`.
-  MoE models also report the load-balancing loss and the expert load (`engines/moe.py`).
+  MoE models also report the load-balancing loss and the expert load (`engines/moe.py`). With Qwen3.5's
+  MTP head (`model.mtp_loss_weight` w > 0) the last stage returns the MTP per-token losses as well: the
+  objective is `loss + w · loss/mtp`, each the global per-token mean over its own label count (the MTP
+  count all-reduced over dp before the forward, like G); `loss` stays the LM loss, `loss/mtp` is logged.
 
 The optimizer has one pair of parameter groups (decayed / not decayed: norms and biases) per module,
 each with its own peak learning rate (`optim.lr_vit`, `optim.lr_projector`, `optim.lr`) and the same
@@ -182,15 +185,18 @@ class MegatronEngine:
         self._zero_grads()
         if self.moe is not None:
             self.moe.begin_step(len(batches))
-        losses = self._run_schedule(batches, denom, forward_only=False)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        mtp_denom = self._mtp_label_tokens(batches)
+        losses = self._run_schedule(batches, denom, forward_only=False, mtp_denom=mtp_denom)
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # [Σ CE, Σ MTP CE]
         if dims.is_last_stage and dims.tp_rank == 0:
-            loss_sum += sum(float(x["loss_sum"]) for x in losses)
+            loss_sum[0] += sum(float(x["loss_sum"]) for x in losses)
+            loss_sum[1] += sum(float(x.get("mtp_loss_sum", 0.0)) for x in losses)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t1 = time.perf_counter()  # this rank's own forward/backward: before it waits on other dp ranks
         dist.all_reduce(loss_sum, group=dims.groups["world"])  # one contributor per dp rank (its cp ranks: their rows)
-        loss = float(loss_sum) / denom
+        loss = float(loss_sum[0]) / denom
+        mtp_loss = float(loss_sum[1]) / mtp_denom if mtp_denom else None
         moe_aux, expert_load = self.moe.end_step() if self.moe is not None else (None, {})
 
         self._fill_missing_grads()
@@ -198,7 +204,7 @@ class MegatronEngine:
         self._sum_tied_embedding_grads()
         self._sync_grads()
         grad_norm, module_norms = self._grad_norms()
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm) and (mtp_loss is None or math.isfinite(mtp_loss))
         lrs = module_lrs(step, self.optim_cfg, self.max_steps)
         if finite:
             self._update(lrs, grad_norm)
@@ -208,8 +214,19 @@ class MegatronEngine:
         return StepResult(
             loss=loss, grad_norm=grad_norm, module_grad_norms=module_norms, skipped=not finite,
             timings={"fwd_bwd_s": t1 - t0, "optimizer_s": t2 - t1}, lrs=lrs,
-            moe_aux_loss=moe_aux, expert_load=expert_load, **counts,
+            moe_aux_loss=moe_aux, expert_load=expert_load, mtp_loss=mtp_loss, **counts,
         )
+
+    def _mtp_label_tokens(self, batches: list[PackedBatch]) -> float:
+        """The step's MTP label count over every data-parallel rank (the MTP loss's denominator, as the label
+        count is the LM loss's: `loss.py`); 0 without the MTP head (`model.mtp_loss_weight` = 0)."""
+        if not self.model_cfg.mtp_loss_weight:
+            return 0.0
+        from qvl_train.models.mtp import mtp_label_count
+
+        n = torch.tensor(float(sum(mtp_label_count(b) for b in batches)), dtype=torch.float64, device=self.dims.device)
+        dist.all_reduce(n, group=self.dims.groups["dp"])
+        return float(max(n.item(), 1.0))
 
     def eval_step(self, batches: list[PackedBatch]) -> tuple[float, int]:
         """Forward only over this rank's `batches` (megatron's forward_only schedule, no gradients,
@@ -227,7 +244,7 @@ class MegatronEngine:
         dist.all_reduce(sums, group=dims.groups["world"])
         return float(sums[0]), int(sums[1])
 
-    def _run_schedule(self, batches: list[PackedBatch], denom: float, *, forward_only: bool) -> list:
+    def _run_schedule(self, batches: list[PackedBatch], denom: float, *, forward_only: bool, mtp_denom: float = 0.0) -> list:
         """megatron's schedule over `batches`: no pipelining, 1F1B, or interleaved 1F1B over this rank's
         model chunks (each chunk reads every micro-batch: positions and sample bounds are needed in
         every layer, the pixels in chunk 0, the labels in the last). Returns the last stage's losses."""
@@ -240,7 +257,10 @@ class MegatronEngine:
             )
         models = self.sharded.ddps if self.sharded is not None and not forward_only else self.chunks
         return get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, denom=denom, device=self.dims.device),
+            forward_step_func=partial(
+                _forward_step, denom=denom, device=self.dims.device, mtp_weight=self.model_cfg.mtp_loss_weight,
+                mtp_denom=mtp_denom or 1.0,
+            ),
             data_iterator=[iter(batches) for _ in models] if len(models) > 1 else iter(batches),
             model=models,
             num_microbatches=len(batches),
@@ -457,6 +477,10 @@ def _tp_partial_grad(name: str, param: torch.nn.Parameter) -> bool:
     return ".q_layernorm." in name or ".k_layernorm." in name or getattr(param, "sequence_parallel", False)
 
 
-def _forward_step(data_iterator: Iterator[PackedBatch], model, *, denom: float, device):
+def _forward_step(data_iterator: Iterator[PackedBatch], model, *, denom: float, device, mtp_weight: float = 0.0,
+                  mtp_denom: float = 1.0):
     batch = next(data_iterator).to(device)
-    return model(batch), partial(global_token_mean, num_label_tokens=batch.num_label_tokens, global_label_tokens=denom)
+    return model(batch), partial(
+        global_token_mean, num_label_tokens=batch.num_label_tokens, global_label_tokens=denom,
+        mtp_weight=mtp_weight, mtp_global_label_tokens=mtp_denom,
+    )

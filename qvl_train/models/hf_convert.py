@@ -229,45 +229,66 @@ def rules_qwen3_5(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
 
     Every LLM RMSNorm of Qwen3.5 is zero-centred (`Qwen3_5RMSNorm`: x̂ · (1 + w), init 0): our norms are
     plain `torch.nn.RMSNorm` (x̂ · w), so the weights convert as w + 1 (kind `norm1p`, exact in fp32: HF
-    adds the 1 in fp32 too). The Gated DeltaNet's gated norm (`Qwen3_5RMSNormGated`, init 1) is plain."""
+    adds the 1 in fp32 too). The Gated DeltaNet's gated norm (`Qwen3_5RMSNormGated`, init 1) is plain.
+
+    The MTP head (`mtp.*`, when the model builds it: `mtp.mtp_layers_built`): `mtp.fc` as is, its three norms
+    zero-centred like the rest, `mtp.layers.{j}.*` by the same per-layer rules as a full-attention layer.
+    Names as vLLM's `qwen3_5_mtp.py` loads them from the released checkpoints (transformers 5.25 has no MTP
+    module and ignores them)."""
     llm = cfg.llm
     vit_cfg = cfg.vision
     R = [r for r in rules_qwen3_vl(cfg) if not r[0].startswith("llm.") and not r[0].startswith("projector.deepstack")]
     assert not vit_cfg.deepstack_visual_indexes
     R.append(("llm.embedding.weight", ("lm.embed_tokens.weight",), "id"))
     for i, kind in enumerate(llm.layer_types):
-        s, d = f"lm.layers.{i}.", f"llm.decoder.layers.{i}."
-        R.append((d + "input_layernorm.weight", (s + "input_layernorm.weight",), "norm1p"))
-        R.append((d + "pre_mlp_layernorm.weight", (s + "post_attention_layernorm.weight",), "norm1p"))
-        if kind == "linear_attention":
-            a, g = s + "linear_attn.", d + "self_attention."
-            R.append((g + "in_proj.weight", tuple(a + n for n in _GDN_IN_PROJ), "gdn_in_proj"))
-            R.append((g + "conv_weight", (a + "conv1d.weight",), "gdn_conv"))
-            for ours, hf in (("A_log", "A_log"), ("dt_bias", "dt_bias"), ("norm_weight", "norm.weight"),
-                             ("out_proj.weight", "out_proj.weight")):
-                R.append((g + ours, (a + hf,), "id"))
-        else:
-            R.append((d + "self_attention.linear_qkv.weight", tuple(s + f"self_attn.{n}_proj.weight" for n in "qkv"), "qkv_gated"))
-            R.append((d + "self_attention.q_layernorm.weight", (s + "self_attn.q_norm.weight",), "norm1p"))
-            R.append((d + "self_attention.k_layernorm.weight", (s + "self_attn.k_norm.weight",), "norm1p"))
-            R.append((d + "self_attention.linear_proj.weight", (s + "self_attn.o_proj.weight",), "id"))
-        if llm.num_experts:
-            R.append((d + "mlp.router.weight", (s + "mlp.gate.weight",), "id"))
-            for j in range(llm.num_experts):  # per expert, as the released checkpoints and 5.25's save_pretrained
-                e, x = d + f"mlp.experts.local_experts.{j}.", s + f"mlp.experts.{j}."
-                R.append((e + "linear_fc1.weight", (x + "gate_proj.weight", x + "up_proj.weight"), "cat"))
-                R.append((e + "linear_fc2.weight", (x + "down_proj.weight",), "id"))
-            if llm.shared_expert_ffn_hidden_size:
-                e = s + "mlp.shared_expert."
-                R.append((d + "mlp.shared_experts.linear_fc1.weight", (e + "gate_proj.weight", e + "up_proj.weight"), "cat"))
-                R.append((d + "mlp.shared_experts.linear_fc2.weight", (e + "down_proj.weight",), "id"))
-                R.append((d + "mlp.shared_experts.gate_weight", (s + "mlp.shared_expert_gate.weight",), "id"))
-        else:
-            R.append((d + "mlp.linear_fc1.weight", (s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight"), "cat"))
-            R.append((d + "mlp.linear_fc2.weight", (s + "mlp.down_proj.weight",), "id"))
+        R.extend(_qwen3_5_layer_rules(cfg, f"lm.layers.{i}.", f"llm.decoder.layers.{i}.", kind))
     R.append(("llm.decoder.final_layernorm.weight", ("lm.norm.weight",), "norm1p"))
     if not llm.tie_word_embeddings:
         R.append(("llm.output_layer.weight", ("lm_head.weight",), "id"))
+    from qvl_train.models.mtp import mtp_layers_built
+
+    if mtp_layers_built(cfg):  # the multi-token-prediction head (models/mtp.py; vLLM `qwen3_5_mtp.py` names)
+        R.append(("llm.mtp.fc.weight", ("mtp.fc.weight",), "id"))
+        for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+            R.append((f"llm.mtp.{norm}.weight", (f"mtp.{norm}.weight",), "norm1p"))
+        for j in range(mtp_layers_built(cfg)):  # a full-attention layer with the model's MLP / MoE
+            R.extend(_qwen3_5_layer_rules(cfg, f"mtp.layers.{j}.", f"llm.mtp.layers.{j}.", "full_attention"))
+    return R
+
+
+def _qwen3_5_layer_rules(cfg: ModelConfig, s: str, d: str, kind: str) -> list[tuple[str, tuple[str, ...], str]]:
+    """One Qwen3.5 decoder layer (HF prefix `s`, ours `d`) of layer type `kind`: the main LLM's layers and the
+    MTP head's (`mtp.layers.{j}.*`, full attention) share these names below their prefix."""
+    llm = cfg.llm
+    R: list[tuple[str, tuple[str, ...], str]] = []
+    R.append((d + "input_layernorm.weight", (s + "input_layernorm.weight",), "norm1p"))
+    R.append((d + "pre_mlp_layernorm.weight", (s + "post_attention_layernorm.weight",), "norm1p"))
+    if kind == "linear_attention":
+        a, g = s + "linear_attn.", d + "self_attention."
+        R.append((g + "in_proj.weight", tuple(a + n for n in _GDN_IN_PROJ), "gdn_in_proj"))
+        R.append((g + "conv_weight", (a + "conv1d.weight",), "gdn_conv"))
+        for ours, hf in (("A_log", "A_log"), ("dt_bias", "dt_bias"), ("norm_weight", "norm.weight"),
+                         ("out_proj.weight", "out_proj.weight")):
+            R.append((g + ours, (a + hf,), "id"))
+    else:
+        R.append((d + "self_attention.linear_qkv.weight", tuple(s + f"self_attn.{n}_proj.weight" for n in "qkv"), "qkv_gated"))
+        R.append((d + "self_attention.q_layernorm.weight", (s + "self_attn.q_norm.weight",), "norm1p"))
+        R.append((d + "self_attention.k_layernorm.weight", (s + "self_attn.k_norm.weight",), "norm1p"))
+        R.append((d + "self_attention.linear_proj.weight", (s + "self_attn.o_proj.weight",), "id"))
+    if llm.num_experts:
+        R.append((d + "mlp.router.weight", (s + "mlp.gate.weight",), "id"))
+        for j in range(llm.num_experts):  # per expert, as the released checkpoints and 5.25's save_pretrained
+            e, x = d + f"mlp.experts.local_experts.{j}.", s + f"mlp.experts.{j}."
+            R.append((e + "linear_fc1.weight", (x + "gate_proj.weight", x + "up_proj.weight"), "cat"))
+            R.append((e + "linear_fc2.weight", (x + "down_proj.weight",), "id"))
+        if llm.shared_expert_ffn_hidden_size:
+            e = s + "mlp.shared_expert."
+            R.append((d + "mlp.shared_experts.linear_fc1.weight", (e + "gate_proj.weight", e + "up_proj.weight"), "cat"))
+            R.append((d + "mlp.shared_experts.linear_fc2.weight", (e + "down_proj.weight",), "id"))
+            R.append((d + "mlp.shared_experts.gate_weight", (s + "mlp.shared_expert_gate.weight",), "id"))
+    else:
+        R.append((d + "mlp.linear_fc1.weight", (s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight"), "cat"))
+        R.append((d + "mlp.linear_fc2.weight", (s + "mlp.down_proj.weight",), "id"))
     return R
 
 
@@ -387,6 +408,10 @@ def hf_to_ours(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
     used: set[str] = set()
     for ours, hf_keys, kind in rules:
         missing = [k for k in hf_keys if k not in src]
+        if missing and missing[0].startswith("mtp."):
+            raise KeyError(f"hf_to_ours: HF tensor {missing[0]!r} missing: config.json sets mtp_num_hidden_layers="
+                           f"{llm.mtp_num_layers} but the checkpoint lacks its multi-token-prediction head; set "
+                           "text_config.mtp_num_hidden_layers to 0 in config.json to import it without one")
         if missing:
             raise KeyError(f"hf_to_ours: HF tensor {missing[0]!r} missing (config mismatch?)")
         used.update(hf_keys)
@@ -418,10 +443,10 @@ def hf_to_ours(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
             raise AssertionError(kind)
     if llm.tie_word_embeddings:
         used.add("lm_head.weight")  # a tied checkpoint may carry a copy of the embedding
-    mtp = sorted(k for k in src if k.startswith("mtp.")) if llm.mtp_num_layers else []
-    if mtp:  # Qwen3.5's multi-token-prediction head: transformers does not load it, and neither does our model yet
-        log.warning("hf_to_ours: %d multi-token-prediction tensors (%s, …) are not imported: the model has no MTP head "
-                    "(model.mtp_loss_weight must stay 0); an export carries none", len(mtp), mtp[0])
+    mtp = sorted(k for k in src if k.startswith("mtp.") and k not in used) if llm.mtp_num_layers else []
+    if mtp:  # Qwen3.5's multi-token-prediction head where the model does not build it (MoE, or several MTP layers)
+        log.warning("hf_to_ours: %d multi-token-prediction tensors (%s, …) are not imported: this model builds no MTP "
+                    "head (models/mtp.py: dense, model.llm.mtp_num_layers=1); an export carries none", len(mtp), mtp[0])
         used.update(mtp)
     unused = [k for k in src if k not in used and not re.search(r"rotary_emb|inv_freq", k)]
     if unused:

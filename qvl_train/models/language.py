@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -153,6 +153,7 @@ class Qwen2LanguageModel(MegatronModule):
         spec_backend: str = "local",
         execution: Execution = Execution(),
         vp_stage: Optional[int] = None,
+        mtp_layers: int = 0,
     ):
         config = llm_transformer_config(cfg, parallel, dtype=dtype, execution=execution)
         super().__init__(config=config)
@@ -164,11 +165,17 @@ class Qwen2LanguageModel(MegatronModule):
         # embedding as its output weight (same checkpoint key, same init; the engine sums the two
         # gradients over megatron's embedding group, so both copies take the same steps).
         self.tied_copy = self.tie and post_process and not pre_process
-        if pre_process:
+        # The MTP head (`mtp_layers`, models/mtp.py) on the last stage embeds tokens too: without the first
+        # stage there, an untied model keeps a copy of the embedding by the same mechanism (a tied one
+        # looks up in its output layer's copy).
+        self.mtp_embedding_copy = bool(mtp_layers) and post_process and not pre_process and not self.tie
+        if pre_process or self.mtp_embedding_copy:
             self.embedding = tensor_parallel.VocabParallelEmbedding(
                 cfg.vocab_size, cfg.hidden_size, init_method=_no_init, config=config
             )
-            if self.tie and not post_process:
+            if (self.tie or mtp_layers) and not post_process:
+                self.embedding.weight.shared_embedding = True
+            if self.mtp_embedding_copy:
                 self.embedding.weight.shared_embedding = True
         layer = layer_spec(
             causal=True, attention_backend=attention_backend, spec_backend="local" if cfg.layer_types else spec_backend,
@@ -198,6 +205,14 @@ class Qwen2LanguageModel(MegatronModule):
             )
             if self.tied_copy:
                 self.output_layer.weight.shared_embedding = True
+        self.mtp = None
+        if post_process and mtp_layers:
+            from qvl_train.models.mtp import MultiTokenPrediction
+
+            self.mtp = MultiTokenPrediction(
+                config, layer, hidden_size=cfg.hidden_size, eps=cfg.norm_eps, num_layers=mtp_layers,
+                main_layers=cfg.num_layers, vp_stage=vp_stage,
+            )
 
     def set_input_tensor(self, input_tensor: Optional[torch.Tensor]) -> None:
         self.decoder.set_input_tensor(input_tensor)
@@ -214,7 +229,8 @@ class Qwen2LanguageModel(MegatronModule):
         output_positions: Optional[torch.Tensor] = None,
         deepstack: Optional[tuple[torch.Tensor, list[torch.Tensor]]] = None,
         padding_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+        mtp: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    ):
         """Run this stage's layers; on the last stage also the final norm and output layer.
 
         Returns `[L, 1, H]` hidden states, or on the last stage vocab-sharded logits `[L, 1, V/tp]`
@@ -224,6 +240,9 @@ class Qwen2LanguageModel(MegatronModule):
         `deepstack = (positions [n], [features [n, H], …])` (Qwen3-VL, first stage only): feature i
         is added at `positions` to the output of global decoder layer i (0-based), so the layers
         run one by one here (the block still owns them: names and sharding stay megatron's).
+
+        `mtp = (next-token ids [L], MTP label positions [m])` (last stage with the MTP head, `models/mtp.py`):
+        returns `(logits, MTP logits [m, 1, V/tp])`; the head reads the final-normed output of every row.
 
         `padding_mask` `[L]` (True at rows that hold no token of a sample) reaches megatron's MoE routers,
         which leave those rows out of the load-balancing loss: it then counts the same tokens whatever
@@ -245,11 +264,32 @@ class Qwen2LanguageModel(MegatronModule):
         if not self.post_process:
             return h
         h = shards.gather(h)
+        weight = self.embedding.weight if self.tie and self.pre_process else None
+        mtp_logits = None
+        if mtp is not None:  # (next-token ids [L], positions with an MTP label [m]) → logits [m, 1, V/tp] too
+            next_ids, mtp_positions = mtp
+            m = self.mtp(h, self.embed_next(next_ids), rotary_pos_emb, packed_seq_params, shards, padding)
+            mtp_logits, _ = self.output_layer(m.index_select(0, mtp_positions), weight=weight)
         if output_positions is not None:
             h = h.index_select(0, output_positions)
-        weight = self.embedding.weight if self.tie and self.pre_process else None
         logits, _ = self.output_layer(h, weight=weight)
-        return logits
+        return logits if mtp is None else (logits, mtp_logits)
+
+    def embed_next(self, ids: torch.Tensor) -> torch.Tensor:
+        """`[L]` ids → `[L, 1, H]` input embeddings on the last stage, for the MTP head: the embedding itself
+        (first stage here, or the untied copy), else the tied output layer's copy of it (the same
+        vocab-parallel table: masked lookup of this rank's rows, summed over TP ranks)."""
+        if hasattr(self, "embedding"):
+            return self.embed(ids)
+        weight = self.output_layer.weight
+        rows = weight.shape[0]
+        start = rows * parallel_state.get_tensor_model_parallel_rank() if self.config.tensor_model_parallel_size > 1 else 0
+        local = ids - start
+        outside = (local < 0) | (local >= rows)
+        out = F.embedding(local.masked_fill(outside, 0), weight).masked_fill(outside.unsqueeze(1), 0.0)
+        if self.config.tensor_model_parallel_size > 1:
+            out = tensor_parallel.reduce_from_tensor_model_parallel_region(out)
+        return out.unsqueeze(1)
 
     def _forward_deepstack(self, h, rotary_pos_emb, packed_seq_params, shards, positions, features, padding=None):
         if not self.pre_process:
@@ -277,7 +317,8 @@ class Qwen2LanguageModel(MegatronModule):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """Default megatron sharding. A tied output layer has no weight of its own to save; the last
         stage's copy under pipeline parallelism is the embedding's tensor (its key and sharding) as a
-        secondary replica: never written, loaded (and initialised) from the embedding."""
+        secondary replica: never written, loaded (and initialised) from the embedding. The MTP head's
+        embedding copy (untied, pp > 1) is the same kind of replica."""
         from dataclasses import replace
 
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
@@ -288,4 +329,9 @@ class Qwen2LanguageModel(MegatronModule):
             own = sd[key]
             replica = own.replica_id if isinstance(own.replica_id, tuple) else (own.replica_id,)
             sd[key] = replace(own, key=f"{prefix}embedding.weight", replica_id=(1, *replica[1:]))
+        if self.mtp_embedding_copy:  # the MTP head's copy of the embedding: a secondary replica as well
+            key = f"{prefix}embedding.weight"
+            own = sd[key]
+            replica = own.replica_id if isinstance(own.replica_id, tuple) else (own.replica_id,)
+            sd[key] = replace(own, replica_id=(1, *replica[1:]))
         return sd

@@ -7,7 +7,9 @@
   video-pad tokens; then this stage's decoder layers;
 * middle stages: their layers on the activation set by `set_input_tensor`;
 * last stage (`post_process`): final norm, vocab-parallel logits and the per-token cross entropy
-  `[L]` float32 (`tensor_parallel.vocab_parallel_cross_entropy`, 0 where `labels == -100`).
+  `[L]` float32 (`tensor_parallel.vocab_parallel_cross_entropy`, 0 where `labels == -100`); with the
+  multi-token-prediction head (`model.mtp_loss_weight > 0`, Qwen3.5, `models/mtp.py`) in training mode
+  `[2, L]`: row 0 that loss, row 1 the MTP head's per-token loss (predicting the token after the next).
   Reduction (sum / num_label_tokens, …) is the loss module's job, not the model's.
 
 A micro-batch without media skips the ViT: its parameters get no gradient this step. TP ranks of
@@ -31,6 +33,7 @@ from data_pipelines.schema import IGNORE_INDEX, PackedBatch
 from qvl_train.config import ModelConfig, ParallelConfig
 from qvl_train.models.common import Execution, without_sequence_parallel
 from qvl_train.models.language import Qwen2LanguageModel
+from qvl_train.models.mtp import mtp_layers_built
 from qvl_train.models.projector import DeepStackProjector, PatchMerger
 from qvl_train.models.rope import mrope_freqs
 from qvl_train.models.vision.qwen2_vl import Qwen2VisionTransformer
@@ -70,6 +73,7 @@ class VLM(MegatronModule):
             spec_backend=spec_backend,
             execution=execution,
             vp_stage=vp_stage,
+            mtp_layers=mtp_layers_built(cfg),  # Qwen3.5's MTP head: built when trained (or kept by import-hf)
         )
         super().__init__(config=llm.config)  # the schedules read `config` (hidden size, pipeline dtype)
         self.model_type = ModelType.encoder_or_decoder  # the schedules read it too
@@ -187,10 +191,25 @@ class VLM(MegatronModule):
         # Logits only where a label is: the same per-token losses at a fraction of the output-layer cost.
         labels = batch.labels if split is None else split.labels(batch.labels)
         targets = torch.nonzero(labels != IGNORE_INDEX).squeeze(1)
+        if self.llm.mtp is not None and self.training and self.cfg.mtp_loss_weight > 0:  # the MTP head (models/mtp.py)
+            from qvl_train.models.mtp import mtp_targets
+
+            next_ids, mtp_labels = mtp_targets(batch.input_ids, labels, batch.cu_seqlens)
+            mtp_pos = torch.nonzero(mtp_labels != IGNORE_INDEX).squeeze(1)
+            logits_n1V, mtp_m1V = self.llm(
+                hidden, rope, packed, output_positions=targets, deepstack=deepstack, padding_mask=padding,
+                mtp=(next_ids, mtp_pos),
+            )
+            return torch.stack([_per_token_ce(logits_n1V, labels, targets), _per_token_ce(mtp_m1V, mtp_labels, mtp_pos)])
         logits_n1V = self.llm(hidden, rope, packed, output_positions=targets, deepstack=deepstack, padding_mask=padding)
-        loss_n1 = tensor_parallel.vocab_parallel_cross_entropy(logits_n1V.float(), labels[targets].unsqueeze(1))
-        loss_L = torch.zeros(labels.shape[0], dtype=torch.float32, device=loss_n1.device)
-        return loss_L.index_put((targets,), loss_n1.squeeze(1))
+        return _per_token_ce(logits_n1V, labels, targets)
+
+
+def _per_token_ce(logits_n1V: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Vocab-parallel cross entropy of the logits at `positions` → `[L]` float32, 0 elsewhere."""
+    loss_n1 = tensor_parallel.vocab_parallel_cross_entropy(logits_n1V.float(), labels[positions].unsqueeze(1))
+    loss_L = torch.zeros(labels.shape[0], dtype=torch.float32, device=loss_n1.device)
+    return loss_L.index_put((positions,), loss_n1.squeeze(1))
 
 
 class Qwen3VLM(VLM):

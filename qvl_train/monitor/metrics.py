@@ -57,6 +57,8 @@ def train_record(
         record["mfu"] = tflops / peak_tflops
     record.update(lr_record(lr, getattr(result, "lrs", None) or {}))
     record.update(moe_record(result))
+    if getattr(result, "mtp_loss", None) is not None:  # Qwen3.5's MTP head (model.mtp_loss_weight > 0)
+        record["loss/mtp"] = result.mtp_loss
     return record
 
 

@@ -362,9 +362,14 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, lo
 
             pre = set_pixel_range(json.loads((out / "preprocessor_config.json").read_text()), *pixels)
             (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+        conf = json.loads((out / "config.json").read_text())
+        text = conf.get("text_config", conf)
+        dropped_mtp = bool(text.get("mtp_num_hidden_layers")) and not any(k.startswith("mtp.") for k in hf_sd)
+        if dropped_mtp:  # the source's MTP head was not kept (models/mtp.py: built only when trained): say so
+            text["mtp_num_hidden_layers"] = 0
         if dtype:  # the weights changed dtype: say so in config.json
-            conf = json.loads((out / "config.json").read_text())
             conf["torch_dtype"] = str(_DTYPES[dtype]).removeprefix("torch.")
+        if dtype or dropped_mtp:
             (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     else:  # trained from scratch: config, tokenizer and image processor generated from the ModelConfig
         from qvl_train.tools.hf_files import write_generated_files

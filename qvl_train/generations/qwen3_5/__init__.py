@@ -61,12 +61,15 @@ def config_from_hf(hf: dict):
         llm.moe_router_topk = t["num_experts_per_tok"]
         llm.moe_aux_loss_coeff = float(t.get("router_aux_loss_coef", 0.001))
         llm.shared_expert_ffn_hidden_size = int(t.get("shared_expert_intermediate_size", 0) or 0)
-    return ModelConfig(generation=name, vision=vision, llm=llm)
+    # a dense checkpoint's MTP head (mtp.*) is built and carried through import → export; a MoE one is skipped
+    mtp_head = llm.mtp_num_layers == 1 and not llm.num_experts
+    return ModelConfig(generation=name, vision=vision, llm=llm, mtp_head=mtp_head)
 
 
 def hf_config(cfg, dtype: str) -> dict:
     """`config.json` in the 5.25 layout (`Qwen3_5Config` / `Qwen3_5MoeConfig`, `rope_parameters`)."""
     from data_pipelines import generations as data_generations
+    from qvl_train.models.mtp import mtp_layers_built
 
     special = data_generations.get(cfg.generation).special_tokens()
     v, l = cfg.vision, cfg.llm
@@ -92,7 +95,8 @@ def hf_config(cfg, dtype: str) -> dict:
             "layer_types": list(l.layer_types), "linear_num_key_heads": l.linear_num_key_heads,
             "linear_num_value_heads": l.linear_num_value_heads, "linear_key_head_dim": l.linear_key_head_dim,
             "linear_value_head_dim": l.linear_value_head_dim, "linear_conv_kernel_dim": l.linear_conv_kernel_dim,
-            "mtp_num_hidden_layers": 0,  # an export carries no MTP weights (the model has no MTP head yet)
+            # the MTP head exists (and an export carries its mtp.* weights) only when it was trained
+            "mtp_num_hidden_layers": mtp_layers_built(cfg),
             "rope_parameters": {
                 "rope_type": "default", "rope_theta": l.rope_theta, "partial_rotary_factor": l.partial_rotary_factor,
                 "mrope_section": list(l.mrope_section), "mrope_interleaved": True,
@@ -120,9 +124,14 @@ def check(cfg) -> None:
                           f"{', '.join(LAYER_TYPES)}; got {list(l.layer_types)}")
     if "linear_attention" in l.layer_types and (l.linear_num_key_heads <= 0 or l.linear_num_value_heads <= 0):
         raise ConfigError("model.llm.linear_num_key_heads and linear_num_value_heads must be > 0 for Gated DeltaNet layers")
-    if cfg.mtp_loss_weight:
-        raise ConfigError(f"model.mtp_loss_weight={cfg.mtp_loss_weight}: the multi-token-prediction head is not implemented "
-                          "(import-hf skips the checkpoint's mtp.* weights); set model.mtp_loss_weight=0")
+    if (cfg.mtp_loss_weight > 0 or cfg.mtp_head) and l.mtp_num_layers != 1:
+        raise ConfigError(f"model.mtp_loss_weight={cfg.mtp_loss_weight} with model.llm.mtp_num_layers={l.mtp_num_layers}: "
+                          "the MTP head is built with one layer (every released Qwen3.5 / 3.6 checkpoint has "
+                          "mtp_num_hidden_layers 1); set model.llm.mtp_num_layers=1")
+    if (cfg.mtp_loss_weight > 0 or cfg.mtp_head) and l.num_experts:
+        raise ConfigError(f"model.mtp_loss_weight={cfg.mtp_loss_weight} with a MoE model: training the MTP head's MoE "
+                          "layer (its router in the load-balancing loss and the expert-load monitor) is not implemented; "
+                          "set model.mtp_loss_weight=0 (import-hf then skips the checkpoint's mtp.* weights)")
     if cfg.vision.deepstack_visual_indexes:
         raise ConfigError("model.vision.deepstack_visual_indexes must be [] (Qwen3.5's ViT has no DeepStack)")
     rotary = int((l.head_dim or l.hidden_size // l.num_attention_heads) * l.partial_rotary_factor)
