@@ -19,8 +19,13 @@ a multiple of key heads (grouped: key head h serves value heads h·r … h·r+r�
 `gated_delta_rule` dispatches: flash-linear-attention's Triton kernel
 (`fla.ops.gated_delta_rule.chunk_gated_delta_rule`, with `cu_seqlens`; `pip install -e .[fla]`)
 when `fla` imports and the tensors are on CUDA, else the torch chunked form (CPU, tests). All
-forms compute in fp32 and return the input dtype, as transformers' fallback does; autograd runs
-through the torch forms (no custom backward).
+forms compute in fp32 (fp64 inputs in fp64) and return the input dtype, as transformers' fallback does;
+autograd runs through the torch forms (no custom backward). One exception to fp32: the chunk form takes
+the log-decay prefix sums inside a chunk, and their differences, in fp64. With the released decays (A_log
+up to log 16, g ≈ −20 per token) a chunk's sum reaches ~−1000, where an fp32 difference of two sums keeps
+only ~1e-4 absolute, which put the gradients of A_log / dt_bias ~1e-4 (relative) off an fp64 reference and
+made tp=2 differ from tp=1 by up to 7e-4 (transformers' `torch_chunk_gated_delta_rule` has the same fp32
+cumsum); with the fp64 sums they are within ~2e-7.
 
 Numerics follow transformers 5.25 `models/qwen3_5/modeling_qwen3_5.py` (`torch_chunk_gated_delta_rule`,
 `torch_recurrent_gated_delta_rule`, `l2norm` with eps 1e-6 inside an rsqrt, `Qwen3_5RMSNormGated`,
@@ -81,7 +86,7 @@ def _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel):
     hk, hv = q.shape[1], v.shape[1]
     if hv != hk:
         q, k = (x.repeat_interleave(hv // hk, dim=1) for x in (q, k))
-    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    q, k, v, g, beta = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (q, k, v, g, beta))
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
     q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
@@ -159,10 +164,12 @@ def chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None
         return x.reshape(-1, c, *x.shape[1:]).movedim(2, 0)
 
     q, k, v, g, beta = (chunked(x) for x in (q, k, v, g, beta))    # q/k/v [H, N, C, D]; g/beta [H, N, C]
-    log_decay = g.cumsum(-1)                                        # decay from chunk start to i (inclusive)
+    log_decay64 = g.double().cumsum(-1)                             # decay from chunk start to i (inclusive), fp64:
+    # its differences below would lose ~1e-4 in fp32 once a chunk's sum reaches ~-1000 (module docstring)
+    log_decay = log_decay64.to(g.dtype)
     causal = torch.ones(c, c, dtype=torch.bool, device=v.device).tril()
     # decay between j and i inside a chunk (i ≥ j), masked before exp so no positive exponent overflows
-    rel = (log_decay[..., :, None] - log_decay[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    rel = (log_decay64[..., :, None] - log_decay64[..., None, :]).to(g.dtype).masked_fill(~causal, float("-inf")).exp()
     k_beta, v_beta = k * beta[..., None], v * beta[..., None]
     # (I + strictly-lower(diag(β) K K^T ∘ rel)) W = …: the UT transform folding a chunk's delta updates
     system = (k_beta @ k.transpose(-1, -2)) * rel
@@ -171,7 +178,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None
     attn = (q @ k.transpose(-1, -2)) * rel                          # intra-chunk scores, diagonal included
     q_read = q * log_decay.exp()[..., None]                         # q reading the state at the chunk start
     chunk_decay = log_decay[..., -1]                                # [H, N]
-    k_write = k * (chunk_decay[..., None] - log_decay).exp()[..., None]
+    k_write = k * (log_decay64[..., -1:] - log_decay64).to(g.dtype).exp()[..., None]
 
     starts = dict(zip(first, range(n_samples)))
     ending = set(ends)
