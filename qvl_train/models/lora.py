@@ -5,6 +5,13 @@ towers (`model.lora.targets` × `model.lora.modules`) two parameters next to its
 
     y = W x (+ b) + (alpha / r) · B (A x)        A = lora_A [r, in], B = lora_B [out, r]
 
+Qwen3.5's Gated DeltaNet layers (`models/gdn.py`) take adapters on their two megatron linears, targets
+`in_proj` (column-parallel, the fused q/k/v/z/b/a rows grouped per key head) and `out_proj` (row-parallel):
+the same rules hold, B of `in_proj` is split over TP with the key-head groups of its weight, and the PEFT
+export gives each of HF's `linear_attn.in_proj_qkv` / `in_proj_z` / `in_proj_b` / `in_proj_a` the shared A and
+its rows of B (`hf_convert.lora_to_hf`, the weight's own regrouping). They are in the default targets, so a
+Qwen3.5 LoRA run adapts the token mixer of every layer, linear or full attention.
+
 The layer keeps its name, weights and checkpoint keys (its class becomes a LoRA subclass of its own
 class), so a full checkpoint loads into the adapted model and the adapters add `…lora_A` / `…lora_B`.
 
@@ -99,12 +106,22 @@ def _lora_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
+GDN_TARGETS = ("in_proj", "out_proj")
+"""Targets that name the projections of a Gated DeltaNet mixer (`models/gdn.py`) and nothing else: Qwen-VL's
+resampler has torch `nn.Linear`s of the same names (`vision/qwen_vl.py`), which adapters do not wrap."""
+
+
 def _targets(model: torch.nn.Module, cfg: LoRAConfig):
     """(name, module, parent) of every layer named in cfg.targets inside a tower of cfg.modules."""
+    from qvl_train.models.gdn import GatedDeltaNet
+
     for name, module in model.named_modules():
         parent_name, _, leaf = name.rpartition(".")
         if leaf in cfg.targets and name.split(".", 1)[0] in cfg.modules:
-            yield name, module, model.get_submodule(parent_name)
+            parent = model.get_submodule(parent_name)
+            if leaf in GDN_TARGETS and not isinstance(parent, GatedDeltaNet):
+                continue
+            yield name, module, parent
 
 
 def _check_base(name: str, module: torch.nn.Module) -> bool:
