@@ -21,6 +21,15 @@ What is the same as the megatron engine:
     (in fp32) a megatron-engine resume all read them. With bf16 the fp32 master weights are saved
     as well (`optimizer.<key>.fp32_param`, format `deepspeed_bf16`) so a resume continues exactly.
 
+Micro-batches without media: a rank whose micro-batch has no image or video still runs the ViT and
+projector, on one dummy image (`IdleMedia`: the smallest grid the generation accepts, zero pixels),
+and adds 0 · Σ(output) to its embeddings. ZeRO-3 gathers each module's parameters with a collective
+in its forward hook (and again in backward), so a ViT skipped on one rank but run on another pairs
+the ViT's all-gathers with the LLM's and deadlocks or mixes tensors; ZeRO-2 reduces gradients in the
+order its hooks fire. With the dummy every rank runs the same modules in the same order; the ViT's
+gradient from such a micro-batch is exactly zero (what the megatron engine, which skips the ViT,
+fills in). Evaluation takes the same path.
+
 Not available here (refused in `TrainConfig.validate`): tensor / pipeline / context / expert
 parallelism, MoE models, LoRA and FP8 — use `engine=megatron` for those. `engine.offload_optimizer=cpu`
 keeps the optimizer state in host memory with torch's AdamW (DeepSpeedCPUAdam's compiled op is not
@@ -128,6 +137,7 @@ class DeepSpeedEngine:
         _init_deepspeed_comm()
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.model = self.ds.module
+        IdleMedia(self.model, model_cfg).install()
         self._params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     # ----------------------------------------------------------------- info
@@ -312,6 +322,67 @@ class DeepSpeedEngine:
         for st in self._optimizer_states():
             if "step" in st:
                 st["step"] = torch.tensor(float(n)) if torch.is_tensor(st["step"]) else n
+
+
+class IdleMedia:
+    """Runs the ViT and projector on a dummy image in micro-batches without media (see the module
+    docstring: every rank must run the same modules, in the same order, under ZeRO).
+
+    Generation-agnostic: the dummy goes through the model's own `embed_for_llm` (DeepStack mergers
+    included), with the token embedding replaced by zeros (it ran already, and must not run twice)
+    and the media positions by the first rows. Its visual embeddings join the real ones times zero;
+    DeepStack features, where the model has them, go to the LLM as zero-row features, so the LLM takes
+    the same DeepStack layer loop as on a rank with media (and backpropagates into the mergers there)."""
+
+    def __init__(self, model, model_cfg: ModelConfig) -> None:
+        self.model, v = model, model_cfg.vision
+        # the smallest accepted image: one merge group, or the fixed size of a fixed-resolution ViT
+        side = v.image_size // v.patch_size if v.image_size else v.spatial_merge_size
+        self.grid_thw = torch.tensor([[1, side, side]])
+        self.width = v.in_channels * v.temporal_patch_size * v.patch_size**2
+        self.pad_id, self.hidden = model_cfg.image_pad_id, model_cfg.llm.hidden_size
+        self.original = model.embed_for_llm
+
+    def install(self) -> None:
+        self.model.embed_for_llm = self.embed_for_llm
+
+    def dummy(self, device) -> PackedBatch:
+        """One zero image; as many text slots as patches (at least its visual token count)."""
+        n = int(self.grid_thw.prod())
+        zeros = torch.zeros(n, dtype=torch.long, device=device)
+        return PackedBatch(
+            input_ids=torch.full((n,), self.pad_id, device=device), labels=zeros, position_ids=zeros.expand(3, n),
+            cu_seqlens=torch.tensor([0, n], dtype=torch.int32, device=device),
+            pixel_values=torch.zeros(n, self.width, device=device), grid_thw=self.grid_thw.to(device), sample_ids=[],
+        )
+
+    def embed_dummy(self, like: torch.Tensor):
+        """(`[n, 1, H]` zeros with the dummy's visual embeddings in the first rows, DeepStack or None)."""
+        model, rows = self.model, []
+        encode_media = model.encode_media
+
+        def encode(batch, fn):
+            out = encode_media(batch, fn)
+            rows.append(out.shape[0])
+            return out
+
+        model.encode_media = encode
+        model.media_positions = lambda ids: torch.arange(rows[-1], device=ids.device)
+        model.llm.embed = lambda ids: like.new_zeros(ids.numel(), 1, self.hidden)
+        try:
+            return self.original(self.dummy(like.device))
+        finally:
+            del model.encode_media, model.media_positions, model.llm.embed  # the class's methods again
+
+    def embed_for_llm(self, batch: PackedBatch):
+        hidden, deepstack = self.original(batch)
+        if batch.pixel_values.numel() == 0:
+            h_dummy, deep_dummy = self.embed_dummy(hidden)
+            hidden = hidden + 0.0 * h_dummy.sum()
+            if deep_dummy is not None and deepstack is None:
+                positions, features = deep_dummy
+                deepstack = (positions[:0], [f[:0] for f in features])
+        return hidden, deepstack
 
 
 def _fp32_like(sh, key: str, data: torch.Tensor):

@@ -10,6 +10,10 @@ pipeline parallelism too). Gradients are assembled as in `grad_probe.py`.
 
 A second engine then trains one real step at stage3_sft (ViT frozen) on the same micro-batches and
 records the frozen parameters that got a gradient or optimizer state (there must be none).
+
+With `engine=deepspeed` (ZeRO-2/3, dp only) the same two steps run on the DeepSpeed engine; its reduced
+gradients are read at full shape by parameter name (`DeepSpeedEngine.full_grads`) and compared with the
+one-process reference's `named_grads`.
 """
 
 from __future__ import annotations
@@ -57,6 +61,35 @@ def frozen_with_state(engine, frozen: set[str]) -> list[str]:
     return bad + [n for n in frozen if engine.optimizer.state.get(named[n])]
 
 
+def deepspeed_run(cfg, dims, batches) -> dict:
+    """engine=deepspeed: the full step's loss and reduced gradients (captured before the update, by
+    parameter name) and the stage3_sft step's loss and frozen parameters with a gradient or state."""
+    from qvl_train.config import StageConfig
+    from qvl_train.engines.deepspeed import DeepSpeedEngine
+
+    def engine(stage: StageConfig) -> DeepSpeedEngine:
+        return DeepSpeedEngine(cfg.model, cfg.parallel, cfg.optim, stage, cfg.engine, dims, seed=cfg.seed,
+                               max_steps=10, micro_batches_per_step=len(PACKS))
+
+    full, grads = engine(StageConfig("stage2_multitask")), {}
+    step = full.ds.step
+
+    def capturing(*args, **kwargs):
+        grads.update(full.full_grads())
+        return step(*args, **kwargs)
+
+    full.ds.step = capturing
+    result = full.train_step(batches, 0)
+    sft = engine(StageConfig("stage3_sft"))
+    named = dict(sft.model.named_parameters())
+    frozen = {n for n, p in named.items() if not p.requires_grad}
+    sft_result = sft.train_step(batches, 0)
+    return {"loss": result.loss, "named_grads": grads, "visual_tokens": result.visual_tokens,
+            "sft_loss": sft_result.loss, "frozen": len(frozen),
+            "frozen_with_state": sorted(n for n in frozen if named[n].grad is not None) + sorted(
+                n for n, g in sft.full_grads().items() if n in frozen)}
+
+
 def main(out: str, *overrides: str) -> None:
     import torch
     import torch.distributed as dist
@@ -74,6 +107,12 @@ def main(out: str, *overrides: str) -> None:
     dims = ParallelDims.from_config(cfg.parallel, world)
     dims.initialize()
     batches = micro_batches(cfg.model, dims.dp_rank, dims.dp)
+    if cfg.engine.name == "deepspeed":
+        found = deepspeed_run(cfg, dims, batches)
+        if dims.rank == 0:
+            torch.save(found, out)
+        dims.destroy()
+        return
 
     def engine(stage: StageConfig) -> MegatronEngine:
         return MegatronEngine(cfg.model, cfg.parallel, cfg.optim, stage, dims, seed=cfg.seed, max_steps=10)
@@ -92,9 +131,12 @@ def main(out: str, *overrides: str) -> None:
     sft_result = sft.train_step(batches, 0)
     bad = [None] * dims.world_size
     dist.all_gather_object(bad, frozen_with_state(sft, frozen))
+    # one process (tp = pp = 1): every gradient whole, by parameter name (what the DeepSpeed run is compared with)
+    named_grads = {n: p.grad.detach().clone() for n, p in full.model.named_parameters()
+                   if p.grad is not None} if dims.world_size == 1 else {}
     if dims.rank == 0:
         torch.save({
-            "loss": result.loss, "grads": assemble([p for rank in pieces for p in rank]),
+            "loss": result.loss, "grads": assemble([p for rank in pieces for p in rank]), "named_grads": named_grads,
             "visual_tokens": result.visual_tokens, "sft_loss": sft_result.loss,
             "frozen": len(frozen), "frozen_with_state": sorted({n for rank in bad for n in rank}),
         }, out)

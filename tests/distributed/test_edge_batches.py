@@ -2,9 +2,9 @@
 micro-batches carry no image or video while the other rank's do, text-only and video-only packs, a
 micro-batch without media between ones with media under pipeline parallelism. Each layout completes
 the step (no hang: every rank reduces the same gradients) with the single-process loss and every
-gradient within 1e-5 relative (MoE also with each expert split over tp=2, etp=2; also cp=2, pp=2 vpp=2 and
-the distributed optimizer); at stage3_sft the frozen ViT gets no
-gradient and no optimizer state."""
+gradient within 1e-5 relative (MoE also with each expert split over tp=2, etp=2; also cp=2, pp=2 vpp=2,
+the distributed optimizer and DeepSpeed ZeRO-3, where one rank skipping the ViT whose parameters the
+other rank gathers would deadlock); at stage3_sft the frozen ViT gets no gradient and no optimizer state."""
 
 from __future__ import annotations
 
@@ -56,5 +56,21 @@ def test_edge_micro_batches_match_one_process(tmp_path, references, name, nproc,
     for key, g_ref in expected["grads"].items():
         rel = float((got["grads"][key] - g_ref).norm() / g_ref.norm().clamp_min(1e-30))
         assert rel <= 1e-5, f"{name}: gradient of {key} differs by {rel:.2e} (relative)"
+    assert got["frozen"] > 0 and got["frozen_with_state"] == []
+    assert got["sft_loss"] == pytest.approx(expected["sft_loss"], rel=1e-6)
+
+
+def test_edge_micro_batches_deepspeed_zero3(tmp_path, references):
+    """engine=deepspeed, ZeRO-3 over dp=2 (every parameter partitioned): rank 0's micro-batches carry no
+    media, rank 1 runs the ViT twice; the step completes with the one-process loss and gradients."""
+    overrides = [DENSE, "engine=deepspeed", "engine.zero_stage=3", "engine.param_persistence_threshold=0"]
+    expected = references[_model_key(overrides)]
+    got = run_probe(PROBE, tmp_path / "zero3.pt", 2, *overrides, timeout=300)
+    assert got["visual_tokens"] == expected["visual_tokens"] > 0
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert sorted(got["named_grads"]) == sorted(expected["named_grads"])
+    for key, g_ref in expected["named_grads"].items():
+        rel = float((got["named_grads"][key] - g_ref).norm() / g_ref.norm().clamp_min(1e-30))
+        assert rel <= 1e-5, f"ZeRO-3: gradient of {key} differs by {rel:.2e} (relative)"
     assert got["frozen"] > 0 and got["frozen_with_state"] == []
     assert got["sft_loss"] == pytest.approx(expected["sft_loss"], rel=1e-6)
