@@ -126,3 +126,18 @@ class MultiTokenPrediction(MegatronModule):
         for layer in self.layers:
             x = run_layer(layer, x, rotary_pos_emb, packed_seq_params, padding)
         return self.norm(shards.gather(x))
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """megatron's sharding of each part: the decoder layers through their own `sharded_state_dict` (a plain
+        `ModuleList` would be saved as replicated whole tensors, losing the tensor-parallel axes), under
+        `layers.{j}.` — the head exists once, on the last stage, so the keys need no layer offset."""
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        sd = {}
+        for name, child in self.named_children():
+            if name == "layers":
+                for j, layer in enumerate(self.layers):
+                    sd.update(layer.sharded_state_dict(f"{prefix}layers.{j}.", sharded_offsets, metadata))
+            else:
+                sd.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata))
+        return sd

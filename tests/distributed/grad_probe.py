@@ -127,6 +127,7 @@ def main(out: str, data_root: str, *overrides: str) -> None:
         torch.save({
             "loss": result.loss, "grad_norm": result.grad_norm, "grads": grads, "sequence_parallel": sp,
             "moe_aux_loss": result.moe_aux_loss, "expert_load": result.expert_load,  # MoE models (None / {} otherwise)
+            "mtp_loss": result.mtp_loss,  # the Qwen3.5 MTP head's loss (model.mtp_loss_weight > 0; else None)
         }, out)
     loader.close()
     dims.destroy()
