@@ -909,7 +909,8 @@ class TrainConfig:
         self._validate_optim_and_precision()
 
     def _validate_optim_and_precision(self) -> None:
-        """WSD phases fit in the run; an explicit FP8 mode has Transformer Engine and a GPU."""
+        """WSD phases fit in the run; an explicit FP8 mode has Transformer Engine and a GPU; TE's FP8 gets the
+        packed lengths and layers it can run (`_validate_te_fp8_layout`)."""
         o, t = self.optim, self.train
         if o.schedule == "wsd" and o.warmup_steps > t.max_steps - o.wsd_decay_steps(t.max_steps):
             raise ConfigError(
@@ -930,6 +931,45 @@ class TrainConfig:
                     f"train.fp8={t.fp8} (train.fp8_backend={t.fp8_backend}) needs {' and '.join(missing)}; use train.fp8=off "
                     "(or train.fp8=auto to use FP8 only where it is available)"
                 )
+        self._validate_te_fp8_layout()
+
+    def _validate_te_fp8_layout(self) -> None:
+        """What Transformer Engine's FP8 needs of the model and its batches, checked where it would run:
+        an explicit `train.fp8` with `train.fp8_backend=te`, or `auto` where it would turn on (TE and an
+        FP8 GPU present, no LoRA / context parallelism forcing the local spec).
+
+        * The LLM's GEMMs run over the packed length (`data.max_tokens` slots, every micro-batch, eval
+          included), split into `max_tokens / tp` rows per rank under sequence parallelism; TE's FP8
+          GEMMs need that row count in multiples of 16 (it asserts). Padding it silently would change
+          the token budget the data side plans with, so the run is refused with the value to use. (The
+          ViT pads its own patch rows to 16; the torch backend pads every operand inside its GEMM.)
+        * Hybrid LLM layers (`model.llm.layer_types`: Gated DeltaNet and gated attention) are always built
+          on the local spec (`models/language.py:hybrid_block_spec`), where TE's FP8 does not reach: those
+          layers would silently stay bf16."""
+        t, p = self.train, self.parallel
+        if t.fp8_backend != "te" or t.fp8 == "off":
+            return
+        if t.fp8 == "auto":
+            from qvl_train.models.specs import fp8_missing
+
+            if fp8_missing("te") or self.model.lora.enabled or p.cp > 1:
+                return  # auto stays off (specs.resolve_fp8 logs why)
+        what = f"train.fp8={t.fp8} (train.fp8_backend=te)"
+        if self.model.llm.layer_types:
+            raise ConfigError(
+                f"{what} with hybrid LLM layers (model.llm.layer_types): those layers are built on the local spec, "
+                "where Transformer Engine's FP8 does not reach, so they would stay bf16; set train.fp8_backend=torch "
+                "(FP8 GEMMs in the local layers) or train.fp8=off"
+            )
+        rows = 16 * (p.tp if p.sp and p.tp > 1 else 1)
+        if self.data.max_tokens % rows:
+            per = " (data.max_tokens / parallel.tp rows per rank under parallel.sp)" if rows > 16 else ""
+            fix = -(-self.data.max_tokens // rows) * rows
+            raise ConfigError(
+                f"{what} needs the packed length in multiples of 16{per}: data.max_tokens={self.data.max_tokens}; "
+                f"set data.max_tokens={fix} (a multiple of {rows}, keeping train.global_batch_tokens a multiple of it) "
+                "or train.fp8_backend=torch (which pads inside its GEMMs)"
+            )
 
     def check_inputs(self, overrides: Optional[list[str]] = None, configs_dir: Optional[str] = None) -> list[str]:
         """What the run reads from outside, checked before any model is built or process group started:
