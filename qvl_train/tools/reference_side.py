@@ -16,6 +16,9 @@ Reference functions here (Qwen3.5 Gated DeltaNet, transformers 5.25
   run per sample of a packed batch, with gradients of all inputs.
 - `hf_gated_deltanet_layer`: HF's `Qwen3_5GatedDeltaNet` with given weights, run per sample, with
   the gradient wrt its input.
+- `hf_model_grads`: a whole HF model (e.g. `Qwen3_5ForConditionalGeneration`) built from a config.json dict
+  with given weights, the summed token cross-entropy of several samples (each run alone), and the gradient
+  of every parameter under its runtime name (the gradient parity test of Qwen3.5).
 """
 
 from __future__ import annotations
@@ -85,6 +88,76 @@ def hf_gated_deltanet_layer(tensors: dict, hidden_size: int, num_k_heads: int, n
     result = {"out": out.detach(), "dx": x.grad}
     result.update({f"d.{n}": p.grad for n, p in layer.named_parameters()})
     return result
+
+
+def hf_model_grads(tensors: dict, config: dict, architecture: str, samples: list, gdn_form: str = "chunk",
+                   dtypes: tuple = ("float32",)) -> dict:
+    """The summed cross-entropy of `samples` through an fp32 HF model and the gradient of each of its parameters.
+
+    tensors: the model's weights under `w.<runtime name>` (every parameter; a tied `lm_head.weight` may be left
+    out), and per sample `<sample>.<forward argument>` (`input_ids`, pixels, grids, `position_ids` or none) plus
+    `<sample>.labels` [T] (-100 = no loss; the label of position i is the target of the logits at i). Each sample
+    runs alone, since transformers 5.25's Gated DeltaNet layers carry their state across packed sequences; the
+    gradients accumulate over the samples. `gdn_form="recurrent"` swaps the GDN layers' chunked torch fallback for
+    transformers' own token-by-token `torch_recurrent_gated_delta_rule` (the definition; the chunked fallback takes
+    its log-decay prefix sums in fp32). The model runs once per entry of `dtypes` (`float32`, `float64`: weights
+and pixels in that dtype; transformers keeps its own fp32 islands — RMSNorm, rotary, the GDN kernels). Returns
+    per dtype `<dtype>.loss` and `<dtype>.g.<name>` for each parameter that got a gradient.
+    """
+    import torch.nn.functional as F
+    import transformers
+
+    if gdn_form not in ("chunk", "recurrent"):
+        raise ValueError(f"gdn_form={gdn_form!r}; valid: chunk, recurrent")
+    if gdn_form == "recurrent":
+        from transformers.models.qwen3_5 import modeling_qwen3_5 as dense
+
+        modules = [dense]
+        try:
+            from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as moe
+
+            modules.append(moe)
+        except ImportError:  # pragma: no cover - a transformers without the MoE model
+            pass
+
+        for mod in modules:
+            recurrent = mod.torch_recurrent_gated_delta_rule
+
+            def chunk_as_recurrent(query, key, value, g, beta, chunk_size=64, _rec=recurrent, **kw):
+                return _rec(query, key, value, g=g, beta=beta, **kw)
+
+            mod.torch_chunk_gated_delta_rule = chunk_as_recurrent
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    cfg = dict(config)
+    hf_config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w.")}
+    tied = getattr(hf_config.get_text_config(), "tie_word_embeddings", False)
+    out = {}
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        model = getattr(transformers, architecture)(hf_config).to(dtype).train()
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if not (tied and k == "lm_head.weight")]:
+            raise ValueError(f"weights do not fit {architecture}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if tied and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+            raise ValueError("tie_word_embeddings: lm_head is not the embedding after loading")
+        total = torch.zeros((), dtype=torch.float64)
+        for name in samples:
+            kw = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == name}
+            labels = kw.pop("labels")
+            kw.pop("second_per_grid_ts", None)
+            kw = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kw.items()}
+            if "position_ids" not in kw and ("image_grid_thw" in kw or "video_grid_thw" in kw):
+                ids = kw["input_ids"]  # transformers 5.x M-RoPE reads the media tokens from their type (image 1, video 2)
+                kw["mm_token_type_ids"] = ((ids == model.config.image_token_id).int()
+                                           + 2 * (ids == model.config.video_token_id).int())
+            logits = model(**kw, use_cache=False).logits[0]
+            loss = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+            loss.backward()
+            total += loss.detach().double()
+        out[f"{dtype_name}.loss"] = total.reshape(1)
+        out.update({f"{dtype_name}.g.{n}": p.grad for n, p in model.named_parameters() if p.grad is not None})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
