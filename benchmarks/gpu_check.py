@@ -18,6 +18,17 @@
 4. Pixel normalisation on the device: the loader's uint8 codes of one step's worth of patches (images and
    videos mixed) normalised by `PackedBatch.to(device)`'s gather (`schema.normalise_pixels`) on the
    device and on the CPU: equal bit for bit, time per call and per 1148x840 image.
+5. FP8 without Transformer Engine (`train.fp8=hybrid train.fp8_backend=torch`, `models/fp8.py`), against
+   bf16 on the same device, goals from issue 15 (≥ 1.25× bf16 tokens/s; loss within 1% over 100 steps):
+   a. tokens/s of the training step (forward + backward + AdamW) of part 3's ~2 B model on part 3's pack;
+   b. tokens/s of one MoE layer's forward + backward (megatron's `MoELayer` of the local spec: router,
+      alltoall dispatch, SwiGLU experts whose GEMMs are FP8; 64 experts of 4096→1536, top-8, 8,192 tokens);
+   c. the loss of a 100-step run, bf16 vs FP8 from the same initial weights on the same 8 packs taken in
+      turn (a smaller model so it fits the time: the same kind with 8 ViT blocks and 8 LLM layers, 2,048-slot
+      packs), and the largest relative gap between the two losses at any step.
+   Each FP8 row carries its measured ratio / gap, the goal and PASS or FAIL; `fp8_gemm_layers` counts the
+   linears that ran the FP8 GEMM. On the CPU (`--quick`) the same code runs the FP8 emulation (fp32
+   matmul of FP8-rounded operands): the speed verdict says nothing there, the loss gap does.
 
 Prints one table per part and writes everything to --json. `--device cpu --quick` is the smoke test
 that keeps this script working on machines without a GPU.
@@ -243,8 +254,8 @@ def _row(name: str, n_params: int, tokens: int, step_s: float, flops: int, devic
             "input": note}
 
 
-def _ours_row(cfg, batch, device: str, steps: int, dtype, attention_backend: str, flops: int) -> dict:
-    """The megatron engine, world of one, on the packed micro-batch."""
+def _ours_row(cfg, batch, device: str, steps: int, dtype, attention_backend: str, flops: int, fp8: str = "off") -> dict:
+    """The megatron engine, world of one, on the packed micro-batch (`fp8`: train.fp8 with the torch backend)."""
     from qvl_train.config import OptimConfig, ParallelConfig, StageConfig
     from qvl_train.engines.megatron import MegatronEngine
     from qvl_train.models.attention import resolve_backend
@@ -252,11 +263,12 @@ def _ours_row(cfg, batch, device: str, steps: int, dtype, attention_backend: str
     cfg.attention_backend = attention_backend
     dims = _world()
     engine = MegatronEngine(cfg, ParallelConfig(), OptimConfig(lr=1e-4, warmup_steps=0), StageConfig(), dims,
-                            seed=0, max_steps=steps + 1, dtype=dtype)
+                            seed=0, max_steps=steps + 1, dtype=dtype, fp8=fp8, fp8_backend="torch")
     n_params = sum(p.numel() for p in engine.model.parameters())
     step_s, loss = _timed_steps(device, steps, lambda i: float(engine.train_step([batch], i).loss))
     row = _row(f"ours megatron ({resolve_backend(attention_backend)})", n_params, batch.num_tokens, step_s, flops,
                device, loss, dtype, f"1 pack of {len(batch.cu_seqlens) - 1} samples")
+    row["fp8_gemm_layers"] = fp8_gemm_layers(engine.model)
     dims.destroy()
     return row  # the engine goes with this frame; the caller then releases its memory
 
@@ -359,6 +371,187 @@ def check_throughput(device: str, quick: bool, backends=("auto",), hf: bool = Tr
     return rows
 
 
+# ------------------------------------------------------------------------------------------ part 5: FP8
+FP8_SPEEDUP_GOAL = 1.25
+"""Issue 15: FP8 (torch backend) at ≥ 1.25× the bf16 tokens/s."""
+FP8_LOSS_GAP_GOAL = 0.01
+"""Issue 15: the FP8 loss curve within 1% (relative) of bf16's at every step of a 100-step run."""
+FP8_MODE = "hybrid"  # e4m3 forward (row-wise scales), e5m2 gradients
+
+
+def fp8_gemm_layers(model) -> int:
+    """Linears of `model` whose GEMM is the torch FP8 one (their config carries a recipe)."""
+    from qvl_train.models.fp8 import Fp8ColumnParallelLinear, Fp8RowParallelLinear, torch_fp8_recipe
+
+    return sum(isinstance(m, (Fp8ColumnParallelLinear, Fp8RowParallelLinear)) and torch_fp8_recipe(m.config) is not None
+               for m in model.modules())
+
+
+def _verdict(ok: bool, device: str, speed: bool) -> str:
+    """PASS / FAIL of a measured figure against its goal; on the CPU the FP8 GEMMs are emulated, so a speed
+    verdict there is marked as saying nothing."""
+    word = "PASS" if ok else "FAIL"
+    return f"{word} (cpu emulation: not a speed figure)" if speed and device == "cpu" else word
+
+
+def _fp8_row(check: str, precision: str, *, layers: int, tokens_per_s: float, speedup: float = float("nan"),
+             loss_first: float = float("nan"), loss_last: float = float("nan"), rel_gap: float = float("nan"),
+             goal: str = "", verdict: str = "", note: str = "") -> dict:
+    """One row of part 5 (every row has the same keys, so the table lines up)."""
+    return {"check": check, "precision": precision, "fp8_gemm_layers": layers, "tokens_per_s": tokens_per_s,
+            "speedup_vs_bf16": speedup, "loss_first": loss_first, "loss_last": loss_last, "rel_gap": rel_gap,
+            "goal": goal, "verdict": verdict, "input": note}
+
+
+def _fp8_model_step(device: str, quick: bool, tokens: int) -> list[dict]:
+    """5a: part 3's model and pack, bf16 and FP8 engines (same weights by seed), tokens/s of the whole step."""
+    from qvl_train.tools.hf_parity import synthetic_packed_batch, synthetic_samples
+
+    cfg = _mfu_config(quick)
+    max_tokens, steps = tokens or (1024 if quick else 4096), 2 if quick else 5
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    samples = synthetic_samples(cfg, max_tokens, image_mix(quick), torch.Generator().manual_seed(0))
+    batch = synthetic_packed_batch(cfg, max_tokens, None, None, samples=samples)
+    batch.pixel_values = batch.pixel_values.to(dtype)
+    found = {}
+    for mode in ("off", FP8_MODE):
+        _release(device)
+        found[mode] = _ours_row(cfg, batch, device, steps, dtype, "auto", 0, fp8=mode)
+    _release(device)
+    base, fp8 = found["off"], found[FP8_MODE]
+    speedup = fp8["tokens_per_s"] / base["tokens_per_s"]
+    check = f"{'tiny' if quick else '~2B'} Qwen2.5-VL-style training step"
+    note = f"{base['input']}, {batch.num_tokens} tokens; median of {steps} steps"
+    gap = abs(fp8["loss_last"] - base["loss_last"]) / abs(base["loss_last"])
+    return [
+        _fp8_row(check, base["dtype"], layers=base["fp8_gemm_layers"], tokens_per_s=base["tokens_per_s"], speedup=1.0,
+                 loss_last=base["loss_last"], note=note),
+        _fp8_row(check, f"fp8 torch ({FP8_MODE}, rowwise)", layers=fp8["fp8_gemm_layers"], tokens_per_s=fp8["tokens_per_s"],
+                 speedup=speedup, loss_last=fp8["loss_last"], rel_gap=gap, goal=f">= {FP8_SPEEDUP_GOAL}x tokens/s",
+                 verdict=_verdict(speedup >= FP8_SPEEDUP_GOAL, device, speed=True), note=note),
+    ]
+
+
+def _fp8_moe_layer(device: str, quick: bool) -> list[dict]:
+    """5b: one megatron `MoELayer` (local spec: `TopKRouter`, alltoall dispatcher, `SequentialMLP` of SwiGLU
+    experts), forward + backward of a random `[T, 1, H]` input, bf16 vs FP8 (same weights); `rel_gap` is
+    the relative L2 difference of the FP8 output to the bf16 one."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from qvl_train.config import LLMConfig, ParallelConfig
+    from qvl_train.models.common import Execution
+    from qvl_train.models.fp8 import Fp8Recipe
+    from qvl_train.models.language import llm_transformer_config
+    from qvl_train.models.specs import moe_spec
+
+    hidden, ffn, experts, topk, tokens = (64, 48, 8, 2, 256) if quick else (4096, 1536, 64, 8, 8192)
+    steps = 2 if quick else 10
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    llm = LLMConfig(num_layers=1, hidden_size=hidden, ffn_hidden_size=4 * hidden, num_attention_heads=hidden // 128 or 4,
+                    num_query_groups=4, vocab_size=1024, mrope_section=[4, 2, 2], num_experts=experts,
+                    moe_ffn_hidden_size=ffn, moe_router_topk=topk)
+    _world()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, 1, hidden, generator=gen).to(device, dtype)
+    grad = torch.randn(tokens, 1, hidden, generator=gen).to(device, dtype)
+    found, outs = {}, {}
+    for mode in ("off", FP8_MODE):
+        _release(device)
+        recipe = Fp8Recipe.from_mode(mode) if mode != "off" else None
+        config = llm_transformer_config(llm, ParallelConfig(), dtype=dtype, execution=Execution(fp8_torch=recipe))
+        torch.manual_seed(0)
+        layer = build_module(moe_spec("local"), config=config).to(device)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_(0.0, 0.02)
+
+        def step(_, layer=layer):
+            xx = x.detach().requires_grad_()
+            out, _bias = layer(xx)
+            out.backward(grad)
+            layer.zero_grad(set_to_none=True)
+            return out.detach()
+
+        outs[mode] = step(0).float()
+        step_s, _ = _timed_steps(device, steps, step)
+        found[mode] = (tokens / step_s, fp8_gemm_layers(layer))
+        del layer
+    _release(device)
+    check = f"MoE layer fwd+bwd ({experts} experts {hidden}->{ffn}, top-{topk})"
+    note = f"{tokens} tokens; median of {steps} calls"
+    speedup = found[FP8_MODE][0] / found["off"][0]
+    diff = float((outs[FP8_MODE] - outs["off"]).norm() / outs["off"].norm())
+    return [
+        _fp8_row(check, str(dtype).replace("torch.", ""), layers=found["off"][1], tokens_per_s=found["off"][0], speedup=1.0,
+                 note=note),
+        _fp8_row(check, f"fp8 torch ({FP8_MODE}, rowwise)", layers=found[FP8_MODE][1], tokens_per_s=found[FP8_MODE][0],
+                 speedup=speedup, rel_gap=diff, goal=f">= {FP8_SPEEDUP_GOAL}x tokens/s",
+                 verdict=_verdict(speedup >= FP8_SPEEDUP_GOAL, device, speed=True), note=note + "; rel_gap: output"),
+    ]
+
+
+def fp8_loss_config(quick: bool):
+    """5c's model: part 3's kind, cut to fit the time (8 ViT blocks, 8 LLM layers; `quick`: part 3's tiny one)."""
+    cfg = _mfu_config(quick)
+    if not quick:
+        cfg.vision.depth, cfg.vision.fullatt_block_indexes = 8, [3, 7]
+        cfg.llm.num_layers = 8
+    return cfg
+
+
+def fp8_loss_curves(device: str, quick: bool, steps: int = 0) -> tuple[list[float], list[float], int, dict]:
+    """5c: (bf16 losses, FP8 losses, FP8 GEMM layers, what ran): two runs of `steps` (100; `quick`: 8) AdamW
+    steps from the same initial weights on the same packs taken in turn (8 of 2,048 slots; `quick`: 2 of 512),
+    each a rotation of the image mix with its own random contents."""
+    from qvl_train.config import OptimConfig, ParallelConfig, StageConfig
+    from qvl_train.engines.megatron import MegatronEngine
+    from qvl_train.tools.hf_parity import synthetic_packed_batch, synthetic_samples
+
+    cfg = fp8_loss_config(quick)
+    steps = steps or (8 if quick else 100)
+    n_packs, max_tokens = (2, 512) if quick else (8, 2048)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    mix = image_mix(quick)
+    packs = []
+    for i in range(n_packs):
+        samples = synthetic_samples(cfg, max_tokens, mix[i:] + mix[:i], torch.Generator().manual_seed(100 + i))
+        batch = synthetic_packed_batch(cfg, max_tokens, None, None, samples=samples)
+        batch.pixel_values = batch.pixel_values.to(dtype)
+        packs.append(batch.to(device))
+    curves, layers = {}, 0
+    for mode in ("off", FP8_MODE):
+        _release(device)
+        dims = _world()
+        engine = MegatronEngine(cfg, ParallelConfig(), OptimConfig(lr=2e-4, warmup_steps=10 if not quick else 2),
+                                StageConfig(), dims, seed=0, max_steps=steps, dtype=dtype, fp8=mode, fp8_backend="torch")
+        layers = max(layers, fp8_gemm_layers(engine.model))
+        curves[mode] = [float(engine.train_step([packs[i % n_packs]], i).loss) for i in range(steps)]
+        dims.destroy()
+        del engine
+    _release(device)
+    what = {"steps": steps, "packs": n_packs, "slots": max_tokens, "vit_blocks": cfg.vision.depth,
+            "llm_layers": cfg.llm.num_layers, "params_note": "8 ViT blocks + 8 LLM layers of part 3's model" if not quick else "tiny"}
+    return curves["off"], curves[FP8_MODE], layers, what
+
+
+def check_fp8(device: str, quick: bool, tokens: int = 0, loss_steps: int = 0) -> list[dict]:
+    """Part 5 (see the module docstring): bf16 and FP8 rows for the 2 B step, the MoE layer and the loss run."""
+    rows = _fp8_model_step(device, quick, tokens) + _fp8_moe_layer(device, quick)
+    base, fp8, layers, what = fp8_loss_curves(device, quick, loss_steps)
+    gaps = [abs(f - b) / abs(b) for b, f in zip(base, fp8)]
+    worst = max(gaps)
+    check = f"loss over {what['steps']} steps ({what['vit_blocks']} ViT blocks, {what['llm_layers']} LLM layers)"
+    note = f"{what['packs']} packs of {what['slots']} slots in turn; rel_gap: max over steps, at step {gaps.index(worst)}"
+    base_precision = "fp32" if device == "cpu" else "bf16"
+    rows += [
+        _fp8_row(check, base_precision, layers=0, tokens_per_s=float("nan"), loss_first=base[0], loss_last=base[-1], note=note),
+        _fp8_row(check, f"fp8 torch ({FP8_MODE}, rowwise)", layers=layers, tokens_per_s=float("nan"), loss_first=fp8[0],
+                 loss_last=fp8[-1], rel_gap=worst, goal=f"<= {FP8_LOSS_GAP_GOAL:.0%} at every step",
+                 verdict=_verdict(worst <= FP8_LOSS_GAP_GOAL, device, speed=False), note=note),
+    ]
+    return rows
+
+
 def check_pixels(device: str, quick: bool) -> dict:
     """Part 4: `normalise_pixels` of random uint8 codes (qwen2_vl columns, images then videos) on `device`
     vs on the CPU: identical, and how long it takes there."""
@@ -437,6 +630,8 @@ def main() -> int:
          lambda: check_throughput(args.device, args.quick, backends, hf=not args.no_hf, tokens=args.tokens))
     part("pixels", "Pixel normalisation of uint8 codes on the device (PackedBatch.to)",
          lambda: check_pixels(args.device, args.quick))
+    part("fp8", "FP8 without Transformer Engine (train.fp8=hybrid train.fp8_backend=torch) vs bf16, same device",
+         lambda: check_fp8(args.device, args.quick, tokens=args.tokens))
     report["wall_s"] = time.perf_counter() - t0
     print(f"\nwall {report['wall_s']:.0f} s")
     if args.json:
