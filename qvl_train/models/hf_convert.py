@@ -444,9 +444,9 @@ def hf_to_ours(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
     if llm.tie_word_embeddings:
         used.add("lm_head.weight")  # a tied checkpoint may carry a copy of the embedding
     mtp = sorted(k for k in src if k.startswith("mtp.") and k not in used) if llm.mtp_num_layers else []
-    if mtp:  # Qwen3.5's multi-token-prediction head where the model does not build it (MoE, or several MTP layers)
+    if mtp:  # Qwen3.5's multi-token-prediction head where the model does not build it (several MTP layers)
         log.warning("hf_to_ours: %d multi-token-prediction tensors (%s, …) are not imported: this model builds no MTP "
-                    "head (models/mtp.py: dense, model.llm.mtp_num_layers=1); an export carries none", len(mtp), mtp[0])
+                    "head (models/mtp.py: model.llm.mtp_num_layers=1); an export carries none", len(mtp), mtp[0])
         used.update(mtp)
     unused = [k for k in src if k not in used and not re.search(r"rotary_emb|inv_freq", k)]
     if unused:

@@ -156,6 +156,8 @@ class Qwen2LanguageModel(MegatronModule):
         mtp_layers: int = 0,
     ):
         config = llm_transformer_config(cfg, parallel, dtype=dtype, execution=execution)
+        if mtp_layers:  # megatron's own field: MoE routers size their aux-loss rows for the main + MTP layers
+            config.mtp_num_layers = mtp_layers
         super().__init__(config=config)
         self.cfg = cfg
         self.pre_process = pre_process

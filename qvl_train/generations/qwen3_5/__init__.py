@@ -61,8 +61,8 @@ def config_from_hf(hf: dict):
         llm.moe_router_topk = t["num_experts_per_tok"]
         llm.moe_aux_loss_coeff = float(t.get("router_aux_loss_coef", 0.001))
         llm.shared_expert_ffn_hidden_size = int(t.get("shared_expert_intermediate_size", 0) or 0)
-    # a dense checkpoint's MTP head (mtp.*) is built and carried through import → export; a MoE one is skipped
-    mtp_head = llm.mtp_num_layers == 1 and not llm.num_experts
+    # the checkpoint's MTP head (mtp.*; dense or MoE) is built and carried through import → export
+    mtp_head = llm.mtp_num_layers == 1
     return ModelConfig(generation=name, vision=vision, llm=llm, mtp_head=mtp_head)
 
 
@@ -128,10 +128,6 @@ def check(cfg) -> None:
         raise ConfigError(f"model.mtp_loss_weight={cfg.mtp_loss_weight} with model.llm.mtp_num_layers={l.mtp_num_layers}: "
                           "the MTP head is built with one layer (every released Qwen3.5 / 3.6 checkpoint has "
                           "mtp_num_hidden_layers 1); set model.llm.mtp_num_layers=1")
-    if (cfg.mtp_loss_weight > 0 or cfg.mtp_head) and l.num_experts:
-        raise ConfigError(f"model.mtp_loss_weight={cfg.mtp_loss_weight} with a MoE model: training the MTP head's MoE "
-                          "layer (its router in the load-balancing loss and the expert-load monitor) is not implemented; "
-                          "set model.mtp_loss_weight=0 (import-hf then skips the checkpoint's mtp.* weights)")
     if cfg.vision.deepstack_visual_indexes:
         raise ConfigError("model.vision.deepstack_visual_indexes must be [] (Qwen3.5's ViT has no DeepStack)")
     rotary = int((l.head_dim or l.hidden_size // l.num_attention_heads) * l.partial_rotary_factor)
