@@ -75,7 +75,10 @@ def _start_logging(cfg: TrainConfig, dims, resolved_yaml: str) -> bool:
     """Log lines on stdout from global rank 0 only, which also writes config.yaml and git_commit.txt
     and shows the layout; returns whether this rank is that one."""
     rank0 = dims.is_logging_rank
-    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format="%(message)s", stream=sys.stdout)
+    # force: an import that logged before this point (a library's module-level warning) has already installed
+    # a WARNING root handler, which would make this call a no-op and drop every INFO line (wandb's debug.log too)
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format="%(message)s", stream=sys.stdout,
+                        force=True)
     if rank0:
         _save_run_info(cfg, resolved_yaml)
         log.info(describe(cfg, dims.world_size))

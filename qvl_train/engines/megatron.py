@@ -51,7 +51,6 @@ from qvl_train.engines.base import StepResult
 from qvl_train.engines.common import MODULES, apply_stage, llm_lr, module_lrs, module_of, param_groups, step_counts
 from qvl_train.engines.moe import MoEStepMonitor, is_expert_param
 from qvl_train.loss import global_token_mean
-from qvl_train.models.mtp import mtp_layers_built
 from qvl_train.parallel.dims import ParallelDims
 from qvl_train.parallel.pipeline import ModelChunks
 
@@ -135,6 +134,8 @@ class MegatronEngine:
         self._tp_partial = [p for n, p in self._params if _tp_partial_grad(n, p)]
         llm = model_cfg.llm
         # rows: the main layers, then the MTP head's MoE layer (router layer number num_layers + 1)
+        from qvl_train.models.mtp import mtp_layers_built  # megatron-core imports stay out of this module's import
+
         self.moe = MoEStepMonitor(
             self.model, dims, llm.moe_aux_loss_coeff, llm.num_layers + mtp_layers_built(model_cfg), llm.num_experts
         ) if llm.num_experts else None
