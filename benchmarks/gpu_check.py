@@ -334,6 +334,20 @@ def _hf_deepspeed_row(cfg, samples: list[dict], device: str, steps: int, dtype, 
     return row  # the model and optimizer go with this frame; the caller then releases their memory
 
 
+def _mfu_inputs(device: str, quick: bool, tokens: int):
+    """Part 3's inputs: (model config, the image mix's samples (seed 0), their pack of `tokens` slots —
+    default 4,096, 1,024 with `quick` — with pixels in the run's dtype, that dtype: fp32 on the CPU, else bf16)."""
+    from qvl_train.tools.hf_parity import synthetic_packed_batch, synthetic_samples
+
+    cfg = _mfu_config(quick)
+    max_tokens = tokens or (1024 if quick else 4096)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    samples = synthetic_samples(cfg, max_tokens, image_mix(quick), torch.Generator().manual_seed(0))
+    batch = synthetic_packed_batch(cfg, max_tokens, None, None, samples=samples)
+    batch.pixel_values = batch.pixel_values.to(dtype)
+    return cfg, samples, batch, dtype
+
+
 def check_throughput(device: str, quick: bool, backends=("auto",), hf: bool = True, tokens: int = 0) -> list[dict]:
     """Training step of the ~2 B Qwen2.5-VL-style model on one device, forward + backward + AdamW step,
     median of the steps after one warm-up: our megatron engine on one packed micro-batch of the image mix
@@ -342,14 +356,9 @@ def check_throughput(device: str, quick: bool, backends=("auto",), hf: bool = Tr
     the pack's slots (default 4,096 — five samples, ~45% of them visual — so that the HF side, which
     pads to the longest sample and keeps fp32 logits for its loss, fits an 80 GB GPU; 1,024 with `quick`)."""
     from qvl_train.monitor.flops import packed_batch_flops
-    from qvl_train.tools.hf_parity import synthetic_packed_batch, synthetic_samples
 
-    cfg = _mfu_config(quick)
-    max_tokens, steps = tokens or (1024 if quick else 4096), 2 if quick else 8
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    samples = synthetic_samples(cfg, max_tokens, image_mix(quick), torch.Generator().manual_seed(0))
-    batch = synthetic_packed_batch(cfg, max_tokens, None, None, samples=samples)
-    batch.pixel_values = batch.pixel_values.to(dtype)
+    cfg, samples, batch, dtype = _mfu_inputs(device, quick, tokens)
+    steps = 2 if quick else 8
     flops = packed_batch_flops(cfg, batch).training
     _release(device)
     rows = []
@@ -405,14 +414,8 @@ def _fp8_row(check: str, precision: str, *, layers: int, tokens_per_s: float, sp
 
 def _fp8_model_step(device: str, quick: bool, tokens: int) -> list[dict]:
     """5a: part 3's model and pack, bf16 and FP8 engines (same weights by seed), tokens/s of the whole step."""
-    from qvl_train.tools.hf_parity import synthetic_packed_batch, synthetic_samples
-
-    cfg = _mfu_config(quick)
-    max_tokens, steps = tokens or (1024 if quick else 4096), 2 if quick else 5
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    samples = synthetic_samples(cfg, max_tokens, image_mix(quick), torch.Generator().manual_seed(0))
-    batch = synthetic_packed_batch(cfg, max_tokens, None, None, samples=samples)
-    batch.pixel_values = batch.pixel_values.to(dtype)
+    cfg, _, batch, dtype = _mfu_inputs(device, quick, tokens)
+    steps = 2 if quick else 5
     found = {}
     for mode in ("off", FP8_MODE):
         _release(device)

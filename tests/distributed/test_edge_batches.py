@@ -33,6 +33,19 @@ def references(tmp_path_factory):
     return Lazy()
 
 
+def _assert_matches(got: dict, expected: dict, grads: str, label: str) -> None:
+    """The probe's step against one process: visual tokens, loss, every gradient under `got[grads]` within 1e-5
+    relative, the frozen ViT without gradients or optimizer state, and the stage-3 loss."""
+    assert got["visual_tokens"] == expected["visual_tokens"] > 0
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert sorted(got[grads]) == sorted(expected[grads])
+    for key, g_ref in expected[grads].items():
+        rel = float((got[grads][key] - g_ref).norm() / g_ref.norm().clamp_min(1e-30))
+        assert rel <= 1e-5, f"{label}: gradient of {key} differs by {rel:.2e} (relative)"
+    assert got["frozen"] > 0 and got["frozen_with_state"] == []
+    assert got["sft_loss"] == pytest.approx(expected["sft_loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "name, nproc, overrides",
     [
@@ -50,14 +63,7 @@ def references(tmp_path_factory):
 def test_edge_micro_batches_match_one_process(tmp_path, references, name, nproc, overrides):
     expected = references[_model_key(overrides)]
     got = run_probe(PROBE, tmp_path / f"{name}.pt", nproc, *overrides)
-    assert got["visual_tokens"] == expected["visual_tokens"] > 0
-    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
-    assert sorted(got["grads"]) == sorted(expected["grads"])
-    for key, g_ref in expected["grads"].items():
-        rel = float((got["grads"][key] - g_ref).norm() / g_ref.norm().clamp_min(1e-30))
-        assert rel <= 1e-5, f"{name}: gradient of {key} differs by {rel:.2e} (relative)"
-    assert got["frozen"] > 0 and got["frozen_with_state"] == []
-    assert got["sft_loss"] == pytest.approx(expected["sft_loss"], rel=1e-6)
+    _assert_matches(got, expected, "grads", name)
 
 
 def test_edge_micro_batches_deepspeed_zero3(tmp_path, references):
@@ -66,11 +72,4 @@ def test_edge_micro_batches_deepspeed_zero3(tmp_path, references):
     overrides = [DENSE, "engine=deepspeed", "engine.zero_stage=3", "engine.param_persistence_threshold=0"]
     expected = references[_model_key(overrides)]
     got = run_probe(PROBE, tmp_path / "zero3.pt", 2, *overrides, timeout=300)
-    assert got["visual_tokens"] == expected["visual_tokens"] > 0
-    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
-    assert sorted(got["named_grads"]) == sorted(expected["named_grads"])
-    for key, g_ref in expected["named_grads"].items():
-        rel = float((got["named_grads"][key] - g_ref).norm() / g_ref.norm().clamp_min(1e-30))
-        assert rel <= 1e-5, f"ZeRO-3: gradient of {key} differs by {rel:.2e} (relative)"
-    assert got["frozen"] > 0 and got["frozen_with_state"] == []
-    assert got["sft_loss"] == pytest.approx(expected["sft_loss"], rel=1e-6)
+    _assert_matches(got, expected, "named_grads", "ZeRO-3")

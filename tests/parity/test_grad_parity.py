@@ -57,6 +57,19 @@ def _labels(input_ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return labels
 
 
+def relative_grad_errors(ours, ref: dict) -> dict[str, float]:
+    """Parameter name → `max|grad − ref| / max|ref|` for every parameter of `ours` (`ref`: HF's gradients under
+    our names); an expert no token was routed to has no gradient and a zero reference, and is left out."""
+    errors = {}
+    for name, p in ours.named_parameters():
+        r = ref[name]
+        if p.grad is None and ".experts." in name and not r.any():  # an expert no token was routed to (HF: zeros)
+            continue
+        assert p.grad is not None, f"{name} got no gradient"
+        errors[name] = float((p.grad - r).abs().max() / r.abs().max().clamp(min=1e-30))
+    return errors
+
+
 @pytest.mark.parametrize("generation", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_gradients_match_hf(generation):
     megatron_one_rank_world()
@@ -81,14 +94,7 @@ def test_gradients_match_hf(generation):
     ours_loss.backward()
     torch.testing.assert_close(ours_loss, hf_loss, rtol=1e-5, atol=0)
 
-    ref = hf_to_ours({n: p.grad for n, p in hf.named_parameters()}, cfg)
-    errors = {}
-    for name, p in ours.named_parameters():
-        r = ref[name]
-        if p.grad is None and ".experts." in name and not r.any():  # an expert no token was routed to (HF: zeros)
-            continue
-        assert p.grad is not None, f"{name} got no gradient"
-        errors[name] = float((p.grad - r).abs().max() / r.abs().max().clamp(min=1e-30))
+    errors = relative_grad_errors(ours, hf_to_ours({n: p.grad for n, p in hf.named_parameters()}, cfg))
     assert len(errors) > 20
     worst = max(errors, key=errors.get)
     print(f"{generation}: {len(errors)} parameters, worst {worst} {errors[worst]:.2e}")

@@ -57,7 +57,7 @@ def test_gradients_match_hf(size):
     from qvl_train.models.hf_convert import hf_to_ours, ours_to_hf
     from qvl_train.tools.hf_parity import _hf_inputs, _packed_batch, build_sample, packed_sample_segments
     from tests.conftest import megatron_one_rank_world
-    from tests.parity.test_grad_parity import _labels
+    from tests.parity.test_grad_parity import _labels, relative_grad_errors
     from tests.unit.test_model_params import load_model_config
 
     megatron_one_rank_world()
@@ -101,14 +101,7 @@ def test_gradients_match_hf(size):
     assert float(loss) == pytest.approx(float(ref["float32.loss"]), rel=1e-5)
     hf = {k.removeprefix("float32.g."): v for k, v in ref.items() if k.startswith("float32.g.")}
     offset = hf_to_ours({k: torch.zeros_like(v) for k, v in hf.items()}, cfg)  # the affine part (norm + 1)
-    mapped = {k: v - offset[k] for k, v in hf_to_ours(hf, cfg).items()}
-    errors = {}
-    for name, p in ours.named_parameters():
-        r = mapped[name]
-        if p.grad is None and ".experts." in name and not r.any():  # an expert no token was routed to (HF: zeros)
-            continue
-        assert p.grad is not None, f"{name} got no gradient"
-        errors[name] = float((p.grad - r).abs().max() / r.abs().max().clamp(min=1e-30))
+    errors = relative_grad_errors(ours, {k: v - offset[k] for k, v in hf_to_ours(hf, cfg).items()})
     assert any(".self_attention.A_log" in n for n in errors) and any("linear_qkv" in n for n in errors)
     worst = max(errors, key=errors.get)
     print(f"{size}: {len(errors)} parameters, worst {worst} {errors[worst]:.2e}")
